@@ -1,0 +1,680 @@
+//! The broker: publish (sync or async), the subscription registry, the worker pool, retries,
+//! dead letters, statuses, stats, and start/stop with drain.
+//!
+//! Data flow of an async event: [`Broker::publish_async`] validates it and hands it to the
+//! provider; the pool's reader pulls it from the provider's consumer group; a worker runs every
+//! matching handler concurrently (`dispatch::run_handlers`); `dispatch::decide` — the one place
+//! that decides — turns the outcomes into `completed`, `failed` (a dead letter) or a retry with
+//! backoff; the consumer records that and acknowledges (or schedules the redelivery).
+//! [`Broker::publish_sync`] runs the same dispatch path inline.
+
+mod dispatch;
+mod handler;
+mod registry;
+mod stats;
+mod worker;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::{Notify, RwLock};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use handler::{
+    CAUSATION_DEPTH_KEY, CAUSED_BY_HANDLER_KEY, CAUSED_BY_KEY, EventHandler, FnHandler,
+    HandlerContext, HandlerResult, MAX_CAUSATION_DEPTH, handler_fn,
+};
+pub use registry::{SubscribeOptions, SubscriptionId, SubscriptionStats};
+pub use stats::BrokerStats;
+
+use crate::config::{BrokerConfig, ProcessingMode};
+use crate::event::{Event, EventStatus, ValidationError};
+use crate::pattern::{Pattern, PatternError};
+use crate::provider::{Provider, ProviderError, StatusUpdate};
+use dispatch::{Decision, decide, run_handlers, status_update};
+use registry::{Registry, Subscription, SubscriptionCounters};
+use stats::Counters;
+use worker::Pool;
+
+/// An event broker over one provider. Cheap to clone; clones share the broker.
+///
+/// Call [`Broker::start`] before publishing and [`Broker::stop`] when done: background tasks
+/// run until `stop`.
+///
+/// # Examples
+/// ```
+/// use eventbroker::{handler_fn, Broker, BrokerConfig, Event, EventSource, MemoryProvider};
+/// use std::sync::Arc;
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = BrokerConfig::default();
+/// let provider = Arc::new(MemoryProvider::new(Default::default()));
+/// let broker = Broker::new(config, provider);
+/// broker.subscribe("public.users.*", handler_fn(|_ctx, event| async move {
+///     println!("user event {}", event.id);
+///     Ok(())
+/// }))?;
+/// broker.start().await?;
+/// let done = broker
+///     .publish_sync(Event::new(EventSource::Database, "public.users.create", "host-1"))
+///     .await?;
+/// assert_eq!(done.status, eventbroker::EventStatus::Completed);
+/// broker.stop().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+/// A handle that does not keep the broker alive (held by handler contexts).
+#[derive(Clone)]
+pub struct WeakBroker(Weak<Inner>);
+
+impl WeakBroker {
+    /// The broker, if it still exists.
+    pub fn upgrade(&self) -> Option<Broker> {
+        self.0.upgrade().map(|inner| Broker { inner })
+    }
+}
+
+pub(crate) struct Inner {
+    config: BrokerConfig,
+    provider: Arc<dyn Provider>,
+    registry: Registry,
+    /// Publishes hold a read lock while they hand an event to the provider; start and stop
+    /// take the write lock, so no publish straddles a state change.
+    lifecycle: RwLock<Lifecycle>,
+    counters: Counters,
+    /// Signalled when `counters.outstanding` reaches zero.
+    idle: Notify,
+    /// Sync publishes running handlers inline, so that `stop` can wait for them.
+    inline: TaskTracker,
+    /// Cancelled when `stop` reaches its deadline: inline work gives up.
+    abort_inline: CancellationToken,
+}
+
+enum Lifecycle {
+    Created,
+    Running(Pool),
+    Stopping,
+    Stopped,
+}
+
+impl Lifecycle {
+    fn name(&self) -> &'static str {
+        match self {
+            Lifecycle::Created => "created",
+            Lifecycle::Running(_) => "running",
+            Lifecycle::Stopping => "stopping",
+            Lifecycle::Stopped => "stopped",
+        }
+    }
+}
+
+/// What [`Broker::publish`] did, depending on the configured mode.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Published {
+    /// Async mode: the event was queued; this is its id.
+    Queued(String),
+    /// Sync mode: the handlers ran; this is the event in its final state.
+    Processed(Box<Event>),
+}
+
+impl Published {
+    /// The event id.
+    pub fn id(&self) -> &str {
+        match self {
+            Published::Queued(id) => id,
+            Published::Processed(event) => &event.id,
+        }
+    }
+}
+
+/// How [`Broker::stop`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopReport {
+    /// Whether everything finished before the deadline.
+    pub drained: bool,
+    /// Deliveries given back unfinished (redelivered later on durable providers).
+    pub released: usize,
+    /// Events accepted by this broker and not finished (lost on a non-durable provider).
+    pub unfinished: i64,
+}
+
+impl Broker {
+    /// A broker over `provider`, not yet started.
+    pub fn new(config: BrokerConfig, provider: Arc<dyn Provider>) -> Self {
+        Broker {
+            inner: Arc::new(Inner {
+                config,
+                provider,
+                registry: Registry::default(),
+                lifecycle: RwLock::new(Lifecycle::Created),
+                counters: Counters::default(),
+                idle: Notify::new(),
+                inline: TaskTracker::new(),
+                abort_inline: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// A broker over the provider its config names.
+    ///
+    /// # Errors
+    /// [`BrokerError::Provider`] if the provider cannot be built.
+    pub async fn from_config(config: BrokerConfig) -> Result<Self, BrokerError> {
+        let provider = crate::provider::from_config(&config).await?;
+        Ok(Broker::new(config, provider))
+    }
+
+    /// A handle that does not keep the broker alive.
+    pub fn downgrade(&self) -> WeakBroker {
+        WeakBroker(Arc::downgrade(&self.inner))
+    }
+
+    /// This host's instance id.
+    pub fn instance_id(&self) -> &str {
+        &self.inner.config.instance_id
+    }
+
+    /// The broker's configuration.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.inner.config
+    }
+
+    /// The provider.
+    pub fn provider(&self) -> &Arc<dyn Provider> {
+        &self.inner.provider
+    }
+
+    /// Starts the worker pool.
+    ///
+    /// # Errors
+    /// [`BrokerError::AlreadyRunning`], [`BrokerError::Stopped`] (a stopped broker cannot be
+    /// restarted: its provider is closed), or the provider's error joining its consumer group.
+    pub async fn start(&self) -> Result<(), BrokerError> {
+        let mut lifecycle = self.inner.lifecycle.write().await;
+        match &*lifecycle {
+            Lifecycle::Created => {}
+            Lifecycle::Running(_) => return Err(BrokerError::AlreadyRunning),
+            Lifecycle::Stopping | Lifecycle::Stopped => return Err(BrokerError::Stopped),
+        }
+        let pool = Pool::start(self.inner.clone(), self.downgrade()).await?;
+        *lifecycle = Lifecycle::Running(pool);
+        tracing::info!(
+            instance_id = %self.inner.config.instance_id,
+            provider = self.inner.provider.name(),
+            workers = self.inner.config.worker_count,
+            "broker started"
+        );
+        Ok(())
+    }
+
+    /// Stops with the configured `shutdown_timeout`. See [`Broker::stop_within`].
+    ///
+    /// # Errors
+    /// As [`Broker::stop_within`].
+    pub async fn stop(&self) -> Result<StopReport, BrokerError> {
+        self.stop_within(self.inner.config.shutdown_timeout).await
+    }
+
+    /// Stops intake at once (publishes fail with [`BrokerError::NotRunning`]), then drains
+    /// queued and in-flight work for up to `timeout`: on a provider that is not shared
+    /// (memory) until every event this broker accepted is finished, otherwise until what this
+    /// host holds is finished. At the deadline, running handlers are abandoned and their
+    /// deliveries given back for redelivery. Finally the provider is closed.
+    ///
+    /// # Errors
+    /// [`BrokerError::NotRunning`] if the broker was never started or is already stopped.
+    pub async fn stop_within(&self, timeout: Duration) -> Result<StopReport, BrokerError> {
+        let deadline = Instant::now() + timeout;
+        let pool = {
+            let mut lifecycle = self.inner.lifecycle.write().await;
+            match std::mem::replace(&mut *lifecycle, Lifecycle::Stopping) {
+                Lifecycle::Running(pool) => pool,
+                other => {
+                    *lifecycle = other;
+                    return Err(BrokerError::NotRunning);
+                }
+            }
+        };
+        let until_idle = !self.inner.provider.features().shared;
+        let report = pool.drain(&self.inner, deadline, until_idle).await;
+        self.inner.inline.close();
+        let inline_done = tokio::time::timeout_at(deadline, self.inner.inline.wait())
+            .await
+            .is_ok();
+        if !inline_done {
+            self.inner.abort_inline.cancel();
+            self.inner.inline.wait().await;
+        }
+        self.inner.provider.close().await;
+        *self.inner.lifecycle.write().await = Lifecycle::Stopped;
+        let unfinished = self
+            .inner
+            .counters
+            .outstanding
+            .load(Ordering::Acquire)
+            .max(0);
+        let report = StopReport {
+            drained: report.released == 0 && inline_done && (unfinished == 0 || !until_idle),
+            released: report.released,
+            unfinished: if until_idle { unfinished } else { 0 },
+        };
+        if report.drained {
+            tracing::info!("broker stopped; all work drained");
+        } else {
+            tracing::warn!(
+                released = report.released,
+                unfinished = report.unfinished,
+                durable = self.inner.provider.features().durable,
+                "broker stopped before all work finished; released deliveries are redelivered by durable providers"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Subscribes `handler` to events whose type matches `pattern`.
+    ///
+    /// # Errors
+    /// [`BrokerError::Pattern`] for a malformed pattern.
+    pub fn subscribe(
+        &self,
+        pattern: &str,
+        handler: impl EventHandler,
+    ) -> Result<SubscriptionId, BrokerError> {
+        self.subscribe_with(&[pattern], Arc::new(handler), SubscribeOptions::default())
+    }
+
+    /// Subscribes `handler` under several patterns with explicit options.
+    ///
+    /// # Errors
+    /// [`BrokerError::Pattern`] for a malformed pattern, [`BrokerError::DuplicateName`] if the
+    /// name is taken.
+    pub fn subscribe_with(
+        &self,
+        patterns: &[&str],
+        handler: Arc<dyn EventHandler>,
+        options: SubscribeOptions,
+    ) -> Result<SubscriptionId, BrokerError> {
+        let subscription = self.build_subscription(patterns, handler, options)?;
+        let id = subscription.id;
+        self.inner
+            .registry
+            .insert(subscription)
+            .map_err(BrokerError::DuplicateName)?;
+        Ok(id)
+    }
+
+    /// Atomically replaces the subscription with the same name (or adds it): each event is
+    /// dispatched to either the old or the new one, never both, never neither. Invocations
+    /// already running on the old one finish normally.
+    ///
+    /// # Errors
+    /// [`BrokerError::Pattern`] for a malformed pattern.
+    pub fn replace_subscription(
+        &self,
+        patterns: &[&str],
+        handler: Arc<dyn EventHandler>,
+        options: SubscribeOptions,
+    ) -> Result<SubscriptionId, BrokerError> {
+        let subscription = self.build_subscription(patterns, handler, options)?;
+        let id = subscription.id;
+        self.inner.registry.replace(subscription);
+        Ok(id)
+    }
+
+    fn build_subscription(
+        &self,
+        patterns: &[&str],
+        handler: Arc<dyn EventHandler>,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, BrokerError> {
+        if patterns.is_empty() {
+            return Err(BrokerError::Pattern(PatternError {
+                pattern: String::new(),
+                position: 0,
+                reason: "a subscription needs at least one pattern".into(),
+            }));
+        }
+        let patterns = patterns
+            .iter()
+            .map(|p| Pattern::new(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let id = self.inner.registry.next_id();
+        Ok(Subscription {
+            id,
+            name: options.name.unwrap_or_else(|| id.to_string()),
+            patterns,
+            handler,
+            timeout: options.timeout.unwrap_or(self.inner.config.handler_timeout),
+            retry: options
+                .retry
+                .unwrap_or_else(|| self.inner.config.retry_policy.clone()),
+            counters: SubscriptionCounters::default(),
+        })
+    }
+
+    /// Removes a subscription. Invocations already running finish normally.
+    ///
+    /// # Errors
+    /// [`BrokerError::UnknownSubscription`].
+    pub fn unsubscribe(&self, id: SubscriptionId) -> Result<(), BrokerError> {
+        self.inner
+            .registry
+            .remove(id)
+            .map(|_| ())
+            .ok_or(BrokerError::UnknownSubscription(id))
+    }
+
+    /// Removes the subscription with this name, returning its id.
+    ///
+    /// # Errors
+    /// [`BrokerError::UnknownSubscriptionName`].
+    pub fn unsubscribe_name(&self, name: &str) -> Result<SubscriptionId, BrokerError> {
+        let subscription = self
+            .inner
+            .registry
+            .by_name(name)
+            .ok_or_else(|| BrokerError::UnknownSubscriptionName(name.to_owned()))?;
+        self.unsubscribe(subscription.id)?;
+        Ok(subscription.id)
+    }
+
+    /// Publishes as the configured mode says.
+    ///
+    /// # Errors
+    /// As [`Broker::publish_async`] or [`Broker::publish_sync`].
+    pub async fn publish(&self, event: Event) -> Result<Published, BrokerError> {
+        match self.inner.config.mode {
+            ProcessingMode::Async => self.publish_async(event).await.map(Published::Queued),
+            ProcessingMode::Sync => self
+                .publish_sync(event)
+                .await
+                .map(|event| Published::Processed(Box::new(event))),
+        }
+    }
+
+    /// Validates the event and queues it for the worker pool; returns its id. When the queue is
+    /// full the call waits up to `publish_timeout` for room, then fails: an event is either
+    /// accepted for processing or refused, never stored and forgotten.
+    ///
+    /// # Errors
+    /// [`BrokerError::Invalid`], [`BrokerError::NotRunning`], [`BrokerError::QueueFull`],
+    /// [`BrokerError::Provider`] (e.g. a duplicate id or an unreachable backend).
+    pub async fn publish_async(&self, event: Event) -> Result<String, BrokerError> {
+        let event = self.prepare(event)?;
+        let lifecycle = self.inner.lifecycle.read().await;
+        if !matches!(*lifecycle, Lifecycle::Running(_)) {
+            return Err(BrokerError::NotRunning);
+        }
+        // Counted before the hand-off so a fast worker cannot finish it first.
+        self.inner
+            .counters
+            .outstanding
+            .fetch_add(1, Ordering::AcqRel);
+        if let Err(error) = self.inner.provider.publish(&event).await {
+            self.inner.finish_outstanding();
+            return Err(match error {
+                ProviderError::Full(reason) => BrokerError::QueueFull(reason),
+                other => BrokerError::Provider(other),
+            });
+        }
+        drop(lifecycle);
+        self.inner
+            .counters
+            .published
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(event.id)
+    }
+
+    /// Validates and stores the event, runs the matching handlers inline (retrying transient
+    /// failures with backoff in the caller's task), and returns the event in its final state:
+    /// `completed`, or `failed` with the error and per-handler outcomes.
+    ///
+    /// # Errors
+    /// [`BrokerError::Invalid`], [`BrokerError::NotRunning`], [`BrokerError::Provider`].
+    /// A failing handler is not an error: see the returned event's status.
+    pub async fn publish_sync(&self, event: Event) -> Result<Event, BrokerError> {
+        let mut event = self.prepare(event)?;
+        let subscriptions = self.inner.registry.matching(&event.event_type);
+        {
+            let lifecycle = self.inner.lifecycle.read().await;
+            if !matches!(*lifecycle, Lifecycle::Running(_)) {
+                return Err(BrokerError::NotRunning);
+            }
+            event.status = EventStatus::Processing;
+            event.processed_at = Some(Utc::now());
+            self.inner
+                .provider
+                .store(&event)
+                .await
+                .map_err(|e| match e {
+                    ProviderError::Full(reason) => BrokerError::QueueFull(reason),
+                    other => BrokerError::Provider(other),
+                })?;
+        }
+        self.inner
+            .counters
+            .published
+            .fetch_add(1, Ordering::Relaxed);
+        let _inline = self.inner.inline.token();
+        let weak = self.downgrade();
+        loop {
+            let started = Instant::now();
+            let outcomes = tokio::select! {
+                outcomes = run_handlers(&event, &subscriptions, &weak) => outcomes,
+                _ = self.inner.abort_inline.cancelled() => {
+                    return self.interrupt_sync(event).await;
+                }
+            };
+            let decision = decide(&outcomes, &subscriptions);
+            let update = status_update(&event, outcomes, &decision);
+            self.inner
+                .provider
+                .update_status(&event.id, &update)
+                .await?;
+            update.apply(&mut event);
+            self.inner
+                .record_decision(&event, &decision, started.elapsed(), false);
+            let Decision::Retry { delay, .. } = decision else {
+                return Ok(event);
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.inner.abort_inline.cancelled() => {
+                    return self.interrupt_sync(event).await;
+                }
+            }
+            let processing = StatusUpdate::processing(&event);
+            self.inner
+                .provider
+                .update_status(&event.id, &processing)
+                .await?;
+            processing.apply(&mut event);
+        }
+    }
+
+    /// Records a sync event cut short by shutdown as failed (re-runnable), and says so.
+    async fn interrupt_sync(&self, mut event: Event) -> Result<Event, BrokerError> {
+        let update = StatusUpdate {
+            status: EventStatus::Failed,
+            error: Some("interrupted by broker shutdown; re-run it with retry".into()),
+            retry_count: event.retry_count,
+            handlers: event.handlers.clone(),
+            processed_at: event.processed_at,
+            completed_at: Some(Utc::now()),
+        };
+        self.inner
+            .provider
+            .update_status(&event.id, &update)
+            .await?;
+        update.apply(&mut event);
+        Err(BrokerError::NotRunning)
+    }
+
+    /// Re-runs a finished (normally failed) event: handlers that already succeeded are not run
+    /// again. Returns once the event is queued.
+    ///
+    /// # Errors
+    /// [`BrokerError::NotRunning`], [`BrokerError::Provider`] (not found, not finished).
+    pub async fn retry_event(&self, id: &str) -> Result<(), BrokerError> {
+        let lifecycle = self.inner.lifecycle.read().await;
+        if !matches!(*lifecycle, Lifecycle::Running(_)) {
+            return Err(BrokerError::NotRunning);
+        }
+        let event = self
+            .inner
+            .provider
+            .get(id)
+            .await?
+            .ok_or_else(|| ProviderError::NotFound(id.to_owned()))?;
+        let update = dispatch::rerun_update(&event);
+        self.inner
+            .counters
+            .outstanding
+            .fetch_add(1, Ordering::AcqRel);
+        if let Err(error) = self.inner.provider.requeue(id, &update).await {
+            self.inner.finish_outstanding();
+            return Err(error.into());
+        }
+        Ok(())
+    }
+
+    /// Fills what the publisher may leave out and checks the event.
+    fn prepare(&self, mut event: Event) -> Result<Event, BrokerError> {
+        if event.instance_id.is_empty() {
+            event.instance_id = self.inner.config.instance_id.clone();
+        }
+        event.status = EventStatus::Pending;
+        event.processed_at = None;
+        event.completed_at = None;
+        event.error = None;
+        event.retry_count = 0;
+        event.handlers.clear();
+        event.validate(self.inner.config.max_payload.as_u64() as usize)?;
+        Ok(event)
+    }
+
+    /// A snapshot of counters, gauges and the provider's stats.
+    ///
+    /// # Errors
+    /// [`BrokerError::Provider`] if the provider cannot report.
+    pub async fn stats(&self) -> Result<BrokerStats, BrokerError> {
+        let provider = self.inner.provider.stats().await?;
+        let state = self.inner.lifecycle.read().await.name();
+        let counters = &self.inner.counters;
+        Ok(BrokerStats {
+            instance_id: self.inner.config.instance_id.clone(),
+            state,
+            mode: match self.inner.config.mode {
+                ProcessingMode::Sync => "sync",
+                ProcessingMode::Async => "async",
+            },
+            published: Counters::load(&counters.published),
+            processed: Counters::load(&counters.processed),
+            completed: Counters::load(&counters.completed),
+            failed: Counters::load(&counters.failed),
+            retried: Counters::load(&counters.retried),
+            dead_lettered: Counters::load(&counters.dead_lettered),
+            queue_depth: counters.queue_depth.load(Ordering::Relaxed),
+            active_workers: counters.active_workers.load(Ordering::Relaxed),
+            worker_count: self.inner.config.worker_count,
+            subscriptions: self
+                .inner
+                .registry
+                .all()
+                .iter()
+                .map(|s| s.stats())
+                .collect(),
+            provider,
+        })
+    }
+
+    /// True between a successful `start` and `stop`.
+    pub async fn is_running(&self) -> bool {
+        matches!(*self.inner.lifecycle.read().await, Lifecycle::Running(_))
+    }
+}
+
+impl Inner {
+    fn finish_outstanding(&self) {
+        if self.counters.outstanding.fetch_sub(1, Ordering::AcqRel) <= 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Counts a decision (the one place broker counters change after an attempt).
+    /// `queued` is true for events that came through the worker pool (async publishes and
+    /// re-runs), whose finish ends their drain bookkeeping.
+    fn record_decision(&self, event: &Event, decision: &Decision, elapsed: Duration, queued: bool) {
+        let counters = &self.counters;
+        match decision {
+            Decision::Retry { delay, .. } => {
+                counters.retried.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(event_id = %event.id, retry_in = ?delay, "event scheduled for retry");
+                return;
+            }
+            Decision::Complete => {
+                counters.completed.fetch_add(1, Ordering::Relaxed);
+            }
+            Decision::Fail { error } => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(event_id = %event.id, event_type = %event.event_type, "event failed: {error}");
+            }
+        }
+        counters.processed.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(event_id = %event.id, ?elapsed, "event finished");
+        if queued {
+            self.finish_outstanding();
+        }
+    }
+}
+
+/// Errors of the broker boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The event breaks a rule.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// A subscription pattern is malformed.
+    #[error(transparent)]
+    Pattern(#[from] PatternError),
+    /// The broker is not running (not started, stopping or stopped).
+    #[error("broker is not running")]
+    NotRunning,
+    /// `start` on a running broker.
+    #[error("broker is already running")]
+    AlreadyRunning,
+    /// `start` on a stopped broker.
+    #[error("broker was stopped and cannot be restarted; create a new one")]
+    Stopped,
+    /// The queue stayed full for `publish_timeout`.
+    #[error("queue is full: {0}")]
+    QueueFull(String),
+    /// No subscription with this id.
+    #[error("no subscription {0}")]
+    UnknownSubscription(SubscriptionId),
+    /// No subscription with this name.
+    #[error("no subscription named {0:?}")]
+    UnknownSubscriptionName(String),
+    /// A subscription with this name exists.
+    #[error("a subscription named {0:?} already exists")]
+    DuplicateName(String),
+    /// Derived events nested too deep.
+    #[error("derived events may nest at most {0} levels deep (feedback loop?)")]
+    CausationTooDeep(u32),
+    /// The process-wide default broker was used before one was installed.
+    #[error("no default broker: call eventbroker::initialize or set_default_broker first")]
+    NoDefaultBroker,
+    /// The provider failed.
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+}

@@ -1,0 +1,63 @@
+//! Broker counters and the stats snapshot.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+
+use serde::Serialize;
+
+use super::registry::SubscriptionStats;
+use crate::provider::ProviderStats;
+
+/// Counters updated on the dispatch path (lock-free).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub published: AtomicU64,
+    pub processed: AtomicU64,
+    pub completed: AtomicU64,
+    pub failed: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub queue_depth: AtomicUsize,
+    pub active_workers: AtomicUsize,
+    /// Events accepted by this broker and not yet finished (drain bookkeeping for
+    /// providers that are not shared).
+    pub outstanding: AtomicI64,
+}
+
+impl Counters {
+    pub(crate) fn load(v: &AtomicU64) -> u64 {
+        v.load(Ordering::Relaxed)
+    }
+}
+
+/// A snapshot of the broker's activity.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BrokerStats {
+    /// This host's instance id.
+    pub instance_id: String,
+    /// `created`, `running`, `stopping` or `stopped`.
+    pub state: &'static str,
+    /// `sync` or `async`.
+    pub mode: &'static str,
+    /// Events accepted by `publish`.
+    pub published: u64,
+    /// Events that reached `completed` or `failed` here.
+    pub processed: u64,
+    /// Events that reached `completed` here.
+    pub completed: u64,
+    /// Events that reached `failed` here (dead letters).
+    pub failed: u64,
+    /// Retries scheduled.
+    pub retried: u64,
+    /// Events dead-lettered (same as `failed`, named as in the plan).
+    pub dead_lettered: u64,
+    /// Deliveries fetched from the provider and waiting for a worker.
+    pub queue_depth: usize,
+    /// Workers running handlers right now.
+    pub active_workers: usize,
+    /// Configured workers.
+    pub worker_count: usize,
+    /// Per-subscription counts.
+    pub subscriptions: Vec<SubscriptionStats>,
+    /// The provider's own view.
+    pub provider: ProviderStats,
+}

@@ -1,0 +1,814 @@
+//! Typed configuration: defaults (one home, [`Default`] impls below), then a YAML or TOML file
+//! (chosen by extension) with `${VAR}` / `${VAR:-default}` expansion, then environment
+//! overrides.
+//!
+//! Environment overrides are `EVENTBROKER_` followed by the key path in upper case with `__`
+//! between levels, e.g. `EVENTBROKER_EVENT_BROKER__WORKER_COUNT=4` or
+//! `EVENTBROKER_SERVER__LISTEN=0.0.0.0:8080`. Variables without `__` after the prefix (such as
+//! `EVENTBROKER_SERVER_URL`, used by the CLI) are not configuration keys.
+//!
+//! Unknown keys and bad values are errors naming the key and, for closed sets, the allowed
+//! values.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The whole host configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The broker: provider, mode, workers, retries and backend settings.
+    pub event_broker: BrokerConfig,
+    /// The HTTP server of `eventbroker serve`.
+    pub server: ServerConfig,
+    /// WebAssembly handlers: where they live and their default limits.
+    pub handlers: HandlersConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// Which backend stores and delivers events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// In-process, bounded, not durable (the default).
+    #[default]
+    Memory,
+    /// SQLite or PostgreSQL.
+    Database,
+    /// Redis Streams.
+    Redis,
+    /// NATS JetStream.
+    Nats,
+}
+
+impl ProviderKind {
+    /// The name used in config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Memory => "memory",
+            ProviderKind::Database => "database",
+            ProviderKind::Redis => "redis",
+            ProviderKind::Nats => "nats",
+        }
+    }
+}
+
+/// Whether `publish` waits for handlers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ProcessingMode {
+    /// `publish` runs the matching handlers before returning.
+    Sync,
+    /// `publish` queues the event and returns (the default).
+    #[default]
+    Async,
+}
+
+/// Broker settings (ResolveSpec's `event_broker` section).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Whether the library's `initialize` creates a broker. `eventbroker serve` always runs one.
+    pub enabled: bool,
+    /// Backend: `memory`, `database`, `redis` or `nats`.
+    pub provider: ProviderKind,
+    /// What `publish` does: `async` (queue and return) or `sync` (run handlers first).
+    pub mode: ProcessingMode,
+    /// Concurrent event workers.
+    pub worker_count: usize,
+    /// Bound of the local work queue, and (memory provider) of unfinished events.
+    pub buffer_size: usize,
+    /// This host's identity, recorded on the events it accepts. Defaults to the host name.
+    pub instance_id: String,
+    /// Consumer group shared by the hosts of one cluster.
+    pub consumer_group: String,
+    /// How long a publish waits for room in a full queue before failing.
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
+    /// Default deadline of one handler invocation.
+    #[serde(with = "humantime_serde")]
+    pub handler_timeout: Duration,
+    /// How long `stop` drains queued and in-flight work before giving the rest back.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// A delivery not finished within this time is presumed abandoned and redelivered;
+    /// running invocations renew it.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// Largest accepted payload (JSON-encoded).
+    pub max_payload: ByteSize,
+    /// Retries of failed handlers.
+    pub retry_policy: RetryPolicy,
+    /// The memory provider.
+    pub memory: MemoryConfig,
+    /// The Redis provider.
+    pub redis: RedisConfig,
+    /// The NATS provider.
+    pub nats: NatsConfig,
+    /// The database provider.
+    pub database: DatabaseConfig,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            enabled: false,
+            provider: ProviderKind::Memory,
+            mode: ProcessingMode::Async,
+            worker_count: 10,
+            buffer_size: 1000,
+            instance_id: default_instance_id(),
+            consumer_group: "eventbroker".into(),
+            publish_timeout: Duration::from_secs(5),
+            handler_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
+            lease: Duration::from_secs(60),
+            max_payload: ByteSize::mib(1),
+            retry_policy: RetryPolicy::default(),
+            memory: MemoryConfig::default(),
+            redis: RedisConfig::default(),
+            nats: NatsConfig::default(),
+            database: DatabaseConfig::default(),
+        }
+    }
+}
+
+/// The host name, or `eventbroker` if it cannot be read.
+pub fn default_instance_id() -> String {
+    hostname::get()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "eventbroker".into())
+}
+
+/// Exponential backoff with jitter between retries of a failed handler.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt; 0 disables retrying.
+    pub max_retries: u32,
+    /// Delay before the first retry.
+    #[serde(with = "humantime_serde")]
+    pub initial_delay: Duration,
+    /// Upper bound of any delay.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// Growth factor between consecutive delays.
+    pub backoff_factor: f32,
+    /// Randomise each delay (up to doubling it, capped by `max_delay`) so that retries of
+    /// many events do not fire together.
+    pub jitter: bool,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_retries: 3,
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(30),
+            backoff_factor: 2.0,
+            jitter: true,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before retry number `retry` (1-based).
+    pub fn delay(&self, retry: u32) -> Duration {
+        use backon::BackoffBuilder;
+        let mut builder = backon::ExponentialBuilder::default()
+            .with_min_delay(self.initial_delay)
+            .with_max_delay(self.max_delay)
+            .with_factor(self.backoff_factor.max(1.0))
+            .without_max_times();
+        if self.jitter {
+            builder = builder.with_jitter();
+        }
+        builder
+            .build()
+            .nth(retry.saturating_sub(1) as usize)
+            .unwrap_or(self.max_delay)
+            .min(self.max_delay)
+    }
+}
+
+/// The memory provider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// Most events kept; the least recently used finished events are evicted beyond it.
+    pub max_events: usize,
+    /// Finished events older than this are removed.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// How often expired events are removed.
+    #[serde(with = "humantime_serde")]
+    pub cleanup_interval: Duration,
+    /// Events buffered per live watcher before it is cut off as too slow.
+    pub watcher_buffer: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            max_events: 10_000,
+            max_age: Duration::from_secs(3600),
+            cleanup_interval: Duration::from_secs(60),
+            watcher_buffer: 1024,
+        }
+    }
+}
+
+/// The Redis Streams provider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Full URL (`redis://`, `rediss://` for TLS); when set, host/port/password/db are ignored.
+    pub url: Option<String>,
+    /// Stream key.
+    pub stream_name: String,
+    /// Consumer group.
+    pub consumer_group: String,
+    /// Server host.
+    pub host: String,
+    /// Server port.
+    pub port: u16,
+    /// Password (empty for none).
+    pub password: String,
+    /// Database number.
+    pub db: i64,
+    /// Approximate stream length bound.
+    pub max_len: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: None,
+            stream_name: "resolvespec:events".into(),
+            consumer_group: "resolvespec-workers".into(),
+            host: "localhost".into(),
+            port: 6379,
+            password: String::new(),
+            db: 0,
+            max_len: 10_000,
+        }
+    }
+}
+
+/// Storage of the NATS JetStream stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NatsStorage {
+    /// On disk (the default).
+    #[default]
+    File,
+    /// In memory.
+    Memory,
+}
+
+/// The NATS JetStream provider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL.
+    pub url: String,
+    /// JetStream stream name.
+    pub stream_name: String,
+    /// Subjects the stream captures.
+    pub subjects: Vec<String>,
+    /// `file` or `memory`.
+    pub storage: NatsStorage,
+    /// Messages older than this are discarded.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://localhost:4222".into(),
+            stream_name: "RESOLVESPEC_EVENTS".into(),
+            subjects: vec!["events.>".into()],
+            storage: NatsStorage::File,
+            max_age: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// The database provider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Connection URL: `postgres://…` or `sqlite://path/to/file.db`.
+    pub url: String,
+    /// Table name (a plain SQL identifier).
+    pub table_name: String,
+    /// Fallback poll interval for new events.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: "sqlite://eventbroker.db".into(),
+            table_name: "events".into(),
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The HTTP server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: String,
+    /// Largest accepted request body (component uploads excepted).
+    pub body_limit: ByteSize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".into(),
+            body_limit: ByteSize::mib(2),
+        }
+    }
+}
+
+/// WebAssembly handlers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandlersConfig {
+    /// Directory of `NAME.wasm` + `NAME.toml` handlers, loaded at start and watched.
+    pub dir: PathBuf,
+    /// Where compiled components are cached (default: the user's cache directory, e.g.
+    /// `~/.cache/eventbroker`).
+    pub cache_dir: Option<PathBuf>,
+    /// Limits applied when a manifest does not set them.
+    pub defaults: HandlerDefaults,
+    /// Capacity of the instance pool shared by all handlers.
+    pub pool: PoolConfig,
+}
+
+impl Default for HandlersConfig {
+    fn default() -> Self {
+        HandlersConfig {
+            dir: PathBuf::from("handlers"),
+            cache_dir: None,
+            defaults: HandlerDefaults::default(),
+            pool: PoolConfig::default(),
+        }
+    }
+}
+
+impl HandlersConfig {
+    /// The compiled-component cache directory in effect.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(default_cache_dir)
+    }
+}
+
+/// `~/.cache/eventbroker` (or the platform's equivalent), or `.eventbroker-cache` when the
+/// platform has no cache directory.
+pub fn default_cache_dir() -> PathBuf {
+    dirs::cache_dir()
+        .map(|dir| dir.join("eventbroker"))
+        .unwrap_or_else(|| PathBuf::from(".eventbroker-cache"))
+}
+
+/// How a handler's instances are managed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InstancePolicy {
+    /// A new instance for every event: no state survives between events (the default).
+    #[default]
+    Fresh,
+    /// A pool of warm instances reused across events; one that traps is discarded.
+    Reuse,
+}
+
+/// Per-invocation limits of a handler, used where its manifest is silent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandlerDefaults {
+    /// Fuel (roughly, WebAssembly instructions) one invocation may burn.
+    pub fuel: u64,
+    /// Linear memory one instance may use.
+    pub memory: ByteSize,
+    /// Wall-clock deadline of one invocation.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Invocations of one handler running at once.
+    pub concurrency: usize,
+    /// `fresh` or `reuse`.
+    pub instances: InstancePolicy,
+    /// Log lines (host `log` plus stdout/stderr lines) one invocation may write; the rest are
+    /// dropped and counted.
+    pub max_log_lines: usize,
+    /// Bytes of log one invocation may write.
+    pub max_log_bytes: ByteSize,
+    /// Derived events one invocation may publish.
+    pub max_publishes: u32,
+}
+
+impl Default for HandlerDefaults {
+    fn default() -> Self {
+        HandlerDefaults {
+            fuel: 100_000_000,
+            memory: ByteSize::mib(64),
+            timeout: Duration::from_secs(10),
+            concurrency: 16,
+            instances: InstancePolicy::Fresh,
+            max_log_lines: 100,
+            max_log_bytes: ByteSize::kib(64),
+            max_publishes: 100,
+        }
+    }
+}
+
+/// The pooling allocator's capacity, shared by every handler of the host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Instances (of all handlers) alive at once.
+    pub instances: u32,
+    /// Largest memory limit any handler may ask for.
+    pub max_memory: ByteSize,
+    /// Largest table any instance may have (large for Python/JavaScript components).
+    pub table_elements: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            instances: 256,
+            max_memory: ByteSize::mib(512),
+            table_elements: 100_000,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `eventbroker=debug`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// The file formats a config file may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFormat {
+    /// `.yaml` / `.yml`.
+    Yaml,
+    /// `.toml`.
+    Toml,
+}
+
+impl FileFormat {
+    /// The format of `path`, by extension.
+    ///
+    /// # Errors
+    /// [`ConfigError::Format`] for other extensions.
+    pub fn of(path: &Path) -> Result<Self, ConfigError> {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("yaml" | "yml") => Ok(FileFormat::Yaml),
+            Some("toml") => Ok(FileFormat::Toml),
+            _ => Err(ConfigError::Format(path.to_path_buf())),
+        }
+    }
+}
+
+/// YAML for figment, through the maintained `serde_yaml_ng`.
+struct Yaml;
+
+impl Format for Yaml {
+    type Error = serde_yaml_ng::Error;
+    const NAME: &'static str = "YAML";
+
+    fn from_str<T: serde::de::DeserializeOwned>(string: &str) -> Result<T, Self::Error> {
+        serde_yaml_ng::from_str(string)
+    }
+}
+
+/// The prefix of configuration environment variables.
+pub const ENV_PREFIX: &str = "EVENTBROKER_";
+
+impl Config {
+    /// Defaults, then the file at `path` (if any), then `EVENTBROKER_…__…` variables.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, variable or key at fault.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let file = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Some((FileFormat::of(path)?, text))
+            }
+            None => None,
+        };
+        Self::build(file.as_ref().map(|(format, text)| (*format, text.as_str())))
+    }
+
+    /// Like [`Config::load`] with the file's text given directly.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the variable or key at fault.
+    pub fn from_text(format: FileFormat, text: &str) -> Result<Config, ConfigError> {
+        Self::build(Some((format, text)))
+    }
+
+    fn build(file: Option<(FileFormat, &str)>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some((format, text)) = file {
+            let expanded = expand_env(text)?;
+            figment = match format {
+                FileFormat::Yaml => figment.merge(Yaml::string(&expanded)),
+                FileFormat::Toml => figment.merge(Toml::string(&expanded)),
+            };
+        }
+        let env = Env::prefixed(ENV_PREFIX)
+            .filter(|key| key.as_str().contains("__"))
+            .split("__");
+        let config: Config = figment
+            .merge(env)
+            .extract()
+            .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks rules serde cannot express.
+    ///
+    /// # Errors
+    /// [`ConfigError::Value`] naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let broker = &self.event_broker;
+        let positive = [
+            ("event_broker.worker_count", broker.worker_count),
+            ("event_broker.buffer_size", broker.buffer_size),
+            ("event_broker.memory.max_events", broker.memory.max_events),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Value {
+                    key,
+                    reason: "must be at least 1".into(),
+                });
+            }
+        }
+        if broker.instance_id.trim().is_empty() {
+            return Err(ConfigError::Value {
+                key: "event_broker.instance_id",
+                reason: "must not be empty".into(),
+            });
+        }
+        if broker.consumer_group.trim().is_empty() {
+            return Err(ConfigError::Value {
+                key: "event_broker.consumer_group",
+                reason: "must not be empty".into(),
+            });
+        }
+        let policy = &broker.retry_policy;
+        if !(policy.backoff_factor.is_finite() && policy.backoff_factor >= 1.0) {
+            return Err(ConfigError::Value {
+                key: "event_broker.retry_policy.backoff_factor",
+                reason: format!("must be a number >= 1.0, got {}", policy.backoff_factor),
+            });
+        }
+        if policy.initial_delay > policy.max_delay {
+            return Err(ConfigError::Value {
+                key: "event_broker.retry_policy.initial_delay",
+                reason: "must not exceed retry_policy.max_delay".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Expands `${VAR}`, `${VAR:-default}` and `$VAR` in config text; `$$` is a literal `$`.
+fn expand_env(text: &str) -> Result<String, ConfigError> {
+    shellexpand::env(text)
+        .map(|expanded| expanded.into_owned())
+        .map_err(|e| ConfigError::Variable {
+            name: e.var_name,
+            reason: e.cause.to_string(),
+        })
+}
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file extension names no supported format.
+    #[error("config file {0} must end in .yaml, .yml or .toml")]
+    Format(PathBuf),
+    /// A `${VAR}` reference cannot be expanded.
+    #[error(
+        "config refers to environment variable {name:?}, which is {reason}; set it or write ${{{name}:-default}}"
+    )]
+    Variable {
+        /// The variable.
+        name: String,
+        /// Why it failed (not present, not unicode).
+        reason: String,
+    },
+    /// Parsing or typing failed; the message names the key and the allowed values.
+    #[error("invalid configuration: {0}")]
+    Invalid(#[source] Box<figment::Error>),
+    /// A value breaks a rule.
+    #[error("invalid configuration: {key} {reason}")]
+    Value {
+        /// The key path.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_match_the_plan() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            defaults_are_the_plans();
+            Ok(())
+        });
+    }
+
+    fn defaults_are_the_plans() {
+        let config = Config::load(None).expect("defaults");
+        let broker = &config.event_broker;
+        assert!(!broker.enabled);
+        assert_eq!(broker.provider, ProviderKind::Memory);
+        assert_eq!(broker.mode, ProcessingMode::Async);
+        assert_eq!(broker.worker_count, 10);
+        assert_eq!(broker.buffer_size, 1000);
+        assert_eq!(broker.instance_id, default_instance_id());
+        assert_eq!(broker.retry_policy.max_retries, 3);
+        assert_eq!(broker.retry_policy.initial_delay, Duration::from_secs(1));
+        assert_eq!(broker.retry_policy.max_delay, Duration::from_secs(30));
+        assert_eq!(broker.retry_policy.backoff_factor, 2.0);
+        assert_eq!(broker.redis.stream_name, "resolvespec:events");
+        assert_eq!(broker.redis.consumer_group, "resolvespec-workers");
+        assert_eq!(broker.nats.url, "nats://localhost:4222");
+        assert_eq!(broker.nats.stream_name, "RESOLVESPEC_EVENTS");
+        assert_eq!(broker.database.poll_interval, Duration::from_secs(1));
+        assert_eq!(config.server.listen, "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn yaml_and_toml_files() {
+        let yaml = "event_broker:\n  provider: redis\n  worker_count: 4\n  retry_policy:\n    initial_delay: 250ms\n";
+        let config = Config::from_text(FileFormat::Yaml, yaml).expect("yaml");
+        assert_eq!(config.event_broker.provider, ProviderKind::Redis);
+        assert_eq!(config.event_broker.worker_count, 4);
+        assert_eq!(
+            config.event_broker.retry_policy.initial_delay,
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            config.event_broker.retry_policy.max_retries, 3,
+            "untouched default"
+        );
+        let toml = "[event_broker]\nmode = \"sync\"\n[event_broker.redis]\nport = 6380\n";
+        let config = Config::from_text(FileFormat::Toml, toml).expect("toml");
+        assert_eq!(config.event_broker.mode, ProcessingMode::Sync);
+        assert_eq!(config.event_broker.redis.port, 6380);
+    }
+
+    #[test]
+    fn env_expansion_in_files() {
+        Jail::expect_with(|jail| {
+            jail.set_env("EB_TEST_HOST", "redis.internal");
+            let yaml = "event_broker:\n  instance_id: \"${EB_TEST_HOST}\"\n  redis:\n    host: ${EB_TEST_HOST}\n    password: \"${EB_TEST_UNSET:-fallback}\"\n    stream_name: \"cost$$\"\n";
+            let config = Config::from_text(FileFormat::Yaml, yaml).expect("expanded");
+            assert_eq!(config.event_broker.instance_id, "redis.internal");
+            assert_eq!(config.event_broker.redis.host, "redis.internal");
+            assert_eq!(config.event_broker.redis.password, "fallback");
+            assert_eq!(config.event_broker.redis.stream_name, "cost$");
+            let err = Config::from_text(FileFormat::Yaml, "log:\n  level: ${EB_TEST_MISSING}\n")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("EB_TEST_MISSING"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn env_overrides_files() {
+        Jail::expect_with(|jail| {
+            jail.set_env("EVENTBROKER_EVENT_BROKER__WORKER_COUNT", "7");
+            jail.set_env("EVENTBROKER_EVENT_BROKER__RETRY_POLICY__MAX_RETRIES", "0");
+            jail.set_env("EVENTBROKER_SERVER__LISTEN", "0.0.0.0:9000");
+            jail.set_env("EVENTBROKER_SERVER_URL", "http://not-config");
+            let config = Config::from_text(FileFormat::Yaml, "event_broker:\n  worker_count: 3\n")
+                .expect("env");
+            assert_eq!(config.event_broker.worker_count, 7);
+            assert_eq!(config.event_broker.retry_policy.max_retries, 0);
+            assert_eq!(config.server.listen, "0.0.0.0:9000");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let err = Config::from_text(FileFormat::Yaml, "event_broker:\n  worker_cont: 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("worker_cont"), "{err}");
+        let err = Config::from_text(FileFormat::Yaml, "event_broker:\n  provider: kafka\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("kafka") && err.contains("memory") && err.contains("nats"),
+            "{err}"
+        );
+        assert!(err.contains("provider"), "{err}");
+        let err = Config::from_text(
+            FileFormat::Toml,
+            "[event_broker]\nworker_count = \"many\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("worker_count"), "{err}");
+        let err = Config::from_text(FileFormat::Yaml, "event_broker:\n  worker_count: 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("event_broker.worker_count"), "{err}");
+        let err = Config::from_text(
+            FileFormat::Yaml,
+            "event_broker:\n  retry_policy:\n    initial_delay: soon\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("initial_delay"), "{err}");
+        assert!(FileFormat::of(Path::new("c.ini")).is_err());
+    }
+
+    #[test]
+    fn retry_delays_grow_and_cap() {
+        let policy = RetryPolicy {
+            jitter: false,
+            ..RetryPolicy::default()
+        };
+        assert_eq!(policy.delay(1), Duration::from_secs(1));
+        assert_eq!(policy.delay(2), Duration::from_secs(2));
+        assert_eq!(policy.delay(3), Duration::from_secs(4));
+        assert_eq!(policy.delay(20), Duration::from_secs(30));
+        let jittered = RetryPolicy::default();
+        for retry in 1..6 {
+            let delay = jittered.delay(retry);
+            assert!(
+                delay >= policy.delay(retry).min(policy.max_delay) && delay <= policy.max_delay
+            );
+        }
+    }
+}

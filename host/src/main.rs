@@ -1,0 +1,7 @@
+//! The `eventbroker` binary: parses the command line and hands over to the library.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

@@ -1,0 +1,274 @@
+//! Query filters over stored events.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Event, EventSource, EventStatus};
+use crate::pattern::Pattern;
+
+/// The default page size of [`EventFilter::limit`].
+pub const DEFAULT_LIMIT: usize = 100;
+/// The largest page size a backend returns.
+pub const MAX_LIMIT: usize = 1000;
+
+/// Order of listed events by creation time (ties broken by id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SortOrder {
+    /// Oldest first.
+    Asc,
+    /// Newest first (the default).
+    #[default]
+    Desc,
+}
+
+/// Which events to list. Every field is optional; set fields must all match.
+///
+/// The same names are the query parameters of `GET /v1/events`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventFilter {
+    /// Only events from this source.
+    pub source: Option<EventSource>,
+    /// Only events in this status.
+    pub status: Option<EventStatus>,
+    /// Only events of this user.
+    pub user_id: Option<i64>,
+    /// Only events of this session.
+    pub session_id: Option<String>,
+    /// Only events of this schema.
+    pub schema: Option<String>,
+    /// Only events of this entity.
+    pub entity: Option<String>,
+    /// Only events with this operation.
+    pub operation: Option<String>,
+    /// Only events accepted by this host instance.
+    pub instance_id: Option<String>,
+    /// Only events whose type matches this pattern.
+    #[serde(rename = "type")]
+    pub type_pattern: Option<Pattern>,
+    /// Only events created at or after this time (RFC 3339).
+    pub created_after: Option<DateTime<Utc>>,
+    /// Only events created before this time (RFC 3339).
+    pub created_before: Option<DateTime<Utc>>,
+    /// Page size (default 100, at most 1000).
+    pub limit: Option<usize>,
+    /// Number of matching events to skip.
+    pub offset: usize,
+    /// Sort order by creation time (default newest first).
+    pub order: SortOrder,
+}
+
+impl EventFilter {
+    /// A filter for one status.
+    pub fn status(status: EventStatus) -> Self {
+        EventFilter {
+            status: Some(status),
+            ..EventFilter::default()
+        }
+    }
+
+    /// The page size to apply: the requested limit capped at [`MAX_LIMIT`].
+    pub fn effective_limit(&self) -> usize {
+        self.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT)
+    }
+
+    /// Whether `event` passes every set field (ignores limit, offset and order).
+    pub fn matches(&self, event: &Event) -> bool {
+        fn eq<T: PartialEq>(want: &Option<T>, have: &T) -> bool {
+            want.as_ref().is_none_or(|want| want == have)
+        }
+        eq(&self.source, &event.source)
+            && eq(&self.status, &event.status)
+            && self.user_id.is_none_or(|id| event.user_id == Some(id))
+            && eq(&self.session_id, &event.session_id)
+            && eq(&self.schema, &event.schema)
+            && eq(&self.entity, &event.entity)
+            && eq(&self.operation, &event.operation)
+            && eq(&self.instance_id, &event.instance_id)
+            && self
+                .type_pattern
+                .as_ref()
+                .is_none_or(|p| p.matches(&event.event_type))
+            && self.created_after.is_none_or(|t| event.created_at >= t)
+            && self.created_before.is_none_or(|t| event.created_at < t)
+    }
+
+    /// Sorts, skips and truncates already-filtered events as this filter says.
+    pub fn paginate(&self, mut events: Vec<Event>) -> Vec<Event> {
+        events.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        if self.order == SortOrder::Desc {
+            events.reverse();
+        }
+        events
+            .into_iter()
+            .skip(self.offset)
+            .take(self.effective_limit())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_filter_matches_everything() {
+        let event = Event::new(EventSource::System, "a.b", "h");
+        assert!(EventFilter::default().matches(&event));
+    }
+
+    #[test]
+    fn each_field_filters() {
+        let mut event = Event::crud(EventSource::Database, "public", "users", "create", "h1");
+        event.user_id = Some(5);
+        event.session_id = "s".into();
+        let cases: Vec<(EventFilter, bool)> = vec![
+            (
+                EventFilter {
+                    source: Some(EventSource::Database),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                EventFilter {
+                    source: Some(EventSource::Frontend),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (EventFilter::status(EventStatus::Pending), true),
+            (EventFilter::status(EventStatus::Failed), false),
+            (
+                EventFilter {
+                    user_id: Some(5),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                EventFilter {
+                    user_id: Some(6),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                EventFilter {
+                    session_id: Some("t".into()),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                EventFilter {
+                    schema: Some("public".into()),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                EventFilter {
+                    entity: Some("orders".into()),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                EventFilter {
+                    operation: Some("create".into()),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                EventFilter {
+                    instance_id: Some("h2".into()),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                EventFilter {
+                    type_pattern: Some("public.*.create".parse().unwrap()),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                EventFilter {
+                    created_after: Some(event.created_at),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                EventFilter {
+                    created_before: Some(event.created_at),
+                    ..Default::default()
+                },
+                false,
+            ),
+        ];
+        for (filter, expected) in cases {
+            assert_eq!(filter.matches(&event), expected, "{filter:?}");
+        }
+    }
+
+    #[test]
+    fn query_string_parses_and_rejects_unknown_keys() {
+        let filter: EventFilter =
+            serde_urlencoded::from_str("status=failed&type=public.>&limit=5&offset=2&order=asc")
+                .expect("parse");
+        assert_eq!(filter.status, Some(EventStatus::Failed));
+        assert_eq!(filter.effective_limit(), 5);
+        assert_eq!(filter.order, SortOrder::Asc);
+        let err = serde_urlencoded::from_str::<EventFilter>("colour=red").unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+        let err = serde_urlencoded::from_str::<EventFilter>("type=a..b").unwrap_err();
+        assert!(err.to_string().contains("invalid pattern"), "{err}");
+    }
+
+    #[test]
+    fn paginate_orders_and_pages() {
+        let mut events = Vec::new();
+        for i in 0..5 {
+            let mut e = Event::new(EventSource::System, "a.b", "h");
+            e.created_at = DateTime::from_timestamp(1_700_000_000 + i, 0).unwrap();
+            e.id = format!("e{i}");
+            events.push(e);
+        }
+        let asc = EventFilter {
+            order: SortOrder::Asc,
+            limit: Some(2),
+            offset: 1,
+            ..Default::default()
+        };
+        let ids: Vec<_> = asc
+            .paginate(events.clone())
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids, ["e1", "e2"]);
+        let desc = EventFilter {
+            limit: Some(2),
+            ..Default::default()
+        };
+        let ids: Vec<_> = desc
+            .paginate(events.clone())
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids, ["e4", "e3"]);
+        let past = EventFilter {
+            offset: 10,
+            ..Default::default()
+        };
+        assert!(past.paginate(events).is_empty());
+    }
+}

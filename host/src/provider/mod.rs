@@ -1,0 +1,336 @@
+//! Storage and delivery backends.
+//!
+//! A [`Provider`] stores events, answers queries about them and delivers them to work-sharing
+//! [`Consumer`]s (at least once, acknowledged only after the broker finished with an event) and
+//! to fan-out watchers ([`Provider::stream`]). One module per backend; [`from_config`] is the
+//! one place that maps a configured provider name to a constructor.
+
+mod filter;
+pub mod memory;
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{BrokerConfig, ProviderKind};
+use crate::event::{Event, EventStatus, HandlerOutcome};
+use crate::pattern::Pattern;
+
+pub use filter::{EventFilter, SortOrder};
+pub use memory::MemoryProvider;
+
+/// What a backend guarantees; the conformance suite tests exactly what is claimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ProviderFeatures {
+    /// Accepted events survive a restart of the host process.
+    pub durable: bool,
+    /// Several hosts sharing the backend share work and see each other's events.
+    pub shared: bool,
+    /// Several consumer groups each receive every event.
+    pub consumer_groups: bool,
+    /// A single consumer receives events in publish order (before any redelivery).
+    pub ordered: bool,
+}
+
+/// A change of an event's processing state, written by the broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusUpdate {
+    /// The new status.
+    pub status: EventStatus,
+    /// The error to record (`None` clears it).
+    pub error: Option<String>,
+    /// Retries so far.
+    pub retry_count: u32,
+    /// Per-handler outcomes so far.
+    pub handlers: Vec<HandlerOutcome>,
+    /// When processing last started.
+    pub processed_at: Option<DateTime<Utc>>,
+    /// When the event finished, for `completed` and `failed`.
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+impl StatusUpdate {
+    /// The update that marks `event` as being processed now, keeping its other fields.
+    pub fn processing(event: &Event) -> Self {
+        StatusUpdate {
+            status: EventStatus::Processing,
+            error: event.error.clone(),
+            retry_count: event.retry_count,
+            handlers: event.handlers.clone(),
+            processed_at: Some(Utc::now()),
+            completed_at: None,
+        }
+    }
+
+    /// Writes this update into `event`.
+    pub fn apply(&self, event: &mut Event) {
+        event.status = self.status;
+        event.error = self.error.clone();
+        event.retry_count = self.retry_count;
+        event.handlers = self.handlers.clone();
+        event.processed_at = self.processed_at.or(event.processed_at);
+        event.completed_at = self.completed_at;
+    }
+}
+
+/// Counters and gauges a backend reports.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProviderStats {
+    /// Backend name (`memory`, `database`, `redis`, `nats`).
+    pub provider: String,
+    /// Stored events by status (every status present, zero when none).
+    pub by_status: BTreeMap<String, u64>,
+    /// Events published through this provider instance.
+    pub published: u64,
+    /// Deliveries handed to consumers of this provider instance.
+    pub consumed: u64,
+    /// Deliveries acknowledged as finished.
+    pub acknowledged: u64,
+    /// Deliveries given back for redelivery.
+    pub redelivered: u64,
+    /// Open watchers ([`Provider::stream`]).
+    pub subscribers: u64,
+    /// Open consumers.
+    pub consumers: u64,
+    /// Backend-specific values.
+    pub backend: BTreeMap<String, serde_json::Value>,
+}
+
+/// How a consumer joins its group.
+#[derive(Debug, Clone)]
+pub struct ConsumerOptions {
+    /// Consumer group: consumers of one group share the work; each group sees every event.
+    pub group: String,
+    /// This consumer's name, unique within the group (host instance id plus a suffix).
+    pub name: String,
+    /// Deliveries not acknowledged within this time are redelivered (the consumer is presumed
+    /// dead). [`Consumer::keep_alive`] extends it.
+    pub lease: Duration,
+}
+
+/// One event handed to one consumer, to be acknowledged exactly once.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The event, with the per-handler outcomes of earlier attempts.
+    pub event: Event,
+    /// Backend-specific handle for acknowledgement.
+    pub token: String,
+    /// How many times this event has been delivered to this group, this one included.
+    pub delivery_count: u32,
+}
+
+/// A work-sharing consumer: each event is delivered to one consumer of the group at a time
+/// and redelivered until acknowledged with [`Consumer::complete`].
+#[async_trait]
+pub trait Consumer: Send + Sync {
+    /// Waits until at least one delivery is available and returns up to `max` of them.
+    /// Returns an empty batch once the consumer or its provider is closed.
+    ///
+    /// # Errors
+    /// A backend failure; the caller may call `fetch` again after a pause.
+    async fn fetch(&self, max: usize) -> Result<Vec<Delivery>, ProviderError>;
+
+    /// Records the final state (`completed` or `failed`) and acknowledges the delivery,
+    /// atomically where the backend allows.
+    ///
+    /// # Errors
+    /// A backend failure; the delivery will then be redelivered after its lease.
+    async fn complete(
+        &self,
+        delivery: &Delivery,
+        update: &StatusUpdate,
+    ) -> Result<(), ProviderError>;
+
+    /// Records the update (normally `pending` with the retry count and outcomes) and makes
+    /// the event deliverable again after `delay`.
+    ///
+    /// # Errors
+    /// A backend failure; the delivery will then be redelivered after its lease.
+    async fn retry(
+        &self,
+        delivery: &Delivery,
+        update: &StatusUpdate,
+        delay: Duration,
+    ) -> Result<(), ProviderError>;
+
+    /// Gives the delivery back unprocessed (shutdown): it is redelivered as soon as possible
+    /// and its status returns to `pending`.
+    ///
+    /// # Errors
+    /// A backend failure; the delivery will then be redelivered after its lease.
+    async fn release(&self, delivery: &Delivery) -> Result<(), ProviderError>;
+
+    /// Extends the lease of a delivery whose processing is still running.
+    ///
+    /// # Errors
+    /// A backend failure.
+    async fn keep_alive(&self, delivery: &Delivery) -> Result<(), ProviderError>;
+
+    /// Stops this consumer: a pending `fetch` returns an empty batch. Unacknowledged
+    /// deliveries are redelivered to other consumers. Idempotent.
+    async fn close(&self);
+}
+
+/// One item of a watcher stream.
+pub type WatchItem = Result<Event, ProviderError>;
+/// A fan-out stream of events (as published, and again at each status change).
+pub type EventStream = Pin<Box<dyn Stream<Item = WatchItem> + Send>>;
+
+/// A storage and delivery backend.
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// Backend name as used in config.
+    fn name(&self) -> &'static str;
+
+    /// What the backend guarantees.
+    fn features(&self) -> ProviderFeatures;
+
+    /// Stores an event without delivering it to consumers (sync mode runs handlers inline).
+    /// Watchers see it.
+    ///
+    /// # Errors
+    /// [`ProviderError::Duplicate`] if the id exists; capacity and backend failures.
+    async fn store(&self, event: &Event) -> Result<(), ProviderError>;
+
+    /// Stores an event and makes it deliverable to every consumer group and watcher.
+    ///
+    /// # Errors
+    /// [`ProviderError::Duplicate`] if the id exists; [`ProviderError::Full`] when the backend
+    /// cannot take more work; backend failures.
+    async fn publish(&self, event: &Event) -> Result<(), ProviderError>;
+
+    /// One event by id.
+    ///
+    /// # Errors
+    /// Backend failures; a missing event is `Ok(None)`.
+    async fn get(&self, id: &str) -> Result<Option<Event>, ProviderError>;
+
+    /// Events matching the filter, ordered and paginated as it says.
+    ///
+    /// # Errors
+    /// Backend failures.
+    async fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError>;
+
+    /// Writes a status change (outside of a delivery, e.g. sync mode).
+    ///
+    /// # Errors
+    /// [`ProviderError::NotFound`] if no such event; backend failures.
+    async fn update_status(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError>;
+
+    /// Deletes an event; returns whether it existed.
+    ///
+    /// # Errors
+    /// Backend failures.
+    async fn delete(&self, id: &str) -> Result<bool, ProviderError>;
+
+    /// Makes a finished (normally failed) event deliverable again, as if newly published,
+    /// after applying `update` (status `pending`, per-handler outcomes prepared by the broker
+    /// so that handlers that succeeded are not re-run). Checking that the event is finished
+    /// and requeueing it happen atomically.
+    ///
+    /// # Errors
+    /// [`ProviderError::NotFound`]; [`ProviderError::InvalidState`] if it is not finished.
+    async fn requeue(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError>;
+
+    /// Joins a consumer group.
+    ///
+    /// # Errors
+    /// Backend failures, or [`ProviderError::Closed`].
+    async fn consume(&self, options: ConsumerOptions) -> Result<Arc<dyn Consumer>, ProviderError>;
+
+    /// A live fan-out stream of events matching `pattern`. A watcher that falls too far
+    /// behind receives [`ProviderError::Lagged`] and its stream ends: events are never
+    /// dropped silently.
+    ///
+    /// # Errors
+    /// Backend failures, or [`ProviderError::Closed`].
+    async fn stream(&self, pattern: &Pattern) -> Result<EventStream, ProviderError>;
+
+    /// Counters and gauges.
+    ///
+    /// # Errors
+    /// Backend failures.
+    async fn stats(&self) -> Result<ProviderStats, ProviderError>;
+
+    /// Closes the provider: open consumers and streams end. Idempotent.
+    async fn close(&self);
+}
+
+/// Errors of the provider boundary.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProviderError {
+    /// An event with this id is already stored.
+    #[error("an event with id {0:?} already exists")]
+    Duplicate(String),
+    /// No event with this id.
+    #[error("no event with id {0:?}")]
+    NotFound(String),
+    /// The operation does not apply to the event's current state.
+    #[error("event {id:?} is {status}: {reason}")]
+    InvalidState {
+        /// The event id.
+        id: String,
+        /// Its current status.
+        status: EventStatus,
+        /// Why the operation does not apply.
+        reason: &'static str,
+    },
+    /// The backend cannot take more work right now.
+    #[error("{0}")]
+    Full(String),
+    /// The provider (or consumer) was closed.
+    #[error("provider is closed")]
+    Closed,
+    /// A watcher fell too far behind and missed events.
+    #[error("watcher fell behind and missed {0} events; reconnect to continue")]
+    Lagged(u64),
+    /// The provider named in config is not part of this build.
+    #[error("provider {0:?} is not available in this build")]
+    Unavailable(String),
+    /// The backend's configuration is invalid.
+    #[error("invalid {provider} configuration: {reason}")]
+    Config {
+        /// Backend name.
+        provider: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The backend failed or could not be reached.
+    #[error("{provider} backend error: {message}")]
+    Backend {
+        /// Backend name.
+        provider: &'static str,
+        /// What failed.
+        message: String,
+    },
+}
+
+impl ProviderError {
+    /// A backend failure of `provider`, from any displayable error.
+    pub fn backend(provider: &'static str, error: impl std::fmt::Display) -> Self {
+        ProviderError::Backend {
+            provider,
+            message: error.to_string(),
+        }
+    }
+}
+
+/// Builds the provider named in `config.provider`: the one place mapping names to backends.
+///
+/// # Errors
+/// [`ProviderError::Unavailable`] for a backend not in this build, or the backend's own
+/// construction errors (bad settings, unreachable server).
+pub async fn from_config(config: &BrokerConfig) -> Result<Arc<dyn Provider>, ProviderError> {
+    match config.provider {
+        ProviderKind::Memory => Ok(Arc::new(MemoryProvider::new(
+            memory::MemoryOptions::from_config(config),
+        ))),
+        other => Err(ProviderError::Unavailable(other.as_str().to_owned())),
+    }
+}

@@ -1,0 +1,139 @@
+//! The whole host as a library call: provider, broker, HTTP server and shutdown.
+//!
+//! [`run`] is what `eventbroker serve` calls; tests call [`Service::start`] to get the bound
+//! address and a handle, then [`Service::stop`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, BrokerError, StopReport};
+use crate::config::Config;
+use crate::server::{self, AppState, RouterLimits};
+
+/// A running host.
+pub struct Service {
+    addr: SocketAddr,
+    broker: Broker,
+    state: AppState,
+    http_shutdown: CancellationToken,
+    http: JoinHandle<std::io::Result<()>>,
+}
+
+impl Service {
+    /// Builds the provider and broker from `config`, starts them, and serves HTTP on
+    /// `config.server.listen` (port 0 picks a free port; see [`Service::local_addr`]).
+    ///
+    /// # Errors
+    /// [`ServiceError`] saying which part failed to start.
+    pub async fn start(config: Config) -> Result<Service, ServiceError> {
+        let broker = Broker::from_config(config.event_broker.clone()).await?;
+        broker.start().await?;
+        let listener = TcpListener::bind(&config.server.listen)
+            .await
+            .map_err(|source| ServiceError::Bind {
+                addr: config.server.listen.clone(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ServiceError::Bind {
+            addr: config.server.listen.clone(),
+            source,
+        })?;
+        let state = AppState::new(broker.clone());
+        let app = server::router(
+            state.clone(),
+            RouterLimits {
+                body_limit: config.server.body_limit.as_u64() as usize,
+            },
+        );
+        let http_shutdown = CancellationToken::new();
+        let graceful = http_shutdown.clone();
+        let http = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(graceful.cancelled_owned())
+                .await
+        });
+        tracing::info!(%addr, provider = broker.provider().name(), "eventbroker listening");
+        Ok(Service {
+            addr,
+            broker,
+            state,
+            http_shutdown,
+            http,
+        })
+    }
+
+    /// The address the HTTP server is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The broker.
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    /// Graceful shutdown: publishing endpoints answer 503 at once, the broker drains within
+    /// `shutdown_timeout`, then the HTTP server finishes open requests and stops.
+    ///
+    /// # Errors
+    /// [`ServiceError`] if the broker or server failed while stopping.
+    pub async fn stop(self) -> Result<StopReport, ServiceError> {
+        self.state.stop_accepting();
+        let report = self.broker.stop().await?;
+        self.http_shutdown.cancel();
+        match self.http.await {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => return Err(ServiceError::Http(source)),
+            Err(join) => return Err(ServiceError::Http(std::io::Error::other(join))),
+        }
+        Ok(report)
+    }
+}
+
+/// Runs the host until `shutdown` resolves, then stops it gracefully.
+///
+/// # Errors
+/// [`ServiceError`] if the host fails to start or to stop cleanly.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<StopReport, ServiceError> {
+    let service = Service::start(config).await?;
+    shutdown.await;
+    tracing::info!("shutting down: no longer accepting events, draining work");
+    let report = service.stop().await?;
+    if report.drained {
+        tracing::info!("shutdown complete; all work drained");
+    } else {
+        tracing::warn!(
+            released = report.released,
+            unfinished = report.unfinished,
+            "shutdown deadline reached; unfinished events stay pending for redelivery on durable providers"
+        );
+    }
+    Ok(report)
+}
+
+/// Why the host could not start or stop.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The broker or provider failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP server failed.
+    #[error("HTTP server failed: {0}")]
+    Http(#[source] std::io::Error),
+}

@@ -1,0 +1,212 @@
+//! The one wasmtime engine of a host: pooling allocator, fuel, epoch interruption, the linker
+//! with the host imports, and the on-disk cache of compiled components.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::WasmError;
+use super::bindings::EventHandler as HandlerWorld;
+use super::state::HostState;
+use crate::config::PoolConfig;
+
+/// How often the epoch advances: the granularity of deadlines and of yielding to other tasks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The engine and everything shared by all handlers.
+#[derive(Clone)]
+pub struct WasmEngine {
+    inner: Arc<EngineInner>,
+}
+
+struct EngineInner {
+    engine: Engine,
+    linker: Linker<HostState>,
+    cache_dir: Option<PathBuf>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for EngineInner {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Release);
+    }
+}
+
+/// Where a compiled component came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompileSource {
+    /// Compiled now (and written to the cache, if there is one).
+    Compiled,
+    /// Read from the on-disk cache.
+    Cache,
+}
+
+impl WasmEngine {
+    /// A new engine. `cache_dir` holds compiled components (`None` disables the cache).
+    ///
+    /// # Errors
+    /// [`WasmError::Engine`] if wasmtime rejects the configuration (e.g. the machine cannot
+    /// reserve the pool's virtual memory).
+    pub fn new(pool: &PoolConfig, cache_dir: Option<PathBuf>) -> Result<Self, WasmError> {
+        let engine = Engine::new(&engine_config(pool)).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::<HostState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| WasmError::Engine(format!("linking WASI: {e:#}")))?;
+        HandlerWorld::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
+            .map_err(|e| WasmError::Engine(format!("linking host imports: {e:#}")))?;
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        spawn_epoch_ticker(engine.weak(), ticker_stop.clone());
+        Ok(WasmEngine {
+            inner: Arc::new(EngineInner {
+                engine,
+                linker,
+                cache_dir,
+                ticker_stop,
+            }),
+        })
+    }
+
+    /// The wasmtime engine.
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    pub(crate) fn linker(&self) -> &Linker<HostState> {
+        &self.inner.linker
+    }
+
+    /// Compiles a component, or loads it from the cache when these exact bytes were compiled
+    /// before with these engine settings.
+    ///
+    /// # Errors
+    /// [`WasmError::NotWasm`], [`WasmError::NotComponent`] or [`WasmError::Compile`].
+    pub fn compile(&self, bytes: &[u8]) -> Result<(Component, CompileSource), WasmError> {
+        check_component_bytes(bytes)?;
+        let cached = self.cache_path(bytes);
+        if let Some(path) = &cached {
+            if path.exists() {
+                // SAFETY: the cache directory is written only by this host (serialized
+                // artifacts of our own compilations, written atomically); its entries are
+                // keyed by content hash and engine compatibility hash.
+                match unsafe { Component::deserialize_file(&self.inner.engine, path) } {
+                    Ok(component) => return Ok((component, CompileSource::Cache)),
+                    Err(error) => {
+                        tracing::warn!(path = %path.display(), error = %format!("{error:#}"), "ignoring unusable cache entry");
+                    }
+                }
+            }
+        }
+        let component = Component::new(&self.inner.engine, bytes)
+            .map_err(|e| WasmError::Compile(format!("{e:#}")))?;
+        if let Some(path) = cached {
+            if let Err(error) = write_cache(&component, &path) {
+                tracing::warn!(path = %path.display(), %error, "could not write the compiled-component cache");
+            }
+        }
+        Ok((component, CompileSource::Compiled))
+    }
+
+    fn cache_path(&self, bytes: &[u8]) -> Option<PathBuf> {
+        let dir = self.inner.cache_dir.as_ref()?;
+        let mut hasher = Sha256::new();
+        hasher.update(bytes);
+        let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(
+            &self.inner.engine.precompile_compatibility_hash(),
+            &mut engine_hash,
+        );
+        let engine_hash = std::hash::Hasher::finish(&engine_hash);
+        Some(dir.join(format!(
+            "{}-{engine_hash:016x}.cwasm",
+            hex::encode(hasher.finalize())
+        )))
+    }
+}
+
+/// The content hash used as a handler's version id.
+pub fn version_id(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    hex::encode(&digest[..8])
+}
+
+fn write_cache(component: &Component, path: &Path) -> std::io::Result<()> {
+    let bytes = component.serialize().map_err(std::io::Error::other)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Rejects bytes that are not a WebAssembly component, saying what they are instead.
+///
+/// # Errors
+/// [`WasmError::NotWasm`] or [`WasmError::NotComponent`].
+pub fn check_component_bytes(bytes: &[u8]) -> Result<(), WasmError> {
+    if !bytes.starts_with(b"\0asm") {
+        return Err(WasmError::NotWasm);
+    }
+    if wasmparser::Parser::is_core_wasm(bytes) {
+        return Err(WasmError::NotComponent);
+    }
+    if !wasmparser::Parser::is_component(bytes) {
+        return Err(WasmError::NotWasm);
+    }
+    Ok(())
+}
+
+fn engine_config(pool: &PoolConfig) -> Config {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.consume_fuel(true);
+    config.epoch_interruption(true);
+    config.wasm_backtrace(true);
+    config.parallel_compilation(true);
+    config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+    config.max_wasm_stack(1 << 20);
+    config.async_stack_size(2 << 20);
+    let mut pooling = PoolingAllocationConfig::default();
+    let instances = pool.instances.max(1);
+    pooling
+        .total_component_instances(instances)
+        // Toolchains such as componentize-py and componentize-js produce components with
+        // many core instances, memories and tables.
+        .total_core_instances(instances * 4)
+        .total_memories(instances * 2)
+        .total_tables(instances * 4)
+        .total_stacks(instances)
+        .max_core_instances_per_component(64)
+        .max_memories_per_component(4)
+        .max_tables_per_component(16)
+        .max_component_instance_size(4 << 20)
+        .max_core_instance_size(4 << 20)
+        .table_elements(pool.table_elements)
+        .max_memory_size(pool.max_memory.as_u64() as usize)
+        .linear_memory_keep_resident(1 << 20)
+        .table_keep_resident(1 << 20);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+    config
+}
+
+fn spawn_epoch_ticker(engine: wasmtime::EngineWeak, stop: Arc<AtomicBool>) {
+    let spawned = std::thread::Builder::new()
+        .name("eventbroker-epoch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                std::thread::sleep(EPOCH_TICK);
+                match engine.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => return,
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::error!(%error, "cannot start the epoch ticker; handler deadlines are not enforced inside guests");
+    }
+}
