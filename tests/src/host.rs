@@ -81,6 +81,27 @@ impl TestHost {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Deploys a component (and manifest) over `PUT /v1/handlers/{name}` as multipart.
+    pub async fn deploy(&self, name: &str, component: Vec<u8>, manifest: Option<&str>, token: Option<&str>) -> (u16, Value) {
+        let mut form = reqwest::multipart::Form::new().part(
+            "component",
+            reqwest::multipart::Part::bytes(component).file_name(format!("{name}.wasm")),
+        );
+        if let Some(manifest) = manifest {
+            form = form.text("manifest", manifest.to_owned());
+        }
+        let mut request = self
+            .http
+            .put(format!("{}/v1/handlers/{name}", self.url))
+            .multipart(form);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     /// Waits until event `id` is `completed` or `failed` and returns it.
     pub async fn finished(&self, id: &str) -> Value {
         crate::wait_for(&format!("event {id} to finish"), || async {

@@ -19,6 +19,7 @@ use super::engine::{CompileSource, WasmEngine, version_id};
 use super::manifest::HandlerSpec;
 use super::state::{HostState, LogLine, Publisher, StoreSettings};
 use crate::config::InstancePolicy;
+use crate::metrics::Metrics;
 use crate::event::{Event, EventSource, EventStatus, Failure, FailureKind};
 use crate::pattern::Pattern;
 
@@ -70,6 +71,18 @@ pub struct HandlerCounters {
     pub fuel: AtomicU64,
     /// Total invocation time in microseconds.
     pub micros: AtomicU64,
+    /// The host's Prometheus metrics, when running in a host.
+    pub metrics: Option<Arc<Metrics>>,
+}
+
+impl HandlerCounters {
+    /// Counters that also feed `metrics`.
+    pub fn with_metrics(metrics: Arc<Metrics>) -> Self {
+        HandlerCounters {
+            metrics: Some(metrics),
+            ..HandlerCounters::default()
+        }
+    }
 }
 
 /// Outcome names, in counter order: `ok` then the failure kinds a guest can produce.
@@ -390,7 +403,16 @@ impl CompiledHandler {
 
     fn record(&self, invocation: Invocation) -> Invocation {
         let counters = &self.counters;
-        counters.outcomes[outcome_index(&invocation.result)].fetch_add(1, Ordering::Relaxed);
+        let outcome = outcome_index(&invocation.result);
+        counters.outcomes[outcome].fetch_add(1, Ordering::Relaxed);
+        if let Some(metrics) = &counters.metrics {
+            metrics.invocation(
+                &self.spec.name,
+                OUTCOMES[outcome],
+                invocation.fuel_used,
+                invocation.duration,
+            );
+        }
         counters
             .fuel
             .fetch_add(invocation.fuel_used, Ordering::Relaxed);
