@@ -82,13 +82,15 @@ impl Metrics {
         let mut registry = Registry::default();
         let published = Family::<EventLabels, Counter>::default();
         let processed = Family::<ProcessedLabels, Counter>::default();
-        let processing_duration =
-            Family::<EventLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let processing_duration = Family::<EventLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
         let queue_size = Gauge::default();
         let workers_active = Gauge::default();
         let invocations = Family::<InvocationLabels, Counter>::default();
-        let invocation_duration =
-            Family::<HandlerLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let invocation_duration = Family::<HandlerLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
         let fuel = Family::<HandlerLabels, Counter>::default();
         let reloads = Family::<HandlerLabels, Counter>::default();
         let rejections = Family::<HandlerLabels, Counter>::default();
@@ -181,7 +183,13 @@ impl Metrics {
     }
 
     /// Counts an attempt's end: its duration, and the event's final status when it finished.
-    pub fn event_attempt(&self, source: &str, event_type: &str, status: Option<&str>, elapsed: Duration) {
+    pub fn event_attempt(
+        &self,
+        source: &str,
+        event_type: &str,
+        status: Option<&str>,
+        elapsed: Duration,
+    ) {
         let r#type = self.type_label(event_type);
         self.processing_duration
             .get_or_create(&EventLabels {
@@ -258,7 +266,12 @@ mod tests {
     fn plan_names_appear_and_type_labels_are_bounded() {
         let metrics = Metrics::new();
         metrics.event_published("database", "public.users.create");
-        metrics.event_attempt("database", "public.users.create", Some("completed"), Duration::from_millis(3));
+        metrics.event_attempt(
+            "database",
+            "public.users.create",
+            Some("completed"),
+            Duration::from_millis(3),
+        );
         metrics.set_pool(2, 1);
         metrics.invocation("audit", "ok", 1234, Duration::from_millis(1));
         metrics.handler_loaded("audit");

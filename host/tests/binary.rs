@@ -42,10 +42,10 @@ fn serve(dir: &Path, args: &[&str]) -> Served {
     let logs = std::thread::spawn(move || {
         let mut lines = Vec::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("eventbroker listening") {
-                if let Some(addr) = line.split("addr=").nth(1) {
-                    let _ = addr_tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
-                }
+            if line.contains("eventbroker listening")
+                && let Some(addr) = line.split("addr=").nth(1)
+            {
+                let _ = addr_tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
             }
             lines.push(line);
         }
@@ -79,7 +79,10 @@ fn wait_finished(url: &str, id: &str) -> Value {
         if matches!(event["status"].as_str(), Some("completed" | "failed")) {
             return event;
         }
-        assert!(Instant::now() < deadline, "event {id} did not finish: {event}");
+        assert!(
+            Instant::now() < deadline,
+            "event {id} did not finish: {event}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -98,7 +101,10 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
         if let Some(status) = child.try_wait().expect("wait") {
             return status;
         }
-        assert!(Instant::now() < deadline, "serve did not exit after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "serve did not exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -119,7 +125,10 @@ fn serve_with_no_configuration_accepts_processes_and_reports_events() {
         .send()
         .unwrap();
     assert_eq!(response.status(), 202);
-    let id = response.json::<Value>().unwrap()["id"].as_str().unwrap().to_owned();
+    let id = response.json::<Value>().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let event = wait_finished(&served.url, &id);
     assert_eq!(event["status"], "completed");
     assert_eq!(event["source"], "database");
@@ -135,14 +144,31 @@ fn serve_with_no_configuration_accepts_processes_and_reports_events() {
         .args(["events", "get", &id, "--server", &served.url])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(printed["id"], id.as_str());
     let out = eventbroker()
-        .args(["publish", "--type", "cli.test", "--payload", "{\"n\":1}", "--sync", "--server", &served.url])
+        .args([
+            "publish",
+            "--type",
+            "cli.test",
+            "--payload",
+            "{\"n\":1}",
+            "--sync",
+            "--server",
+            &served.url,
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(printed["status"], "completed");
     let out = eventbroker()
@@ -159,7 +185,11 @@ fn serve_with_no_configuration_accepts_processes_and_reports_events() {
 #[test]
 fn serve_rejects_a_bad_config_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("bad.yaml"), "event_broker:\n  provider: kafka\n").unwrap();
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "event_broker:\n  provider: kafka\n",
+    )
+    .unwrap();
     let out = eventbroker()
         .args(["serve", "--config", "bad.yaml"])
         .current_dir(dir.path())
@@ -167,7 +197,10 @@ fn serve_rejects_a_bad_config_with_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("kafka") && stderr.contains("provider"), "{stderr}");
+    assert!(
+        stderr.contains("kafka") && stderr.contains("provider"),
+        "{stderr}"
+    );
 }
 
 fn run_cli(args: &[&str]) -> Output {
@@ -188,7 +221,11 @@ fn run_prints_outcomes_logs_and_publishes_and_exits_non_zero_on_failure() {
         folder.join("manifest.toml").to_str().unwrap(),
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "a failed event makes run fail:\n{stdout}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failed event makes run fail:\n{stdout}"
+    );
     for needle in [
         "first invocation latency",
         "outcome   ok",
@@ -197,11 +234,16 @@ fn run_prints_outcomes_logs_and_publishes_and_exits_non_zero_on_failure() {
         "fuel ",
         "order line BOOK-1 x2 is valid",
     ] {
-        assert!(stdout.contains(needle), "{needle:?} missing from:\n{stdout}");
+        assert!(
+            stdout.contains(needle),
+            "{needle:?} missing from:\n{stdout}"
+        );
     }
 
     let notifier = built.guest("rust_user_notifier");
-    let sample = built.guest_dir("rust-user-notifier").join("sample-event.json");
+    let sample = built
+        .guest_dir("rust-user-notifier")
+        .join("sample-event.json");
     let out = run_cli(&[
         "run",
         notifier.to_str().unwrap(),
@@ -209,14 +251,29 @@ fn run_prints_outcomes_logs_and_publishes_and_exits_non_zero_on_failure() {
         sample.to_str().unwrap(),
         "--json",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
-    assert_eq!(report["results"][0]["published"][0]["type"], "notify.users.welcome");
+    assert_eq!(
+        report["results"][0]["published"][0]["type"],
+        "notify.users.welcome"
+    );
     assert!(report["first_invocation_latency"].is_string());
 
     // Events from stdin, limits from flags.
     let mut child = eventbroker()
-        .args(["run", built.misbehave().to_str().unwrap(), "--event", "-", "--fuel", "1000", "--json"])
+        .args([
+            "run",
+            built.misbehave().to_str().unwrap(),
+            "--event",
+            "-",
+            "--fuel",
+            "1000",
+            "--json",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -252,19 +309,27 @@ fn check_lists_exports_imports_and_patterns_and_explains_problems() {
         "default patterns: *",
         "compatible: yes",
     ] {
-        assert!(stdout.contains(needle), "{needle:?} missing from:\n{stdout}");
+        assert!(
+            stdout.contains(needle),
+            "{needle:?} missing from:\n{stdout}"
+        );
     }
     let out = run_cli(&["check", built.misbehave().to_str().unwrap(), "--json"]);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["compatible"], true);
-    assert!(report["default_patterns"].is_null(), "handler-only world has no defaults");
+    assert!(
+        report["default_patterns"].is_null(),
+        "handler-only world has no defaults"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let core = dir.path().join("core.wasm");
     std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
     let out = run_cli(&["check", core.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("core WebAssembly module, not a component"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("core WebAssembly module, not a component")
+    );
 }
 
 #[test]
@@ -274,7 +339,11 @@ fn sigterm_drains_queued_work_before_exiting() {
     let handlers = dir.path().join("handlers");
     std::fs::create_dir_all(&handlers).unwrap();
     std::fs::copy(built.misbehave(), handlers.join("worker.wasm")).unwrap();
-    std::fs::write(handlers.join("worker.toml"), "patterns = [\"work.*\"]\nfuel = 1_000_000_000_000\n").unwrap();
+    std::fs::write(
+        handlers.join("worker.toml"),
+        "patterns = [\"work.*\"]\nfuel = 1_000_000_000_000\n",
+    )
+    .unwrap();
     std::fs::write(
         dir.path().join("config.yaml"),
         "event_broker:\n  worker_count: 1\n  shutdown_timeout: 60s\nhandlers:\n  cache_dir: cache\n",
@@ -302,11 +371,17 @@ fn sigterm_drains_queued_work_before_exiting() {
     assert!(status.success(), "{status:?}");
     let logs = served.logs.join().unwrap().join("\n");
     for id in &ids {
-        assert!(logs.contains(&format!("worked {id}")), "event {id} was not processed before exit");
+        assert!(
+            logs.contains(&format!("worked {id}")),
+            "event {id} was not processed before exit"
+        );
     }
     assert!(logs.contains("all work drained"), "{logs}");
     assert!(
-        stats["provider"]["by_status"]["pending"].as_u64().unwrap_or(0) > 0
+        stats["provider"]["by_status"]["pending"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
             || stats["queue_depth"].as_u64().unwrap_or(0) > 0,
         "work was still queued when SIGTERM arrived: {stats}"
     );

@@ -82,7 +82,13 @@ impl TestHost {
     }
 
     /// Deploys a component (and manifest) over `PUT /v1/handlers/{name}` as multipart.
-    pub async fn deploy(&self, name: &str, component: Vec<u8>, manifest: Option<&str>, token: Option<&str>) -> (u16, Value) {
+    pub async fn deploy(
+        &self,
+        name: &str,
+        component: Vec<u8>,
+        manifest: Option<&str>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
         let mut form = reqwest::multipart::Form::new().part(
             "component",
             reqwest::multipart::Part::bytes(component).file_name(format!("{name}.wasm")),
@@ -104,12 +110,21 @@ impl TestHost {
 
     /// Waits until event `id` is `completed` or `failed` and returns it.
     pub async fn finished(&self, id: &str) -> Value {
-        crate::wait_for(&format!("event {id} to finish"), || async {
+        let deadline = tokio::time::Instant::now() + crate::PATIENCE;
+        loop {
             let (status, event) = self.get(&format!("/v1/events/{id}")).await;
-            (status == 200 && matches!(event["status"].as_str(), Some("completed" | "failed")))
-                .then_some(event)
-        })
-        .await
+            if status == 200 && matches!(event["status"].as_str(), Some("completed" | "failed")) {
+                return event;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let (_, stats) = self.get("/v1/stats").await;
+                panic!(
+                    "event {id} did not finish within {:?}; last seen: {event:#}\nbroker stats: {stats:#}",
+                    crate::PATIENCE
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// Stops the host gracefully.

@@ -101,7 +101,8 @@ async fn invoke(
         .counters
         .invocations
         .fetch_add(1, Ordering::Relaxed);
-    let span = tracing::info_span!("invoke", handler = %subscription.name, event_id = %event.id, attempt);
+    let span =
+        tracing::info_span!("invoke", handler = %subscription.name, event_id = %event.id, attempt);
     let call = tracing::Instrument::instrument(
         AssertUnwindSafe(subscription.handler.handle(&ctx, event)).catch_unwind(),
         span,

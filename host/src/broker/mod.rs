@@ -32,8 +32,8 @@ pub use registry::{SubscribeOptions, SubscriptionId, SubscriptionStats};
 pub use stats::BrokerStats;
 
 use crate::config::{BrokerConfig, ProcessingMode};
-use crate::metrics::Metrics;
 use crate::event::{Event, EventStatus, ValidationError};
+use crate::metrics::Metrics;
 use crate::pattern::{Pattern, PatternError};
 use crate::provider::{Provider, ProviderError, StatusUpdate};
 use dispatch::{Decision, decide, run_handlers, status_update};

@@ -126,7 +126,10 @@ fn authorized(request: reqwest::RequestBuilder, server: &ServerArg) -> reqwest::
     }
 }
 
-async fn send(request: reqwest::RequestBuilder, server: &ServerArg) -> anyhow::Result<reqwest::Response> {
+async fn send(
+    request: reqwest::RequestBuilder,
+    server: &ServerArg,
+) -> anyhow::Result<reqwest::Response> {
     authorized(request, server)
         .send()
         .await
@@ -182,7 +185,11 @@ pub async fn events(command: EventsCommand) -> anyhow::Result<ExitCode> {
     let client = client()?;
     let response = match command {
         EventsCommand::Get { server, id } => {
-            send(client.get(url(&server, &format!("/v1/events/{id}"))), &server).await?
+            send(
+                client.get(url(&server, &format!("/v1/events/{id}"))),
+                &server,
+            )
+            .await?
         }
         EventsCommand::List { server, filters } => {
             let mut query = Vec::new();
@@ -192,10 +199,18 @@ pub async fn events(command: EventsCommand) -> anyhow::Result<ExitCode> {
                 };
                 query.push((key.to_owned(), value.to_owned()));
             }
-            send(client.get(url(&server, "/v1/events")).query(&query), &server).await?
+            send(
+                client.get(url(&server, "/v1/events")).query(&query),
+                &server,
+            )
+            .await?
         }
         EventsCommand::Retry { server, id } => {
-            send(client.post(url(&server, &format!("/v1/events/{id}/retry"))), &server).await?
+            send(
+                client.post(url(&server, &format!("/v1/events/{id}/retry"))),
+                &server,
+            )
+            .await?
         }
     };
     print_response(response).await
@@ -214,7 +229,13 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
     if !args.patterns.is_empty() {
         manifest.insert(
             "patterns".into(),
-            toml::Value::Array(args.patterns.iter().cloned().map(toml::Value::String).collect()),
+            toml::Value::Array(
+                args.patterns
+                    .iter()
+                    .cloned()
+                    .map(toml::Value::String)
+                    .collect(),
+            ),
         );
     }
     let name = match (&args.name, manifest.get("name").and_then(|v| v.as_str())) {
@@ -249,8 +270,11 @@ pub async fn handlers(command: HandlersCommand) -> anyhow::Result<ExitCode> {
             print_response(send(client.get(url(&server, "/v1/handlers")), &server).await?).await
         }
         HandlersCommand::Remove { server, name } => {
-            let response =
-                send(client.delete(url(&server, &format!("/v1/handlers/{name}"))), &server).await?;
+            let response = send(
+                client.delete(url(&server, &format!("/v1/handlers/{name}"))),
+                &server,
+            )
+            .await?;
             if response.status() == reqwest::StatusCode::NO_CONTENT {
                 println!("removed {name}");
                 return Ok(ExitCode::SUCCESS);

@@ -185,7 +185,10 @@ fn build(attributes: Map<String, Value>, data: Option<Value>) -> Result<EventDra
                 }
             }
             _ => {
-                if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
+                if !name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+                {
                     return Err(invalid(format!(
                         "attribute name {name:?} is invalid: CloudEvents attribute names are lowercase letters and digits"
                     )));
@@ -238,7 +241,9 @@ pub fn to_structured(event: &Event) -> Value {
     object.insert("retrycount".into(), json!(event.retry_count));
     for (key, value) in &event.metadata {
         let reserved = key.starts_with("ce_") || object.contains_key(key);
-        let valid_name = key.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        let valid_name = key
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
         if !reserved && valid_name {
             object.insert(key.clone(), value.clone());
         }
@@ -276,8 +281,14 @@ mod tests {
         assert_eq!(metadata["ce_source"], "https://shop.example/orders");
         assert_eq!(metadata["ce_subject"], "order-9");
         assert_eq!(metadata["tenant"], "acme");
-        assert_eq!(draft.created_at.unwrap().to_rfc3339(), "2026-01-02T03:04:05+00:00");
-        let known = structured(json!({"specversion": "1.0", "id": "x", "type": "a.b", "source": "database"})).unwrap();
+        assert_eq!(
+            draft.created_at.unwrap().to_rfc3339(),
+            "2026-01-02T03:04:05+00:00"
+        );
+        let known = structured(
+            json!({"specversion": "1.0", "id": "x", "type": "a.b", "source": "database"}),
+        )
+        .unwrap();
         assert_eq!(known.source, Some(EventSource::Database));
         assert!(known.metadata.is_none());
     }
@@ -303,16 +314,46 @@ mod tests {
     #[test]
     fn bad_cloudevents_name_the_attribute() {
         for (value, needle) in [
-            (json!({"id": "1", "type": "a.b", "source": "s"}), "specversion is required"),
-            (json!({"specversion": "0.3", "id": "1", "type": "a.b", "source": "s"}), "0.3"),
-            (json!({"specversion": "1.0", "type": "a.b", "source": "s"}), "id is required"),
-            (json!({"specversion": "1.0", "id": "1", "source": "s"}), "type is required"),
-            (json!({"specversion": "1.0", "id": "1", "type": "a.b"}), "source is required"),
-            (json!({"specversion": "1.0", "id": "1", "type": "a.b", "source": "s", "datacontenttype": "text/xml"}), "text/xml"),
-            (json!({"specversion": "1.0", "id": "1", "type": "a.b", "source": "s", "data_base64": "AA=="}), "data_base64"),
-            (json!({"specversion": "1.0", "id": "1", "type": "a.b", "source": "s", "time": "yesterday"}), "RFC 3339"),
-            (json!({"specversion": "1.0", "id": "1", "type": "a.b", "source": "s", "userid": "abc"}), "userid"),
-            (json!({"specversion": "1.0", "id": "1", "type": "a.b", "source": "s", "Bad-Name": 1}), "Bad-Name"),
+            (
+                json!({"id": "1", "type": "a.b", "source": "s"}),
+                "specversion is required",
+            ),
+            (
+                json!({"specversion": "0.3", "id": "1", "type": "a.b", "source": "s"}),
+                "0.3",
+            ),
+            (
+                json!({"specversion": "1.0", "type": "a.b", "source": "s"}),
+                "id is required",
+            ),
+            (
+                json!({"specversion": "1.0", "id": "1", "source": "s"}),
+                "type is required",
+            ),
+            (
+                json!({"specversion": "1.0", "id": "1", "type": "a.b"}),
+                "source is required",
+            ),
+            (
+                json!({"specversion": "1.0", "id": "1", "type": "a.b", "source": "s", "datacontenttype": "text/xml"}),
+                "text/xml",
+            ),
+            (
+                json!({"specversion": "1.0", "id": "1", "type": "a.b", "source": "s", "data_base64": "AA=="}),
+                "data_base64",
+            ),
+            (
+                json!({"specversion": "1.0", "id": "1", "type": "a.b", "source": "s", "time": "yesterday"}),
+                "RFC 3339",
+            ),
+            (
+                json!({"specversion": "1.0", "id": "1", "type": "a.b", "source": "s", "userid": "abc"}),
+                "userid",
+            ),
+            (
+                json!({"specversion": "1.0", "id": "1", "type": "a.b", "source": "s", "Bad-Name": 1}),
+                "Bad-Name",
+            ),
         ] {
             let err = structured(value).expect_err(needle);
             assert_eq!(err.code, "invalid_cloudevent");

@@ -122,7 +122,11 @@ impl From<WasmError> for ApiError {
             WasmError::Io(_) | WasmError::Engine(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
             }
-            _ => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "handler_rejected", message),
+            _ => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "handler_rejected",
+                message,
+            ),
         }
     }
 }

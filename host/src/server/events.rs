@@ -70,7 +70,9 @@ fn read_draft(headers: &HeaderMap, body: &[u8]) -> Result<EventDraft, ApiError> 
         other => Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
-            format!("Content-Type {other:?} is not supported: use application/json, application/cloudevents+json, or CloudEvents binary mode (ce-* headers)"),
+            format!(
+                "Content-Type {other:?} is not supported: use application/json, application/cloudevents+json, or CloudEvents binary mode (ce-* headers)"
+            ),
         )),
     }
 }
@@ -117,7 +119,9 @@ pub async fn batch(
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
-                format!("Content-Type {other:?} is not supported: use application/json (an array of events) or application/cloudevents-batch+json"),
+                format!(
+                    "Content-Type {other:?} is not supported: use application/json (an array of events) or application/cloudevents-batch+json"
+                ),
             ));
         }
     };

@@ -87,7 +87,9 @@ pub async fn deploy(
         })?;
         (component, manifest)
     };
-    let info = handlers.deploy(&name, component, manifest.as_deref()).await?;
+    let info = handlers
+        .deploy(&name, component, manifest.as_deref())
+        .await?;
     Ok(Json(info))
 }
 

@@ -30,7 +30,9 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError>
     match tokio::time::timeout(PROVIDER_CHECK, state.broker().provider().stats()).await {
         Ok(Ok(_)) => {}
         Ok(Err(error)) => {
-            return Err(ApiError::unavailable(format!("provider unreachable: {error}")));
+            return Err(ApiError::unavailable(format!(
+                "provider unreachable: {error}"
+            )));
         }
         Err(_) => {
             return Err(ApiError::unavailable(format!(

@@ -21,12 +21,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use axum::Router;
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
 
 pub use error::ApiError;
 
@@ -186,7 +186,11 @@ fn authorize(tokens: &Tokens, headers: &HeaderMap, access: Access) -> Result<(),
         (Some(_), Access::Admin) => "the admin token is required for this endpoint".to_owned(),
         (Some(_), _) => "the token is not valid for this endpoint".to_owned(),
     };
-    Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message))
+    Err(ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        message,
+    ))
 }
 
 async fn guard(
@@ -246,7 +250,9 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(limits.body_limit))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_response,
+        ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }

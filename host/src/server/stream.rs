@@ -37,9 +37,9 @@ pub async fn stream(
                 let message = SseEvent::default()
                     .event(event.status.as_str())
                     .id(event.id.clone());
-                message
-                    .json_data(&event)
-                    .unwrap_or_else(|_| SseEvent::default().event("error").data("unencodable event"))
+                message.json_data(&event).unwrap_or_else(|_| {
+                    SseEvent::default().event("error").data("unencodable event")
+                })
             }
             Err(error) => SseEvent::default().event("error").data(error.to_string()),
         };

@@ -19,8 +19,8 @@ use super::engine::{CompileSource, WasmEngine, version_id};
 use super::manifest::HandlerSpec;
 use super::state::{HostState, LogLine, Publisher, StoreSettings};
 use crate::config::InstancePolicy;
-use crate::metrics::Metrics;
 use crate::event::{Event, EventSource, EventStatus, Failure, FailureKind};
+use crate::metrics::Metrics;
 use crate::pattern::Pattern;
 
 /// Fuel granted to a component's `patterns()` export when it is loaded.
@@ -215,14 +215,12 @@ impl CompiledHandler {
             }
             Err(_) => None,
         };
+        // No patterns at all is allowed here (the local runner runs any event); the handler
+        // set refuses to serve such a handler.
         let patterns = match (&spec.patterns, &default_patterns) {
             (Some(patterns), _) => patterns.clone(),
-            (None, Some(defaults)) if !defaults.is_empty() => defaults.clone(),
-            _ => {
-                return Err(WasmError::Manifest(
-                    "no subscription patterns: the manifest gives none and the component does not export resolvespec:eventbroker/subscriptions (or exports an empty list)".into(),
-                ));
-            }
+            (None, Some(defaults)) => defaults.clone(),
+            (None, None) => Vec::new(),
         };
         for pattern in &patterns {
             Pattern::new(pattern)

@@ -174,6 +174,8 @@ impl HandlerSet {
     /// # Errors
     /// As [`HandlerSet::apply`], plus unreadable files.
     pub async fn load_file(&self, wasm_path: &Path) -> Result<HandlerInfo, WasmError> {
+        // Read the files under the change lock, so that a deploy writing them cannot interleave.
+        let _change = self.inner.changes.lock().await;
         let name = file_stem(wasm_path)?;
         let bytes = std::fs::read(wasm_path)
             .map_err(|e| WasmError::Io(format!("cannot read {}: {e}", wasm_path.display())))?;
@@ -188,7 +190,7 @@ impl HandlerSet {
                 )));
             }
         };
-        self.apply(&name, bytes, manifest.as_deref()).await
+        self.apply_locked(&name, bytes, manifest.as_deref()).await
     }
 
     /// Compiles, checks and swaps in a version of handler `name`. On failure the rejection is
@@ -307,7 +309,13 @@ impl HandlerSet {
         })
         .await
         .map_err(|e| fail(WasmError::Engine(format!("loader task failed: {e}"))))?;
-        loaded.map(Some).map_err(fail)
+        let loaded = loaded.map_err(fail)?;
+        if loaded.patterns().is_empty() {
+            return Err(fail(WasmError::Manifest(
+                "no subscription patterns: the manifest gives none and the component does not export resolvespec:eventbroker/subscriptions (or exports an empty list)".into(),
+            )));
+        }
+        Ok(Some(loaded))
     }
 
     /// Unsubscribes handler `name`, waits for its running invocations to finish, and forgets

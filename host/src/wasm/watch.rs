@@ -50,20 +50,23 @@ pub fn watch(handlers: HandlerSet, debounce: Duration) -> Result<Watcher, WasmEr
     std::fs::create_dir_all(&dir)
         .map_err(|e| WasmError::Io(format!("cannot create {}: {e}", dir.display())))?;
     let (sender, receiver) = mpsc::unbounded_channel::<Vec<PathBuf>>();
-    let mut debouncer = new_debouncer(debounce, None, move |result: DebounceEventResult| {
-        match result {
-            Ok(events) => {
-                let paths = events.into_iter().flat_map(|e| e.event.paths).collect();
-                let _ = sender.send(paths);
-            }
-            Err(errors) => {
-                for error in errors {
-                    tracing::warn!(%error, "handlers directory watch error");
+    let mut debouncer =
+        new_debouncer(
+            debounce,
+            None,
+            move |result: DebounceEventResult| match result {
+                Ok(events) => {
+                    let paths = events.into_iter().flat_map(|e| e.event.paths).collect();
+                    let _ = sender.send(paths);
                 }
-            }
-        }
-    })
-    .map_err(|e| WasmError::Io(format!("cannot watch {}: {e}", dir.display())))?;
+                Err(errors) => {
+                    for error in errors {
+                        tracing::warn!(%error, "handlers directory watch error");
+                    }
+                }
+            },
+        )
+        .map_err(|e| WasmError::Io(format!("cannot watch {}: {e}", dir.display())))?;
     debouncer
         .watch(&dir, RecursiveMode::NonRecursive)
         .map_err(|e| WasmError::Io(format!("cannot watch {}: {e}", dir.display())))?;
@@ -99,7 +102,9 @@ async fn apply_changes(
                         version = ?info.current.as_ref().map(|c| &c.version),
                         "handler (re)loaded from the handlers directory"
                     ),
-                    Err(error) => tracing::warn!(handler = %name, %error, "changed handler rejected; the previous version keeps serving"),
+                    Err(error) => {
+                        tracing::warn!(handler = %name, %error, "changed handler rejected; the previous version keeps serving")
+                    }
                 }
             } else if handlers.get(&name).is_some() && handlers.remove(&name).await {
                 tracing::info!(handler = %name, "handler removed (its component was deleted)");
@@ -114,8 +119,14 @@ mod tests {
 
     #[test]
     fn only_handler_files_count() {
-        assert_eq!(handler_name(Path::new("/h/audit.wasm")).as_deref(), Some("audit"));
-        assert_eq!(handler_name(Path::new("/h/audit.toml")).as_deref(), Some("audit"));
+        assert_eq!(
+            handler_name(Path::new("/h/audit.wasm")).as_deref(),
+            Some("audit")
+        );
+        assert_eq!(
+            handler_name(Path::new("/h/audit.toml")).as_deref(),
+            Some("audit")
+        );
         assert_eq!(handler_name(Path::new("/h/.audit.wasm.partial")), None);
         assert_eq!(handler_name(Path::new("/h/.audit.wasm.tmp")), None);
         assert_eq!(handler_name(Path::new("/h/audit.wasm.tmp")), None);
