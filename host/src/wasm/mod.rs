@@ -10,6 +10,7 @@ pub mod engine;
 pub mod handler;
 pub mod manifest;
 pub mod registry;
+pub mod bare;
 pub mod runner;
 pub mod state;
 pub mod watch;
