@@ -33,6 +33,7 @@ pub mod provider;
 pub mod server;
 pub mod service;
 pub mod telemetry;
+pub mod wasm;
 
 pub use broker::{
     Broker, BrokerError, BrokerStats, EventHandler, HandlerContext, HandlerResult, Published,

@@ -2,6 +2,7 @@
 //! (`--server`, default `http://127.0.0.1:8080`, or `EVENTBROKER_SERVER_URL`).
 
 mod client;
+mod guest;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +29,10 @@ enum Command {
     /// Query events on a running host.
     #[command(subcommand)]
     Events(client::EventsCommand),
+    /// Run a handler component locally on sample events, in the service's sandbox.
+    Run(guest::RunArgs),
+    /// Check a component against the handler contract and the host's imports.
+    Check(guest::CheckArgs),
 }
 
 #[derive(Debug, Args)]
@@ -60,6 +65,8 @@ pub fn main() -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::Publish(args) => client::publish(args).await,
             Command::Events(command) => client::events(command).await,
+            Command::Run(args) => guest::run_command(args).await,
+            Command::Check(args) => guest::check_command(args).await,
         }
     });
     match result {

@@ -53,7 +53,8 @@ impl WasmEngine {
     /// [`WasmError::Engine`] if wasmtime rejects the configuration (e.g. the machine cannot
     /// reserve the pool's virtual memory).
     pub fn new(pool: &PoolConfig, cache_dir: Option<PathBuf>) -> Result<Self, WasmError> {
-        let engine = Engine::new(&engine_config(pool)).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
+        let engine =
+            Engine::new(&engine_config(pool)).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| WasmError::Engine(format!("linking WASI: {e:#}")))?;
@@ -166,7 +167,6 @@ fn engine_config(pool: &PoolConfig) -> Config {
     config.wasm_component_model(true);
     config.consume_fuel(true);
     config.epoch_interruption(true);
-    config.wasm_backtrace(true);
     config.parallel_compilation(true);
     config.cranelift_opt_level(wasmtime::OptLevel::Speed);
     config.max_wasm_stack(1 << 20);

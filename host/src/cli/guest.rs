@@ -1,0 +1,258 @@
+//! Guest tooling: `eventbroker run` and `eventbroker check`.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use eventbroker::config::default_cache_dir;
+use eventbroker::wasm::check::{CheckReport, check};
+use eventbroker::wasm::runner::{Overrides, RunReport, parse_events, run};
+use eventbroker::wasm::{WasmEngine, WasmError};
+
+/// `eventbroker run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The component to run.
+    wasm: PathBuf,
+    /// Sample event file (JSON, or JSON lines for several events run in order); `-` for stdin.
+    #[arg(long, short)]
+    event: PathBuf,
+    /// Handler manifest (limits and `[config]`).
+    #[arg(long, short)]
+    manifest: Option<PathBuf>,
+    /// Fuel per invocation (overrides the manifest).
+    #[arg(long)]
+    fuel: Option<u64>,
+    /// Memory limit, e.g. 32MiB (overrides the manifest).
+    #[arg(long)]
+    memory: Option<bytesize::ByteSize>,
+    /// Deadline per invocation, e.g. 2s (overrides the manifest).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// Print the full report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Compiled-component cache (default: the user cache directory).
+    #[arg(long, env = "EVENTBROKER_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+/// `eventbroker check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The component to check.
+    wasm: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Compiled-component cache (default: the user cache directory).
+    #[arg(long, env = "EVENTBROKER_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+fn engine(cache_dir: Option<PathBuf>) -> anyhow::Result<WasmEngine> {
+    let pool = eventbroker::config::PoolConfig {
+        instances: 16,
+        ..Default::default()
+    };
+    Ok(WasmEngine::new(
+        &pool,
+        Some(cache_dir.unwrap_or_else(default_cache_dir)),
+    )?)
+}
+
+fn read_component(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+pub async fn run_command(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let bytes = read_component(&args.wasm)?;
+    let manifest = match &args.manifest {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let text = if args.event.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read events from stdin")?;
+        text
+    } else {
+        std::fs::read_to_string(&args.event)
+            .with_context(|| format!("cannot read {}", args.event.display()))?
+    };
+    let events = parse_events(&text)?;
+    let engine = engine(args.cache_dir)?;
+    let overrides = Overrides {
+        fuel: args.fuel,
+        memory: args.memory,
+        timeout: args.timeout,
+    };
+    let report = match run(&engine, &bytes, manifest.as_deref(), &overrides, events).await {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_run(&report);
+    }
+    Ok(if report.all_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_run(report: &RunReport) {
+    let handler = &report.handler;
+    let spec = &handler.spec;
+    println!(
+        "handler  version {}  patterns {}",
+        handler.version,
+        handler.patterns.join(", ")
+    );
+    println!(
+        "loaded   {} in {} ({} bytes)",
+        if handler.compiled_from_cache {
+            "from cache"
+        } else {
+            "compiled"
+        },
+        humantime::format_duration(round(handler.compile_time)),
+        handler.size
+    );
+    println!(
+        "limits   fuel {}, memory {}, timeout {}, instances {:?}",
+        spec.fuel,
+        bytesize::ByteSize::b(spec.memory),
+        humantime::format_duration(spec.timeout),
+        spec.instances
+    );
+    println!(
+        "first invocation latency {}",
+        humantime::format_duration(round(report.first_invocation_latency))
+    );
+    for (index, (result, matched)) in report.results.iter().zip(&report.matched).enumerate() {
+        let invocation = &result.invocation;
+        println!();
+        println!(
+            "event {}  {}  (id {}){}",
+            index + 1,
+            result.event.event_type,
+            result.event.id,
+            if *matched {
+                ""
+            } else {
+                "  [type does not match the handler's patterns; the service would not deliver it]"
+            }
+        );
+        match &invocation.result {
+            Ok(()) => println!("  outcome   ok"),
+            Err(failure) => println!(
+                "  outcome   {} ({}): {}",
+                failure.kind,
+                if failure.retryable {
+                    "would be retried"
+                } else {
+                    "not retried"
+                },
+                failure.message
+            ),
+        }
+        println!(
+            "  fuel      {}   duration {}",
+            invocation.fuel_used,
+            humantime::format_duration(round(invocation.duration))
+        );
+        if !invocation.logs.is_empty() || invocation.logs_dropped > 0 {
+            println!("  log");
+            for line in &invocation.logs {
+                println!("    {:<6} {}", line.level, line.message);
+            }
+            if invocation.logs_dropped > 0 {
+                println!(
+                    "    ({} lines over the log budget dropped)",
+                    invocation.logs_dropped
+                );
+            }
+        }
+        for event in &invocation.published {
+            println!("  published {} {}", event.event_type, event.payload);
+        }
+    }
+}
+
+fn round(duration: Duration) -> Duration {
+    if duration > Duration::from_millis(10) {
+        Duration::from_millis(duration.as_millis() as u64)
+    } else {
+        Duration::from_micros(duration.as_micros() as u64)
+    }
+}
+
+pub async fn check_command(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let bytes = read_component(&args.wasm)?;
+    let engine = engine(args.cache_dir)?;
+    let report = match check(&engine, &bytes).await {
+        Ok(report) => report,
+        Err(error @ (WasmError::NotWasm | WasmError::NotComponent | WasmError::Compile(_))) => {
+            eprintln!("{}: {error}", args.wasm.display());
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(error) => return Err(error.into()),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_check(&args.wasm, &report);
+    }
+    Ok(if report.compatible {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_check(path: &std::path::Path, report: &CheckReport) {
+    println!("{} ({} bytes)", path.display(), report.size);
+    println!("exports");
+    for export in &report.exports {
+        println!("  {export}");
+    }
+    println!("imports");
+    for import in &report.imports {
+        println!(
+            "  {} {}  — {}",
+            if import.satisfied {
+                "ok     "
+            } else {
+                "MISSING"
+            },
+            import.name,
+            import.note
+        );
+    }
+    match &report.default_patterns {
+        Some(patterns) => println!("default patterns: {}", patterns.join(", ")),
+        None => println!("default patterns: none (the manifest must give `patterns`)"),
+    }
+    if report.compatible {
+        println!("compatible: yes");
+    } else {
+        println!("compatible: no");
+        for problem in &report.problems {
+            println!("  - {problem}");
+        }
+    }
+}

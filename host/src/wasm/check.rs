@@ -1,0 +1,242 @@
+//! `eventbroker check`: what a component exports and imports, which imports the host
+//! satisfies, and — in plain words — what to do about the ones it does not.
+
+use serde::Serialize;
+
+use super::WasmError;
+use super::engine::WasmEngine;
+
+/// Interfaces the host links, as `namespace:package/interface` with the major.minor version
+/// they are provided at (WASI 0.2.x is matched semver-compatibly).
+const PROVIDED: &[(&str, &str)] = &[
+    ("wasi:cli/environment", "0.2"),
+    ("wasi:cli/exit", "0.2"),
+    ("wasi:cli/stdin", "0.2"),
+    ("wasi:cli/stdout", "0.2"),
+    ("wasi:cli/stderr", "0.2"),
+    ("wasi:cli/terminal-input", "0.2"),
+    ("wasi:cli/terminal-output", "0.2"),
+    ("wasi:cli/terminal-stdin", "0.2"),
+    ("wasi:cli/terminal-stdout", "0.2"),
+    ("wasi:cli/terminal-stderr", "0.2"),
+    ("wasi:clocks/monotonic-clock", "0.2"),
+    ("wasi:clocks/wall-clock", "0.2"),
+    ("wasi:filesystem/types", "0.2"),
+    ("wasi:filesystem/preopens", "0.2"),
+    ("wasi:io/error", "0.2"),
+    ("wasi:io/poll", "0.2"),
+    ("wasi:io/streams", "0.2"),
+    ("wasi:random/random", "0.2"),
+    ("wasi:random/insecure", "0.2"),
+    ("wasi:random/insecure-seed", "0.2"),
+    ("wasi:sockets/network", "0.2"),
+    ("wasi:sockets/instance-network", "0.2"),
+    ("wasi:sockets/ip-name-lookup", "0.2"),
+    ("wasi:sockets/tcp", "0.2"),
+    ("wasi:sockets/tcp-create-socket", "0.2"),
+    ("wasi:sockets/udp", "0.2"),
+    ("wasi:sockets/udp-create-socket", "0.2"),
+    ("resolvespec:eventbroker/types", "0.1"),
+    ("resolvespec:eventbroker/host", "0.1"),
+];
+
+/// What the host does with one import.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportStatus {
+    /// The import's name, e.g. `wasi:io/streams@0.2.0`.
+    pub name: String,
+    /// Whether the host links it.
+    pub satisfied: bool,
+    /// Plain-words note: what it gives the guest here, or what to do when it is missing.
+    pub note: String,
+}
+
+/// The result of checking a component.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    /// Size in bytes.
+    pub size: usize,
+    /// Export names.
+    pub exports: Vec<String>,
+    /// Imports and their status.
+    pub imports: Vec<ImportStatus>,
+    /// Default patterns from the `subscriptions` export, if it has one.
+    pub default_patterns: Option<Vec<String>>,
+    /// Whether the component can run as a handler here.
+    pub compatible: bool,
+    /// Why not, when it cannot.
+    pub problems: Vec<String>,
+}
+
+fn split_name(name: &str) -> (&str, Option<&str>) {
+    match name.split_once('@') {
+        Some((base, version)) => (base, Some(version)),
+        None => (name, None),
+    }
+}
+
+fn provided(name: &str) -> bool {
+    let (base, version) = split_name(name);
+    PROVIDED.iter().any(|(known, major_minor)| {
+        *known == base
+            && version
+                .is_some_and(|v| v == *major_minor || v.starts_with(&format!("{major_minor}.")))
+    })
+}
+
+/// A plain-words note about an import.
+fn note_for(name: &str, satisfied: bool) -> String {
+    let (base, _) = split_name(name);
+    if satisfied {
+        return match base {
+            b if b.starts_with("wasi:sockets/") => {
+                "linked, but every network use is denied at run time".into()
+            }
+            b if b.starts_with("wasi:filesystem/") => {
+                "linked, but no directory is opened to the guest".into()
+            }
+            "wasi:cli/environment" => "linked; the environment and arguments are empty".into(),
+            "wasi:cli/stdout" | "wasi:cli/stderr" => {
+                "captured into the invocation's log (capped)".into()
+            }
+            "wasi:cli/stdin" => "linked; stdin is empty".into(),
+            "resolvespec:eventbroker/host" => "log, publish and config".into(),
+            _ => "provided".into(),
+        };
+    }
+    if base.starts_with("wasi:http/") {
+        return "needs wasi:http (outgoing HTTP requests), which the host does not link. \
+                Handlers cannot make network calls: publish a derived event instead and let a \
+                service act on it. For JavaScript, build with componentize-js's \
+                `disableFeatures: ['http']` (and without `fetch`); for Python, do not import \
+                the `wit_world.imports` http bindings or `urllib`/`http` wrappers from \
+                componentize-py's poll_loop."
+            .into();
+    }
+    if base.starts_with("wasi:") {
+        let (_, version) = split_name(name);
+        if version.is_some_and(|v| !v.starts_with("0.2")) {
+            return format!(
+                "the host provides WASI 0.2.x; this import asks for version {}. Rebuild with a \
+                 toolchain that targets WASI 0.2 (wasm32-wasip2)",
+                version.unwrap_or("?")
+            );
+        }
+        return "not provided by the host; rebuild without the feature that needs it".into();
+    }
+    if base.starts_with("resolvespec:eventbroker/") {
+        return "not part of resolvespec:eventbroker@0.1 as this host knows it; regenerate the \
+                bindings from the wit/ directory of this host"
+            .into();
+    }
+    "not provided by the host; a handler may only import WASI 0.2 and resolvespec:eventbroker/host"
+        .into()
+}
+
+/// Adds a plain-words explanation to a link error from wasmtime.
+pub fn explain_link_error(message: &str) -> String {
+    let missing = message
+        .split(|c: char| c == '`' || c == '"' || c.is_whitespace())
+        .find(|word| word.contains(':') && word.contains('/'));
+    match missing {
+        Some(name) => format!(
+            "{message} — {}",
+            note_for(name.trim_end_matches(','), false)
+        ),
+        None => message.to_owned(),
+    }
+}
+
+/// Checks a component against the handler world and the host's imports.
+///
+/// # Errors
+/// [`WasmError::NotWasm`], [`WasmError::NotComponent`] or [`WasmError::Compile`]; problems with
+/// imports and exports are reported in the [`CheckReport`] instead.
+pub async fn check(engine: &WasmEngine, bytes: &[u8]) -> Result<CheckReport, WasmError> {
+    let (component, _) = engine.compile(bytes)?;
+    let ty = component.component_type();
+    let exports: Vec<String> = ty
+        .exports(engine.engine())
+        .map(|(name, _)| name.to_owned())
+        .collect();
+    let imports: Vec<ImportStatus> = ty
+        .imports(engine.engine())
+        .map(|(name, _)| {
+            let satisfied = provided(name);
+            ImportStatus {
+                name: name.to_owned(),
+                satisfied,
+                note: note_for(name, satisfied),
+            }
+        })
+        .collect();
+    let mut problems: Vec<String> = imports
+        .iter()
+        .filter(|i| !i.satisfied)
+        .map(|i| format!("import {}: {}", i.name, i.note))
+        .collect();
+    let mut default_patterns = None;
+    if problems.is_empty() {
+        let spec = super::manifest::Manifest {
+            patterns: Some(vec!["*".into()]),
+            ..Default::default()
+        }
+        .resolve(
+            "check",
+            &crate::config::HandlerDefaults::default(),
+            &crate::config::RetryPolicy::default(),
+            &crate::config::PoolConfig::default(),
+        )?;
+        match super::component::CompiledHandler::load(engine, bytes, spec, Default::default()).await
+        {
+            Ok(loaded) => default_patterns = loaded.info().default_patterns,
+            Err(error) => problems.push(error.to_string()),
+        }
+    }
+    if !exports
+        .iter()
+        .any(|e| e.starts_with("resolvespec:eventbroker/handler@0.1"))
+        && !problems.iter().any(|p| p.contains("handler world"))
+    {
+        problems.push(
+            "export resolvespec:eventbroker/handler@0.1.0 is missing: the component must \
+             target world `event-handler` or `handler-only` of wit/eventbroker.wit"
+                .into(),
+        );
+    }
+    Ok(CheckReport {
+        size: bytes.len(),
+        exports,
+        compatible: problems.is_empty(),
+        imports,
+        default_patterns,
+        problems,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provided_imports_match_semver_compatibly() {
+        assert!(provided("wasi:io/streams@0.2.0"));
+        assert!(provided("wasi:io/streams@0.2.6"));
+        assert!(provided("resolvespec:eventbroker/host@0.1.0"));
+        assert!(!provided("wasi:io/streams@0.3.0"));
+        assert!(!provided("wasi:http/outgoing-handler@0.2.0"));
+        assert!(!provided("wasi:io/streams"));
+    }
+
+    #[test]
+    fn notes_explain_missing_imports() {
+        assert!(note_for("wasi:http/types@0.2.0", false).contains("disableFeatures"));
+        assert!(note_for("wasi:io/streams@0.3.0", false).contains("WASI 0.2"));
+        assert!(note_for("acme:db/query@1.0.0", false).contains("may only import"));
+        assert!(note_for("wasi:sockets/tcp@0.2.0", true).contains("denied"));
+        let explained = explain_link_error(
+            "component imports instance `wasi:http/types@0.2.0`, but a matching implementation was not found in the linker",
+        );
+        assert!(explained.contains("does not link"), "{explained}");
+    }
+}

@@ -1,0 +1,56 @@
+//! WebAssembly handlers: the engine (pooling allocator, fuel, epoch deadlines, memory
+//! limiter), the bindings generated from `wit/`, the host imports, handler manifests, loaded
+//! versions and their invocation, the handler set (name → current version) and its loading
+//! from a directory, component checks, and the local runner behind `eventbroker run`.
+
+mod bindings;
+pub mod check;
+pub mod component;
+pub mod engine;
+pub mod handler;
+pub mod manifest;
+pub mod registry;
+pub mod runner;
+pub mod state;
+
+pub use component::{CompiledHandler, HandlerCounters, Invocation, VersionInfo};
+pub use engine::{WasmEngine, check_component_bytes, version_id};
+pub use handler::WasmHandler;
+pub use manifest::{HandlerSpec, Manifest};
+pub use registry::{HandlerInfo, HandlerSet, Rejection};
+pub use state::LogLine;
+
+/// Errors of the WebAssembly runtime boundary.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WasmError {
+    /// The file is not WebAssembly at all.
+    #[error("not a WebAssembly file (it does not start with the \\0asm magic bytes)")]
+    NotWasm,
+    /// A core module was given where a component is needed.
+    #[error(
+        "this is a core WebAssembly module, not a component; build for the wasm32-wasip2 target \
+         (cargo build --target wasm32-wasip2) or wrap it with `wasm-tools component new`"
+    )]
+    NotComponent,
+    /// Compilation failed.
+    #[error("component does not compile: {0}")]
+    Compile(String),
+    /// The component imports something the host does not provide.
+    #[error("component cannot be linked: {0}")]
+    Link(String),
+    /// The component does not export what a handler must.
+    #[error("component does not fit the handler world: {0}")]
+    Exports(String),
+    /// The manifest is invalid.
+    #[error("invalid manifest: {0}")]
+    Manifest(String),
+    /// The engine could not be set up.
+    #[error("wasm engine error: {0}")]
+    Engine(String),
+    /// Reading or writing handler files failed.
+    #[error("{0}")]
+    Io(String),
+    /// No handler with this name.
+    #[error("no handler named {0:?}")]
+    NotFound(String),
+}
