@@ -118,4 +118,4 @@ ensure_rust() {
 ensure_python() { ensure_venv; }
 ensure_javascript() { ensure_node; }
 ensure_c() { ensure_clang; ensure_venv; ensure_wit_bindgen; ensure_adapter; }
-ensure_go() { ensure_venv; ensure_wit_bindgen; ensure_adapter; }
+ensure_go() { ensure_venv; ensure_adapter; }
