@@ -670,6 +670,8 @@ pub enum ConfigError {
 }
 
 #[cfg(test)]
+// figment's `Jail` closures must return its large error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;

@@ -158,6 +158,9 @@ pub enum FailureKind {
     Trap,
     /// The host could not run the handler (instantiation failed, handler removed, …).
     Host,
+    /// The handler was at its concurrency limit: the event is deferred for this handler and
+    /// retried later without counting an attempt.
+    Busy,
 }
 
 impl FailureKind {
@@ -172,6 +175,7 @@ impl FailureKind {
             FailureKind::MemoryLimit => "memory_limit",
             FailureKind::Trap => "trap",
             FailureKind::Host => "host",
+            FailureKind::Busy => "busy",
         }
     }
 
@@ -183,7 +187,7 @@ impl FailureKind {
     pub fn retryable_by_default(self) -> bool {
         matches!(
             self,
-            FailureKind::Retry | FailureKind::Timeout | FailureKind::Host
+            FailureKind::Retry | FailureKind::Timeout | FailureKind::Host | FailureKind::Busy
         )
     }
 }

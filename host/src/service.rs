@@ -13,11 +13,13 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{Broker, BrokerError, StopReport};
 use crate::config::Config;
 use crate::server::{self, AppState, RouterLimits};
+use crate::wasm::{HandlerSet, WasmEngine, WasmError};
 
 /// A running host.
 pub struct Service {
     addr: SocketAddr,
     broker: Broker,
+    handlers: HandlerSet,
     state: AppState,
     http_shutdown: CancellationToken,
     http: JoinHandle<std::io::Result<()>>,
@@ -31,6 +33,18 @@ impl Service {
     /// [`ServiceError`] saying which part failed to start.
     pub async fn start(config: Config) -> Result<Service, ServiceError> {
         let broker = Broker::from_config(config.event_broker.clone()).await?;
+        let engine = WasmEngine::new(&config.handlers.pool, Some(config.handlers.cache_dir()))?;
+        let handlers = HandlerSet::new(engine, broker.clone(), config.handlers.clone());
+        // Handlers subscribe before the pool starts, so that a backlog waiting in a durable
+        // provider is not processed before its handlers exist.
+        let report = handlers.load_dir().await;
+        if !report.failed.is_empty() {
+            tracing::warn!(
+                loaded = report.loaded.len(),
+                failed = report.failed.len(),
+                "some handlers could not be loaded; see the errors above and GET /v1/handlers"
+            );
+        }
         broker.start().await?;
         let listener = TcpListener::bind(&config.server.listen)
             .await
@@ -60,6 +74,7 @@ impl Service {
         Ok(Service {
             addr,
             broker,
+            handlers,
             state,
             http_shutdown,
             http,
@@ -74,6 +89,11 @@ impl Service {
     /// The broker.
     pub fn broker(&self) -> &Broker {
         &self.broker
+    }
+
+    /// The WebAssembly handlers.
+    pub fn handlers(&self) -> &HandlerSet {
+        &self.handlers
     }
 
     /// Graceful shutdown: publishing endpoints answer 503 at once, the broker drains within
@@ -136,4 +156,7 @@ pub enum ServiceError {
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Http(#[source] std::io::Error),
+    /// The WebAssembly engine could not be set up.
+    #[error(transparent)]
+    Wasm(#[from] WasmError),
 }

@@ -818,7 +818,7 @@ async fn ten_thousand_concurrent_publishes_are_each_processed_exactly_once() {
     }
     let report = broker.stop_within(PATIENCE).await.unwrap();
     assert!(report.drained, "{report:?}");
-    let seen = seen.lock().unwrap();
+    let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), EVENTS);
     assert!(seen.values().all(|&n| n == 1), "each handled exactly once");
     for id in &ids {

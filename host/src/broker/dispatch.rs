@@ -121,6 +121,18 @@ async fn invoke(
                 .fetch_add(1, Ordering::Relaxed);
             (OutcomeState::Succeeded, None)
         }
+        Err(failure) if failure.kind == FailureKind::Busy => {
+            // Deferred, not attempted: retried later without spending the retry budget.
+            tracing::debug!(handler = %subscription.name, event_id = %event.id, "handler busy; event deferred");
+            return HandlerOutcome {
+                handler: subscription.name.clone(),
+                version: ctx.version(),
+                state: OutcomeState::Retrying,
+                attempts: attempt - 1,
+                last_error: Some(failure),
+                finished_at: Utc::now(),
+            };
+        }
         Err(failure) => {
             subscription.counters.failed.fetch_add(1, Ordering::Relaxed);
             let retries_left = attempt <= subscription.retry.max_retries;

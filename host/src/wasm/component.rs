@@ -26,6 +26,13 @@ use crate::pattern::Pattern;
 const PATTERNS_FUEL: u64 = 10_000_000;
 /// Deadline of a component's `patterns()` export when it is loaded.
 const PATTERNS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long past its deadline a guest blocked in a host call (where epoch interruption cannot
+/// reach it) is given before its invocation is abandoned.
+const HOST_CALL_GRACE: Duration = Duration::from_millis(100);
+/// How long an invocation waits for one of the handler's concurrency slots before the event
+/// is deferred (retried later for this handler, without counting an attempt). Keeps a
+/// saturated or misbehaving handler from tying up the broker's workers.
+const QUEUE_WAIT: Duration = Duration::from_millis(100);
 /// Log lines kept in a failure record.
 const FAILURE_LOG_TAIL: usize = 10;
 
@@ -66,7 +73,7 @@ pub struct HandlerCounters {
 }
 
 /// Outcome names, in counter order: `ok` then the failure kinds a guest can produce.
-pub const OUTCOMES: [&str; 8] = [
+pub const OUTCOMES: [&str; 9] = [
     "ok",
     "retry",
     "fail",
@@ -74,6 +81,7 @@ pub const OUTCOMES: [&str; 8] = [
     "out_of_fuel",
     "memory_limit",
     "trap",
+    "busy",
     "host",
 ];
 
@@ -106,6 +114,19 @@ pub struct Invocation {
     /// Wall-clock time of instantiation plus the call.
     #[serde(with = "humantime_serde")]
     pub duration: Duration,
+}
+
+impl Invocation {
+    fn refused(failure: Failure, started: Instant) -> Self {
+        Invocation {
+            result: Err(failure),
+            logs: Vec::new(),
+            logs_dropped: 0,
+            published: Vec::new(),
+            fuel_used: 0,
+            duration: started.elapsed(),
+        }
+    }
 }
 
 fn serialize_result<S: serde::Serializer>(
@@ -264,20 +285,30 @@ impl CompiledHandler {
     /// trap (with the trap message and backtrace), or host (the slot was closed).
     pub async fn invoke(&self, event: &Event, attempt: u32, publisher: Publisher) -> Invocation {
         let started = Instant::now();
-        let _permit = match self.permits.clone().acquire_owned().await {
-            Ok(permit) => permit,
-            Err(_) => {
-                return Invocation {
-                    result: Err(Failure::new(
+        let permit = tokio::time::timeout(QUEUE_WAIT, self.permits.clone().acquire_owned()).await;
+        let _permit = match permit {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => {
+                return self.record(Invocation::refused(
+                    Failure::new(
                         FailureKind::Host,
                         "handler version was removed before it could run",
-                    )),
-                    logs: Vec::new(),
-                    logs_dropped: 0,
-                    published: Vec::new(),
-                    fuel_used: 0,
-                    duration: started.elapsed(),
-                };
+                    ),
+                    started,
+                ));
+            }
+            Err(_) => {
+                return self.record(Invocation::refused(
+                    Failure::new(
+                        FailureKind::Busy,
+                        format!(
+                            "all {} instances busy for {}; deferred",
+                            self.spec.concurrency,
+                            humantime::format_duration(QUEUE_WAIT)
+                        ),
+                    ),
+                    started,
+                ));
             }
         };
         let deadline = Instant::now() + self.spec.timeout;
@@ -317,7 +348,11 @@ impl CompiledHandler {
             let guest = self.indices.load(&mut store, &instance)?;
             guest.call_handle(&mut store, &wit_event, &context).await
         };
-        let outcome = call.await;
+        // The epoch deadline stops guest code; this also stops a guest blocked in a host call.
+        let outcome = match tokio::time::timeout_at(deadline + HOST_CALL_GRACE, call).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(wasmtime::Error::from(Trap::Interrupt)),
+        };
         let fuel_used = self.spec.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
         let memory_exceeded = store.data().memory_exceeded;
         let (logs, logs_dropped, published) = store.data_mut().finish();
@@ -379,9 +414,11 @@ impl CompiledHandler {
         let mut store = Store::new(self.engine.engine(), HostState::new(self.settings.clone()));
         store.limiter(|state| state);
         arm(&mut store, self.spec.fuel, deadline);
-        match self.pre.instantiate_async(&mut store).await {
-            Ok(instance) => Ok((store, instance)),
-            Err(error) => Err((Some(store), error)),
+        let instantiate = self.pre.instantiate_async(&mut store);
+        match tokio::time::timeout_at(deadline + HOST_CALL_GRACE, instantiate).await {
+            Ok(Ok(instance)) => Ok((store, instance)),
+            Ok(Err(error)) => Err((Some(store), error)),
+            Err(_) => Err((Some(store), wasmtime::Error::from(Trap::Interrupt))),
         }
     }
 
@@ -450,7 +487,12 @@ fn arm(store: &mut Store<HostState>, fuel: u64, deadline: Instant) {
         if Instant::now() >= deadline {
             Ok(UpdateDeadline::Interrupt)
         } else {
-            Ok(UpdateDeadline::Yield(1))
+            // tokio's own yield puts the task at the back of the run queue; a plain wake would
+            // re-poll it at once and starve everything else on this worker thread.
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
         }
     });
 }

@@ -89,8 +89,10 @@ impl WasmEngine {
     pub fn compile(&self, bytes: &[u8]) -> Result<(Component, CompileSource), WasmError> {
         check_component_bytes(bytes)?;
         let cached = self.cache_path(bytes);
-        if let Some(path) = &cached {
-            if path.exists() {
+        if let Some(path) = &cached
+            && path.exists()
+        {
+            {
                 // SAFETY: the cache directory is written only by this host (serialized
                 // artifacts of our own compilations, written atomically); its entries are
                 // keyed by content hash and engine compatibility hash.
@@ -104,10 +106,10 @@ impl WasmEngine {
         }
         let component = Component::new(&self.inner.engine, bytes)
             .map_err(|e| WasmError::Compile(format!("{e:#}")))?;
-        if let Some(path) = cached {
-            if let Err(error) = write_cache(&component, &path) {
-                tracing::warn!(path = %path.display(), %error, "could not write the compiled-component cache");
-            }
+        if let Some(path) = cached
+            && let Err(error) = write_cache(&component, &path)
+        {
+            tracing::warn!(path = %path.display(), %error, "could not write the compiled-component cache");
         }
         Ok((component, CompileSource::Compiled))
     }

@@ -226,6 +226,7 @@ impl HandlerSet {
                     reject(entry, name, &error, Some(version.version().to_owned()));
                     return Err(error);
                 }
+                entry.counters = version.counters().clone();
                 entry.current = Some(version);
                 entry.loads += 1;
                 Ok(info(name, entry))
@@ -253,12 +254,12 @@ impl HandlerSet {
             Some(text) => Manifest::parse(text).map_err(fail)?,
             None => Manifest::default(),
         };
-        if let Some(declared) = &manifest.name {
-            if declared != name {
-                return Err(fail(WasmError::Manifest(format!(
-                    "manifest names the handler {declared:?} but it is deployed as {name:?}; make them equal or drop `name` from the manifest"
-                ))));
-            }
+        if let Some(declared) = &manifest.name
+            && declared != name
+        {
+            return Err(fail(WasmError::Manifest(format!(
+                "manifest names the handler {declared:?} but it is deployed as {name:?}; make them equal or drop `name` from the manifest"
+            ))));
         }
         let spec = manifest
             .resolve(
@@ -276,10 +277,11 @@ impl HandlerSet {
                 entry.map(|e| e.counters.clone()).unwrap_or_default(),
             )
         };
-        if let Some(current) = &current {
-            if current.version() == version && *current.spec() == spec {
-                return Ok(None);
-            }
+        if let Some(current) = &current
+            && current.version() == version
+            && *current.spec() == spec
+        {
+            return Ok(None);
         }
         let engine = self.inner.engine.clone();
         let runtime = tokio::runtime::Handle::current();
