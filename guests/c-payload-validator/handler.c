@@ -190,9 +190,11 @@ bool exports_resolvespec_eventbroker_handler_handle(exports_resolvespec_eventbro
   return ok;
 }
 
+// Not `shop.orders.*`: that would also match the derived `shop.orders.validated` events.
 void exports_resolvespec_eventbroker_subscriptions_patterns(event_handler_list_string_t *ret) {
-  ret->len = 1;
-  ret->ptr = malloc(sizeof(string_t));
+  static const char *const patterns[] = {"shop.orders.create", "shop.orders.update"};
+  ret->len = sizeof patterns / sizeof patterns[0];
+  ret->ptr = malloc(ret->len * sizeof(string_t));
   if (!ret->ptr) abort();
-  event_handler_string_dup(&ret->ptr[0], "shop.orders.*");
+  for (size_t i = 0; i < ret->len; i++) event_handler_string_dup(&ret->ptr[i], patterns[i]);
 }

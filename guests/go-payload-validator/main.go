@@ -33,7 +33,9 @@ func init() { eventbroker.Register(payloadValidator{}) }
 // main is not called: the component is a reactor whose exports the host calls.
 func main() {}
 
-func (payloadValidator) Patterns() []string { return []string{"shop.orders.*"} }
+func (payloadValidator) Patterns() []string {
+	return []string{"shop.orders.create", "shop.orders.update"}
+}
 
 func (payloadValidator) Handle(event eventbroker.Event, context eventbroker.Context) error {
 	payload, ok := parseObject(event.Payload)

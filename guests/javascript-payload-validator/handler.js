@@ -94,6 +94,6 @@ export const handler = {
 
 export const subscriptions = {
   patterns() {
-    return ['shop.orders.*'];
+    return ['shop.orders.create', 'shop.orders.update'];
   },
 };

@@ -101,4 +101,4 @@ class Handler(exports.Handler):
 
 class Subscriptions(exports.Subscriptions):
     def patterns(self) -> list[str]:
-        return ["shop.orders.*"]
+        return ["shop.orders.create", "shop.orders.update"]

@@ -97,7 +97,10 @@ fn integer(value: &Value) -> Option<i64> {
 
 impl Subscriptions for PayloadValidator {
     fn patterns() -> Vec<String> {
-        vec!["shop.orders.*".to_owned()]
+        vec![
+            "shop.orders.create".to_owned(),
+            "shop.orders.update".to_owned(),
+        ]
     }
 }
 
