@@ -4,7 +4,7 @@
 # already at its pinned version is left alone, so a second run takes a second or two.
 #
 # Versions and install steps: toolchains/lib.sh and toolchains/requirements.txt.
-# Tools go to $EVENTBROKER_TOOLCHAINS (default ~/.cache/eventbroker/toolchains); clang,
+# Tools go to $EVENTBROKER_TOOLCHAINS (default ~/.cache/eventbroker-toolchains); clang,
 # lld and wasi-libc come from Debian's packages (apt-get, needs root or sudo).
 set -euo pipefail
 source "$(dirname "$0")/toolchains/lib.sh"

@@ -2,7 +2,7 @@
 #
 # Sourced by ../install-toolchains.sh and by each guest's build.sh. Every `ensure_*` function
 # is idempotent and returns at once when the pinned version is already in place. Tools go to
-# $EVENTBROKER_TOOLCHAINS (default ~/.cache/eventbroker/toolchains), except the C compiler,
+# $EVENTBROKER_TOOLCHAINS (default ~/.cache/eventbroker-toolchains), except the C compiler,
 # which comes from Debian's packages (apt-get, as root).
 #
 # After `ensure_<language>`, these variables name the tools:
@@ -17,7 +17,7 @@ CLANG_VERSION=19
 NODE_MIN_MAJOR=20
 
 TOOLCHAINS_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-TOOLCHAINS=${EVENTBROKER_TOOLCHAINS:-$HOME/.cache/eventbroker/toolchains}
+TOOLCHAINS=${EVENTBROKER_TOOLCHAINS:-$HOME/.cache/eventbroker-toolchains}
 
 toolchain_note() { printf 'toolchains: %s\n' "$*" >&2; }
 
