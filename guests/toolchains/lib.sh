@@ -6,7 +6,7 @@
 # which comes from Debian's packages (apt-get, as root).
 #
 # After `ensure_<language>`, these variables name the tools:
-#   COMPONENTIZE_PY, WASM_TOOLS, GO, WIT_BINDGEN, ADAPTER_REACTOR, CLANG, WASI_SYSROOT, NODE, NPM
+#   COMPONENTIZE_PY, WASM_TOOLS, GO, WIT_BINDGEN, ADAPTER_REACTOR, CLANG, NODE, NPM
 
 # Pinned versions (Python packages are pinned in requirements.txt beside this file; npm
 # packages in each JavaScript guest's package.json and package-lock.json).
@@ -85,7 +85,6 @@ for p in json.load(sys.stdin)["packages"]:
 # clang with the wasm32 backend, lld, wasi-libc and the wasm32 compiler runtime (Debian).
 ensure_clang() {
   CLANG=clang-$CLANG_VERSION
-  WASI_SYSROOT=/usr
   local packages=(clang-$CLANG_VERSION lld-$CLANG_VERSION wasi-libc libclang-rt-$CLANG_VERSION-dev-wasm32)
   local installed
   installed=$(dpkg-query -W -f='${db:Status-Status}\n' "${packages[@]}" 2>/dev/null | grep -cx installed || true)
@@ -93,8 +92,10 @@ ensure_clang() {
   toolchain_note "installing ${packages[*]} with apt-get"
   local sudo=
   [ "$(id -u)" -eq 0 ] || sudo=sudo
-  $sudo apt-get install -y -q "${packages[@]}" >/dev/null ||
-    { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q "${packages[@]}" >/dev/null; }
+  # Without package lists (a fresh machine) the first install fails: update them and retry.
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >/dev/null 2>&1 ||
+    { $sudo apt-get update -q >/dev/null &&
+      $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >/dev/null; }
 }
 
 # Node.js and npm for componentize-js (the machine's own).
