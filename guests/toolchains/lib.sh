@@ -21,14 +21,16 @@ TOOLCHAINS=${EVENTBROKER_TOOLCHAINS:-$HOME/.cache/eventbroker-toolchains}
 
 toolchain_note() { printf 'toolchains: %s\n' "$*" >&2; }
 
-# A virtualenv with componentize-py, wasm-tools and Go, reinstalled when requirements change.
+# A virtualenv with componentize-py, wasm-tools and Go, (re)installed when requirements.txt
+# changed or the virtualenv no longer works (for instance after it was moved).
 ensure_venv() {
   local venv=$TOOLCHAINS/venv
   local stamp=$venv/.requirements
-  if ! cmp -s "$TOOLCHAINS_LIB_DIR/requirements.txt" "$stamp" 2>/dev/null; then
+  if ! cmp -s "$TOOLCHAINS_LIB_DIR/requirements.txt" "$stamp" 2>/dev/null ||
+    ! "$venv/bin/componentize-py" --version >/dev/null 2>&1; then
     toolchain_note "installing $(grep -Eo '^[a-z-]+==[^ ]+' "$TOOLCHAINS_LIB_DIR/requirements.txt" | tr '\n' ' ')into $venv"
     mkdir -p "$TOOLCHAINS"
-    python3 -m venv "$venv"
+    python3 -m venv --clear "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$TOOLCHAINS_LIB_DIR/requirements.txt"
     cp "$TOOLCHAINS_LIB_DIR/requirements.txt" "$stamp"
   fi
@@ -37,7 +39,7 @@ ensure_venv() {
   GO=$venv/bin/go
 }
 
-# wit-bindgen (C and Go generators only), built from crates.io into the toolchains directory.
+# wit-bindgen (its C generator only), built from crates.io into the toolchains directory.
 ensure_wit_bindgen() {
   WIT_BINDGEN=$TOOLCHAINS/cargo/bin/wit-bindgen
   if [ "$("$WIT_BINDGEN" --version 2>/dev/null | awk '{print $2}')" != "$WIT_BINDGEN_VERSION" ]; then
@@ -45,7 +47,7 @@ ensure_wit_bindgen() {
     # Outside guests/, whose .cargo/config.toml would make cargo build for wasm32-wasip2.
     mkdir -p "$TOOLCHAINS"
     (cd "$TOOLCHAINS" && cargo install --quiet --locked --force --root "$TOOLCHAINS/cargo" \
-        --no-default-features --features c,go "wit-bindgen-cli@$WIT_BINDGEN_VERSION")
+        --no-default-features --features c "wit-bindgen-cli@$WIT_BINDGEN_VERSION")
   fi
 }
 
