@@ -332,15 +332,35 @@ impl Default for DatabaseConfig {
 pub struct ServerConfig {
     /// Address to listen on.
     pub listen: String,
+    /// Bearer token required by the handler-changing endpoints (deploy, remove) and event
+    /// re-runs. When set (or when `publish_token` is), reading events also needs a token.
+    pub admin_token: Option<String>,
+    /// Bearer token required to publish (the admin token works too).
+    pub publish_token: Option<String>,
+    /// Allow listening on a non-loopback address without an admin token.
+    pub allow_unauthenticated: bool,
     /// Largest accepted request body (component uploads excepted).
     pub body_limit: ByteSize,
+    /// Largest accepted component upload (component plus manifest).
+    pub upload_limit: ByteSize,
+    /// Events in one `POST /v1/events/batch`.
+    pub max_batch: usize,
+    /// Interval of keep-alive comments on `GET /v1/stream`.
+    #[serde(with = "humantime_serde")]
+    pub sse_keep_alive: Duration,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: "127.0.0.1:8080".into(),
+            admin_token: None,
+            publish_token: None,
+            allow_unauthenticated: false,
             body_limit: ByteSize::mib(2),
+            upload_limit: ByteSize::mib(64),
+            max_batch: 1000,
+            sse_keep_alive: Duration::from_secs(15),
         }
     }
 }
@@ -358,6 +378,11 @@ pub struct HandlersConfig {
     pub defaults: HandlerDefaults,
     /// Capacity of the instance pool shared by all handlers.
     pub pool: PoolConfig,
+    /// Watch `dir` and apply changes while running (hot reload).
+    pub watch: bool,
+    /// How long a changed file must stay unchanged before it is loaded.
+    #[serde(with = "humantime_serde")]
+    pub debounce: Duration,
 }
 
 impl Default for HandlersConfig {
@@ -367,6 +392,8 @@ impl Default for HandlersConfig {
             cache_dir: None,
             defaults: HandlerDefaults::default(),
             pool: PoolConfig::default(),
+            watch: true,
+            debounce: Duration::from_millis(500),
         }
     }
 }

@@ -357,6 +357,9 @@ pub struct EventDraft {
     /// Metadata object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Map<String, Value>>,
+    /// When the event happened (default: when it is accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<DateTime<Utc>>,
 }
 
 impl EventDraft {
@@ -387,6 +390,9 @@ impl EventDraft {
         event.entity = self.entity.unwrap_or_default();
         event.operation = self.operation.unwrap_or_default();
         event.metadata = self.metadata.unwrap_or_default();
+        if let Some(created_at) = self.created_at {
+            event.created_at = created_at;
+        }
         event
     }
 }

@@ -15,7 +15,9 @@
 //! - [`server`]: the HTTP API.
 //! - [`service`]: [`service::run`], the whole host as a library call (used by the binary and
 //!   the end-to-end tests).
+//! - [`metrics`]: Prometheus metrics.
 //! - [`telemetry`]: tracing setup.
+//! - [`wasm`]: WebAssembly handlers: engine, sandbox, handler set, `run` and `check`.
 //!
 //! ## How an event flows
 //! `publish` (HTTP, CLI, library) → [`Event::validate`] → [`Provider::publish`] → the
@@ -28,6 +30,7 @@ pub mod broker;
 pub mod config;
 pub mod event;
 mod global;
+pub mod metrics;
 pub mod pattern;
 pub mod provider;
 pub mod server;

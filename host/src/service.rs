@@ -1,4 +1,5 @@
-//! The whole host as a library call: provider, broker, HTTP server and shutdown.
+//! The whole host as a library call: provider, broker, WebAssembly handlers (loaded and
+//! watched), the HTTP server, and graceful shutdown.
 //!
 //! [`run`] is what `eventbroker serve` calls; tests call [`Service::start`] to get the bound
 //! address and a handle, then [`Service::stop`].
@@ -12,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, BrokerError, StopReport};
 use crate::config::Config;
-use crate::server::{self, AppState, RouterLimits};
+use crate::server::{self, AppState, RouterLimits, Tokens};
+use crate::wasm::watch::{Watcher, watch};
 use crate::wasm::{HandlerSet, WasmEngine, WasmError};
 
 /// A running host.
@@ -21,31 +23,28 @@ pub struct Service {
     broker: Broker,
     handlers: HandlerSet,
     state: AppState,
+    watcher: Option<Watcher>,
     http_shutdown: CancellationToken,
     http: JoinHandle<std::io::Result<()>>,
 }
 
+/// Refuses a non-loopback listen address without an admin token, unless explicitly allowed.
+fn check_exposure(config: &Config, addr: SocketAddr) -> Result<(), ServiceError> {
+    let server = &config.server;
+    if addr.ip().is_loopback() || server.admin_token.is_some() || server.allow_unauthenticated {
+        return Ok(());
+    }
+    Err(ServiceError::Insecure(addr))
+}
+
 impl Service {
-    /// Builds the provider and broker from `config`, starts them, and serves HTTP on
+    /// Builds the provider and broker from `config`, loads the handlers directory, starts the
+    /// broker, watches the directory (unless `handlers.watch` is off), and serves HTTP on
     /// `config.server.listen` (port 0 picks a free port; see [`Service::local_addr`]).
     ///
     /// # Errors
     /// [`ServiceError`] saying which part failed to start.
     pub async fn start(config: Config) -> Result<Service, ServiceError> {
-        let broker = Broker::from_config(config.event_broker.clone()).await?;
-        let engine = WasmEngine::new(&config.handlers.pool, Some(config.handlers.cache_dir()))?;
-        let handlers = HandlerSet::new(engine, broker.clone(), config.handlers.clone());
-        // Handlers subscribe before the pool starts, so that a backlog waiting in a durable
-        // provider is not processed before its handlers exist.
-        let report = handlers.load_dir().await;
-        if !report.failed.is_empty() {
-            tracing::warn!(
-                loaded = report.loaded.len(),
-                failed = report.failed.len(),
-                "some handlers could not be loaded; see the errors above and GET /v1/handlers"
-            );
-        }
-        broker.start().await?;
         let listener = TcpListener::bind(&config.server.listen)
             .await
             .map_err(|source| ServiceError::Bind {
@@ -56,13 +55,42 @@ impl Service {
             addr: config.server.listen.clone(),
             source,
         })?;
-        let state = AppState::new(broker.clone());
-        let app = server::router(
-            state.clone(),
+        check_exposure(&config, addr)?;
+        let broker = Broker::from_config(config.event_broker.clone()).await?;
+        let engine = WasmEngine::new(&config.handlers.pool, Some(config.handlers.cache_dir()))?;
+        let handlers = HandlerSet::new(engine, broker.clone(), config.handlers.clone());
+        let state = AppState::new(
+            broker.clone(),
+            Some(handlers.clone()),
             RouterLimits {
                 body_limit: config.server.body_limit.as_u64() as usize,
+                upload_limit: config.server.upload_limit.as_u64() as usize,
+                max_batch: config.server.max_batch,
+                sse_keep_alive: config.server.sse_keep_alive,
+            },
+            Tokens {
+                admin: config.server.admin_token.clone(),
+                publish: config.server.publish_token.clone(),
             },
         );
+        // Handlers subscribe before the pool starts, so that a backlog waiting in a durable
+        // provider is not processed before its handlers exist.
+        let report = handlers.load_dir().await;
+        if !report.failed.is_empty() {
+            tracing::warn!(
+                loaded = report.loaded.len(),
+                failed = report.failed.len(),
+                "some handlers could not be loaded; see the errors above and GET /v1/handlers"
+            );
+        }
+        state.set_handlers_loaded();
+        broker.start().await?;
+        let watcher = if config.handlers.watch {
+            Some(watch(handlers.clone(), config.handlers.debounce)?)
+        } else {
+            None
+        };
+        let app = server::router(state.clone());
         let http_shutdown = CancellationToken::new();
         let graceful = http_shutdown.clone();
         let http = tokio::spawn(async move {
@@ -76,6 +104,7 @@ impl Service {
             broker,
             handlers,
             state,
+            watcher,
             http_shutdown,
             http,
         })
@@ -96,13 +125,15 @@ impl Service {
         &self.handlers
     }
 
-    /// Graceful shutdown: publishing endpoints answer 503 at once, the broker drains within
-    /// `shutdown_timeout`, then the HTTP server finishes open requests and stops.
+    /// Graceful shutdown: publish and admin endpoints answer 503 at once, the directory watch
+    /// stops, the broker drains within `shutdown_timeout` (what is left stays pending for
+    /// redelivery on durable providers), then the HTTP server finishes open requests and stops.
     ///
     /// # Errors
     /// [`ServiceError`] if the broker or server failed while stopping.
-    pub async fn stop(self) -> Result<StopReport, ServiceError> {
+    pub async fn stop(mut self) -> Result<StopReport, ServiceError> {
         self.state.stop_accepting();
+        self.watcher.take();
         let report = self.broker.stop().await?;
         self.http_shutdown.cancel();
         match self.http.await {
@@ -132,7 +163,9 @@ pub async fn run(
         tracing::warn!(
             released = report.released,
             unfinished = report.unfinished,
-            "shutdown deadline reached; unfinished events stay pending for redelivery on durable providers"
+            "shutdown deadline reached; {} deliveries given back and {} accepted events unfinished (they stay pending for redelivery on durable providers)",
+            report.released,
+            report.unfinished
         );
     }
     Ok(report)
@@ -153,6 +186,13 @@ pub enum ServiceError {
         #[source]
         source: std::io::Error,
     },
+    /// A non-loopback address without an admin token.
+    #[error(
+        "refusing to listen on {0} without server.admin_token: anyone who can reach it could deploy code. \
+         Set server.admin_token (EVENTBROKER_SERVER__ADMIN_TOKEN), listen on 127.0.0.1, or set \
+         server.allow_unauthenticated: true if a proxy in front of the host authenticates"
+    )]
+    Insecure(SocketAddr),
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Http(#[source] std::io::Error),

@@ -81,14 +81,50 @@ impl TestHost {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Deploys a component (and manifest) over `PUT /v1/handlers/{name}` as multipart.
+    pub async fn deploy(
+        &self,
+        name: &str,
+        component: Vec<u8>,
+        manifest: Option<&str>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let mut form = reqwest::multipart::Form::new().part(
+            "component",
+            reqwest::multipart::Part::bytes(component).file_name(format!("{name}.wasm")),
+        );
+        if let Some(manifest) = manifest {
+            form = form.text("manifest", manifest.to_owned());
+        }
+        let mut request = self
+            .http
+            .put(format!("{}/v1/handlers/{name}", self.url))
+            .multipart(form);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     /// Waits until event `id` is `completed` or `failed` and returns it.
     pub async fn finished(&self, id: &str) -> Value {
-        crate::wait_for(&format!("event {id} to finish"), || async {
+        let deadline = tokio::time::Instant::now() + crate::PATIENCE;
+        loop {
             let (status, event) = self.get(&format!("/v1/events/{id}")).await;
-            (status == 200 && matches!(event["status"].as_str(), Some("completed" | "failed")))
-                .then_some(event)
-        })
-        .await
+            if status == 200 && matches!(event["status"].as_str(), Some("completed" | "failed")) {
+                return event;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let (_, stats) = self.get("/v1/stats").await;
+                panic!(
+                    "event {id} did not finish within {:?}; last seen: {event:#}\nbroker stats: {stats:#}",
+                    crate::PATIENCE
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// Stops the host gracefully.

@@ -101,7 +101,12 @@ async fn invoke(
         .counters
         .invocations
         .fetch_add(1, Ordering::Relaxed);
-    let call = AssertUnwindSafe(subscription.handler.handle(&ctx, event)).catch_unwind();
+    let span =
+        tracing::info_span!("invoke", handler = %subscription.name, event_id = %event.id, attempt);
+    let call = tracing::Instrument::instrument(
+        AssertUnwindSafe(subscription.handler.handle(&ctx, event)).catch_unwind(),
+        span,
+    );
     let result = match tokio::time::timeout(subscription.timeout, call).await {
         Ok(Ok(result)) => result,
         Ok(Err(panic)) => Err(Failure::new(FailureKind::Panic, panic_message(&*panic))),

@@ -33,6 +33,7 @@ pub use stats::BrokerStats;
 
 use crate::config::{BrokerConfig, ProcessingMode};
 use crate::event::{Event, EventStatus, ValidationError};
+use crate::metrics::Metrics;
 use crate::pattern::{Pattern, PatternError};
 use crate::provider::{Provider, ProviderError, StatusUpdate};
 use dispatch::{Decision, decide, run_handlers, status_update};
@@ -91,6 +92,7 @@ pub(crate) struct Inner {
     /// take the write lock, so no publish straddles a state change.
     lifecycle: RwLock<Lifecycle>,
     counters: Counters,
+    metrics: Arc<Metrics>,
     /// Signalled when `counters.outstanding` reaches zero.
     idle: Notify,
     /// Sync publishes running handlers inline, so that `stop` can wait for them.
@@ -157,6 +159,7 @@ impl Broker {
                 registry: Registry::default(),
                 lifecycle: RwLock::new(Lifecycle::Created),
                 counters: Counters::default(),
+                metrics: Arc::new(Metrics::new()),
                 idle: Notify::new(),
                 inline: TaskTracker::new(),
                 abort_inline: CancellationToken::new(),
@@ -191,6 +194,11 @@ impl Broker {
     /// The provider.
     pub fn provider(&self) -> &Arc<dyn Provider> {
         &self.inner.provider
+    }
+
+    /// The broker's Prometheus metrics (shared with the WebAssembly handlers of a host).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     /// Starts the worker pool.
@@ -427,10 +435,7 @@ impl Broker {
             });
         }
         drop(lifecycle);
-        self.inner
-            .counters
-            .published
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.count_published(&event);
         Ok(event.id)
     }
 
@@ -460,10 +465,7 @@ impl Broker {
                     other => BrokerError::Provider(other),
                 })?;
         }
-        self.inner
-            .counters
-            .published
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.count_published(&event);
         let _inline = self.inner.inline.token();
         let weak = self.downgrade();
         loop {
@@ -604,6 +606,19 @@ impl Broker {
 }
 
 impl Inner {
+    fn count_published(&self, event: &Event) {
+        self.counters.published.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .event_published(event.source.as_str(), &event.event_type);
+    }
+
+    fn update_pool_gauges(&self) {
+        self.metrics.set_pool(
+            self.counters.queue_depth.load(Ordering::Relaxed),
+            self.counters.active_workers.load(Ordering::Relaxed),
+        );
+    }
+
     fn finish_outstanding(&self) {
         if self.counters.outstanding.fetch_sub(1, Ordering::AcqRel) <= 1 {
             self.idle.notify_waiters();
@@ -615,6 +630,13 @@ impl Inner {
     /// re-runs), whose finish ends their drain bookkeeping.
     fn record_decision(&self, event: &Event, decision: &Decision, elapsed: Duration, queued: bool) {
         let counters = &self.counters;
+        let status = match decision {
+            Decision::Retry { .. } => None,
+            Decision::Complete => Some(EventStatus::Completed.as_str()),
+            Decision::Fail { .. } => Some(EventStatus::Failed.as_str()),
+        };
+        self.metrics
+            .event_attempt(event.source.as_str(), &event.event_type, status, elapsed);
         match decision {
             Decision::Retry { delay, .. } => {
                 counters.retried.fetch_add(1, Ordering::Relaxed);

@@ -207,6 +207,7 @@ async fn read_loop(
                     };
                     held.insert(&delivery);
                     inner.counters.queue_depth.fetch_add(1, Ordering::Relaxed);
+                    inner.update_pool_gauges();
                     permit.send(delivery);
                 }
             }
@@ -244,6 +245,7 @@ async fn work_loop(
             .counters
             .active_workers
             .fetch_add(1, Ordering::Relaxed);
+        inner.update_pool_gauges();
         let finished = tokio::select! {
             result = process(&inner, &weak, consumer.as_ref(), &delivery) => Some(result),
             _ = abort.cancelled() => None,
@@ -252,6 +254,7 @@ async fn work_loop(
             .counters
             .active_workers
             .fetch_sub(1, Ordering::Relaxed);
+        inner.update_pool_gauges();
         match finished {
             Some(Ok(())) => held.remove(&delivery),
             Some(Err(error)) => {
@@ -287,7 +290,14 @@ async fn process(
         }
     }
     let started = Instant::now();
-    let outcomes = run_handlers(&event, &subscriptions, weak).await;
+    let span = tracing::info_span!(
+        "event",
+        id = %event.id,
+        r#type = %event.event_type,
+        delivery = delivery.delivery_count
+    );
+    let outcomes =
+        tracing::Instrument::instrument(run_handlers(&event, &subscriptions, weak), span).await;
     let decision = decide(&outcomes, &subscriptions);
     let update = status_update(&event, outcomes, &decision);
     match &decision {

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use eventbroker::event::{EventDraft, EventSource};
 
-/// Where the host is.
+/// Where the host is, and how to authenticate.
 #[derive(Debug, Args)]
 pub struct ServerArg {
     /// Base URL of the host.
@@ -19,6 +19,44 @@ pub struct ServerArg {
         default_value = "http://127.0.0.1:8080"
     )]
     pub server: String,
+    /// Bearer token (the admin token for deploy/remove/retry, the publish token to publish).
+    #[arg(long, env = "EVENTBROKER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// `eventbroker deploy`.
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    #[command(flatten)]
+    server: ServerArg,
+    /// The component.
+    wasm: PathBuf,
+    /// Handler name (default: the manifest's `name`, else the file name).
+    #[arg(long, short)]
+    name: Option<String>,
+    /// Subscription pattern (repeatable); overrides the manifest's and the component's.
+    #[arg(long = "pattern", short = 'p')]
+    patterns: Vec<String>,
+    /// Manifest file (TOML).
+    #[arg(long, short)]
+    manifest: Option<PathBuf>,
+}
+
+/// `eventbroker handlers …`.
+#[derive(Debug, Subcommand)]
+pub enum HandlersCommand {
+    /// List deployed handlers with their versions, limits, counters and rejections.
+    List {
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Remove a handler (after its running invocations finish) and delete its files.
+    Remove {
+        #[command(flatten)]
+        server: ServerArg,
+        /// Handler name.
+        name: String,
+    },
 }
 
 /// `eventbroker publish`.
@@ -61,6 +99,13 @@ pub enum EventsCommand {
         #[arg(value_name = "KEY=VALUE")]
         filters: Vec<String>,
     },
+    /// Re-run a finished (failed) event; handlers that succeeded are not run again.
+    Retry {
+        #[command(flatten)]
+        server: ServerArg,
+        /// Event id.
+        id: String,
+    },
 }
 
 fn client() -> anyhow::Result<reqwest::Client> {
@@ -72,6 +117,23 @@ fn client() -> anyhow::Result<reqwest::Client> {
 
 fn url(server: &ServerArg, path: &str) -> String {
     format!("{}{path}", server.server.trim_end_matches('/'))
+}
+
+fn authorized(request: reqwest::RequestBuilder, server: &ServerArg) -> reqwest::RequestBuilder {
+    match &server.token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    }
+}
+
+async fn send(
+    request: reqwest::RequestBuilder,
+    server: &ServerArg,
+) -> anyhow::Result<reqwest::Response> {
+    authorized(request, server)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {}", server.server))
 }
 
 /// Prints the response body; fails with the API's error message on non-2xx.
@@ -113,23 +175,22 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         (None, None) => bail!("give an event file or --type"),
     };
     let mode = if args.sync { "sync" } else { "async" };
-    let response = client()?
+    let request = client()?
         .post(url(&args.server, &format!("/v1/events?mode={mode}")))
-        .json(&draft)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {}", args.server.server))?;
-    print_response(response).await
+        .json(&draft);
+    print_response(send(request, &args.server).await?).await
 }
 
 pub async fn events(command: EventsCommand) -> anyhow::Result<ExitCode> {
     let client = client()?;
     let response = match command {
-        EventsCommand::Get { server, id } => client
-            .get(url(&server, &format!("/v1/events/{id}")))
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {}", server.server))?,
+        EventsCommand::Get { server, id } => {
+            send(
+                client.get(url(&server, &format!("/v1/events/{id}"))),
+                &server,
+            )
+            .await?
+        }
         EventsCommand::List { server, filters } => {
             let mut query = Vec::new();
             for filter in &filters {
@@ -138,13 +199,87 @@ pub async fn events(command: EventsCommand) -> anyhow::Result<ExitCode> {
                 };
                 query.push((key.to_owned(), value.to_owned()));
             }
-            client
-                .get(url(&server, "/v1/events"))
-                .query(&query)
-                .send()
-                .await
-                .with_context(|| format!("cannot reach {}", server.server))?
+            send(
+                client.get(url(&server, "/v1/events")).query(&query),
+                &server,
+            )
+            .await?
+        }
+        EventsCommand::Retry { server, id } => {
+            send(
+                client.post(url(&server, &format!("/v1/events/{id}/retry"))),
+                &server,
+            )
+            .await?
         }
     };
     print_response(response).await
+}
+
+pub async fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
+    let component = std::fs::read(&args.wasm)
+        .with_context(|| format!("cannot read {}", args.wasm.display()))?;
+    let mut manifest: toml::Table = match &args.manifest {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .parse()
+            .with_context(|| format!("{} is not valid TOML", path.display()))?,
+        None => toml::Table::new(),
+    };
+    if !args.patterns.is_empty() {
+        manifest.insert(
+            "patterns".into(),
+            toml::Value::Array(
+                args.patterns
+                    .iter()
+                    .cloned()
+                    .map(toml::Value::String)
+                    .collect(),
+            ),
+        );
+    }
+    let name = match (&args.name, manifest.get("name").and_then(|v| v.as_str())) {
+        (Some(name), _) => name.clone(),
+        (None, Some(name)) => name.to_owned(),
+        (None, None) => args
+            .wasm
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .map(|s| s.replace('_', "-"))
+            .context("cannot derive a handler name from the file name; use --name")?,
+    };
+    manifest.insert("name".into(), toml::Value::String(name.clone()));
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "component",
+            reqwest::multipart::Part::bytes(component)
+                .file_name(format!("{name}.wasm"))
+                .mime_str("application/wasm")?,
+        )
+        .text("manifest", toml::to_string(&manifest)?);
+    let request = client()?
+        .put(url(&args.server, &format!("/v1/handlers/{name}")))
+        .multipart(form);
+    print_response(send(request, &args.server).await?).await
+}
+
+pub async fn handlers(command: HandlersCommand) -> anyhow::Result<ExitCode> {
+    let client = client()?;
+    match command {
+        HandlersCommand::List { server } => {
+            print_response(send(client.get(url(&server, "/v1/handlers")), &server).await?).await
+        }
+        HandlersCommand::Remove { server, name } => {
+            let response = send(
+                client.delete(url(&server, &format!("/v1/handlers/{name}"))),
+                &server,
+            )
+            .await?;
+            if response.status() == reqwest::StatusCode::NO_CONTENT {
+                println!("removed {name}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            print_response(response).await
+        }
+    }
 }

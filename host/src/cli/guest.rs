@@ -117,11 +117,13 @@ pub async fn run_command(args: RunArgs) -> anyhow::Result<ExitCode> {
 fn print_run(report: &RunReport) {
     let handler = &report.handler;
     let spec = &handler.spec;
-    println!(
-        "handler  version {}  patterns {}",
-        handler.version,
+    let patterns = if handler.patterns.is_empty() {
+        "none (the component exports no defaults; a manifest for the service must give `patterns`)"
+            .to_owned()
+    } else {
         handler.patterns.join(", ")
-    );
+    };
+    println!("handler  version {}  patterns {patterns}", handler.version);
     println!(
         "loaded   {} in {} ({} bytes)",
         if handler.compiled_from_cache {

@@ -29,6 +29,11 @@ enum Command {
     /// Query events on a running host.
     #[command(subcommand)]
     Events(client::EventsCommand),
+    /// Deploy a handler component to a running host (persisted in its handlers directory).
+    Deploy(client::DeployArgs),
+    /// List or remove the handlers of a running host.
+    #[command(subcommand)]
+    Handlers(client::HandlersCommand),
     /// Run a handler component locally on sample events, in the service's sandbox.
     Run(guest::RunArgs),
     /// Check a component against the handler contract and the host's imports.
@@ -65,6 +70,8 @@ pub fn main() -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::Publish(args) => client::publish(args).await,
             Command::Events(command) => client::events(command).await,
+            Command::Deploy(args) => client::deploy(args).await,
+            Command::Handlers(command) => client::handlers(command).await,
             Command::Run(args) => guest::run_command(args).await,
             Command::Check(args) => guest::check_command(args).await,
         }

@@ -1,13 +1,15 @@
 //! API errors: every failure is JSON `{"error": {"code", "message"}}` with a stable code and
 //! the matching HTTP status.
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::multipart::{MultipartError, MultipartRejection};
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::broker::BrokerError;
 use crate::provider::ProviderError;
+use crate::wasm::WasmError;
 
 /// An error response of the HTTP API.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +71,62 @@ impl From<JsonRejection> for ApiError {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", message)
             }
             other => ApiError::new(other.status(), "invalid_body", message),
+        }
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "request body is larger than the configured limit",
+            )
+        } else {
+            ApiError::new(rejection.status(), "invalid_body", rejection.body_text())
+        }
+    }
+}
+
+impl From<MultipartRejection> for ApiError {
+    fn from(rejection: MultipartRejection) -> Self {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "{}; send multipart/form-data with a `component` part (and an optional `manifest` part), or the component alone as application/wasm",
+                rejection.body_text()
+            ),
+        )
+    }
+}
+
+impl From<MultipartError> for ApiError {
+    fn from(error: MultipartError) -> Self {
+        let status = error.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "body_too_large"
+        } else {
+            "invalid_body"
+        };
+        ApiError::new(status, code, error.body_text())
+    }
+}
+
+impl From<WasmError> for ApiError {
+    fn from(error: WasmError) -> Self {
+        let message = error.to_string();
+        match error {
+            WasmError::NotFound(_) => ApiError::not_found(message),
+            WasmError::Io(_) | WasmError::Engine(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+            }
+            _ => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "handler_rejected",
+                message,
+            ),
         }
     }
 }

@@ -1,13 +1,16 @@
-//! `/v1/events`: publish and query.
+//! `/v1/events` and `/v1/stats`: publish (JSON, CloudEvents structured or binary, batches),
+//! query, re-run.
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{Value, json};
 
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState};
+use super::cloudevents;
+use super::{ApiBody, ApiError, ApiPath, ApiQuery, AppState};
+use crate::broker::BrokerStats;
 use crate::config::ProcessingMode;
 use crate::event::{Event, EventDraft};
 use crate::provider::EventFilter;
@@ -20,14 +23,69 @@ pub struct PublishQuery {
     pub mode: Option<ProcessingMode>,
 }
 
+fn content_type(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::trim)
+        .unwrap_or("")
+}
+
+/// Parses JSON, telling malformed JSON (400) from a valid document of the wrong shape (422).
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|error| {
+        if error.is_data() {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_event",
+                format!("invalid {what}: {error}"),
+            )
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("malformed JSON: {error}"),
+            )
+        }
+    })
+}
+
+/// Reads the event of a publish request in whichever form it came.
+fn read_draft(headers: &HeaderMap, body: &[u8]) -> Result<EventDraft, ApiError> {
+    if headers.contains_key("ce-specversion") {
+        return cloudevents::from_binary(headers, body);
+    }
+    match content_type(headers) {
+        "application/json" => parse_json(body, "event"),
+        cloudevents::STRUCTURED => {
+            let object: serde_json::Map<String, Value> = parse_json(body, "CloudEvent")?;
+            cloudevents::from_structured(object)
+        }
+        "" => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "missing Content-Type: use application/json, application/cloudevents+json, or CloudEvents binary mode (ce-* headers)",
+        )),
+        other => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "Content-Type {other:?} is not supported: use application/json, application/cloudevents+json, or CloudEvents binary mode (ce-* headers)"
+            ),
+        )),
+    }
+}
+
 /// `POST /v1/events`: 202 `{"id","status":"pending"}` when queued, 200 with the final event in
 /// sync mode.
 pub async fn publish(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<PublishQuery>,
-    ApiJson(draft): ApiJson<EventDraft>,
+    headers: HeaderMap,
+    ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
-    state.check_accepting()?;
+    let draft = read_draft(&headers, &body)?;
     let broker = state.broker();
     let event = draft.into_event(broker.instance_id());
     match query.mode.unwrap_or(broker.config().mode) {
@@ -46,18 +104,108 @@ pub async fn publish(
     }
 }
 
-/// `GET /v1/events/{id}`.
+/// `POST /v1/events/batch`: a JSON array of events (or of structured CloudEvents with
+/// `Content-Type: application/cloudevents-batch+json`), each published on its own; the answer
+/// lists, in order, `{"id","status":"pending"}` or `{"error":{"code","message"}}` per item.
+pub async fn batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
+    let cloudevents = match content_type(&headers) {
+        "application/json" => false,
+        "application/cloudevents-batch+json" => true,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!(
+                    "Content-Type {other:?} is not supported: use application/json (an array of events) or application/cloudevents-batch+json"
+                ),
+            ));
+        }
+    };
+    let items: Vec<Value> = parse_json(&body, "batch (expected a JSON array)")?;
+    let limit = state.limits().max_batch;
+    if items.len() > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!("{} events in one batch; the limit is {limit}", items.len()),
+        ));
+    }
+    let broker = state.broker();
+    let mut results = Vec::with_capacity(items.len());
+    let (mut accepted, mut rejected) = (0, 0);
+    for (index, item) in items.into_iter().enumerate() {
+        let draft = if cloudevents {
+            match item {
+                Value::Object(object) => cloudevents::from_structured(object),
+                _ => Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_cloudevent",
+                    "batch items must be JSON objects",
+                )),
+            }
+        } else {
+            serde_json::from_value::<EventDraft>(item).map_err(|e| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_event",
+                    format!("item {index}: {e}"),
+                )
+            })
+        };
+        let outcome = match draft {
+            Ok(draft) => broker
+                .publish_async(draft.into_event(broker.instance_id()))
+                .await
+                .map_err(ApiError::from),
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(id) => {
+                accepted += 1;
+                results.push(json!({"id": id, "status": "pending"}));
+            }
+            Err(error) => {
+                rejected += 1;
+                results.push(json!({"error": {"code": error.code, "message": error.message}}));
+            }
+        }
+    }
+    Ok((
+        StatusCode::OK,
+        Json(json!({"accepted": accepted, "rejected": rejected, "results": results})),
+    )
+        .into_response())
+}
+
+/// `GET /v1/events/{id}`: the event as JSON, or as a structured CloudEvent when the request
+/// accepts `application/cloudevents+json`.
 pub async fn get(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
-) -> Result<Json<Event>, ApiError> {
-    state
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let event = state
         .broker()
         .provider()
         .get(&id)
         .await?
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("no event with id {id:?}")))
+        .ok_or_else(|| ApiError::not_found(format!("no event with id {id:?}")))?;
+    let wants_cloudevent = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains(cloudevents::STRUCTURED));
+    if wants_cloudevent {
+        return Ok((
+            [(header::CONTENT_TYPE, cloudevents::STRUCTURED)],
+            Json(cloudevents::to_structured(&event)),
+        )
+            .into_response());
+    }
+    Ok(Json(event).into_response())
 }
 
 /// The body of `GET /v1/events`.
@@ -85,4 +233,23 @@ pub async fn list(
         offset: filter.offset,
         events,
     }))
+}
+
+/// `POST /v1/events/{id}/retry`: re-runs a finished event (handlers that succeeded are not run
+/// again). 202 when queued.
+pub async fn retry(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    state.broker().retry_event(&id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": id, "status": "pending"})),
+    )
+        .into_response())
+}
+
+/// `GET /v1/stats`.
+pub async fn stats(State(state): State<AppState>) -> Result<Json<BrokerStats>, ApiError> {
+    Ok(Json(state.broker().stats().await?))
 }

@@ -20,6 +20,7 @@ use super::manifest::HandlerSpec;
 use super::state::{HostState, LogLine, Publisher, StoreSettings};
 use crate::config::InstancePolicy;
 use crate::event::{Event, EventSource, EventStatus, Failure, FailureKind};
+use crate::metrics::Metrics;
 use crate::pattern::Pattern;
 
 /// Fuel granted to a component's `patterns()` export when it is loaded.
@@ -70,6 +71,18 @@ pub struct HandlerCounters {
     pub fuel: AtomicU64,
     /// Total invocation time in microseconds.
     pub micros: AtomicU64,
+    /// The host's Prometheus metrics, when running in a host.
+    pub metrics: Option<Arc<Metrics>>,
+}
+
+impl HandlerCounters {
+    /// Counters that also feed `metrics`.
+    pub fn with_metrics(metrics: Arc<Metrics>) -> Self {
+        HandlerCounters {
+            metrics: Some(metrics),
+            ..HandlerCounters::default()
+        }
+    }
 }
 
 /// Outcome names, in counter order: `ok` then the failure kinds a guest can produce.
@@ -202,14 +215,12 @@ impl CompiledHandler {
             }
             Err(_) => None,
         };
+        // No patterns at all is allowed here (the local runner runs any event); the handler
+        // set refuses to serve such a handler.
         let patterns = match (&spec.patterns, &default_patterns) {
             (Some(patterns), _) => patterns.clone(),
-            (None, Some(defaults)) if !defaults.is_empty() => defaults.clone(),
-            _ => {
-                return Err(WasmError::Manifest(
-                    "no subscription patterns: the manifest gives none and the component does not export resolvespec:eventbroker/subscriptions (or exports an empty list)".into(),
-                ));
-            }
+            (None, Some(defaults)) => defaults.clone(),
+            (None, None) => Vec::new(),
         };
         for pattern in &patterns {
             Pattern::new(pattern)
@@ -390,7 +401,16 @@ impl CompiledHandler {
 
     fn record(&self, invocation: Invocation) -> Invocation {
         let counters = &self.counters;
-        counters.outcomes[outcome_index(&invocation.result)].fetch_add(1, Ordering::Relaxed);
+        let outcome = outcome_index(&invocation.result);
+        counters.outcomes[outcome].fetch_add(1, Ordering::Relaxed);
+        if let Some(metrics) = &counters.metrics {
+            metrics.invocation(
+                &self.spec.name,
+                OUTCOMES[outcome],
+                invocation.fuel_used,
+                invocation.duration,
+            );
+        }
         counters
             .fuel
             .fetch_add(invocation.fuel_used, Ordering::Relaxed);

@@ -12,6 +12,7 @@ pub mod manifest;
 pub mod registry;
 pub mod runner;
 pub mod state;
+pub mod watch;
 
 pub use component::{CompiledHandler, HandlerCounters, Invocation, VersionInfo};
 pub use engine::{WasmEngine, check_component_bytes, version_id};

@@ -174,6 +174,8 @@ impl HandlerSet {
     /// # Errors
     /// As [`HandlerSet::apply`], plus unreadable files.
     pub async fn load_file(&self, wasm_path: &Path) -> Result<HandlerInfo, WasmError> {
+        // Read the files under the change lock, so that a deploy writing them cannot interleave.
+        let _change = self.inner.changes.lock().await;
         let name = file_stem(wasm_path)?;
         let bytes = std::fs::read(wasm_path)
             .map_err(|e| WasmError::Io(format!("cannot read {}: {e}", wasm_path.display())))?;
@@ -188,7 +190,7 @@ impl HandlerSet {
                 )));
             }
         };
-        self.apply(&name, bytes, manifest.as_deref()).await
+        self.apply_locked(&name, bytes, manifest.as_deref()).await
     }
 
     /// Compiles, checks and swaps in a version of handler `name`. On failure the rejection is
@@ -204,6 +206,16 @@ impl HandlerSet {
         manifest: Option<&str>,
     ) -> Result<HandlerInfo, WasmError> {
         let _change = self.inner.changes.lock().await;
+        self.apply_locked(name, bytes, manifest).await
+    }
+
+    /// [`HandlerSet::apply`] for a caller holding the change lock.
+    async fn apply_locked(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        manifest: Option<&str>,
+    ) -> Result<HandlerInfo, WasmError> {
         let result = self.build(name, bytes, manifest).await;
         let mut entries = self.entries();
         let entry = entries.entry(name.to_owned()).or_default();
@@ -229,11 +241,13 @@ impl HandlerSet {
                 entry.counters = version.counters().clone();
                 entry.current = Some(version);
                 entry.loads += 1;
+                self.inner.broker.metrics().handler_loaded(name);
                 Ok(info(name, entry))
             }
             Ok(None) => Ok(info(name, entry)),
             Err((error, version)) => {
                 reject(entry, name, &error, version);
+                self.inner.broker.metrics().handler_rejected(name);
                 Err(error)
             }
         }
@@ -274,7 +288,11 @@ impl HandlerSet {
             let entry = entries.get(name);
             (
                 entry.and_then(|e| e.current.clone()),
-                entry.map(|e| e.counters.clone()).unwrap_or_default(),
+                entry.map(|e| e.counters.clone()).unwrap_or_else(|| {
+                    Arc::new(HandlerCounters::with_metrics(
+                        self.inner.broker.metrics().clone(),
+                    ))
+                }),
             )
         };
         if let Some(current) = &current
@@ -291,13 +309,24 @@ impl HandlerSet {
         })
         .await
         .map_err(|e| fail(WasmError::Engine(format!("loader task failed: {e}"))))?;
-        loaded.map(Some).map_err(fail)
+        let loaded = loaded.map_err(fail)?;
+        if loaded.patterns().is_empty() {
+            return Err(fail(WasmError::Manifest(
+                "no subscription patterns: the manifest gives none and the component does not export resolvespec:eventbroker/subscriptions (or exports an empty list)".into(),
+            )));
+        }
+        Ok(Some(loaded))
     }
 
     /// Unsubscribes handler `name`, waits for its running invocations to finish, and forgets
     /// it. Returns whether it existed. Files are left alone (see [`HandlerSet::undeploy`]).
     pub async fn remove(&self, name: &str) -> bool {
         let _change = self.inner.changes.lock().await;
+        self.remove_locked(name).await
+    }
+
+    /// [`HandlerSet::remove`] for a caller holding the change lock.
+    async fn remove_locked(&self, name: &str) -> bool {
         let entry = self.entries().remove(name);
         let Some(entry) = entry else { return false };
         let _ = self.inner.broker.unsubscribe_name(name);
@@ -321,7 +350,10 @@ impl HandlerSet {
         bytes: Vec<u8>,
         manifest: Option<&str>,
     ) -> Result<HandlerInfo, WasmError> {
-        let info = self.apply(name, bytes.clone(), manifest).await?;
+        // Holding the change lock until the files are written keeps a concurrent reload from
+        // the directory watcher from reading the previous files in between.
+        let _change = self.inner.changes.lock().await;
+        let info = self.apply_locked(name, bytes.clone(), manifest).await?;
         let dir = self.dir();
         std::fs::create_dir_all(dir)
             .map_err(|e| WasmError::Io(format!("cannot create {}: {e}", dir.display())))?;
@@ -349,7 +381,8 @@ impl HandlerSet {
     /// [`WasmError::NotFound`] if there is no such handler; I/O errors deleting files.
     pub async fn undeploy(&self, name: &str) -> Result<(), WasmError> {
         validate_name(name)?;
-        let existed = self.remove(name).await;
+        let _change = self.inner.changes.lock().await;
+        let existed = self.remove_locked(name).await;
         let mut deleted = false;
         for ext in ["wasm", "toml"] {
             let path = self.dir().join(format!("{name}.{ext}"));

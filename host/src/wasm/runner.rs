@@ -40,7 +40,8 @@ pub struct RunReport {
     /// The loaded version (compile time, cache use, patterns, limits).
     pub handler: VersionInfo,
     /// Whether each event's type matches the handler's patterns (the service would only
-    /// deliver matching events; the runner runs every event given).
+    /// deliver matching events; the runner runs every event given). Always true when the
+    /// handler has no patterns.
     pub matched: Vec<bool>,
     /// Time from reading the component to the end of the first invocation: what a cold
     /// start costs.
@@ -125,7 +126,7 @@ pub async fn run(
     let mut matched = Vec::with_capacity(events.len());
     let mut first_invocation_latency = None;
     for event in events {
-        matched.push(patterns.iter().any(|p| p.matches(&event.event_type)));
+        matched.push(patterns.is_empty() || patterns.iter().any(|p| p.matches(&event.event_type)));
         let invocation = handler.invoke(&event, 1, Publisher::Record).await;
         first_invocation_latency.get_or_insert_with(|| started.elapsed());
         results.push(RunResult { event, invocation });

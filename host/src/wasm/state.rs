@@ -329,6 +329,7 @@ fn draft_to_event(draft: EventDraft, instance_id: &str) -> Result<Event, String>
         entity: draft.entity,
         operation: draft.operation,
         metadata,
+        created_at: None,
     };
     Ok(host_draft.into_event(instance_id))
 }

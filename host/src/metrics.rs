@@ -1,0 +1,298 @@
+//! Prometheus metrics, with the plan's names.
+//!
+//! Label cardinality is bounded: the `type` label takes at most [`MAX_TYPE_LABELS`] distinct
+//! event types per host; later new types are counted under `type="other"`. Types that embed
+//! ids (`orders.42.update`) should therefore be avoided as event types, or they end up as
+//! `other` once the budget is spent. Handler labels are bounded by the number of deployed
+//! handlers.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Most distinct `type` label values per host.
+pub const MAX_TYPE_LABELS: usize = 200;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    source: String,
+    r#type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProcessedLabels {
+    source: String,
+    r#type: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandlerLabels {
+    handler: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InvocationLabels {
+    handler: String,
+    outcome: String,
+}
+
+/// The host's metrics and their registry.
+pub struct Metrics {
+    registry: Registry,
+    types: Mutex<HashSet<String>>,
+    published: Family<EventLabels, Counter>,
+    processed: Family<ProcessedLabels, Counter>,
+    processing_duration: Family<EventLabels, Histogram>,
+    queue_size: Gauge,
+    workers_active: Gauge,
+    invocations: Family<InvocationLabels, Counter>,
+    invocation_duration: Family<HandlerLabels, Histogram>,
+    fuel: Family<HandlerLabels, Counter>,
+    reloads: Family<HandlerLabels, Counter>,
+    rejections: Family<HandlerLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.5, 14))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let published = Family::<EventLabels, Counter>::default();
+        let processed = Family::<ProcessedLabels, Counter>::default();
+        let processing_duration = Family::<EventLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        let queue_size = Gauge::default();
+        let workers_active = Gauge::default();
+        let invocations = Family::<InvocationLabels, Counter>::default();
+        let invocation_duration = Family::<HandlerLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        let fuel = Family::<HandlerLabels, Counter>::default();
+        let reloads = Family::<HandlerLabels, Counter>::default();
+        let rejections = Family::<HandlerLabels, Counter>::default();
+        registry.register(
+            "eventbroker_events_published",
+            "Events accepted by publish",
+            published.clone(),
+        );
+        registry.register(
+            "eventbroker_events_processed",
+            "Events that finished processing, by final status",
+            processed.clone(),
+        );
+        registry.register(
+            "eventbroker_event_processing_duration_seconds",
+            "Time to process one attempt of an event (all its handlers)",
+            processing_duration.clone(),
+        );
+        registry.register(
+            "eventbroker_queue_size",
+            "Deliveries waiting for a worker on this host",
+            queue_size.clone(),
+        );
+        registry.register(
+            "eventbroker_workers_active",
+            "Workers processing an event",
+            workers_active.clone(),
+        );
+        registry.register(
+            "eventbroker_handler_invocations",
+            "WebAssembly handler invocations by outcome",
+            invocations.clone(),
+        );
+        registry.register(
+            "eventbroker_handler_duration_seconds",
+            "WebAssembly handler invocation time",
+            invocation_duration.clone(),
+        );
+        registry.register(
+            "eventbroker_handler_fuel_consumed",
+            "Fuel consumed by WebAssembly handler invocations",
+            fuel.clone(),
+        );
+        registry.register(
+            "eventbroker_handler_reloads",
+            "Handler versions loaded (first load included)",
+            reloads.clone(),
+        );
+        registry.register(
+            "eventbroker_handler_rejections",
+            "Handler versions rejected (compile, check or manifest errors)",
+            rejections.clone(),
+        );
+        Metrics {
+            registry,
+            types: Mutex::new(HashSet::new()),
+            published,
+            processed,
+            processing_duration,
+            queue_size,
+            workers_active,
+            invocations,
+            invocation_duration,
+            fuel,
+            reloads,
+            rejections,
+        }
+    }
+
+    /// The bounded `type` label for an event type.
+    fn type_label(&self, event_type: &str) -> String {
+        let mut types = self.types.lock().unwrap_or_else(|p| p.into_inner());
+        if types.contains(event_type) {
+            return event_type.to_owned();
+        }
+        if types.len() < MAX_TYPE_LABELS {
+            types.insert(event_type.to_owned());
+            return event_type.to_owned();
+        }
+        "other".to_owned()
+    }
+
+    /// Counts a published event.
+    pub fn event_published(&self, source: &str, event_type: &str) {
+        let labels = EventLabels {
+            source: source.to_owned(),
+            r#type: self.type_label(event_type),
+        };
+        self.published.get_or_create(&labels).inc();
+    }
+
+    /// Counts an attempt's end: its duration, and the event's final status when it finished.
+    pub fn event_attempt(
+        &self,
+        source: &str,
+        event_type: &str,
+        status: Option<&str>,
+        elapsed: Duration,
+    ) {
+        let r#type = self.type_label(event_type);
+        self.processing_duration
+            .get_or_create(&EventLabels {
+                source: source.to_owned(),
+                r#type: r#type.clone(),
+            })
+            .observe(elapsed.as_secs_f64());
+        if let Some(status) = status {
+            self.processed
+                .get_or_create(&ProcessedLabels {
+                    source: source.to_owned(),
+                    r#type,
+                    status: status.to_owned(),
+                })
+                .inc();
+        }
+    }
+
+    /// Sets the queue and worker gauges.
+    pub fn set_pool(&self, queued: usize, active: usize) {
+        self.queue_size.set(queued as i64);
+        self.workers_active.set(active as i64);
+    }
+
+    /// Counts a handler invocation.
+    pub fn invocation(&self, handler: &str, outcome: &str, fuel: u64, elapsed: Duration) {
+        let labels = HandlerLabels {
+            handler: handler.to_owned(),
+        };
+        self.invocations
+            .get_or_create(&InvocationLabels {
+                handler: handler.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        self.invocation_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+        self.fuel.get_or_create(&labels).inc_by(fuel);
+    }
+
+    /// Counts a loaded handler version.
+    pub fn handler_loaded(&self, handler: &str) {
+        self.reloads
+            .get_or_create(&HandlerLabels {
+                handler: handler.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a rejected handler version.
+    pub fn handler_rejected(&self, handler: &str) {
+        self.rejections
+            .get_or_create(&HandlerLabels {
+                handler: handler.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_names_appear_and_type_labels_are_bounded() {
+        let metrics = Metrics::new();
+        metrics.event_published("database", "public.users.create");
+        metrics.event_attempt(
+            "database",
+            "public.users.create",
+            Some("completed"),
+            Duration::from_millis(3),
+        );
+        metrics.set_pool(2, 1);
+        metrics.invocation("audit", "ok", 1234, Duration::from_millis(1));
+        metrics.handler_loaded("audit");
+        metrics.handler_rejected("audit");
+        for i in 0..(MAX_TYPE_LABELS + 10) {
+            metrics.event_published("system", &format!("orders.{i}.update"));
+        }
+        let text = metrics.encode();
+        for name in [
+            "eventbroker_events_published_total{source=\"database\",type=\"public.users.create\"} 1",
+            "eventbroker_events_processed_total{source=\"database\",type=\"public.users.create\",status=\"completed\"} 1",
+            "eventbroker_event_processing_duration_seconds_bucket",
+            "eventbroker_queue_size 2",
+            "eventbroker_workers_active 1",
+            "eventbroker_handler_invocations_total{handler=\"audit\",outcome=\"ok\"} 1",
+            "eventbroker_handler_fuel_consumed_total{handler=\"audit\"} 1234",
+            "eventbroker_handler_reloads_total{handler=\"audit\"} 1",
+            "eventbroker_handler_rejections_total{handler=\"audit\"} 1",
+            "type=\"other\"",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! `/v1/handlers`: list, deploy (component plus manifest in one request), remove.
+
+use axum::Json;
+use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::{ApiError, ApiPath, AppState};
+use crate::wasm::HandlerInfo;
+
+/// `GET /v1/handlers`.
+pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let handlers = state.handlers()?.list();
+    Ok(Json(json!({"handlers": handlers})).into_response())
+}
+
+/// `GET /v1/handlers/{name}`.
+pub async fn get(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<HandlerInfo>, ApiError> {
+    state
+        .handlers()?
+        .get(&name)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no handler named {name:?}")))
+}
+
+/// `PUT /v1/handlers/{name}`: deploys a component, either as `multipart/form-data` with a
+/// `component` part and an optional `manifest` part (TOML), or as the bare component with
+/// `Content-Type: application/wasm`. The version is compiled and checked first; a rejected
+/// upload answers 422 with the reason and the previous version keeps serving. On success the
+/// files are written to the handlers directory (so the deploy survives a restart) and the new
+/// version serves every later event.
+pub async fn deploy(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    request: Request,
+) -> Result<Json<HandlerInfo>, ApiError> {
+    let handlers = state.handlers()?.clone();
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let (component, manifest) = if content_type.starts_with("application/wasm") {
+        let super::ApiBody(body) = super::ApiBody::from_request(request, &state).await?;
+        (body.to_vec(), None)
+    } else {
+        let mut multipart = Multipart::from_request(request, &state).await?;
+        let mut component = None;
+        let mut manifest = None;
+        while let Some(field) = multipart.next_field().await? {
+            match field.name() {
+                Some("component") => component = Some(field.bytes().await?.to_vec()),
+                Some("manifest") => {
+                    let bytes = field.bytes().await?;
+                    let text = String::from_utf8(bytes.to_vec()).map_err(|_| {
+                        ApiError::new(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "handler_rejected",
+                            "invalid manifest: not UTF-8 text",
+                        )
+                    })?;
+                    manifest = Some(text);
+                }
+                other => {
+                    return Err(ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "invalid_body",
+                        format!(
+                            "unexpected form part {:?}; expected `component` and optionally `manifest`",
+                            other.unwrap_or("")
+                        ),
+                    ));
+                }
+            }
+        }
+        let component = component.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_body",
+                "the form has no `component` part",
+            )
+        })?;
+        (component, manifest)
+    };
+    let info = handlers
+        .deploy(&name, component, manifest.as_deref())
+        .await?;
+    Ok(Json(info))
+}
+
+/// `DELETE /v1/handlers/{name}`: unsubscribes the handler, waits for its running invocations,
+/// and deletes its files. 204 when done.
+pub async fn remove(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    state.handlers()?.undeploy(&name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

@@ -1,0 +1,60 @@
+//! `/healthz`, `/readyz` and `/metrics`.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::{ApiError, AppState};
+
+/// How long `/readyz` waits for the provider.
+const PROVIDER_CHECK: Duration = Duration::from_secs(2);
+
+/// `GET /healthz`: the process is up.
+pub async fn healthz() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: 200 when the provider answers, the initial handler load is done and the host
+/// is not shutting down; 503 with the reason otherwise.
+pub async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError> {
+    if !state.is_accepting() {
+        return Err(ApiError::unavailable("host is shutting down"));
+    }
+    if !state.handlers_loaded() {
+        return Err(ApiError::unavailable("handlers are still loading"));
+    }
+    match tokio::time::timeout(PROVIDER_CHECK, state.broker().provider().stats()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
+            return Err(ApiError::unavailable(format!(
+                "provider unreachable: {error}"
+            )));
+        }
+        Err(_) => {
+            return Err(ApiError::unavailable(format!(
+                "provider did not answer within {}",
+                humantime::format_duration(PROVIDER_CHECK)
+            )));
+        }
+    }
+    if !state.broker().is_running().await {
+        return Err(ApiError::unavailable("broker is not running"));
+    }
+    Ok((StatusCode::OK, Json(json!({"status": "ready"}))).into_response())
+}
+
+/// `GET /metrics`: Prometheus (OpenMetrics) text.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.broker().metrics().encode(),
+    )
+        .into_response()
+}

@@ -1,0 +1,388 @@
+//! The `eventbroker` binary end to end: `serve` over HTTP with signals, and the guest tools
+//! `run` and `check` with their output and exit codes.
+
+#[path = "../../tests/src/guests.rs"]
+#[allow(dead_code)]
+mod guests;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn eventbroker() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_eventbroker"))
+}
+
+/// A `serve` process and the address it bound.
+struct Served {
+    child: Child,
+    url: String,
+    logs: std::thread::JoinHandle<Vec<String>>,
+}
+
+/// Starts `eventbroker serve ARGS` in `dir` and waits for its "listening" log line.
+fn serve(dir: &Path, args: &[&str]) -> Served {
+    let mut child = eventbroker()
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start eventbroker serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let logs = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("eventbroker listening")
+                && let Some(addr) = line.split("addr=").nth(1)
+            {
+                let _ = addr_tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let addr = addr_rx
+        .recv_timeout(PATIENCE)
+        .expect("serve logs its listening address");
+    Served {
+        child,
+        url: format!("http://{addr}"),
+        logs,
+    }
+}
+
+fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(PATIENCE)
+        .build()
+        .expect("client")
+}
+
+fn wait_finished(url: &str, id: &str) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let event: Value = http()
+            .get(format!("{url}/v1/events/{id}"))
+            .send()
+            .and_then(|r| r.json())
+            .expect("get event");
+        if matches!(event["status"].as_str(), Some("completed" | "failed")) {
+            return event;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "event {id} did not finish: {event}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn serve_with_no_configuration_accepts_processes_and_reports_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut served = serve(dir.path(), &[]);
+    let health: Value = http()
+        .get(format!("{}/healthz", served.url))
+        .send()
+        .and_then(|r| r.json())
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    let response = http()
+        .post(format!("{}/v1/events", served.url))
+        .json(&json!({"type": "public.users.create", "source": "database", "payload": {"id": 1}}))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let event = wait_finished(&served.url, &id);
+    assert_eq!(event["status"], "completed");
+    assert_eq!(event["source"], "database");
+    let sync: Value = http()
+        .post(format!("{}/v1/events?mode=sync", served.url))
+        .json(&json!({"type": "a.b"}))
+        .send()
+        .and_then(|r| r.json())
+        .unwrap();
+    assert_eq!(sync["status"], "completed");
+    // The CLI client talks to the same server.
+    let out = eventbroker()
+        .args(["events", "get", &id, "--server", &served.url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["id"], id.as_str());
+    let out = eventbroker()
+        .args([
+            "publish",
+            "--type",
+            "cli.test",
+            "--payload",
+            "{\"n\":1}",
+            "--sync",
+            "--server",
+            &served.url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["status"], "completed");
+    let out = eventbroker()
+        .args(["events", "list", "type=cli.*", "--server", &served.url])
+        .output()
+        .unwrap();
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["count"], 1);
+    sigterm(&served.child);
+    let status = wait_exit(&mut served.child);
+    assert!(status.success(), "clean exit after SIGTERM: {status:?}");
+}
+
+#[test]
+fn serve_rejects_a_bad_config_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "event_broker:\n  provider: kafka\n",
+    )
+    .unwrap();
+    let out = eventbroker()
+        .args(["serve", "--config", "bad.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("kafka") && stderr.contains("provider"),
+        "{stderr}"
+    );
+}
+
+fn run_cli(args: &[&str]) -> Output {
+    eventbroker().args(args).output().expect("run eventbroker")
+}
+
+#[test]
+fn run_prints_outcomes_logs_and_publishes_and_exits_non_zero_on_failure() {
+    let built = guests::build();
+    let validator = built.guest("rust_payload_validator");
+    let folder = built.guest_dir("rust-payload-validator");
+    let out = run_cli(&[
+        "run",
+        validator.to_str().unwrap(),
+        "--event",
+        folder.join("sample-events.jsonl").to_str().unwrap(),
+        "--manifest",
+        folder.join("manifest.toml").to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failed event makes run fail:\n{stdout}"
+    );
+    for needle in [
+        "first invocation latency",
+        "outcome   ok",
+        "outcome   fail (not retried)",
+        "outcome   retry (would be retried)",
+        "fuel ",
+        "order line BOOK-1 x2 is valid",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "{needle:?} missing from:\n{stdout}"
+        );
+    }
+
+    let notifier = built.guest("rust_user_notifier");
+    let sample = built
+        .guest_dir("rust-user-notifier")
+        .join("sample-event.json");
+    let out = run_cli(&[
+        "run",
+        notifier.to_str().unwrap(),
+        "--event",
+        sample.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
+    assert_eq!(
+        report["results"][0]["published"][0]["type"],
+        "notify.users.welcome"
+    );
+    assert!(report["first_invocation_latency"].is_string());
+
+    // Events from stdin, limits from flags.
+    let mut child = eventbroker()
+        .args([
+            "run",
+            built.misbehave().to_str().unwrap(),
+            "--event",
+            "-",
+            "--fuel",
+            "1000",
+            "--json",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"type\":\"x.y\",\"payload\":{\"action\":\"loop\"}}")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["results"][0]["result"]["kind"], "out_of_fuel");
+
+    // A component that cannot load: exit status 2 and a message.
+    let out = run_cli(&["run", "Cargo.toml", "--event", sample.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a WebAssembly file"));
+}
+
+#[test]
+fn check_lists_exports_imports_and_patterns_and_explains_problems() {
+    let built = guests::build();
+    let out = run_cli(&["check", built.guest("rust_audit_logger").to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for needle in [
+        "resolvespec:eventbroker/handler@0.1.0",
+        "resolvespec:eventbroker/host@0.1.0",
+        "wasi:cli/stdout",
+        "default patterns: *",
+        "compatible: yes",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "{needle:?} missing from:\n{stdout}"
+        );
+    }
+    let out = run_cli(&["check", built.misbehave().to_str().unwrap(), "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["compatible"], true);
+    assert!(
+        report["default_patterns"].is_null(),
+        "handler-only world has no defaults"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let out = run_cli(&["check", core.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("core WebAssembly module, not a component")
+    );
+}
+
+#[test]
+fn sigterm_drains_queued_work_before_exiting() {
+    let built = guests::build();
+    let dir = tempfile::tempdir().unwrap();
+    let handlers = dir.path().join("handlers");
+    std::fs::create_dir_all(&handlers).unwrap();
+    std::fs::copy(built.misbehave(), handlers.join("worker.wasm")).unwrap();
+    std::fs::write(
+        handlers.join("worker.toml"),
+        "patterns = [\"work.*\"]\nfuel = 1_000_000_000_000\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        "event_broker:\n  worker_count: 1\n  shutdown_timeout: 60s\nhandlers:\n  cache_dir: cache\n",
+    )
+    .unwrap();
+    let mut served = serve(dir.path(), &["--config", "config.yaml"]);
+    let client = http();
+    let mut ids = Vec::new();
+    for _ in 0..100 {
+        let reply: Value = client
+            .post(format!("{}/v1/events", served.url))
+            .json(&json!({"type": "work.item", "payload": {"action": "work", "iterations": 20_000_000}}))
+            .send()
+            .and_then(|r| r.json())
+            .unwrap();
+        ids.push(reply["id"].as_str().unwrap().to_owned());
+    }
+    let stats: Value = client
+        .get(format!("{}/v1/stats", served.url))
+        .send()
+        .and_then(|r| r.json())
+        .unwrap();
+    sigterm(&served.child);
+    let status = wait_exit(&mut served.child);
+    assert!(status.success(), "{status:?}");
+    let logs = served.logs.join().unwrap().join("\n");
+    for id in &ids {
+        assert!(
+            logs.contains(&format!("worked {id}")),
+            "event {id} was not processed before exit"
+        );
+    }
+    assert!(logs.contains("all work drained"), "{logs}");
+    assert!(
+        stats["provider"]["by_status"]["pending"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+            || stats["queue_depth"].as_u64().unwrap_or(0) > 0,
+        "work was still queued when SIGTERM arrived: {stats}"
+    );
+}

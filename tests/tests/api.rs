@@ -1,0 +1,717 @@
+//! The HTTP API of a running host: every endpoint with good and bad input, tokens, CloudEvents,
+//! batches, the live stream, deploys, hot reload under load, and metrics.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use eventbroker_tests::guests;
+use eventbroker_tests::host::{TestHost, install};
+use eventbroker_tests::{variant, wait_for};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+async fn raw(
+    host: &TestHost,
+    method: reqwest::Method,
+    path: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, Value) {
+    let mut request = host
+        .http
+        .request(method, format!("{}{path}", host.url))
+        .body(body);
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn code(body: &Value) -> &str {
+    body["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an API error: {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_json_errors() {
+    let host = TestHost::start(|config, _| {
+        config.server.body_limit = bytesize::ByteSize::kib(16);
+        config.server.max_batch = 3;
+    })
+    .await;
+    use reqwest::Method;
+    let json = Some("application/json");
+    type Case<'a> = (Method, &'a str, Option<&'a str>, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            Method::POST,
+            "/v1/events",
+            json,
+            b"{\"type\": ".to_vec(),
+            400,
+            "invalid_json",
+        ),
+        (
+            Method::POST,
+            "/v1/events",
+            json,
+            b"[1,2]".to_vec(),
+            422,
+            "invalid_event",
+        ),
+        (
+            Method::POST,
+            "/v1/events",
+            json,
+            br#"{"type":"a.b","colour":"red"}"#.to_vec(),
+            422,
+            "invalid_event",
+        ),
+        (
+            Method::POST,
+            "/v1/events",
+            json,
+            br#"{"type":"a.b","source":"queue"}"#.to_vec(),
+            422,
+            "invalid_event",
+        ),
+        (
+            Method::POST,
+            "/v1/events",
+            json,
+            br#"{"type":"a..b"}"#.to_vec(),
+            422,
+            "invalid_event",
+        ),
+        (
+            Method::POST,
+            "/v1/events",
+            json,
+            br#"{"type":"a.b","metadata":[1]}"#.to_vec(),
+            422,
+            "invalid_event",
+        ),
+        (
+            Method::POST,
+            "/v1/events",
+            Some("text/plain"),
+            b"hello".to_vec(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            Method::POST,
+            "/v1/events",
+            None,
+            b"{}".to_vec(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            Method::POST,
+            "/v1/events?mode=later",
+            json,
+            br#"{"type":"a.b"}"#.to_vec(),
+            400,
+            "invalid_query",
+        ),
+        (
+            Method::POST,
+            "/v1/events",
+            json,
+            format!(
+                "{{\"type\":\"a.b\",\"payload\":\"{}\"}}",
+                "x".repeat(20_000)
+            )
+            .into_bytes(),
+            413,
+            "body_too_large",
+        ),
+        (
+            Method::POST,
+            "/v1/events/batch",
+            json,
+            br#"{"type":"a.b"}"#.to_vec(),
+            422,
+            "invalid_event",
+        ),
+        (
+            Method::POST,
+            "/v1/events/batch",
+            json,
+            br#"[{},{},{},{}]"#.to_vec(),
+            413,
+            "batch_too_large",
+        ),
+        (
+            Method::POST,
+            "/v1/events",
+            Some("application/cloudevents+json"),
+            br#"{"specversion":"1.0","type":"a.b","source":"x"}"#.to_vec(),
+            422,
+            "invalid_cloudevent",
+        ),
+        (
+            Method::GET,
+            "/v1/events?type=a..b",
+            None,
+            vec![],
+            400,
+            "invalid_query",
+        ),
+        (
+            Method::GET,
+            "/v1/events?status=done",
+            None,
+            vec![],
+            400,
+            "invalid_query",
+        ),
+        (
+            Method::GET,
+            "/v1/events?limit=-1",
+            None,
+            vec![],
+            400,
+            "invalid_query",
+        ),
+        (
+            Method::GET,
+            "/v1/events?colour=red",
+            None,
+            vec![],
+            400,
+            "invalid_query",
+        ),
+        (
+            Method::GET,
+            "/v1/stream?pattern=a.>.b",
+            None,
+            vec![],
+            400,
+            "invalid_query",
+        ),
+        (
+            Method::GET,
+            "/v1/events/nope",
+            None,
+            vec![],
+            404,
+            "not_found",
+        ),
+        (
+            Method::POST,
+            "/v1/events/nope/retry",
+            None,
+            vec![],
+            404,
+            "not_found",
+        ),
+        (
+            Method::GET,
+            "/v1/handlers/nope",
+            None,
+            vec![],
+            404,
+            "not_found",
+        ),
+        (
+            Method::DELETE,
+            "/v1/handlers/nope",
+            None,
+            vec![],
+            404,
+            "not_found",
+        ),
+        (
+            Method::PUT,
+            "/v1/handlers/bad",
+            Some("application/wasm"),
+            b"not wasm".to_vec(),
+            422,
+            "handler_rejected",
+        ),
+        (
+            Method::PUT,
+            "/v1/handlers/bad",
+            Some("application/wasm"),
+            b"\0asm\x01\0\0\0".to_vec(),
+            422,
+            "handler_rejected",
+        ),
+        (
+            Method::PUT,
+            "/v1/handlers/bad%20name",
+            Some("application/wasm"),
+            b"\0asm".to_vec(),
+            422,
+            "handler_rejected",
+        ),
+        (
+            Method::PUT,
+            "/v1/handlers/bad",
+            Some("text/plain"),
+            b"x".to_vec(),
+            415,
+            "unsupported_media_type",
+        ),
+        (Method::GET, "/v2/nothing", None, vec![], 404, "not_found"),
+        (
+            Method::DELETE,
+            "/v1/events",
+            None,
+            vec![],
+            405,
+            "method_not_allowed",
+        ),
+    ];
+    for (method, path, content_type, body, status, expected) in cases {
+        let (got, reply) = raw(&host, method.clone(), path, content_type, body).await;
+        assert_eq!(got, status, "{method} {path}: {reply}");
+        assert_eq!(code(&reply), expected, "{method} {path}: {reply}");
+        assert!(!reply["error"]["message"].as_str().unwrap().is_empty());
+    }
+    // A finished event may be re-run.
+    let mut gate = host.publish(json!({"type": "x.y"}), "").await.1;
+    let id = gate["id"].take();
+    let event = host.finished(id.as_str().unwrap()).await;
+    assert_eq!(event["status"], "completed");
+    let (status, _) = raw(
+        &host,
+        reqwest::Method::POST,
+        &format!("/v1/events/{}/retry", id.as_str().unwrap()),
+        None,
+        vec![],
+    )
+    .await;
+    assert_eq!(status, 202, "a completed event may be re-run");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_query_batch_cloudevents_retry_and_stats() {
+    let built = guests::build();
+    let host = TestHost::start(|_, dir| {
+        install(
+            dir,
+            "probe",
+            &built.misbehave(),
+            Some("patterns = [\"probe.>\"]\n[retry]\nmax_retries = 0"),
+        );
+    })
+    .await;
+    // Sync and async publishing.
+    let (status, done) = host.publish(json!({"type": "probe.ok", "payload": {"action": "ok"}, "user_id": 5, "session_id": "s"}), "?mode=sync").await;
+    assert_eq!(status, 200);
+    assert_eq!(done["status"], "completed");
+    let (status, queued) = host
+        .publish(
+            json!({"type": "probe.fail", "id": "chosen-id", "payload": {"action": "fail"}}),
+            "",
+        )
+        .await;
+    assert_eq!((status, queued["id"].as_str()), (202, Some("chosen-id")));
+    let failed = host.finished("chosen-id").await;
+    assert_eq!(failed["status"], "failed");
+    let (status, duplicate) = host
+        .publish(json!({"type": "probe.ok", "id": "chosen-id"}), "")
+        .await;
+    assert_eq!((status, code(&duplicate)), (409, "duplicate_id"));
+
+    // Every filter field.
+    for query in [
+        "status=failed",
+        "type=probe.fail",
+        "user_id=5",
+        "session_id=s",
+        "source=system",
+        "instance_id=test-host",
+        "order=asc&limit=1",
+        "created_after=2000-01-01T00:00:00Z",
+    ] {
+        let (status, page) = host.get(&format!("/v1/events?{query}")).await;
+        assert_eq!(status, 200, "{query}");
+        assert!(page["count"].as_u64().unwrap() >= 1, "{query}: {page}");
+    }
+    let (_, page) = host.get("/v1/events?offset=1000").await;
+    assert_eq!(page["count"], 0);
+
+    // Dead letter re-run.
+    let (status, _) = raw(
+        &host,
+        reqwest::Method::POST,
+        "/v1/events/chosen-id/retry",
+        None,
+        vec![],
+    )
+    .await;
+    assert_eq!(status, 202);
+    wait_for("re-run", || async {
+        let (_, event) = host.get("/v1/events/chosen-id").await;
+        (event["status"] == "failed"
+            && event["handlers"][0]["attempts"] == 1
+            && event["retry_count"] == 0)
+            .then_some(())
+    })
+    .await;
+
+    // Batch with a bad item: per-item results.
+    let (status, reply) = raw(
+        &host,
+        reqwest::Method::POST,
+        "/v1/events/batch",
+        Some("application/json"),
+        serde_json::to_vec(&json!([{"type": "probe.ok", "payload": {"action": "ok"}}, {"type": "bad..type"}, {"type": "b.c"}])).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        (reply["accepted"].as_u64(), reply["rejected"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(reply["results"][1]["error"]["code"], "invalid_event");
+    host.finished(reply["results"][0]["id"].as_str().unwrap())
+        .await;
+
+    // CloudEvents: structured in, binary in, structured out.
+    let (status, reply) = raw(
+        &host,
+        reqwest::Method::POST,
+        "/v1/events",
+        Some("application/cloudevents+json"),
+        serde_json::to_vec(&json!({"specversion": "1.0", "id": "ce-1", "type": "probe.ce", "source": "https://app.example", "data": {"action": "ok"}, "userid": 9})).unwrap(),
+    )
+    .await;
+    assert_eq!((status, reply["id"].as_str()), (202, Some("ce-1")));
+    let event = host.finished("ce-1").await;
+    assert_eq!(event["user_id"], 9);
+    assert_eq!(event["metadata"]["ce_source"], "https://app.example");
+    let response = host
+        .http
+        .post(format!("{}/v1/events", host.url))
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "ce-2")
+        .header("ce-type", "probe.ce")
+        .header("ce-source", "frontend")
+        .header("content-type", "application/json")
+        .body(r#"{"action":"ok"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let event = host.finished("ce-2").await;
+    assert_eq!(event["source"], "frontend");
+    let cloudevent: Value = host
+        .http
+        .get(format!("{}/v1/events/ce-1", host.url))
+        .header("accept", "application/cloudevents+json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cloudevent["specversion"], "1.0");
+    assert_eq!(cloudevent["source"], "https://app.example");
+    assert_eq!(cloudevent["data"]["action"], "ok");
+    assert_eq!(cloudevent["status"], "completed");
+
+    // Stats, health, readiness, metrics.
+    let (status, stats) = host.get("/v1/stats").await;
+    assert_eq!(status, 200);
+    assert!(stats["published"].as_u64().unwrap() >= 5);
+    assert_eq!(stats["subscriptions"][0]["name"], "probe");
+    assert_eq!(host.get("/readyz").await.0, 200);
+    let metrics = host
+        .http
+        .get(format!("{}/metrics", host.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "eventbroker_events_published_total{source=\"system\",type=\"probe.ok\"}",
+        "eventbroker_events_processed_total{source=\"system\",type=\"probe.fail\",status=\"failed\"}",
+        "eventbroker_event_processing_duration_seconds",
+        "eventbroker_queue_size",
+        "eventbroker_workers_active",
+        "eventbroker_handler_invocations_total{handler=\"probe\",outcome=\"fail\"}",
+        "eventbroker_handler_fuel_consumed_total{handler=\"probe\"}",
+        "eventbroker_handler_reloads_total{handler=\"probe\"} 1",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from\n{metrics}");
+    }
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_guard_deploys_publishing_and_reads() {
+    let built = guests::build();
+    let host = TestHost::start(|config, _| {
+        config.server.admin_token = Some("admin-secret".into());
+        config.server.publish_token = Some("publish-secret".into());
+    })
+    .await;
+    let component = std::fs::read(built.misbehave()).unwrap();
+    let manifest = Some("patterns = [\"t.*\"]");
+    // The server answers 401 before reading the body; send a small one for these checks.
+    let put = |token: Option<&'static str>| {
+        let mut request = host
+            .http
+            .put(format!("{}/v1/handlers/t", host.url))
+            .header("content-type", "application/wasm")
+            .body("x");
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = put(None).await;
+    assert_eq!((status, code(&body)), (401, "unauthorized"));
+    assert_eq!(put(Some("publish-secret")).await.0, 401);
+    assert_eq!(
+        host.deploy("t", component.clone(), manifest, Some("admin-secret"))
+            .await
+            .0,
+        200
+    );
+    let publish = |token: Option<&'static str>| {
+        let mut request = host
+            .http
+            .post(format!("{}/v1/events", host.url))
+            .json(&json!({"type": "t.x"}));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(publish(None).await, 401);
+    assert_eq!(publish(Some("wrong")).await, 401);
+    assert_eq!(publish(Some("publish-secret")).await, 202);
+    assert_eq!(publish(Some("admin-secret")).await, 202);
+    let (status, body) = host.get("/v1/events").await;
+    assert_eq!((status, code(&body)), (401, "unauthorized"));
+    let status = host
+        .http
+        .get(format!("{}/v1/events", host.url))
+        .bearer_auth("publish-secret")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    assert_eq!(host.get("/healthz").await.0, 200, "health needs no token");
+    host.stop().await;
+
+    // A public address without an admin token is refused at start.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = eventbroker_tests::host::test_config(dir.path());
+    config.server.listen = "0.0.0.0:0".into();
+    let error = eventbroker::service::Service::start(config.clone())
+        .await
+        .err()
+        .expect("refused");
+    assert!(error.to_string().contains("admin_token"), "{error}");
+    config.server.allow_unauthenticated = true;
+    let service = eventbroker::service::Service::start(config)
+        .await
+        .expect("explicitly allowed");
+    service.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_stream_delivers_published_events_and_status_changes() {
+    let host = TestHost::start(|_, _| {}).await;
+    let response = host
+        .http
+        .get(format!("{}/v1/stream?pattern=live.>", host.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut body = response.bytes_stream();
+    host.publish(json!({"type": "other.thing"}), "").await;
+    let (_, reply) = host
+        .publish(json!({"type": "live.one", "payload": {"n": 1}}), "")
+        .await;
+    let id = reply["id"].as_str().unwrap().to_owned();
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + eventbroker_tests::PATIENCE;
+    while !(seen.contains("event: pending") && seen.contains("event: completed")) {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .expect("stream delivers within the deadline")
+            .expect("stream open")
+            .expect("chunk");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains(&format!("id: {id}")), "{seen}");
+    assert!(!seen.contains("other.thing"), "pattern filters: {seen}");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_replace_and_remove_over_http_and_by_copying_files() {
+    let built = guests::build();
+    let fixture = std::fs::read(built.misbehave()).unwrap();
+    let host = TestHost::start(|config, _| {
+        config.handlers.debounce = Duration::from_millis(100);
+    })
+    .await;
+    // Deploy over HTTP; it is persisted in the handlers directory.
+    let (status, info) = host
+        .deploy("web", fixture.clone(), Some("patterns = [\"web.*\"]"), None)
+        .await;
+    assert_eq!(status, 200, "{info}");
+    let first = info["current"]["version"].as_str().unwrap().to_owned();
+    assert!(
+        host.handlers_dir.join("web.wasm").exists() && host.handlers_dir.join("web.toml").exists()
+    );
+    // A broken upload is rejected; the old version keeps serving.
+    let (status, reply) = host.deploy("web", b"garbage".to_vec(), None, None).await;
+    assert_eq!((status, code(&reply)), (422, "handler_rejected"));
+    let (_, listed) = host.get("/v1/handlers/web").await;
+    assert_eq!(listed["current"]["version"], first.as_str());
+    assert!(
+        listed["last_rejection"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not a WebAssembly file")
+    );
+    assert_eq!(
+        std::fs::read(host.handlers_dir.join("web.wasm")).unwrap(),
+        fixture,
+        "rejected upload not written"
+    );
+    let (_, reply) = host
+        .publish(
+            json!({"type": "web.x", "payload": {"action": "ok"}}),
+            "?mode=sync",
+        )
+        .await;
+    assert_eq!(reply["handlers"][0]["version"], first.as_str());
+
+    // Copying files into the watched directory deploys too (atomic rename).
+    let tmp = host.handlers_dir.join(".copied.wasm.tmp");
+    std::fs::write(&tmp, variant(&fixture, 1)).unwrap();
+    std::fs::write(
+        host.handlers_dir.join("copied.toml"),
+        "patterns = [\"copied.*\"]",
+    )
+    .unwrap();
+    std::fs::rename(&tmp, host.handlers_dir.join("copied.wasm")).unwrap();
+    wait_for("copied handler to load", || async {
+        let (status, info) = host.get("/v1/handlers/copied").await;
+        (status == 200 && info["state"] == "active").then_some(())
+    })
+    .await;
+    let (_, reply) = host
+        .publish(
+            json!({"type": "copied.x", "payload": {"action": "ok"}}),
+            "?mode=sync",
+        )
+        .await;
+    assert_eq!(reply["handlers"][0]["handler"], "copied");
+    // Deleting the file removes the handler.
+    std::fs::remove_file(host.handlers_dir.join("copied.wasm")).unwrap();
+    wait_for("copied handler to go", || async {
+        (host.get("/v1/handlers/copied").await.0 == 404).then_some(())
+    })
+    .await;
+    // Removal over HTTP deletes the files.
+    let status = host
+        .http
+        .delete(format!("{}/v1/handlers/web", host.url))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 204);
+    assert!(!host.handlers_dir.join("web.wasm").exists());
+    let (_, reply) = host.publish(json!({"type": "web.x"}), "?mode=sync").await;
+    assert_eq!(
+        reply["handlers"],
+        Value::Null,
+        "no handler runs after removal: {reply}"
+    );
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_reload_under_load_handles_every_event_exactly_once() {
+    const REPLACEMENTS: u32 = 50;
+    let built = guests::build();
+    let fixture = std::fs::read(built.misbehave()).unwrap();
+    let host = TestHost::start(|_, _| {}).await;
+    let manifest = "patterns = [\"load.*\"]\n[retry]\nmax_retries = 0";
+    let (status, _) = host
+        .deploy("swap", variant(&fixture, 0), Some(manifest), None)
+        .await;
+    assert_eq!(status, 200);
+    let mut versions = HashSet::new();
+    versions.insert(eventbroker::wasm::version_id(&variant(&fixture, 0)));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let (url, http, stop) = (host.url.clone(), host.http.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Acquire) || ids.len() < 200 {
+                let reply: Value = http
+                    .post(format!("{url}/v1/events"))
+                    .json(&json!({"type": "load.tick", "payload": {"action": "ok"}}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                ids.push(reply["id"].as_str().expect("accepted").to_owned());
+            }
+            ids
+        })
+    };
+    for n in 1..=REPLACEMENTS {
+        let component = variant(&fixture, n);
+        versions.insert(eventbroker::wasm::version_id(&component));
+        let (status, info) = host.deploy("swap", component, Some(manifest), None).await;
+        assert_eq!(status, 200, "{info}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let ids = publisher.await.unwrap();
+    let mut used = HashSet::new();
+    for id in &ids {
+        let event = host.finished(id).await;
+        assert_eq!(event["status"], "completed", "{event:#}");
+        let outcomes = event["handlers"].as_array().unwrap();
+        assert_eq!(outcomes.len(), 1, "exactly one handler version: {event:#}");
+        assert_eq!(
+            outcomes[0]["attempts"], 1,
+            "handled exactly once: {event:#}"
+        );
+        let version = outcomes[0]["version"].as_str().unwrap();
+        assert!(versions.contains(version), "a deployed version");
+        used.insert(version.to_owned());
+    }
+    let info = host.service.handlers().get("swap").unwrap();
+    assert_eq!(info.loads, u64::from(REPLACEMENTS) + 1);
+    assert!(
+        used.len() > 1,
+        "events were handled by several versions during the reloads"
+    );
+    host.stop().await;
+}
