@@ -5,6 +5,7 @@
 pub mod guests;
 pub mod host;
 pub mod services;
+pub mod toolchains;
 
 /// Generous bound for conditions that normally hold within milliseconds.
 pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);

@@ -1,0 +1,3 @@
+module example.com/go-payload-validator
+
+go 1.24

@@ -1,0 +1,149 @@
+//! The example guests in other languages than Rust (`guests/<language>-payload-validator/`):
+//! their toolchains are installed by `guests/install-toolchains.sh` and each is built by its
+//! own `build.sh`, once per test process and one at a time (the machine has two cores).
+//!
+//! A toolchain that cannot be installed makes the test that needs it skip with a loud
+//! message, or fail when `EVENTBROKER_REQUIRE_SERVICES=1` (CI) says that everything a test
+//! needs must be there.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, OnceLock};
+
+use crate::guests::repo_root;
+use crate::services::services_required;
+
+/// One example guest written in a language other than Rust.
+#[derive(Debug, Clone, Copy)]
+pub struct Language {
+    /// The language, as `guests/install-toolchains.sh` names it.
+    pub name: &'static str,
+    /// Its folder in `guests/`, also the file name of its component in `dist/`.
+    pub dir: &'static str,
+}
+
+/// The payload validators, one per language; `guests/rust-payload-validator` is the reference.
+pub const PAYLOAD_VALIDATORS: [Language; 4] = [
+    Language {
+        name: "python",
+        dir: "python-payload-validator",
+    },
+    Language {
+        name: "javascript",
+        dir: "javascript-payload-validator",
+    },
+    Language {
+        name: "c",
+        dir: "c-payload-validator",
+    },
+    Language {
+        name: "go",
+        dir: "go-payload-validator",
+    },
+];
+
+impl Language {
+    /// The guest's folder.
+    pub fn folder(&self) -> PathBuf {
+        repo_root().join("guests").join(self.dir)
+    }
+
+    /// Where `build.sh` writes the component.
+    pub fn component(&self) -> PathBuf {
+        self.folder()
+            .join("dist")
+            .join(format!("{}.wasm", self.dir))
+    }
+}
+
+/// Installs the language's toolchain and builds its guest (once per process). Returns the
+/// component, or `None` after printing why the test is skipped.
+///
+/// # Panics
+/// If the build fails, or if the toolchain cannot be installed and toolchains are required.
+pub fn build(language: Language) -> Option<PathBuf> {
+    static BUILT: OnceLock<Mutex<HashMap<&'static str, Result<PathBuf, String>>>> = OnceLock::new();
+    // One build at a time; a second test of the same language waits and reuses the result.
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let result = built
+        .entry(language.name)
+        .or_insert_with(|| install_and_build(language))
+        .clone();
+    match result {
+        Ok(path) => Some(path),
+        Err(missing) => {
+            assert!(
+                !services_required(),
+                "{missing} (EVENTBROKER_REQUIRE_SERVICES is set, so toolchains are required)"
+            );
+            eprintln!(
+                "SKIPPED: {missing}; this test needs it (set EVENTBROKER_REQUIRE_SERVICES=1 to make this a failure)"
+            );
+            None
+        }
+    }
+}
+
+/// `Err` says which toolchain is missing; a failing build panics.
+fn install_and_build(language: Language) -> Result<PathBuf, String> {
+    let guests = repo_root().join("guests");
+    let install = run(
+        Command::new("bash")
+            .arg(guests.join("install-toolchains.sh"))
+            .arg(language.name),
+        &guests,
+    );
+    if !install.status.success() {
+        return Err(format!(
+            "the {} toolchain could not be installed by guests/install-toolchains.sh {}:\n{}",
+            language.name,
+            language.name,
+            tail(&install)
+        ));
+    }
+    let output = run(
+        Command::new("bash").arg(language.folder().join("build.sh")),
+        &language.folder(),
+    );
+    assert!(
+        output.status.success(),
+        "guests/{}/build.sh failed:\n{}",
+        language.dir,
+        tail(&output)
+    );
+    let component = language.component();
+    assert!(
+        component.is_file(),
+        "guests/{}/build.sh did not write {}",
+        language.dir,
+        component.display()
+    );
+    Ok(component)
+}
+
+fn run(command: &mut Command, dir: &Path) -> Output {
+    command
+        .current_dir(dir)
+        // The outer cargo's settings must not leak into `cargo install` or the guests' builds.
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"))
+}
+
+/// The last lines of a command's output, for error messages.
+fn tail(output: &Output) -> String {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
