@@ -670,7 +670,11 @@ async fn hot_reload_under_load_handles_every_event_exactly_once() {
         let (url, http, stop) = (host.url.clone(), host.http.clone(), stop.clone());
         tokio::spawn(async move {
             let mut ids = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::Acquire) || ids.len() < 200 {
+            // At least 200 events, at most 5,000 (well under the memory provider's bound, so
+            // that no finished event is evicted before the test reads it back).
+            while (!stop.load(std::sync::atomic::Ordering::Acquire) || ids.len() < 200)
+                && ids.len() < 5_000
+            {
                 let reply: Value = http
                     .post(format!("{url}/v1/events"))
                     .json(&json!({"type": "load.tick", "payload": {"action": "ok"}}))

@@ -44,7 +44,10 @@ fn error(e: wasmtime::Error) -> WasmError {
 }
 
 fn new_store(guest: &BareGuest) -> Store<HostState> {
-    let mut store = Store::new(guest.engine.engine(), HostState::new(guest.settings.clone()));
+    let mut store = Store::new(
+        guest.engine.engine(),
+        HostState::new(guest.settings.clone()),
+    );
     // The engine meters fuel and checks epochs; a bare call gets all of both.
     let _ = store.set_fuel(u64::MAX);
     store.set_epoch_deadline(u64::MAX);
@@ -108,7 +111,11 @@ impl BareGuest {
     /// [`WasmError`] if instantiation traps.
     pub async fn instance(&self) -> Result<BareInstance, WasmError> {
         let mut store = new_store(self);
-        let instance = self.pre.instantiate_async(&mut store).await.map_err(error)?;
+        let instance = self
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(error)?;
         Ok(BareInstance {
             store,
             instance,
@@ -123,9 +130,7 @@ impl BareInstance {
     /// # Errors
     /// [`WasmError`] if the call traps or the guest returns an error.
     pub async fn call(&mut self, prepared: &PreparedEvent) -> Result<(), WasmError> {
-        self.store
-            .data_mut()
-            .begin(&prepared.id, Publisher::Record);
+        self.store.data_mut().begin(&prepared.id, Publisher::Record);
         let guest = self
             .indices
             .load(&mut self.store, &self.instance)

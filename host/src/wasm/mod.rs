@@ -3,6 +3,7 @@
 //! versions and their invocation, the handler set (name → current version) and its loading
 //! from a directory, component checks, and the local runner behind `eventbroker run`.
 
+pub mod bare;
 mod bindings;
 pub mod check;
 pub mod component;
@@ -10,7 +11,6 @@ pub mod engine;
 pub mod handler;
 pub mod manifest;
 pub mod registry;
-pub mod bare;
 pub mod runner;
 pub mod state;
 pub mod watch;
