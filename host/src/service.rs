@@ -73,23 +73,8 @@ impl Service {
                 publish: config.server.publish_token.clone(),
             },
         );
-        // Handlers subscribe before the pool starts, so that a backlog waiting in a durable
-        // provider is not processed before its handlers exist.
-        let report = handlers.load_dir().await;
-        if !report.failed.is_empty() {
-            tracing::warn!(
-                loaded = report.loaded.len(),
-                failed = report.failed.len(),
-                "some handlers could not be loaded; see the errors above and GET /v1/handlers"
-            );
-        }
-        state.set_handlers_loaded();
-        broker.start().await?;
-        let watcher = if config.handlers.watch {
-            Some(watch(handlers.clone(), config.handlers.debounce)?)
-        } else {
-            None
-        };
+        // HTTP comes up first: /healthz answers and /readyz says "loading" while handlers
+        // compile; publishing answers 503 until the broker runs.
         let app = server::router(state.clone());
         let http_shutdown = CancellationToken::new();
         let graceful = http_shutdown.clone();
@@ -98,6 +83,34 @@ impl Service {
                 .with_graceful_shutdown(graceful.cancelled_owned())
                 .await
         });
+        let started = async {
+            // Handlers subscribe before the pool starts, so that a backlog waiting in a durable
+            // provider is not processed before its handlers exist.
+            let report = handlers.load_dir().await;
+            if !report.failed.is_empty() {
+                tracing::warn!(
+                    loaded = report.loaded.len(),
+                    failed = report.failed.len(),
+                    "some handlers could not be loaded; see the errors above and GET /v1/handlers"
+                );
+            }
+            state.set_handlers_loaded();
+            broker.start().await?;
+            let watcher = if config.handlers.watch {
+                Some(watch(handlers.clone(), config.handlers.debounce)?)
+            } else {
+                None
+            };
+            Ok::<_, ServiceError>(watcher)
+        };
+        let watcher = match started.await {
+            Ok(watcher) => watcher,
+            Err(error) => {
+                http_shutdown.cancel();
+                let _ = http.await;
+                return Err(error);
+            }
+        };
         tracing::info!(%addr, provider = broker.provider().name(), "eventbroker listening");
         Ok(Service {
             addr,

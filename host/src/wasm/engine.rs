@@ -114,6 +114,17 @@ impl WasmEngine {
         Ok((component, CompileSource::Compiled))
     }
 
+    /// Compiles `bytes` into the on-disk cache on a blocking thread, so that a later
+    /// [`WasmEngine::compile`] of the same bytes is a cache hit. Does nothing without a cache
+    /// or when the bytes are not a component (the later load reports that).
+    pub async fn warm_cache(&self, bytes: Vec<u8>) {
+        if self.inner.cache_dir.is_none() || check_component_bytes(&bytes).is_err() {
+            return;
+        }
+        let engine = self.clone();
+        let _ = tokio::task::spawn_blocking(move || engine.compile(&bytes)).await;
+    }
+
     fn cache_path(&self, bytes: &[u8]) -> Option<PathBuf> {
         let dir = self.inner.cache_dir.as_ref()?;
         let mut hasher = Sha256::new();

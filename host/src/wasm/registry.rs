@@ -154,6 +154,14 @@ impl HandlerSet {
             .filter(|path| path.extension().is_some_and(|e| e == "wasm"))
             .collect();
         files.sort();
+        // Compile every component at once (into the cache) before loading them one by one:
+        // a large component does not hold up the others.
+        let warming: Vec<_> = files
+            .iter()
+            .filter_map(|path| std::fs::read(path).ok())
+            .map(|bytes| self.inner.engine.warm_cache(bytes))
+            .collect();
+        futures::future::join_all(warming).await;
         for path in files {
             match self.load_file(&path).await {
                 Ok(info) => {
@@ -350,6 +358,9 @@ impl HandlerSet {
         bytes: Vec<u8>,
         manifest: Option<&str>,
     ) -> Result<HandlerInfo, WasmError> {
+        // Compile before taking the change lock, so a large component does not hold up other
+        // deploys; the locked load below then reads it from the cache.
+        self.inner.engine.warm_cache(bytes.clone()).await;
         // Holding the change lock until the files are written keeps a concurrent reload from
         // the directory watcher from reading the previous files in between.
         let _change = self.inner.changes.lock().await;

@@ -96,6 +96,10 @@ async fn apply_changes(
         for name in names {
             let wasm = handlers.dir().join(format!("{name}.wasm"));
             if wasm.exists() {
+                if let Ok(bytes) = std::fs::read(&wasm) {
+                    // Compile outside the handler set's change lock (a cache hit later).
+                    handlers.engine().warm_cache(bytes).await;
+                }
                 match handlers.load_file(&wasm).await {
                     Ok(info) => tracing::info!(
                         handler = %name,
