@@ -99,8 +99,9 @@ impl NatsConsumer {
 
     async fn admit_one(&self, message: async_nats::jetstream::Message) -> Option<Delivery> {
         let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
-        let (message, acker) = message.split();
+        // `split` moves the acknowledgement subject into the acker: take it first.
         let token = message.reply.as_ref()?.to_string();
+        let (message, acker) = message.split();
         let published: Event = match serde_json::from_slice(&message.payload) {
             Ok(event) => event,
             Err(error) => {

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
-use async_nats::jetstream::{self, stream::StorageType};
+use async_nats::jetstream::stream::{self, StorageType};
+use async_nats::jetstream;
 use bytes::Bytes;
 use futures::StreamExt;
 
@@ -56,20 +57,34 @@ pub(crate) fn encode(event: &Event) -> Result<Bytes, ProviderError> {
 
 impl StateStore {
     /// Creates the bucket, or updates its settings if it exists.
+    ///
+    /// The bucket's stream (`KV_{bucket}`) is written with the settings the client library
+    /// uses for buckets (one value per key, roll-ups allowed, direct gets), directly rather
+    /// than through the library's bucket creation, which needs an account query that servers
+    /// before 2.10 answer in a form the library cannot read.
     pub(crate) async fn open(
         context: &jetstream::Context,
         bucket: &str,
         storage: StorageType,
         max_age: Duration,
     ) -> Result<Self, ProviderError> {
-        let kv = context
-            .create_or_update_key_value(kv::Config {
-                bucket: bucket.to_owned(),
-                description: "eventbroker: current state of each event, keyed by event id".into(),
-                history: 1,
+        context
+            .create_or_update_stream(stream::Config {
+                name: format!("KV_{bucket}"),
+                description: Some(
+                    "eventbroker: current state of each event, keyed by event id".into(),
+                ),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                max_messages_per_subject: 1,
                 max_age,
                 storage,
-                ..kv::Config::default()
+                allow_rollup: true,
+                deny_delete: true,
+                deny_purge: false,
+                allow_direct: true,
+                num_replicas: 1,
+                discard: stream::DiscardPolicy::New,
+                ..stream::Config::default()
             })
             .await
             .map_err(|e| {
@@ -77,6 +92,10 @@ impl StateStore {
                     "cannot create or update key-value bucket {bucket:?}: {e}"
                 ))
             })?;
+        let kv = context
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| backend(format!("cannot open key-value bucket {bucket:?}: {e}")))?;
         Ok(StateStore { kv })
     }
 
