@@ -75,7 +75,10 @@ async fn publish_awaits_the_server_and_reports_duplicates() {
     let first = event("public.users.create");
     provider.publish(&first).await.unwrap();
     let again = provider.publish(&first).await.unwrap_err();
-    assert!(matches!(again, ProviderError::Duplicate(ref id) if *id == first.id), "{again}");
+    assert!(
+        matches!(again, ProviderError::Duplicate(ref id) if *id == first.id),
+        "{again}"
+    );
     let stored = provider.get(&first.id).await.unwrap().unwrap();
     assert_eq!(stored, first);
 
@@ -84,7 +87,10 @@ async fn publish_awaits_the_server_and_reports_duplicates() {
         let mut odd = event("x");
         odd.event_type = bad.into();
         let error = provider.publish(&odd).await.unwrap_err();
-        assert!(error.to_string().contains("cannot be a NATS subject"), "{bad:?}: {error}");
+        assert!(
+            error.to_string().contains("cannot be a NATS subject"),
+            "{bad:?}: {error}"
+        );
         assert!(provider.get(&odd.id).await.unwrap().is_none());
     }
     provider.destroy().await.unwrap();
@@ -171,8 +177,14 @@ async fn deliveries_carry_the_current_state_and_outcomes_are_recorded() {
     rerun.completed_at = None;
     rerun.error = None;
     provider.requeue(&retried.event.id, &rerun).await.unwrap();
-    let second_rerun = provider.requeue(&retried.event.id, &rerun).await.unwrap_err();
-    assert!(matches!(second_rerun, ProviderError::InvalidState { .. }), "{second_rerun}");
+    let second_rerun = provider
+        .requeue(&retried.event.id, &rerun)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(second_rerun, ProviderError::InvalidState { .. }),
+        "{second_rerun}"
+    );
     let rerun_delivery = tokio::time::timeout(PATIENCE, consumer.fetch(8))
         .await
         .expect("the re-run arrives")
@@ -310,12 +322,21 @@ async fn events_exceeding_max_deliver_become_dead_letters() {
             assert!(dead.error.as_deref().unwrap_or("").contains("max_deliver"));
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "never dead-lettered");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never dead-lettered"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     consumer.close().await;
-    let after_close = tokio::time::timeout(PATIENCE, waiting).await.unwrap().unwrap();
-    assert!(after_close.unwrap().is_empty(), "nothing delivered after the limit");
+    let after_close = tokio::time::timeout(PATIENCE, waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        after_close.unwrap().is_empty(),
+        "nothing delivered after the limit"
+    );
     provider.destroy().await.unwrap();
 }
 

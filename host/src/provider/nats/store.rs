@@ -11,10 +11,10 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream;
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
 use async_nats::jetstream::stream::{self, StorageType};
-use async_nats::jetstream;
 use bytes::Bytes;
 use futures::StreamExt;
 
