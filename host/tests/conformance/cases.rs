@@ -602,6 +602,9 @@ pub async fn store_get_update_delete(backend: &Backend) {
     provider.close().await;
 }
 
+/// Which of the listed test events a filter should return (by index and event).
+type Predicate = dyn Fn(usize, &Event) -> bool;
+
 pub async fn list_filters_order_and_paginate(backend: &Backend) {
     let provider = backend.connect().await;
     // A namespace of our own inside the backend's: a unique schema and instance.
@@ -672,7 +675,7 @@ pub async fn list_filters_order_and_paginate(backend: &Backend) {
     .await;
     assert_eq!(ids(&asc), expect(&|_, _| true, SortOrder::Asc));
 
-    let cases: Vec<(&str, EventFilter, Box<dyn Fn(usize, &Event) -> bool>)> = vec![
+    let cases: Vec<(&str, EventFilter, Box<Predicate>)> = vec![
         (
             "source",
             EventFilter {
@@ -764,7 +767,7 @@ pub async fn list_filters_order_and_paginate(backend: &Backend) {
                 status: Some(EventStatus::Pending),
                 ..EventFilter::default()
             },
-            Box::new(|n, e| e.source == EventSource::Database && n < 6 && n >= 2),
+            Box::new(|n, e| e.source == EventSource::Database && (2..6).contains(&n)),
         ),
     ];
     for (name, filter, pred) in cases {
