@@ -390,3 +390,214 @@ async fn list_filters_and_paginates_over_every_stored_event() {
     assert!(provider.get(&typed[0].id).await.unwrap().is_none());
     provider.destroy().await.unwrap();
 }
+
+/// A `nats-server` of this test's own (JetStream, file store in a temp dir, a free port), so
+/// that it can be killed and restarted without disturbing anyone else.
+struct OwnServer {
+    child: Option<std::process::Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+const NATS_SERVER: &str = "/usr/sbin/nats-server";
+
+impl OwnServer {
+    fn start() -> Option<OwnServer> {
+        if !std::path::Path::new(NATS_SERVER).exists() {
+            assert!(
+                !services::services_required(),
+                "{NATS_SERVER} is missing (EVENTBROKER_REQUIRE_SERVICES is set)"
+            );
+            eprintln!("SKIPPED: {NATS_SERVER} is missing; the restart test needs it");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut server = OwnServer {
+            child: None,
+            port,
+            dir: tempfile::tempdir().expect("temp dir"),
+        };
+        server.spawn();
+        Some(server)
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let child = std::process::Command::new(NATS_SERVER)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        let address = format!("127.0.0.1:{}", self.port);
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(&address).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "own nats-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The server is killed with SIGKILL mid-load and restarted on the same store: every event
+/// whose publish succeeded (publishers retry failed ones, as clients do) is completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_restart_mid_load_loses_nothing() {
+    let Some(mut server) = OwnServer::start() else {
+        return;
+    };
+    let mut config = config(&server.url());
+    config.lease = Duration::from_secs(2);
+    let provider = std::sync::Arc::new(provider(&config).await);
+    let consumer = provider
+        .consume(options("workers", Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let completed = std::sync::Arc::new(std::sync::Mutex::new(HashSet::<String>::new()));
+    let worker = {
+        let consumer = consumer.clone();
+        let completed = completed.clone();
+        tokio::spawn(async move {
+            loop {
+                let batch = match consumer.fetch(16).await {
+                    Ok(batch) if batch.is_empty() => return,
+                    Ok(batch) => batch,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                for delivery in batch {
+                    if consumer
+                        .complete(&delivery, &finished(EventStatus::Completed))
+                        .await
+                        .is_ok()
+                    {
+                        completed.lock().unwrap().insert(delivery.event.id.clone());
+                    }
+                }
+            }
+        })
+    };
+    const EVENTS: usize = 600;
+    let killed = std::sync::Arc::new(tokio::sync::Notify::new());
+    let failures = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let published = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let publisher = {
+        let provider = provider.clone();
+        let killed = killed.clone();
+        let failures = failures.clone();
+        let published = published.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in 0..EVENTS {
+                if n == EVENTS / 2 {
+                    // The second half is published while the server is down and restarting.
+                    killed.notified().await;
+                }
+                let e = event(&format!("restart.n{}", n % 5));
+                // Retry until the server took it, as a client would.
+                loop {
+                    match provider.publish(&e).await {
+                        Ok(()) | Err(ProviderError::Duplicate(_)) => break,
+                        Err(_) => {
+                            failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+                published.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                ids.push(e.id);
+            }
+            ids
+        })
+    };
+    // Mid-load: half published, some of it completed, some still queued.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while completed.lock().unwrap().len() < 50
+        || published.load(std::sync::atomic::Ordering::Relaxed) < EVENTS / 2
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no progress before the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.kill();
+    killed.notify_one();
+    // Restart once publishing has run into the outage.
+    while failures.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "publishing never noticed the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.spawn();
+    let ids = tokio::time::timeout(PATIENCE, publisher)
+        .await
+        .expect("publishing resumes after the restart")
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE * 2;
+    for id in &ids {
+        loop {
+            let status = provider.get(id).await.ok().flatten().map(|e| e.status);
+            if status == Some(EventStatus::Completed) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "event {id} not completed after the restart: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    consumer.close().await;
+    worker.await.unwrap();
+    provider.close().await;
+}
+
+/// The example config parses and names the NATS provider.
+#[test]
+fn example_config_loads() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/config-nats.yaml");
+    let config = eventbroker::Config::load(Some(&path)).expect("example config loads");
+    assert_eq!(config.event_broker.provider, ProviderKind::Nats);
+    assert_eq!(config.event_broker.nats.stream_name, "RESOLVESPEC_EVENTS");
+    assert_eq!(
+        config.event_broker.nats.subjects,
+        vec!["events.>".to_string()]
+    );
+}

@@ -353,6 +353,22 @@ impl Shared {
         )))
     }
 
+    /// A publish found a state with this id. If it is exactly this event, untouched, it is
+    /// left over from an earlier attempt whose message may never have been stored (and whose
+    /// clean-up failed, e.g. during an outage): take it over — rewrite it, which also cancels
+    /// a pending clean-up — and return its new revision. Otherwise `None`: a real duplicate.
+    async fn adopt(&self, event: &Event) -> Result<Option<u64>, ProviderError> {
+        match self.store.get(&event.id).await? {
+            Some(current) if current.event == *event => {
+                match self.store.restore(event, current.revision).await {
+                    Ok(revision) => Ok(Some(revision)),
+                    Err(_) => Ok(None),
+                }
+            }
+            _ => Ok(None),
+        }
+    }
+
     fn live_consumers(&self) -> Vec<Arc<NatsConsumer>> {
         let mut consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
         consumers.retain(|weak| weak.strong_count() > 0);
@@ -385,20 +401,33 @@ impl Provider for NatsProvider {
         shared.check_open()?;
         let subject = subjects::event_subject(&shared.prefix, event)?;
         let payload = encode(event)?;
-        let revision = shared.store.create(event).await?;
-        let outcome = shared.send(subject, payload, &event.id).await;
-        let error = match outcome {
+        let (revision, adopted) = match shared.store.create(event).await {
+            Ok(revision) => (revision, false),
+            Err(ProviderError::Duplicate(id)) => {
+                let revision = shared
+                    .adopt(event)
+                    .await?
+                    .ok_or(ProviderError::Duplicate(id))?;
+                (revision, true)
+            }
+            Err(error) => return Err(error),
+        };
+        match shared.send(subject, payload, &event.id).await {
             Ok(false) => {
                 shared.counters.published.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
+                Ok(())
             }
-            Ok(true) => ProviderError::Duplicate(event.id.clone()),
-            Err(error) => error,
-        };
-        if let Err(undo) = shared.store.remove(&event.id, Some(revision)).await {
-            tracing::warn!(event_id = %event.id, %undo, "could not remove the state of an event whose publish failed");
+            // The message exists: the state taken over belongs to it.
+            Ok(true) if adopted => Err(ProviderError::Duplicate(event.id.clone())),
+            Ok(true) => {
+                shared.store.undo_create(&event.id, revision).await;
+                Err(ProviderError::Duplicate(event.id.clone()))
+            }
+            Err(error) => {
+                shared.store.undo_create(&event.id, revision).await;
+                Err(error)
+            }
         }
-        Err(error)
     }
 
     async fn get(&self, id: &str) -> Result<Option<Event>, ProviderError> {

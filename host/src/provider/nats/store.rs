@@ -25,6 +25,8 @@ use crate::provider::ProviderError;
 
 /// How often a compare-and-set is retried under contention before giving up.
 const MAX_CAS_ATTEMPTS: usize = 32;
+/// How long the clean-up of a failed publish keeps trying.
+const UNDO_PATIENCE: Duration = Duration::from_secs(120);
 /// Values fetched per request while scanning.
 const SCAN_BATCH: usize = 1000;
 
@@ -165,13 +167,44 @@ impl StateStore {
         )))
     }
 
-    /// Writes `event` back if the entry is still at `revision` (used to undo a change).
-    pub(crate) async fn restore(&self, event: &Event, revision: u64) -> Result<(), ProviderError> {
+    /// Writes `event` if the entry is still at `revision`; returns the new revision.
+    pub(crate) async fn restore(&self, event: &Event, revision: u64) -> Result<u64, ProviderError> {
         self.kv
             .update(encode_name(&event.id), encode(event)?, revision)
             .await
-            .map(|_| ())
             .map_err(|e| backend(format!("cannot restore event {}: {e}", event.id)))
+    }
+
+    /// Removes the state a failed publish created, if it is still at `revision`. When the
+    /// server cannot be reached, keeps trying in the background for a while; a later publish
+    /// of the same event that takes the state over changes its revision and so stops that.
+    pub(crate) async fn undo_create(&self, id: &str, revision: u64) {
+        if self.remove(id, Some(revision)).await.is_ok() {
+            return;
+        }
+        let store = self.clone();
+        let id = id.to_owned();
+        let retry = async move {
+            let deadline = tokio::time::Instant::now() + UNDO_PATIENCE;
+            let mut pause = Duration::from_millis(100);
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+                match store.get(&id).await {
+                    Ok(Some(current)) if current.revision == revision => {
+                        if store.remove(&id, Some(revision)).await.is_ok() {
+                            return;
+                        }
+                    }
+                    Ok(_) => return,
+                    Err(_) => {}
+                }
+            }
+            tracing::warn!(event_id = %id, "could not remove the state of an event whose publish failed; it stays pending until published again or deleted");
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(retry);
+        }
     }
 
     /// Removes an event and its history; returns whether it existed.
