@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer};
 use eventbroker::config::{NatsStorage, ProviderKind};
-use eventbroker::provider::{NatsProvider, Provider};
+use eventbroker::provider::NatsProvider;
 use eventbroker::{Broker, BrokerConfig, Event, EventSource, handler_fn};
 use futures::StreamExt;
 use tokio::sync::Notify;

@@ -489,10 +489,10 @@ impl Provider for NatsProvider {
             Err(error) => Err(error),
         };
         if let Err(error) = sent {
-            if let Some(previous) = previous {
-                if let Err(undo) = shared.store.restore(&previous, requeued.revision).await {
-                    tracing::warn!(event_id = %id, %undo, "could not undo a failed re-run");
-                }
+            if let Some(previous) = previous
+                && let Err(undo) = shared.store.restore(&previous, requeued.revision).await
+            {
+                tracing::warn!(event_id = %id, %undo, "could not undo a failed re-run");
             }
             return Err(error);
         }
