@@ -601,3 +601,56 @@ fn example_config_loads() {
         vec!["events.>".to_string()]
     );
 }
+
+/// A publish whose acknowledgement was lost takes its state back (a delete marker) although
+/// the server stored the message; the consumer restores the state and the event is processed.
+#[tokio::test]
+async fn a_message_stored_despite_a_failed_publish_is_still_processed() {
+    if !services::available("NATS", NATS) {
+        return;
+    }
+    let config = config("nats://127.0.0.1:4222");
+    let provider = provider(&config).await;
+    let e = event("public.users.create");
+    provider.publish(&e).await.unwrap();
+    // What a publish does when it gives up: mark the state taken back.
+    let client = async_nats::connect(NATS).await.unwrap();
+    let kv = async_nats::jetstream::new(client)
+        .get_key_value(config.nats.kv_bucket())
+        .await
+        .unwrap();
+    kv.delete(&e.id).await.unwrap();
+    assert!(provider.get(&e.id).await.unwrap().is_none());
+
+    let consumer = provider
+        .consume(options("workers", Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(PATIENCE, consumer.fetch(1))
+        .await
+        .expect("the stored message is delivered")
+        .unwrap();
+    assert_eq!(delivery[0].event, e);
+    assert_eq!(provider.get(&e.id).await.unwrap().as_ref(), Some(&e));
+    consumer
+        .complete(&delivery[0], &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+    // A deleted event, by contrast, is skipped.
+    let gone = event("public.users.create");
+    provider.publish(&gone).await.unwrap();
+    assert!(provider.delete(&gone.id).await.unwrap());
+    let after = event("public.users.create");
+    provider.publish(&after).await.unwrap();
+    let next = tokio::time::timeout(PATIENCE, consumer.fetch(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next[0].event.id, after.id, "the deleted event was skipped");
+    consumer
+        .complete(&next[0], &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+    consumer.close().await;
+    provider.destroy().await.unwrap();
+}

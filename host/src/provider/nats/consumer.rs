@@ -28,6 +28,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use super::store::Lookup;
 use super::{NAME, Shared};
 use crate::event::{Event, EventStatus};
 use crate::provider::{Consumer, Delivery, ProviderError, StatusUpdate};
@@ -110,20 +111,41 @@ impl NatsConsumer {
                 return None;
             }
         };
-        match self.shared.store.get(&published.id).await {
-            Ok(Some(current)) if delivered <= 1 && current.event.status.is_finished() => {
+        let count = u32::try_from(delivered.max(1)).unwrap_or(u32::MAX);
+        match self.shared.store.lookup(&published.id).await {
+            Ok(Lookup::Live(current)) if delivered <= 1 && current.event.status.is_finished() => {
                 let _ = acker.ack().await;
                 None
             }
-            Ok(Some(current)) => {
+            Ok(Lookup::Live(current)) => {
                 self.outstanding().insert(token.clone());
                 Some(Delivery {
                     event: current.event,
                     token,
-                    delivery_count: u32::try_from(delivered.max(1)).unwrap_or(u32::MAX),
+                    delivery_count: count,
                 })
             }
-            Ok(None) => {
+            Ok(Lookup::TakenBack { revision }) => {
+                // Its publish reported a failure and took the state back, yet the server had
+                // stored the message: the event was accepted after all. Restore its state.
+                match self.shared.store.restore(&published, revision).await {
+                    Ok(_) => {
+                        tracing::info!(event_id = %published.id, "restored the state of an event whose publish seemed to fail");
+                        self.outstanding().insert(token.clone());
+                        Some(Delivery {
+                            event: published,
+                            token,
+                            delivery_count: count,
+                        })
+                    }
+                    Err(_) => {
+                        // Changed meanwhile (published again): look again on redelivery.
+                        let _ = acker.ack_with(AckKind::Nak(None)).await;
+                        None
+                    }
+                }
+            }
+            Ok(Lookup::Absent) => {
                 // Deleted (or expired) meanwhile: nothing to do.
                 let _ = acker.ack().await;
                 None

@@ -36,6 +36,16 @@ pub(crate) struct StateStore {
     kv: kv::Store,
 }
 
+/// See [`StateStore::lookup`].
+pub(crate) enum Lookup {
+    /// The event's current state.
+    Live(Versioned),
+    /// A publish failed and its state was taken back (a delete marker at `revision`).
+    TakenBack { revision: u64 },
+    /// Deleted, expired or never stored.
+    Absent,
+}
+
 /// An event state read together with its revision.
 pub(crate) struct Versioned {
     pub event: Event,
@@ -132,6 +142,27 @@ impl StateStore {
         }
     }
 
+    /// What the bucket holds for an id, telling a publish that was taken back (a delete
+    /// marker, written only by [`StateStore::undo_create`]) from a deleted or unknown event
+    /// (a purge marker, or nothing).
+    pub(crate) async fn lookup(&self, id: &str) -> Result<Lookup, ProviderError> {
+        let entry = self
+            .kv
+            .entry(encode_name(id))
+            .await
+            .map_err(|e| backend(format!("cannot read event {id}: {e}")))?;
+        Ok(match entry {
+            Some(entry) if entry.operation == Operation::Put => Lookup::Live(Versioned {
+                event: decode(&entry.value)?,
+                revision: entry.revision,
+            }),
+            Some(entry) if entry.operation == Operation::Delete => Lookup::TakenBack {
+                revision: entry.revision,
+            },
+            _ => Lookup::Absent,
+        })
+    }
+
     /// Reads the event, lets `change` edit it and writes it back if the revision is still the
     /// one read; repeats on conflict. `change` may refuse with an error, which is returned.
     ///
@@ -179,7 +210,7 @@ impl StateStore {
     /// server cannot be reached, keeps trying in the background for a while; a later publish
     /// of the same event that takes the state over changes its revision and so stops that.
     pub(crate) async fn undo_create(&self, id: &str, revision: u64) {
-        if self.remove(id, Some(revision)).await.is_ok() {
+        if self.take_back(id, revision).await.is_ok() {
             return;
         }
         let store = self.clone();
@@ -192,7 +223,7 @@ impl StateStore {
                 pause = (pause * 2).min(Duration::from_secs(5));
                 match store.get(&id).await {
                     Ok(Some(current)) if current.revision == revision => {
-                        if store.remove(&id, Some(revision)).await.is_ok() {
+                        if store.take_back(&id, revision).await.is_ok() {
                             return;
                         }
                     }
@@ -214,6 +245,15 @@ impl StateStore {
         };
         self.remove(id, Some(current.revision)).await?;
         Ok(true)
+    }
+
+    /// Marks the state a failed publish created as taken back (a delete marker, unlike the
+    /// purge of [`StateStore::delete`]), if it is still at `revision`.
+    async fn take_back(&self, id: &str, revision: u64) -> Result<(), ProviderError> {
+        self.kv
+            .delete_expect_revision(encode_name(id), Some(revision))
+            .await
+            .map_err(|e| backend(format!("cannot take back event {id}: {e}")))
     }
 
     /// Removes the entry of `id`, only if still at `revision` when given.
