@@ -654,3 +654,84 @@ async fn a_message_stored_despite_a_failed_publish_is_still_processed() {
     consumer.close().await;
     provider.destroy().await.unwrap();
 }
+
+/// Every NATS key parses, durations included; bad settings are refused at connect with a
+/// message naming the key (before any connection attempt).
+#[tokio::test]
+async fn nats_settings_parse_and_are_checked() {
+    use eventbroker::config::{Config, FileFormat};
+    let text = r#"
+event_broker:
+  provider: nats
+  nats:
+    url: "nats://a:4222,nats://b:4222"
+    stream_name: EV
+    subjects: ["ev.>", "other.>"]
+    storage: memory
+    max_age: 1h
+    duplicate_window: 30s
+    kv_bucket: EV_KV
+    user: u
+    password: p
+    tls: { required: true, ca_file: /etc/ca.pem }
+    ack_wait: 45s
+    max_deliver: 10
+    backoff: [1s, 5s, 1m]
+"#;
+    let parsed = Config::from_text(FileFormat::Yaml, text).expect("parses");
+    let nats = &parsed.event_broker.nats;
+    assert_eq!(nats.storage, NatsStorage::Memory);
+    assert_eq!(nats.duplicate_window, Duration::from_secs(30));
+    assert_eq!(nats.kv_bucket(), "EV_KV");
+    assert_eq!(nats.ack_wait, Some(Duration::from_secs(45)));
+    assert_eq!(nats.max_deliver, Some(10));
+    assert_eq!(nats.backoff, [1, 5, 60].map(Duration::from_secs).to_vec());
+    assert!(nats.tls.required);
+    assert_eq!(
+        BrokerConfig::default().nats.kv_bucket(),
+        "RESOLVESPEC_EVENTS_STATE"
+    );
+
+    let refused = |change: fn(&mut BrokerConfig)| async move {
+        let mut settings = config("nats://127.0.0.1:1");
+        change(&mut settings);
+        match NatsProvider::connect(&settings).await {
+            Err(ProviderError::Config { reason, .. }) => reason,
+            Err(other) => panic!("expected a config error, got {other}"),
+            Ok(_) => panic!("expected a config error"),
+        }
+    };
+    assert!(
+        refused(|c| c.nats.subjects = vec!["events".into()])
+            .await
+            .contains("prefix.>")
+    );
+    assert!(
+        refused(|c| c.nats.stream_name = "a.b".into())
+            .await
+            .contains("stream_name")
+    );
+    assert!(
+        refused(|c| c.nats.kv_bucket = Some("a b".into()))
+            .await
+            .contains("kv_bucket")
+    );
+    assert!(
+        refused(|c| c.nats.user = Some("u".into()))
+            .await
+            .contains("password")
+    );
+    assert!(
+        refused(|c| c.nats.max_age = Duration::from_secs(60))
+            .await
+            .contains("duplicate_window")
+    );
+    assert!(
+        refused(|c| {
+            c.nats.max_deliver = Some(2);
+            c.nats.backoff = vec![Duration::from_secs(1); 2];
+        })
+        .await
+        .contains("backoff")
+    );
+}
