@@ -39,7 +39,7 @@ pub(crate) struct StateStore {
 /// See [`StateStore::lookup`].
 pub(crate) enum Lookup {
     /// The event's current state.
-    Live(Versioned),
+    Live(Box<Versioned>),
     /// A publish failed and its state was taken back (a delete marker at `revision`).
     TakenBack { revision: u64 },
     /// Deleted, expired or never stored.
@@ -152,10 +152,10 @@ impl StateStore {
             .await
             .map_err(|e| backend(format!("cannot read event {id}: {e}")))?;
         Ok(match entry {
-            Some(entry) if entry.operation == Operation::Put => Lookup::Live(Versioned {
+            Some(entry) if entry.operation == Operation::Put => Lookup::Live(Box::new(Versioned {
                 event: decode(&entry.value)?,
                 revision: entry.revision,
-            }),
+            })),
             Some(entry) if entry.operation == Operation::Delete => Lookup::TakenBack {
                 revision: entry.revision,
             },
