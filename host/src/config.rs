@@ -303,17 +303,36 @@ impl Default for NatsConfig {
     }
 }
 
-/// The database provider.
+/// The database provider (SQLite or PostgreSQL, chosen by the URL's scheme).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
-    /// Connection URL: `postgres://…` or `sqlite://path/to/file.db`.
+    /// Connection URL: `postgres://user:pass@host/db` or `sqlite://path/to/file.db` (the file
+    /// and its directory are created if missing). Default `sqlite://eventbroker.db`.
     pub url: String,
-    /// Table name (a plain SQL identifier).
+    /// Name of the events table (a plain SQL identifier: letters, digits and `_`, starting
+    /// with a letter or `_`, at most 40 characters). The provider's other tables are named
+    /// after it (`<table>_deliveries`, `<table>_groups`, `<table>_migrations`). Default `events`.
     pub table_name: String,
-    /// Fallback poll interval for new events.
+    /// How often consumers and watchers look for new work when no notification arrived
+    /// (PostgreSQL wakes them with `LISTEN/NOTIFY`; SQLite relies on it for other processes).
+    /// Default 1s.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// Largest connection pool. Default 10.
+    pub max_connections: u32,
+    /// How long to wait for a connection (at start and from the pool). Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Most deliveries claimed by one query. Default 64.
+    pub batch_size: usize,
+    /// How often expired leases (a host that died mid-event) are returned to `pending`.
+    /// Expired deliveries are claimable at once regardless; this resets their status.
+    /// Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub rescue_interval: Duration,
+    /// Events buffered per live watcher before it is cut off as too slow. Default 1024.
+    pub watcher_buffer: usize,
 }
 
 impl Default for DatabaseConfig {
@@ -322,6 +341,11 @@ impl Default for DatabaseConfig {
             url: "sqlite://eventbroker.db".into(),
             table_name: "events".into(),
             poll_interval: Duration::from_secs(1),
+            max_connections: 10,
+            connect_timeout: Duration::from_secs(10),
+            batch_size: 64,
+            rescue_interval: Duration::from_secs(10),
+            watcher_buffer: 1024,
         }
     }
 }
