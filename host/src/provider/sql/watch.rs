@@ -182,11 +182,12 @@ pub async fn pg_listener(
                 let Some(shared) = shared.upgrade() else {
                     return;
                 };
-                if shared.watchers.receiver_count() > 0 && !ids.is_empty() {
-                    if let Err(error) = publish_by_id(&shared, ids).await {
-                        tracing::warn!(%error, "could not fetch notified events for watchers");
-                        let _ = shared.watchers.send(WatchMessage::Lost);
-                    }
+                if shared.watchers.receiver_count() > 0
+                    && !ids.is_empty()
+                    && let Err(error) = publish_by_id(&shared, ids).await
+                {
+                    tracing::warn!(%error, "could not fetch notified events for watchers");
+                    let _ = shared.watchers.send(WatchMessage::Lost);
                 }
             }
             Ok(None) => {
