@@ -21,3 +21,34 @@ fn a_single_memory_host_handles_every_event_once() {
     }
     assert_eq!(cluster.invocations(0), ids.len() as u64);
 }
+
+/// The `event_broker` section of a PostgreSQL cluster on a table of its own, or `None` after
+/// a loud skip when the server is unreachable.
+fn postgres_broker() -> Option<serde_json::Value> {
+    if !support::services::available("PostgreSQL", "127.0.0.1:5432") {
+        return None;
+    }
+    Some(json!({
+        "provider": "database",
+        "database": {
+            "url": support::backends::postgres_url(),
+            "table_name": format!("cluster_{}", support::unique_suffix()),
+            "poll_interval": "200ms",
+            "rescue_interval": "500ms",
+        },
+    }))
+}
+
+#[test]
+fn postgres_two_hosts_share_work_exactly_once() {
+    if let Some(broker) = postgres_broker() {
+        support::cluster::scenarios::two_hosts_share_work_exactly_once(broker);
+    }
+}
+
+#[test]
+fn postgres_killing_a_host_mid_load_loses_nothing() {
+    if let Some(broker) = postgres_broker() {
+        support::cluster::scenarios::killing_a_host_mid_load_loses_nothing(broker);
+    }
+}

@@ -52,3 +52,5 @@ macro_rules! conformance {
 }
 
 conformance!(memory, support::backends::memory());
+conformance!(sqlite, support::backends::sqlite());
+conformance!(postgres, support::backends::postgres());

@@ -89,7 +89,11 @@ async fn broker_survives_a_restart(backend: Backend) {
     }
     second.stop().await.expect("stop");
     let handled = handled.lock().expect("lock").clone();
-    assert_eq!(handled.len(), ids.len(), "every event handled after the restart");
+    assert_eq!(
+        handled.len(),
+        ids.len(),
+        "every event handled after the restart"
+    );
     assert!(
         handled.values().all(|&n| n == 1),
         "each handled once: {handled:?}"

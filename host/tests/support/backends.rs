@@ -63,3 +63,34 @@ pub async fn memory() -> Option<Backend> {
         single: Some(provider),
     })
 }
+
+/// SQLite in a file of its own under the system temp directory.
+pub async fn sqlite() -> Option<Backend> {
+    let mut config = base_config(ProviderKind::Database);
+    let dir = std::env::temp_dir().join(format!("eventbroker-test-{}", super::unique_suffix()));
+    config.database.url = format!("sqlite://{}", dir.join("events.db").display());
+    config.database.poll_interval = std::time::Duration::from_millis(50);
+    config.database.rescue_interval = std::time::Duration::from_millis(200);
+    Some(Backend::from_config("sqlite", config))
+}
+
+/// The URL of the PostgreSQL test database (`EVENTBROKER_TEST_POSTGRES_URL`, default the local
+/// server's `test` database).
+pub fn postgres_url() -> String {
+    std::env::var("EVENTBROKER_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// PostgreSQL on a table of its own, or `None` after a loud skip when the server is down.
+pub async fn postgres() -> Option<Backend> {
+    if !super::services::available("PostgreSQL", "127.0.0.1:5432") {
+        return None;
+    }
+    let mut config = base_config(ProviderKind::Database);
+    config.database.url = postgres_url();
+    config.database.table_name = format!("events_{}", super::unique_suffix());
+    config.database.poll_interval = std::time::Duration::from_millis(200);
+    config.database.rescue_interval = std::time::Duration::from_millis(200);
+    config.database.max_connections = 8;
+    Some(Backend::from_config("postgres", config))
+}
