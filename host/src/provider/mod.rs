@@ -7,6 +7,7 @@
 
 mod filter;
 pub mod memory;
+pub mod redis;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -24,6 +25,7 @@ use crate::pattern::Pattern;
 
 pub use filter::{EventFilter, SortOrder};
 pub use memory::MemoryProvider;
+pub use self::redis::RedisProvider;
 
 /// What a backend guarantees; the conformance suite tests exactly what is claimed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -331,6 +333,9 @@ pub async fn from_config(config: &BrokerConfig) -> Result<Arc<dyn Provider>, Pro
         ProviderKind::Memory => Ok(Arc::new(MemoryProvider::new(
             memory::MemoryOptions::from_config(config),
         ))),
+        ProviderKind::Redis => Ok(Arc::new(
+            RedisProvider::connect(self::redis::RedisOptions::from_config(config)?).await?,
+        )),
         other => Err(ProviderError::Unavailable(other.as_str().to_owned())),
     }
 }
