@@ -23,9 +23,9 @@ use crate::config::{BrokerConfig, ProviderKind};
 use crate::event::{Event, EventStatus, HandlerOutcome};
 use crate::pattern::Pattern;
 
+pub use self::redis::RedisProvider;
 pub use filter::{EventFilter, SortOrder};
 pub use memory::MemoryProvider;
-pub use self::redis::RedisProvider;
 
 /// What a backend guarantees; the conformance suite tests exactly what is claimed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

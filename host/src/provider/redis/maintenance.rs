@@ -53,8 +53,8 @@ pub(crate) async fn pass(shared: &Arc<Shared>) -> Result<(), ProviderError> {
         .await
         .map_err(backend)?;
 
-    let retention = chrono::Duration::from_std(shared.options.retention)
-        .unwrap_or(chrono::Duration::MAX);
+    let retention =
+        chrono::Duration::from_std(shared.options.retention).unwrap_or(chrono::Duration::MAX);
     let cutoff = Utc::now()
         .checked_sub_signed(retention)
         .map_or(i64::MIN, score);

@@ -30,8 +30,8 @@ use redis::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Consumer, ConsumerOptions, EventFilter, EventStream, Provider, ProviderError,
-    ProviderFeatures, ProviderStats, SortOrder, StatusUpdate,
+    Consumer, ConsumerOptions, EventFilter, EventStream, Provider, ProviderError, ProviderFeatures,
+    ProviderStats, SortOrder, StatusUpdate,
 };
 use crate::config::BrokerConfig;
 use crate::event::{Event, EventSource, EventStatus};
@@ -389,7 +389,10 @@ impl Shared {
         let picked = [
             filter.status.map(|s| self.keys.by_status(s)),
             filter.source.map(|s| self.keys.by_source(s)),
-            filter.instance_id.as_deref().map(|i| self.keys.by_instance(i)),
+            filter
+                .instance_id
+                .as_deref()
+                .map(|i| self.keys.by_instance(i)),
         ];
         let set = picked.iter().filter(|k| k.is_some()).count();
         match picked.into_iter().flatten().next() {
@@ -609,7 +612,9 @@ impl Provider for RedisProvider {
         let at = |i: usize| counts.get(i).copied().unwrap_or(0);
         let n = EventStatus::ALL.len();
         stats.backend.insert("stream_length".into(), at(n).into());
-        stats.backend.insert("dead_letters".into(), at(n + 1).into());
+        stats
+            .backend
+            .insert("dead_letters".into(), at(n + 1).into());
         stats
             .backend
             .insert("stream".into(), keys.stream.clone().into());

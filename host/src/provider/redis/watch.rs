@@ -26,7 +26,10 @@ impl Drop for Registered {
 }
 
 /// Subscribes a new watcher to events whose type matches `pattern`.
-pub(crate) async fn open(shared: Arc<Shared>, pattern: Pattern) -> Result<EventStream, ProviderError> {
+pub(crate) async fn open(
+    shared: Arc<Shared>,
+    pattern: Pattern,
+) -> Result<EventStream, ProviderError> {
     let timeout = shared.options.command_timeout;
     let subscribe = async {
         let mut pubsub = shared.client.get_async_pubsub().await?;
