@@ -52,3 +52,4 @@ macro_rules! conformance {
 }
 
 conformance!(memory, support::backends::memory());
+conformance!(redis, support::backends::redis());

@@ -63,3 +63,18 @@ pub async fn memory() -> Option<Backend> {
         single: Some(provider),
     })
 }
+
+/// Redis Streams at `REDIS_ADDR` (default 127.0.0.1:6379), on a stream name of its own.
+pub async fn redis() -> Option<Backend> {
+    let addr = std::env::var("REDIS_ADDR").unwrap_or_else(|_| "127.0.0.1:6379".into());
+    if !super::services::available("Redis", &addr) {
+        return None;
+    }
+    let mut config = base_config(ProviderKind::Redis);
+    config.redis.url = Some(format!("redis://{addr}/0"));
+    config.redis.stream_name = format!("eb-test:{}", super::unique_suffix());
+    // Short reads and claim checks, so that closes and lease expiries show quickly.
+    config.redis.block_time = std::time::Duration::from_millis(200);
+    config.redis.claim_interval = std::time::Duration::from_millis(100);
+    Some(Backend::from_config("redis", config))
+}
