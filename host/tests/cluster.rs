@@ -96,21 +96,23 @@ impl Proxy {
         std::thread::spawn(move || {
             for inbound in listener.incoming() {
                 let Ok(inbound) = inbound else { continue };
-                if !up2.load(Ordering::Acquire) {
-                    let _ = inbound.shutdown(Shutdown::Both);
-                    continue;
-                }
                 let Ok(outbound) = TcpStream::connect(&target) else {
                     continue;
                 };
+                // Registered under the lock `cut` takes, so no connection outlives a cut.
+                let Ok(mut list) = open2.lock() else { continue };
+                if !up2.load(Ordering::Acquire) {
+                    let _ = inbound.shutdown(Shutdown::Both);
+                    let _ = outbound.shutdown(Shutdown::Both);
+                    continue;
+                }
+                list.extend(inbound.try_clone());
+                list.extend(outbound.try_clone());
+                drop(list);
                 let pairs = [
                     (inbound.try_clone(), outbound.try_clone()),
                     (outbound.try_clone(), inbound.try_clone()),
                 ];
-                if let Ok(mut list) = open2.lock() {
-                    list.extend(inbound.try_clone());
-                    list.extend(outbound.try_clone());
-                }
                 for pair in pairs {
                     if let (Ok(mut from), Ok(mut to)) = pair {
                         std::thread::spawn(move || {

@@ -233,38 +233,17 @@ async fn failed_events_become_dead_letters_and_requeue_moves_them_back() {
     cleanup(&config).await;
 }
 
+/// (Keep-alive holding the lease is a conformance case.)
 #[tokio::test]
-async fn keep_alive_prevents_claims_and_a_silent_consumer_is_claimed() {
+async fn a_silent_consumer_is_claimed_and_cannot_acknowledge_any_more() {
     let Some(config) = config() else { return };
     let provider = connect(&config).await;
-    let lease = Duration::from_millis(600);
+    let lease = Duration::from_millis(300);
     let a = provider.consume(options("claims", lease)).await.unwrap();
     let b = provider.consume(options("claims", lease)).await.unwrap();
     let e = event("a.b");
     provider.publish(&e).await.unwrap();
     let held = fetch_n(a.as_ref(), 1).await.remove(0);
-
-    // While A keeps the delivery alive (every lease/6), B gets nothing for several leases.
-    let stop = Arc::new(AtomicBool::new(false));
-    let keeper = {
-        let (a, held, stop) = (a.clone(), held.clone(), stop.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Acquire) {
-                a.keep_alive(&held).await.expect("keep alive");
-                tokio::time::sleep(lease / 6).await;
-            }
-        })
-    };
-    let quiet = tokio::time::timeout(lease * 4, b.fetch(1)).await;
-    assert!(
-        quiet.is_err()
-            || quiet
-                .as_ref()
-                .is_ok_and(|r| r.as_ref().is_ok_and(Vec::is_empty)),
-        "a kept-alive delivery was claimed: {quiet:?}"
-    );
-    stop.store(true, Ordering::Release);
-    keeper.await.unwrap();
 
     // A goes silent: B claims it after the idle threshold; A can no longer acknowledge it.
     let claimed = fetch_n(b.as_ref(), 1).await.remove(0);
@@ -419,12 +398,14 @@ impl Proxy {
                 let Ok((mut inbound, _)) = listener.accept().await else {
                     return;
                 };
+                // Checked under the lock `cut` takes, so no connection outlives a cut.
+                let mut connections = conns2.lock().await;
                 if !up2.load(Ordering::Acquire) {
                     drop(inbound);
                     continue;
                 }
                 let target = target.clone();
-                conns2.lock().await.spawn(async move {
+                connections.spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(target).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
