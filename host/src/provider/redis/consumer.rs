@@ -208,6 +208,9 @@ impl ConsumerInner {
     ) -> Result<Vec<Delivery>, ProviderError> {
         let keys = &self.shared.keys;
         if let Some(from) = state.reread_from.clone() {
+            // Snapshot what the broker holds *before* reading: a delivery completed while the
+            // read runs leaves the set but may still be in the reply.
+            let held = self.outstanding().clone();
             let reply: Value = redis::cmd("XREADGROUP")
                 .arg("GROUP")
                 .arg(&self.group)
@@ -226,7 +229,6 @@ impl ConsumerInner {
             } else {
                 found.last().map(|e| e.id.clone())
             };
-            let held = self.outstanding().clone();
             let mine: Vec<Entry> = found
                 .into_iter()
                 .filter(|e| !held.contains(&e.id))
@@ -238,6 +240,7 @@ impl ConsumerInner {
         }
         let now = Instant::now();
         if now >= state.next_claim {
+            let held = self.outstanding().clone();
             let reply: Value = redis::cmd("XAUTOCLAIM")
                 .arg(&keys.stream)
                 .arg(&self.group)
@@ -254,7 +257,6 @@ impl ConsumerInner {
                 state.next_claim = now + self.claim_every;
             }
             state.claim_cursor = cursor;
-            let held = self.outstanding().clone();
             let claimed: Vec<Entry> = claimed
                 .into_iter()
                 .filter(|e| !held.contains(&e.id))
