@@ -78,3 +78,32 @@ pub async fn redis() -> Option<Backend> {
     config.redis.claim_interval = std::time::Duration::from_millis(100);
     Some(Backend::from_config("redis", config))
 }
+
+/// Deletes every key of a Redis backend's namespace (its stream name is the key prefix) when
+/// the test is done with it.
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if self.config.provider != ProviderKind::Redis {
+            return;
+        }
+        let (Some(url), prefix) = (&self.config.redis.url, &self.config.redis.stream_name) else {
+            return;
+        };
+        let Ok(client) = redis::Client::open(url.as_str()) else {
+            return;
+        };
+        let timeout = std::time::Duration::from_secs(5);
+        let Ok(mut conn) = client.get_connection_with_timeout(timeout) else {
+            return;
+        };
+        let _ = conn.set_read_timeout(Some(timeout));
+        let keys: Vec<String> =
+            match redis::Commands::scan_match::<_, String>(&mut conn, format!("{prefix}*")) {
+                Ok(iter) => iter.filter_map(Result::ok).collect(),
+                Err(_) => return,
+            };
+        for chunk in keys.chunks(500) {
+            let _: Result<i64, _> = redis::cmd("DEL").arg(chunk).query(&mut conn);
+        }
+    }
+}
