@@ -96,12 +96,15 @@ impl RedisConsumer {
             .counters
             .consumers
             .fetch_add(1, Ordering::Relaxed);
-        inner
-            .shared
-            .consumers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::downgrade(&inner));
+        {
+            let mut consumers = inner
+                .shared
+                .consumers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            consumers.retain(|c| c.strong_count() > 0);
+            consumers.push(Arc::downgrade(&inner));
+        }
         RedisConsumer { inner }
     }
 }
