@@ -54,3 +54,4 @@ macro_rules! conformance {
 conformance!(memory, support::backends::memory());
 conformance!(sqlite, support::backends::sqlite());
 conformance!(postgres, support::backends::postgres());
+conformance!(redis, support::backends::redis());

@@ -8,6 +8,7 @@
 mod filter;
 pub mod memory;
 pub mod sql;
+pub mod redis;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -23,6 +24,7 @@ use crate::config::{BrokerConfig, ProviderKind};
 use crate::event::{Event, EventStatus, HandlerOutcome};
 use crate::pattern::Pattern;
 
+pub use self::redis::RedisProvider;
 pub use filter::{EventFilter, SortOrder};
 pub use memory::MemoryProvider;
 pub use sql::{SqlOptions, SqlProvider};
@@ -335,6 +337,9 @@ pub async fn from_config(config: &BrokerConfig) -> Result<Arc<dyn Provider>, Pro
         ))),
         ProviderKind::Database => Ok(Arc::new(
             SqlProvider::connect(SqlOptions::from_config(config)).await?,
+        )),
+        ProviderKind::Redis => Ok(Arc::new(
+            RedisProvider::connect(self::redis::RedisOptions::from_config(config)?).await?,
         )),
         other => Err(ProviderError::Unavailable(other.as_str().to_owned())),
     }

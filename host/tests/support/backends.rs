@@ -94,3 +94,47 @@ pub async fn postgres() -> Option<Backend> {
     config.database.max_connections = 8;
     Some(Backend::from_config("postgres", config))
 }
+
+/// Redis Streams at `REDIS_ADDR` (default 127.0.0.1:6379), on a stream name of its own.
+pub async fn redis() -> Option<Backend> {
+    let addr = std::env::var("REDIS_ADDR").unwrap_or_else(|_| "127.0.0.1:6379".into());
+    if !super::services::available("Redis", &addr) {
+        return None;
+    }
+    let mut config = base_config(ProviderKind::Redis);
+    config.redis.url = Some(format!("redis://{addr}/0"));
+    config.redis.stream_name = format!("eb-test:{}", super::unique_suffix());
+    // Short reads and claim checks, so that closes and lease expiries show quickly.
+    config.redis.block_time = std::time::Duration::from_millis(200);
+    config.redis.claim_interval = std::time::Duration::from_millis(100);
+    Some(Backend::from_config("redis", config))
+}
+
+/// Deletes every key of a Redis backend's namespace (its stream name is the key prefix) when
+/// the test is done with it.
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if self.config.provider != ProviderKind::Redis {
+            return;
+        }
+        let (Some(url), prefix) = (&self.config.redis.url, &self.config.redis.stream_name) else {
+            return;
+        };
+        let Ok(client) = redis::Client::open(url.as_str()) else {
+            return;
+        };
+        let timeout = std::time::Duration::from_secs(5);
+        let Ok(mut conn) = client.get_connection_with_timeout(timeout) else {
+            return;
+        };
+        let _ = conn.set_read_timeout(Some(timeout));
+        let keys: Vec<String> =
+            match redis::Commands::scan_match::<_, String>(&mut conn, format!("{prefix}*")) {
+                Ok(iter) => iter.filter_map(Result::ok).collect(),
+                Err(_) => return,
+            };
+        for chunk in keys.chunks(500) {
+            let _: Result<i64, _> = redis::cmd("DEL").arg(chunk).query(&mut conn);
+        }
+    }
+}
