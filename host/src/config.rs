@@ -226,15 +226,21 @@ impl Default for MemoryConfig {
     }
 }
 
-/// The Redis Streams provider.
+/// The Redis Streams provider (see `docs/providers/redis.md`).
+///
+/// Every command runs with `command_timeout`; blocking reads block at most `block_time`, so no
+/// call waits forever.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// Full URL (`redis://`, `rediss://` for TLS); when set, host/port/password/db are ignored.
+    /// Full URL (`redis://[user:password@]host:port/db`, `rediss://…` for TLS); when set,
+    /// host, port, password, db and tls are ignored.
     pub url: Option<String>,
-    /// Stream key.
+    /// Stream key; every other key of the provider starts with it (`{stream_name}:…`).
     pub stream_name: String,
-    /// Consumer group.
+    /// The Redis consumer group the broker's workers join (it replaces
+    /// `event_broker.consumer_group` for this provider). Created at start, from the beginning
+    /// of the stream.
     pub consumer_group: String,
     /// Server host.
     pub host: String,
@@ -244,8 +250,36 @@ pub struct RedisConfig {
     pub password: String,
     /// Database number.
     pub db: i64,
-    /// Approximate stream length bound.
+    /// Connect with TLS (host/port form; the URL form uses `rediss://`).
+    pub tls: bool,
+    /// Approximate stream length bound: older entries are trimmed, but never one that a
+    /// consumer group has not finished (pending or not yet read).
     pub max_len: u64,
+    /// Longest `BLOCK` of one `XREADGROUP`; also bounds how long closing a consumer waits.
+    #[serde(with = "humantime_serde")]
+    pub block_time: Duration,
+    /// Most entries read per `XREADGROUP`/`XAUTOCLAIM` (`COUNT`).
+    pub batch_size: usize,
+    /// Entries idle (unacknowledged, not kept alive) longer than this are claimed by another
+    /// consumer. Default: the broker's `lease`.
+    #[serde(default, with = "humantime_serde")]
+    pub claim_idle: Option<Duration>,
+    /// How often each consumer looks for idle entries to claim (`XAUTOCLAIM`); at most half
+    /// the claim idle time.
+    #[serde(with = "humantime_serde")]
+    pub claim_interval: Duration,
+    /// Consumers with no pending entries that have been idle this long are deleted.
+    #[serde(with = "humantime_serde")]
+    pub consumer_idle_timeout: Duration,
+    /// Finished (completed or failed) events are removed this long after they finished.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often trimming, retention cleanup and idle-consumer removal run.
+    #[serde(with = "humantime_serde")]
+    pub maintenance_interval: Duration,
+    /// Timeout of every command (and of connecting).
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
 }
 
 impl Default for RedisConfig {
@@ -258,7 +292,16 @@ impl Default for RedisConfig {
             port: 6379,
             password: String::new(),
             db: 0,
+            tls: false,
             max_len: 10_000,
+            block_time: Duration::from_secs(1),
+            batch_size: 100,
+            claim_idle: None,
+            claim_interval: Duration::from_secs(5),
+            consumer_idle_timeout: Duration::from_secs(3600),
+            retention: Duration::from_secs(24 * 3600),
+            maintenance_interval: Duration::from_secs(10),
+            command_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -396,17 +439,36 @@ mod duration_list {
     }
 }
 
-/// The database provider.
+/// The database provider (SQLite or PostgreSQL, chosen by the URL's scheme).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
-    /// Connection URL: `postgres://…` or `sqlite://path/to/file.db`.
+    /// Connection URL: `postgres://user:pass@host/db` or `sqlite://path/to/file.db` (the file
+    /// and its directory are created if missing). Default `sqlite://eventbroker.db`.
     pub url: String,
-    /// Table name (a plain SQL identifier).
+    /// Name of the events table (a plain SQL identifier: letters, digits and `_`, starting
+    /// with a letter or `_`, at most 40 characters). The provider's other tables are named
+    /// after it (`<table>_deliveries`, `<table>_groups`, `<table>_migrations`). Default `events`.
     pub table_name: String,
-    /// Fallback poll interval for new events.
+    /// How often consumers and watchers look for new work when no notification arrived
+    /// (PostgreSQL wakes them with `LISTEN/NOTIFY`; SQLite relies on it for other processes).
+    /// Default 1s.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// Largest connection pool. Default 10.
+    pub max_connections: u32,
+    /// How long to wait for a connection (at start and from the pool). Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Most deliveries claimed by one query. Default 64.
+    pub batch_size: usize,
+    /// How often expired leases (a host that died mid-event) are returned to `pending`.
+    /// Expired deliveries are claimable at once regardless; this resets their status.
+    /// Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub rescue_interval: Duration,
+    /// Events buffered per live watcher before it is cut off as too slow. Default 1024.
+    pub watcher_buffer: usize,
 }
 
 impl Default for DatabaseConfig {
@@ -415,6 +477,11 @@ impl Default for DatabaseConfig {
             url: "sqlite://eventbroker.db".into(),
             table_name: "events".into(),
             poll_interval: Duration::from_secs(1),
+            max_connections: 10,
+            connect_timeout: Duration::from_secs(10),
+            batch_size: 64,
+            rescue_interval: Duration::from_secs(10),
+            watcher_buffer: 1024,
         }
     }
 }

@@ -123,3 +123,115 @@ async fn sweep_nats_leftovers() {
         })
         .await;
 }
+
+/// SQLite in a file of its own under the system temp directory.
+pub async fn sqlite() -> Option<Backend> {
+    let mut config = base_config(ProviderKind::Database);
+    let dir = std::env::temp_dir().join(format!("eventbroker-test-{}", super::unique_suffix()));
+    config.database.url = format!("sqlite://{}", dir.join("events.db").display());
+    config.database.poll_interval = std::time::Duration::from_millis(50);
+    config.database.rescue_interval = std::time::Duration::from_millis(200);
+    Some(Backend::from_config("sqlite", config))
+}
+
+/// The URL of the PostgreSQL test database (`EVENTBROKER_TEST_POSTGRES_URL`, default the local
+/// server's `test` database).
+pub fn postgres_url() -> String {
+    std::env::var("EVENTBROKER_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// PostgreSQL on a table of its own, or `None` after a loud skip when the server is down.
+pub async fn postgres() -> Option<Backend> {
+    if !super::services::available("PostgreSQL", "127.0.0.1:5432") {
+        return None;
+    }
+    let mut config = base_config(ProviderKind::Database);
+    config.database.url = postgres_url();
+    config.database.table_name = format!("events_{}", super::unique_suffix());
+    config.database.poll_interval = std::time::Duration::from_millis(200);
+    config.database.rescue_interval = std::time::Duration::from_millis(200);
+    config.database.max_connections = 8;
+    Some(Backend::from_config("postgres", config))
+}
+
+/// Redis Streams at `REDIS_ADDR` (default 127.0.0.1:6379), on a stream name of its own.
+pub async fn redis() -> Option<Backend> {
+    let addr = std::env::var("REDIS_ADDR").unwrap_or_else(|_| "127.0.0.1:6379".into());
+    if !super::services::available("Redis", &addr) {
+        return None;
+    }
+    let mut config = base_config(ProviderKind::Redis);
+    config.redis.url = Some(format!("redis://{addr}/0"));
+    config.redis.stream_name = format!("eb-test:{}", super::unique_suffix());
+    // Short reads and claim checks, so that closes and lease expiries show quickly.
+    config.redis.block_time = std::time::Duration::from_millis(200);
+    config.redis.claim_interval = std::time::Duration::from_millis(100);
+    Some(Backend::from_config("redis", config))
+}
+
+/// Deletes a backend's namespace when the test is done with it: every key of a Redis backend
+/// (its stream name is the key prefix), the stream and bucket of a NATS backend.
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if self.config.provider == ProviderKind::Nats {
+            delete_nats_namespace(&self.config);
+            return;
+        }
+        if self.config.provider != ProviderKind::Redis {
+            return;
+        }
+        let (Some(url), prefix) = (&self.config.redis.url, &self.config.redis.stream_name) else {
+            return;
+        };
+        let Ok(client) = redis::Client::open(url.as_str()) else {
+            return;
+        };
+        let timeout = std::time::Duration::from_secs(5);
+        let Ok(mut conn) = client.get_connection_with_timeout(timeout) else {
+            return;
+        };
+        let _ = conn.set_read_timeout(Some(timeout));
+        let keys: Vec<String> =
+            match redis::Commands::scan_match::<_, String>(&mut conn, format!("{prefix}*")) {
+                Ok(iter) => iter.filter_map(Result::ok).collect(),
+                Err(_) => return,
+            };
+        for chunk in keys.chunks(500) {
+            let _: Result<i64, _> = redis::cmd("DEL").arg(chunk).query(&mut conn);
+        }
+    }
+}
+
+/// Deletes the stream and bucket of a NATS backend (on a thread of its own: `Drop` may run
+/// inside the test's runtime, which cannot be blocked on).
+fn delete_nats_namespace(config: &BrokerConfig) {
+    let stream = config.nats.stream_name.clone();
+    let bucket_stream = format!("KV_{}", config.nats.kv_bucket());
+    let url = config.nats.url.clone();
+    let deleted = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async {
+            let connect = async_nats::connect(url.as_str());
+            let Ok(Ok(client)) =
+                tokio::time::timeout(std::time::Duration::from_secs(5), connect).await
+            else {
+                return;
+            };
+            let js = async_nats::jetstream::new(client);
+            for name in [stream, bucket_stream] {
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    js.delete_stream(&name),
+                )
+                .await;
+            }
+        });
+    });
+    let _ = deleted.join();
+}
