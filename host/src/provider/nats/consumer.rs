@@ -255,7 +255,11 @@ impl Consumer for NatsConsumer {
                     Some(Ok(message)) => messages.push(message),
                 }
                 if max > 1 {
-                    messages.extend(self.pull_now(max - 1).await?);
+                    // Topping up is optional: keep the message already taken if it fails.
+                    match self.pull_now(max - 1).await {
+                        Ok(more) => messages.extend(more),
+                        Err(error) => tracing::debug!(%error, "could not top up a batch"),
+                    }
                 }
             }
             let deliveries = self.admit(messages).await;
