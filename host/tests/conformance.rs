@@ -1,0 +1,54 @@
+//! The provider conformance suite: the same cases run against every backend. A backend
+//! declares what it guarantees ([`eventbroker::provider::ProviderFeatures`]) and a case skips
+//! only what its backend does not claim. Backends needing a service skip loudly when it is
+//! unreachable (a failure under `EVENTBROKER_REQUIRE_SERVICES=1`).
+//!
+//! Add a backend with one line: `conformance!(name, support::backends::name());`.
+
+#[path = "conformance/cases.rs"]
+mod conformance_cases;
+mod support;
+
+/// Generates one test per conformance case for a backend.
+macro_rules! conformance {
+    ($backend:ident, $open:expr) => {
+        mod $backend {
+            use super::conformance_cases as cases;
+            #[allow(unused_imports)]
+            use super::support;
+
+            conformance!(@cases $open;
+                publish_then_consume_keeps_every_field,
+                many_publishers_and_consumers_deliver_each_event_once,
+                negative_acknowledgement_redelivers,
+                retry_redelivers_after_its_delay_with_the_update,
+                unacknowledged_delivery_is_redelivered_after_its_lease,
+                keep_alive_holds_the_lease,
+                closing_and_reopening_consumers_loses_nothing,
+                every_consumer_group_receives_every_event,
+                watchers_receive_only_matching_types,
+                store_get_update_delete,
+                list_filters_order_and_paginate,
+                concurrent_publishers_while_consuming_skip_nothing,
+                requeue_makes_a_finished_event_deliverable_again,
+                close_is_idempotent_and_ends_streams_and_consumers,
+                duplicate_ids_are_rejected,
+                stats_count_events_by_status,
+                a_new_provider_instance_sees_everything_of_a_closed_one,
+                hosts_sharing_the_backend_share_work_and_watch_each_other,
+            );
+        }
+    };
+    (@cases $open:expr; $($case:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                if let Some(backend) = $open.await {
+                    cases::$case(&backend).await;
+                }
+            }
+        )+
+    };
+}
+
+conformance!(memory, support::backends::memory());

@@ -1,0 +1,1165 @@
+//! The cases of the provider conformance suite, generic over the backend.
+//!
+//! Every case works in the backend's own namespace, so cases run in parallel. Timestamps of
+//! the events published here are whole microseconds, the precision every backend keeps.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DurationRound, TimeDelta, Utc};
+use eventbroker::event::{
+    Event, EventSource, EventStatus, Failure, FailureKind, HandlerOutcome, OutcomeState,
+};
+use eventbroker::pattern::Pattern;
+use eventbroker::provider::{
+    Consumer, ConsumerOptions, Delivery, EventFilter, Provider, ProviderError, SortOrder,
+    StatusUpdate,
+};
+use futures::StreamExt;
+use serde_json::json;
+
+use super::support::backends::Backend;
+use super::support::{PATIENCE, unique_suffix, wait_for};
+
+/// The lease of consumers whose deliveries are acknowledged promptly.
+const LONG_LEASE: Duration = Duration::from_secs(60);
+/// The lease of consumers whose deliveries are left to expire.
+const SHORT_LEASE: Duration = Duration::from_secs(1);
+
+fn options(group: &str, lease: Duration) -> ConsumerOptions {
+    ConsumerOptions {
+        group: group.to_owned(),
+        name: format!("consumer-{}", unique_suffix()),
+        lease,
+    }
+}
+
+/// An event of `event_type` with every field set, as a publisher would hand it over.
+fn full_event(event_type: &str, n: usize) -> Event {
+    let mut event = Event::crud(EventSource::Database, "shop", "orders", "create", "host-a")
+        .with_payload(json!({"n": n, "items": [{"sku": "a-1", "qty": 2}], "note": "ünïcødé ✓"}))
+        .with_metadata("user_name", json!("ada"))
+        .with_metadata("roles", json!(["admin", "ops"]));
+    event.event_type = event_type.to_owned();
+    event.user_id = Some(42 + n as i64);
+    event.session_id = format!("session-{n}");
+    event.created_at = now_micros();
+    event
+}
+
+fn simple_event(event_type: &str) -> Event {
+    let mut event = Event::new(EventSource::System, event_type, "host-a");
+    event.created_at = now_micros();
+    event
+}
+
+fn now_micros() -> chrono::DateTime<Utc> {
+    Utc::now()
+        .duration_trunc(TimeDelta::microseconds(1))
+        .unwrap_or_else(|_| Utc::now())
+}
+
+fn finished(status: EventStatus, event: &Event) -> StatusUpdate {
+    StatusUpdate {
+        status,
+        error: (status == EventStatus::Failed).then(|| "handler failed".to_owned()),
+        retry_count: event.retry_count,
+        handlers: vec![HandlerOutcome {
+            handler: "h".into(),
+            version: Some("v1".into()),
+            state: if status == EventStatus::Failed {
+                OutcomeState::Failed
+            } else {
+                OutcomeState::Succeeded
+            },
+            attempts: 1,
+            last_error: (status == EventStatus::Failed)
+                .then(|| Failure::new(FailureKind::Fail, "boom")),
+            finished_at: now_micros(),
+        }],
+        processed_at: Some(now_micros()),
+        completed_at: Some(now_micros()),
+    }
+}
+
+fn completed(event: &Event) -> StatusUpdate {
+    finished(EventStatus::Completed, event)
+}
+
+async fn publish_all(provider: &Arc<dyn Provider>, events: &[Event]) {
+    for event in events {
+        provider.publish(event).await.expect("publish");
+    }
+}
+
+/// Fetches until `count` deliveries arrived (or panics after [`PATIENCE`]).
+async fn fetch_n(consumer: &Arc<dyn Consumer>, count: usize) -> Vec<Delivery> {
+    let mut out = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        while out.len() < count {
+            let batch = consumer.fetch(count - out.len()).await.expect("fetch");
+            out.extend(batch);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out: {} of {count} deliveries arrived", out.len()));
+    out
+}
+
+/// Fetches one delivery, or `None` if none arrives within `within`.
+async fn fetch_within(consumer: &Arc<dyn Consumer>, within: Duration) -> Option<Delivery> {
+    tokio::time::timeout(within, async {
+        loop {
+            let mut batch = consumer.fetch(1).await.expect("fetch");
+            if let Some(delivery) = batch.pop() {
+                return delivery;
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+async fn status_of(provider: &Arc<dyn Provider>, id: &str) -> Option<EventStatus> {
+    provider.get(id).await.expect("get").map(|e| e.status)
+}
+
+/// Asserts the fields a publisher set survived storage and delivery.
+fn assert_same_event(got: &Event, want: &Event) {
+    assert_eq!(got.id, want.id);
+    assert_eq!(got.source, want.source, "source of {}", want.id);
+    assert_eq!(got.event_type, want.event_type, "type of {}", want.id);
+    assert_eq!(got.payload, want.payload, "payload of {}", want.id);
+    assert_eq!(got.user_id, want.user_id, "user_id of {}", want.id);
+    assert_eq!(got.session_id, want.session_id, "session_id of {}", want.id);
+    assert_eq!(
+        got.instance_id, want.instance_id,
+        "instance_id of {}",
+        want.id
+    );
+    assert_eq!(got.schema, want.schema, "schema of {}", want.id);
+    assert_eq!(got.entity, want.entity, "entity of {}", want.id);
+    assert_eq!(got.operation, want.operation, "operation of {}", want.id);
+    assert_eq!(got.created_at, want.created_at, "created_at of {}", want.id);
+    assert_eq!(got.metadata, want.metadata, "metadata of {}", want.id);
+    assert_eq!(
+        got.retry_count, want.retry_count,
+        "retry_count of {}",
+        want.id
+    );
+}
+
+pub async fn publish_then_consume_keeps_every_field(backend: &Backend) {
+    let provider = backend.connect().await;
+    let events: Vec<Event> = (0..50)
+        .map(|n| full_event("shop.orders.create", n))
+        .collect();
+    publish_all(&provider, &events).await;
+
+    let consumer = provider
+        .consume(options("g", LONG_LEASE))
+        .await
+        .expect("consume");
+    let deliveries = fetch_n(&consumer, events.len()).await;
+    let by_id: HashMap<&str, &Delivery> = deliveries
+        .iter()
+        .map(|d| (d.event.id.as_str(), d))
+        .collect();
+    assert_eq!(by_id.len(), events.len(), "each event delivered once");
+    for event in &events {
+        let delivery = by_id[event.id.as_str()];
+        assert_same_event(&delivery.event, event);
+        assert_eq!(delivery.delivery_count, 1);
+    }
+    if provider.features().ordered {
+        let got: Vec<&str> = deliveries.iter().map(|d| d.event.id.as_str()).collect();
+        let want: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(
+            got, want,
+            "a single consumer receives events in publish order"
+        );
+    }
+    for delivery in &deliveries {
+        consumer
+            .complete(delivery, &completed(&delivery.event))
+            .await
+            .expect("complete");
+    }
+    for event in &events {
+        let stored = provider.get(&event.id).await.expect("get").expect("stored");
+        assert_same_event(&stored, event);
+        assert_eq!(stored.status, EventStatus::Completed);
+        assert_eq!(stored.handlers.len(), 1, "handler outcomes are stored");
+        assert!(stored.completed_at.is_some());
+    }
+    provider.close().await;
+}
+
+pub async fn many_publishers_and_consumers_deliver_each_event_once(backend: &Backend) {
+    const PUBLISHERS: usize = 4;
+    const PER_PUBLISHER: usize = 60;
+    const CONSUMERS: usize = 3;
+    let provider = backend.connect().await;
+    let mut consumers = Vec::new();
+    for _ in 0..CONSUMERS {
+        consumers.push(
+            provider
+                .consume(options("workers", LONG_LEASE))
+                .await
+                .expect("consume"),
+        );
+    }
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut readers = Vec::new();
+    for consumer in &consumers {
+        let consumer = consumer.clone();
+        let seen = seen.clone();
+        readers.push(tokio::spawn(async move {
+            loop {
+                let batch = consumer.fetch(8).await.expect("fetch");
+                if batch.is_empty() {
+                    return;
+                }
+                for delivery in batch {
+                    consumer
+                        .complete(&delivery, &completed(&delivery.event))
+                        .await
+                        .expect("complete");
+                    seen.lock().expect("lock").push(delivery.event.id.clone());
+                }
+            }
+        }));
+    }
+    let mut publishers = Vec::new();
+    for p in 0..PUBLISHERS {
+        let provider = provider.clone();
+        publishers.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in 0..PER_PUBLISHER {
+                let event = full_event(&format!("load.p{p}.created"), n);
+                provider.publish(&event).await.expect("publish");
+                ids.push(event.id);
+            }
+            ids
+        }));
+    }
+    let mut published = BTreeSet::new();
+    for publisher in publishers {
+        published.extend(publisher.await.expect("publisher"));
+    }
+    wait_for("every event to be consumed", || {
+        let seen = seen.clone();
+        let want = published.len();
+        async move { (seen.lock().expect("lock").len() >= want).then_some(()) }
+    })
+    .await;
+    for consumer in &consumers {
+        consumer.close().await;
+    }
+    for reader in readers {
+        reader.await.expect("reader");
+    }
+    let seen = seen.lock().expect("lock").clone();
+    let distinct: BTreeSet<String> = seen.iter().cloned().collect();
+    assert_eq!(distinct, published, "every published event was delivered");
+    assert_eq!(seen.len(), published.len(), "no event was delivered twice");
+    provider.close().await;
+}
+
+pub async fn negative_acknowledgement_redelivers(backend: &Backend) {
+    let provider = backend.connect().await;
+    let event = simple_event("nack.test");
+    provider.publish(&event).await.expect("publish");
+    let consumer = provider
+        .consume(options("g", LONG_LEASE))
+        .await
+        .expect("consume");
+    let first = fetch_n(&consumer, 1).await.remove(0);
+    assert_eq!(first.event.id, event.id);
+    consumer.release(&first).await.expect("release");
+    let second = fetch_within(&consumer, PATIENCE)
+        .await
+        .expect("a released delivery is redelivered");
+    assert_eq!(second.event.id, event.id);
+    assert_eq!(
+        status_of(&provider, &event.id).await,
+        Some(EventStatus::Pending)
+    );
+    consumer
+        .complete(&second, &completed(&second.event))
+        .await
+        .expect("complete");
+    assert_eq!(
+        status_of(&provider, &event.id).await,
+        Some(EventStatus::Completed)
+    );
+    provider.close().await;
+}
+
+pub async fn retry_redelivers_after_its_delay_with_the_update(backend: &Backend) {
+    let provider = backend.connect().await;
+    let event = simple_event("retry.test");
+    provider.publish(&event).await.expect("publish");
+    let consumer = provider
+        .consume(options("g", LONG_LEASE))
+        .await
+        .expect("consume");
+    let first = fetch_n(&consumer, 1).await.remove(0);
+    let update = StatusUpdate {
+        status: EventStatus::Pending,
+        error: Some("transient: try later".into()),
+        retry_count: 1,
+        handlers: finished(EventStatus::Failed, &first.event).handlers,
+        processed_at: Some(now_micros()),
+        completed_at: None,
+    };
+    let retried_at = tokio::time::Instant::now();
+    consumer
+        .retry(&first, &update, Duration::from_millis(300))
+        .await
+        .expect("retry");
+    let stored = provider.get(&event.id).await.expect("get").expect("stored");
+    assert_eq!(stored.status, EventStatus::Pending);
+    assert_eq!(stored.retry_count, 1);
+    assert_eq!(stored.error.as_deref(), Some("transient: try later"));
+    assert_eq!(stored.handlers, update.handlers);
+
+    let second = fetch_within(&consumer, PATIENCE)
+        .await
+        .expect("a retried delivery is redelivered");
+    assert!(
+        retried_at.elapsed() >= Duration::from_millis(300),
+        "a retry is not redelivered before its delay"
+    );
+    assert_eq!(second.event.id, event.id);
+    assert_eq!(
+        second.event.retry_count, 1,
+        "the redelivery carries the update"
+    );
+    assert_eq!(second.event.handlers, update.handlers);
+    assert!(second.delivery_count >= 2);
+    consumer
+        .complete(&second, &completed(&second.event))
+        .await
+        .expect("complete");
+    provider.close().await;
+}
+
+pub async fn unacknowledged_delivery_is_redelivered_after_its_lease(backend: &Backend) {
+    let provider = backend.connect().await;
+    let event = simple_event("lease.test");
+    provider.publish(&event).await.expect("publish");
+    // The first consumer takes the event and then "crashes": it never acknowledges it.
+    let crashed = provider
+        .consume(options("g", SHORT_LEASE))
+        .await
+        .expect("consume");
+    let first = fetch_n(&crashed, 1).await.remove(0);
+    assert_eq!(first.event.id, event.id);
+
+    let survivor = provider
+        .consume(options("g", SHORT_LEASE))
+        .await
+        .expect("consume");
+    let second = fetch_within(&survivor, PATIENCE)
+        .await
+        .expect("an expired lease is redelivered to another consumer");
+    assert_eq!(second.event.id, event.id);
+    assert!(second.delivery_count >= 2, "the redelivery is counted");
+    survivor
+        .complete(&second, &completed(&second.event))
+        .await
+        .expect("complete");
+    assert_eq!(
+        status_of(&provider, &event.id).await,
+        Some(EventStatus::Completed)
+    );
+    // The crashed consumer's late acknowledgement must not resurrect or fail the event.
+    let _ = crashed.complete(&first, &completed(&first.event)).await;
+    assert_eq!(
+        status_of(&provider, &event.id).await,
+        Some(EventStatus::Completed)
+    );
+    drop(crashed);
+    provider.close().await;
+}
+
+pub async fn keep_alive_holds_the_lease(backend: &Backend) {
+    let provider = backend.connect().await;
+    let event = simple_event("keepalive.test");
+    provider.publish(&event).await.expect("publish");
+    let lease = Duration::from_secs(2);
+    let holder = provider
+        .consume(options("g", lease))
+        .await
+        .expect("consume");
+    let held = fetch_n(&holder, 1).await.remove(0);
+    let other = provider
+        .consume(options("g", lease))
+        .await
+        .expect("consume");
+
+    // For three leases, the holder keeps its delivery alive at a tenth of the lease; the
+    // other consumer of the group must not receive the event meanwhile.
+    let keeper = {
+        let holder = holder.clone();
+        let held = held.clone();
+        tokio::spawn(async move {
+            let end = tokio::time::Instant::now() + lease * 3;
+            while tokio::time::Instant::now() < end {
+                holder.keep_alive(&held).await.expect("keep_alive");
+                tokio::time::sleep(lease / 10).await;
+            }
+        })
+    };
+    let stolen = fetch_within(&other, lease * 3).await;
+    keeper.await.expect("keeper");
+    assert!(
+        stolen.is_none(),
+        "a delivery kept alive was redelivered: {stolen:?}"
+    );
+    holder
+        .complete(&held, &completed(&held.event))
+        .await
+        .expect("complete");
+    provider.close().await;
+}
+
+pub async fn closing_and_reopening_consumers_loses_nothing(backend: &Backend) {
+    let provider = backend.connect().await;
+    let events: Vec<Event> = (0..60).map(|n| full_event("reopen.test", n)).collect();
+    publish_all(&provider, &events).await;
+    let want: BTreeSet<String> = events.iter().map(|e| e.id.clone()).collect();
+    let mut done = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE * 2;
+    while done != want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out: {} of {} events completed",
+            done.len(),
+            want.len()
+        );
+        // Each round: take a few, finish some, leave the rest unacknowledged, close.
+        let consumer = provider
+            .consume(options("g", SHORT_LEASE))
+            .await
+            .expect("consume");
+        let batch = tokio::time::timeout(Duration::from_secs(5), consumer.fetch(7))
+            .await
+            .unwrap_or(Ok(Vec::new()))
+            .expect("fetch");
+        for (i, delivery) in batch.iter().enumerate() {
+            if i % 3 != 2 {
+                consumer
+                    .complete(delivery, &completed(&delivery.event))
+                    .await
+                    .expect("complete");
+                done.insert(delivery.event.id.clone());
+            }
+        }
+        consumer.close().await;
+    }
+    for id in &want {
+        assert_eq!(status_of(&provider, id).await, Some(EventStatus::Completed));
+    }
+    provider.close().await;
+}
+
+pub async fn every_consumer_group_receives_every_event(backend: &Backend) {
+    let provider = backend.connect().await;
+    if !provider.features().consumer_groups {
+        eprintln!("{}: no consumer groups claimed; skipped", backend.name);
+        return;
+    }
+    let audit = provider
+        .consume(options("audit", LONG_LEASE))
+        .await
+        .expect("consume");
+    let billing = provider
+        .consume(options("billing", LONG_LEASE))
+        .await
+        .expect("consume");
+    let events: Vec<Event> = (0..20).map(|n| full_event("groups.test", n)).collect();
+    publish_all(&provider, &events).await;
+    let want: BTreeSet<String> = events.iter().map(|e| e.id.clone()).collect();
+    // Both groups take everything before either acknowledges.
+    let from_audit = fetch_n(&audit, events.len()).await;
+    let from_billing = fetch_n(&billing, events.len()).await;
+    for (name, deliveries) in [("audit", &from_audit), ("billing", &from_billing)] {
+        let got: BTreeSet<String> = deliveries.iter().map(|d| d.event.id.clone()).collect();
+        assert_eq!(got, want, "group {name} received every event");
+    }
+    for delivery in &from_audit {
+        audit
+            .complete(delivery, &completed(&delivery.event))
+            .await
+            .expect("complete");
+    }
+    for delivery in &from_billing {
+        billing
+            .complete(delivery, &completed(&delivery.event))
+            .await
+            .expect("complete");
+    }
+    provider.close().await;
+}
+
+pub async fn watchers_receive_only_matching_types(backend: &Backend) {
+    let provider = backend.connect().await;
+    let pattern = Pattern::new("shop.orders.*").expect("pattern");
+    let mut watcher = provider.stream(&pattern).await.expect("stream");
+    let mut everything = provider
+        .stream(&Pattern::new("*").expect("pattern"))
+        .await
+        .expect("stream");
+    let matching = [
+        simple_event("shop.orders.create"),
+        simple_event("shop.orders.update"),
+    ];
+    let other = [
+        simple_event("shop.users.create"),
+        simple_event("shop.orders.create.extra"),
+    ];
+    for event in [&matching[0], &other[0], &other[1], &matching[1]] {
+        provider.publish(event).await.expect("publish");
+    }
+    let want: BTreeSet<String> = matching.iter().map(|e| e.id.clone()).collect();
+    let mut got = BTreeSet::new();
+    tokio::time::timeout(PATIENCE, async {
+        while got != want {
+            let event = watcher
+                .next()
+                .await
+                .expect("the stream stays open")
+                .expect("no error");
+            assert!(
+                pattern.matches(&event.event_type),
+                "watcher got a non-matching type {}",
+                event.event_type
+            );
+            got.insert(event.id);
+        }
+    })
+    .await
+    .expect("watcher receives the matching events");
+    // The catch-all watcher sees all four.
+    let all: BTreeSet<String> = matching
+        .iter()
+        .chain(other.iter())
+        .map(|e| e.id.clone())
+        .collect();
+    let mut seen = BTreeSet::new();
+    tokio::time::timeout(PATIENCE, async {
+        while seen != all {
+            let event = everything.next().await.expect("open").expect("no error");
+            seen.insert(event.id);
+        }
+    })
+    .await
+    .expect("the catch-all watcher receives every event");
+    provider.close().await;
+}
+
+pub async fn store_get_update_delete(backend: &Backend) {
+    let provider = backend.connect().await;
+    let event = full_event("crud.test", 1);
+    provider.store(&event).await.expect("store");
+    let stored = provider.get(&event.id).await.expect("get").expect("stored");
+    assert_same_event(&stored, &event);
+    assert_eq!(stored.status, EventStatus::Pending);
+
+    let processing = StatusUpdate::processing(&stored);
+    provider
+        .update_status(&event.id, &processing)
+        .await
+        .expect("update");
+    assert_eq!(
+        status_of(&provider, &event.id).await,
+        Some(EventStatus::Processing)
+    );
+    let failed = finished(EventStatus::Failed, &stored);
+    provider
+        .update_status(&event.id, &failed)
+        .await
+        .expect("update");
+    let stored = provider.get(&event.id).await.expect("get").expect("stored");
+    assert_eq!(stored.status, EventStatus::Failed);
+    assert_eq!(stored.error.as_deref(), Some("handler failed"));
+    assert_eq!(stored.handlers, failed.handlers);
+    assert_eq!(stored.completed_at, failed.completed_at);
+    assert_same_event(&stored, &event);
+
+    let missing = uuid::Uuid::new_v4().to_string();
+    assert!(provider.get(&missing).await.expect("get").is_none());
+    assert!(matches!(
+        provider.update_status(&missing, &failed).await,
+        Err(ProviderError::NotFound(_))
+    ));
+    assert!(provider.delete(&event.id).await.expect("delete"));
+    assert!(provider.get(&event.id).await.expect("get").is_none());
+    assert!(!provider.delete(&event.id).await.expect("delete again"));
+    provider.close().await;
+}
+
+/// Which of the listed test events a filter should return (by index and event).
+type Predicate = dyn Fn(usize, &Event) -> bool;
+
+pub async fn list_filters_order_and_paginate(backend: &Backend) {
+    let provider = backend.connect().await;
+    // A namespace of our own inside the backend's: a unique schema and instance.
+    let tag = format!("s{}", unique_suffix());
+    let instance = format!("host-{tag}");
+    let base = now_micros();
+    let mut events = Vec::new();
+    for n in 0..12usize {
+        let operation = ["create", "update", "delete"][n % 3];
+        let mut event = Event::crud(
+            if n % 2 == 0 {
+                EventSource::Database
+            } else {
+                EventSource::Frontend
+            },
+            &tag,
+            if n < 6 { "orders" } else { "users" },
+            operation,
+            instance.clone(),
+        );
+        event.user_id = Some((n % 4) as i64);
+        event.session_id = format!("sess-{}", n % 2);
+        event.created_at = base + TimeDelta::milliseconds(n as i64);
+        events.push(event);
+    }
+    for event in &events {
+        provider.store(event).await.expect("store");
+    }
+    // Two of them finished.
+    provider
+        .update_status(&events[0].id, &completed(&events[0]))
+        .await
+        .expect("update");
+    provider
+        .update_status(&events[1].id, &finished(EventStatus::Failed, &events[1]))
+        .await
+        .expect("update");
+
+    let ids = |events: &[Event]| events.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+    let scoped = |f: EventFilter| EventFilter {
+        instance_id: Some(instance.clone()),
+        ..f
+    };
+    let query = |f: EventFilter| {
+        let provider = provider.clone();
+        async move { provider.list(&f).await.expect("list") }
+    };
+    let expect = |pred: &dyn Fn(usize, &Event) -> bool, order: SortOrder| {
+        let mut want: Vec<String> = events
+            .iter()
+            .enumerate()
+            .filter(|(n, e)| pred(*n, e))
+            .map(|(_, e)| e.id.clone())
+            .collect();
+        if order == SortOrder::Desc {
+            want.reverse();
+        }
+        want
+    };
+
+    // Default: newest first.
+    let all = query(scoped(EventFilter::default())).await;
+    assert_eq!(ids(&all), expect(&|_, _| true, SortOrder::Desc));
+    let asc = query(scoped(EventFilter {
+        order: SortOrder::Asc,
+        ..EventFilter::default()
+    }))
+    .await;
+    assert_eq!(ids(&asc), expect(&|_, _| true, SortOrder::Asc));
+
+    let cases: Vec<(&str, EventFilter, Box<Predicate>)> = vec![
+        (
+            "source",
+            EventFilter {
+                source: Some(EventSource::Frontend),
+                ..EventFilter::default()
+            },
+            Box::new(|_, e| e.source == EventSource::Frontend),
+        ),
+        (
+            "status",
+            EventFilter::status(EventStatus::Failed),
+            Box::new(|n, _| n == 1),
+        ),
+        (
+            "pending",
+            EventFilter::status(EventStatus::Pending),
+            Box::new(|n, _| n >= 2),
+        ),
+        (
+            "user_id",
+            EventFilter {
+                user_id: Some(3),
+                ..EventFilter::default()
+            },
+            Box::new(|_, e| e.user_id == Some(3)),
+        ),
+        (
+            "session_id",
+            EventFilter {
+                session_id: Some("sess-1".into()),
+                ..EventFilter::default()
+            },
+            Box::new(|_, e| e.session_id == "sess-1"),
+        ),
+        (
+            "schema",
+            EventFilter {
+                schema: Some(tag.clone()),
+                ..EventFilter::default()
+            },
+            Box::new(|_, _| true),
+        ),
+        (
+            "entity",
+            EventFilter {
+                entity: Some("users".into()),
+                ..EventFilter::default()
+            },
+            Box::new(|_, e| e.entity == "users"),
+        ),
+        (
+            "operation",
+            EventFilter {
+                operation: Some("update".into()),
+                ..EventFilter::default()
+            },
+            Box::new(|_, e| e.operation == "update"),
+        ),
+        (
+            "type pattern",
+            EventFilter {
+                type_pattern: Some(Pattern::new(&format!("{tag}.orders.*")).expect("pattern")),
+                ..EventFilter::default()
+            },
+            Box::new(|_, e| e.entity == "orders"),
+        ),
+        (
+            "type pattern with >",
+            EventFilter {
+                type_pattern: Some(Pattern::new(&format!("{tag}.>")).expect("pattern")),
+                ..EventFilter::default()
+            },
+            Box::new(|_, _| true),
+        ),
+        (
+            "created range",
+            EventFilter {
+                created_after: Some(base + TimeDelta::milliseconds(3)),
+                created_before: Some(base + TimeDelta::milliseconds(7)),
+                ..EventFilter::default()
+            },
+            Box::new(|n, _| (3..7).contains(&n)),
+        ),
+        (
+            "combined",
+            EventFilter {
+                source: Some(EventSource::Database),
+                entity: Some("orders".into()),
+                status: Some(EventStatus::Pending),
+                ..EventFilter::default()
+            },
+            Box::new(|n, e| e.source == EventSource::Database && (2..6).contains(&n)),
+        ),
+    ];
+    for (name, filter, pred) in cases {
+        let got = query(scoped(filter)).await;
+        assert_eq!(ids(&got), expect(&*pred, SortOrder::Desc), "filter {name}");
+    }
+    let other_host = query(EventFilter {
+        instance_id: Some(format!("{instance}-other")),
+        ..EventFilter::default()
+    })
+    .await;
+    assert!(other_host.is_empty(), "instance_id filter");
+
+    // Pagination.
+    let desc = expect(&|_, _| true, SortOrder::Desc);
+    let page = |offset: usize, limit: usize, order: SortOrder| {
+        scoped(EventFilter {
+            offset,
+            limit: Some(limit),
+            order,
+            ..EventFilter::default()
+        })
+    };
+    assert_eq!(ids(&query(page(0, 5, SortOrder::Desc)).await), desc[..5]);
+    assert_eq!(ids(&query(page(5, 5, SortOrder::Desc)).await), desc[5..10]);
+    assert_eq!(ids(&query(page(10, 5, SortOrder::Desc)).await), desc[10..]);
+    assert!(query(page(12, 5, SortOrder::Desc)).await.is_empty());
+    assert!(query(page(1000, 5, SortOrder::Asc)).await.is_empty());
+    let asc = expect(&|_, _| true, SortOrder::Asc);
+    assert_eq!(ids(&query(page(4, 3, SortOrder::Asc)).await), asc[4..7]);
+    provider.close().await;
+}
+
+pub async fn concurrent_publishers_while_consuming_skip_nothing(backend: &Backend) {
+    const PUBLISHERS: usize = 8;
+    const PER_PUBLISHER: usize = 50;
+    let provider = backend.connect().await;
+    let consumer = provider
+        .consume(options("g", LONG_LEASE))
+        .await
+        .expect("consume");
+    let received = Arc::new(std::sync::Mutex::new(BTreeMap::<String, u32>::new()));
+    let reader = {
+        let consumer = consumer.clone();
+        let received = received.clone();
+        tokio::spawn(async move {
+            loop {
+                let batch = consumer.fetch(16).await.expect("fetch");
+                if batch.is_empty() {
+                    return;
+                }
+                for delivery in batch {
+                    consumer
+                        .complete(&delivery, &completed(&delivery.event))
+                        .await
+                        .expect("complete");
+                    *received
+                        .lock()
+                        .expect("lock")
+                        .entry(delivery.event.id.clone())
+                        .or_default() += 1;
+                }
+            }
+        })
+    };
+    let mut publishers = Vec::new();
+    for p in 0..PUBLISHERS {
+        let provider = provider.clone();
+        publishers.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in 0..PER_PUBLISHER {
+                let event = simple_event(&format!("race.p{p}.n{}", n % 3));
+                provider.publish(&event).await.expect("publish");
+                ids.push(event.id);
+                if n % 10 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            ids
+        }));
+    }
+    let mut published = BTreeSet::new();
+    for publisher in publishers {
+        published.extend(publisher.await.expect("publisher"));
+    }
+    wait_for("every event to be consumed", || {
+        let received = received.clone();
+        let want = published.len();
+        async move { (received.lock().expect("lock").len() >= want).then_some(()) }
+    })
+    .await;
+    consumer.close().await;
+    reader.await.expect("reader");
+    let received = received.lock().expect("lock").clone();
+    let got: BTreeSet<String> = received.keys().cloned().collect();
+    assert_eq!(got, published, "no event skipped");
+    assert!(
+        received.values().all(|&count| count == 1),
+        "no event delivered twice"
+    );
+    provider.close().await;
+}
+
+pub async fn requeue_makes_a_finished_event_deliverable_again(backend: &Backend) {
+    let provider = backend.connect().await;
+    let event = simple_event("requeue.test");
+    provider.publish(&event).await.expect("publish");
+    let consumer = provider
+        .consume(options("g", LONG_LEASE))
+        .await
+        .expect("consume");
+    let first = fetch_n(&consumer, 1).await.remove(0);
+    let failed = finished(EventStatus::Failed, &first.event);
+    consumer.complete(&first, &failed).await.expect("complete");
+    assert_eq!(
+        status_of(&provider, &event.id).await,
+        Some(EventStatus::Failed)
+    );
+    let dead = provider
+        .list(&EventFilter::status(EventStatus::Failed))
+        .await
+        .expect("list");
+    assert!(
+        dead.iter().any(|e| e.id == event.id),
+        "failed events are listable"
+    );
+
+    let rerun = StatusUpdate {
+        status: EventStatus::Pending,
+        error: None,
+        retry_count: 0,
+        handlers: Vec::new(),
+        processed_at: None,
+        completed_at: None,
+    };
+    provider.requeue(&event.id, &rerun).await.expect("requeue");
+    assert_eq!(
+        status_of(&provider, &event.id).await,
+        Some(EventStatus::Pending)
+    );
+    let again = fetch_within(&consumer, PATIENCE)
+        .await
+        .expect("a requeued event is delivered again");
+    assert_eq!(again.event.id, event.id);
+    assert_eq!(again.event.status, EventStatus::Pending);
+    // Requeueing an unfinished event is refused.
+    assert!(matches!(
+        provider.requeue(&event.id, &rerun).await,
+        Err(ProviderError::InvalidState { .. })
+    ));
+    consumer
+        .complete(&again, &completed(&again.event))
+        .await
+        .expect("complete");
+    assert_eq!(
+        status_of(&provider, &event.id).await,
+        Some(EventStatus::Completed)
+    );
+    assert!(matches!(
+        provider
+            .requeue(&uuid::Uuid::new_v4().to_string(), &rerun)
+            .await,
+        Err(ProviderError::NotFound(_))
+    ));
+    provider.close().await;
+}
+
+pub async fn close_is_idempotent_and_ends_streams_and_consumers(backend: &Backend) {
+    let provider = backend.connect().await;
+    let mut watcher = provider
+        .stream(&Pattern::new("*").expect("pattern"))
+        .await
+        .expect("stream");
+    let consumer = provider
+        .consume(options("g", LONG_LEASE))
+        .await
+        .expect("consume");
+    let pending_fetch = {
+        let consumer = consumer.clone();
+        tokio::spawn(async move { consumer.fetch(10).await })
+    };
+    provider.close().await;
+    provider.close().await;
+    let batch = tokio::time::timeout(PATIENCE, pending_fetch)
+        .await
+        .expect("a pending fetch returns when the provider closes")
+        .expect("task");
+    assert!(
+        batch.map(|b| b.is_empty()).unwrap_or(true),
+        "fetch after close returns nothing"
+    );
+    let end = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match watcher.next().await {
+                None => return,
+                Some(Err(_)) => return,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "watcher streams end when the provider closes");
+    assert!(
+        provider
+            .publish(&simple_event("after.close"))
+            .await
+            .is_err(),
+        "publishing to a closed provider fails"
+    );
+    consumer.close().await;
+    consumer.close().await;
+}
+
+pub async fn duplicate_ids_are_rejected(backend: &Backend) {
+    let provider = backend.connect().await;
+    let event = simple_event("dup.test");
+    provider.publish(&event).await.expect("publish");
+    let mut again = simple_event("dup.other");
+    again.id = event.id.clone();
+    assert!(matches!(
+        provider.publish(&again).await,
+        Err(ProviderError::Duplicate(id)) if id == event.id
+    ));
+    assert!(matches!(
+        provider.store(&again).await,
+        Err(ProviderError::Duplicate(_))
+    ));
+    let stored = provider.get(&event.id).await.expect("get").expect("stored");
+    assert_eq!(stored.event_type, "dup.test", "the first event is kept");
+    provider.close().await;
+}
+
+pub async fn stats_count_events_by_status(backend: &Backend) {
+    let provider = backend.connect().await;
+    let before = provider.stats().await.expect("stats");
+    for status in EventStatus::ALL {
+        assert!(
+            before.by_status.contains_key(status.as_str()),
+            "stats report status {status}"
+        );
+    }
+    let events: Vec<Event> = (0..3).map(|_| simple_event("stats.test")).collect();
+    publish_all(&provider, &events).await;
+    provider
+        .update_status(&events[0].id, &completed(&events[0]))
+        .await
+        .expect("update");
+    let after = provider.stats().await.expect("stats");
+    assert_eq!(after.provider, provider.name());
+    let grew = |status: EventStatus| {
+        after.by_status[status.as_str()] as i64 - before.by_status[status.as_str()] as i64
+    };
+    // Each case has a namespace of its own, so the counts are exact.
+    assert_eq!(grew(EventStatus::Pending), 2);
+    assert_eq!(grew(EventStatus::Completed), 1);
+    assert!(after.published >= before.published + 3);
+    provider.close().await;
+}
+
+pub async fn a_new_provider_instance_sees_everything_of_a_closed_one(backend: &Backend) {
+    let first = backend.connect().await;
+    if !first.features().durable {
+        eprintln!(
+            "{}: not durable; restart case skipped (nothing survives the process)",
+            backend.name
+        );
+        first.close().await;
+        return;
+    }
+    let events: Vec<Event> = (0..30).map(|n| full_event("restart.test", n)).collect();
+    publish_all(&first, &events).await;
+    let consumer = first
+        .consume(options("g", SHORT_LEASE))
+        .await
+        .expect("consume");
+    // Finish ten, hold five unacknowledged as the host "dies".
+    let taken = fetch_n(&consumer, 15).await;
+    for delivery in &taken[..10] {
+        consumer
+            .complete(delivery, &completed(&delivery.event))
+            .await
+            .expect("complete");
+    }
+    let done: BTreeSet<String> = taken[..10].iter().map(|d| d.event.id.clone()).collect();
+    drop(consumer);
+    first.close().await;
+
+    let second = backend.connect().await;
+    for event in &events {
+        let stored = second.get(&event.id).await.expect("get").expect("durable");
+        assert_same_event(&stored, event);
+    }
+    let consumer = second
+        .consume(options("g", SHORT_LEASE))
+        .await
+        .expect("consume");
+    let rest = fetch_n(&consumer, events.len() - done.len()).await;
+    for delivery in &rest {
+        assert!(
+            !done.contains(&delivery.event.id),
+            "a completed event was redelivered"
+        );
+        consumer
+            .complete(delivery, &completed(&delivery.event))
+            .await
+            .expect("complete");
+    }
+    for event in &events {
+        assert_eq!(
+            status_of(&second, &event.id).await,
+            Some(EventStatus::Completed)
+        );
+    }
+    second.close().await;
+}
+
+pub async fn hosts_sharing_the_backend_share_work_and_watch_each_other(backend: &Backend) {
+    let host_a = backend.connect().await;
+    if !host_a.features().shared {
+        eprintln!("{}: not shared between hosts; case skipped", backend.name);
+        host_a.close().await;
+        return;
+    }
+    let host_b = backend.connect().await;
+    let mut watch_b = host_b
+        .stream(&Pattern::new("shared.>").expect("pattern"))
+        .await
+        .expect("stream");
+    let consumer_a = host_a
+        .consume(options("g", LONG_LEASE))
+        .await
+        .expect("consume");
+    let consumer_b = host_b
+        .consume(options("g", LONG_LEASE))
+        .await
+        .expect("consume");
+    let events: Vec<Event> = (0..40)
+        .map(|n| simple_event(&format!("shared.n{}", n % 4)))
+        .collect();
+    for (n, event) in events.iter().enumerate() {
+        let host = if n % 2 == 0 { &host_a } else { &host_b };
+        host.publish(event).await.expect("publish");
+    }
+    let want: BTreeSet<String> = events.iter().map(|e| e.id.clone()).collect();
+    // The watcher on host B sees events published on host A too.
+    let mut watched = BTreeSet::new();
+    tokio::time::timeout(PATIENCE, async {
+        while watched != want {
+            let event = watch_b.next().await.expect("open").expect("no error");
+            watched.insert(event.id);
+        }
+    })
+    .await
+    .expect("a watcher sees events published on every host");
+
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<(char, String)>::new()));
+    let mut readers = Vec::new();
+    for (name, consumer) in [('a', consumer_a.clone()), ('b', consumer_b.clone())] {
+        let seen = seen.clone();
+        readers.push(tokio::spawn(async move {
+            loop {
+                let batch = consumer.fetch(4).await.expect("fetch");
+                if batch.is_empty() {
+                    return;
+                }
+                for delivery in batch {
+                    consumer
+                        .complete(&delivery, &completed(&delivery.event))
+                        .await
+                        .expect("complete");
+                    seen.lock()
+                        .expect("lock")
+                        .push((name, delivery.event.id.clone()));
+                }
+            }
+        }));
+    }
+    wait_for("both hosts to finish every event", || {
+        let seen = seen.clone();
+        let want = want.len();
+        async move { (seen.lock().expect("lock").len() >= want).then_some(()) }
+    })
+    .await;
+    consumer_a.close().await;
+    consumer_b.close().await;
+    for reader in readers {
+        reader.await.expect("reader");
+    }
+    let seen = seen.lock().expect("lock").clone();
+    let ids: BTreeSet<String> = seen.iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!(ids, want, "every event handled");
+    assert_eq!(seen.len(), want.len(), "no event handled twice");
+    host_a.close().await;
+    host_b.close().await;
+}
