@@ -122,7 +122,16 @@ async fn publish_and_subscribe() {
     let other = reply(&mut client).await;
     assert_eq!(other["type"], "ack", "{other}");
     send(&mut client, json!({"op": "publish", "ref": 4, "event": {"type": "chat.message", "payload": {"text": "hi"}}})).await;
-    let ack = reply(&mut client).await;
+    // The event's first status messages may arrive before the ack: keep them.
+    let mut events = Vec::new();
+    let ack = loop {
+        let message = recv(&mut client).await;
+        if message["type"] == "event" {
+            events.push(message);
+        } else {
+            break message;
+        }
+    };
     assert_eq!(
         (ack["op"].as_str(), &ack["ref"]),
         (Some("publish"), &json!(4)),
@@ -131,11 +140,17 @@ async fn publish_and_subscribe() {
     let id = ack["id"].as_str().expect("event id").to_owned();
 
     // The subscription sees the matching event (never the other one) until it completes.
+    let mut index = 0;
     loop {
-        let message = recv(&mut client).await;
-        if message["type"] != "event" {
-            continue;
+        if index == events.len() {
+            let message = recv(&mut client).await;
+            if message["type"] != "event" {
+                panic!("unexpected message {message}");
+            }
+            events.push(message);
         }
+        let message = &events[index];
+        index += 1;
         assert_eq!(message["subscription"], "chat.*");
         let event = &message["event"];
         assert_eq!(
