@@ -1,14 +1,15 @@
 //! `register_crud_hooks`: the broker as a CRUD hook. Each enabled operation publishes a
-//! `schema.entity.operation` event with source `database`, in a spawned task, so the CRUD
-//! operation is never blocked or failed by the broker. A publish that fails is logged and
-//! counted (here and in `eventbroker_source_publish_failures_total{source="crud_hooks"}`).
+//! `schema.entity.operation` event with source `database` through a publisher task, in the
+//! order the operations ran, so the CRUD operation is never blocked or failed by the broker.
+//! A publish that fails is logged and counted (here and in
+//! `eventbroker_source_publish_failures_total{source="crud_hooks"}`).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde_json::{Map, Value, json};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
 use super::registry::{CrudOperation, HookContext, HookRegistry};
 use crate::broker::Broker;
@@ -208,10 +209,12 @@ pub fn crud_event(context: &HookContext, instance_id: &str) -> Event {
 }
 
 /// Registers the broker's hooks in `registry`: after each operation that `options` enables,
-/// a `schema.entity.operation` event (see [`crud_event`]) is published with
-/// [`Broker::publish_async`] in a spawned task. The hook returns at once; a failed publish
-/// (broker stopped, queue full, invalid names, no tokio runtime) is logged with `tracing` and
-/// counted, never raised to the CRUD layer.
+/// a `schema.entity.operation` event (see [`crud_event`]) is queued for a publisher task that
+/// hands the events to [`Broker::publish_async`] one after the other, in the order the
+/// operations ran. The hook returns at once (the queue is unbounded: the CRUD layer never
+/// waits for the broker); a failed publish (broker stopped, queue full for `publish_timeout`,
+/// invalid names, no tokio runtime) is logged with `tracing` and counted, never raised to the
+/// CRUD layer.
 ///
 /// # Examples
 /// ```
@@ -237,41 +240,82 @@ pub fn register_crud_hooks(
     options: CrudHookOptions,
 ) -> CrudHooks {
     let handle = CrudHooks::default();
+    let publisher = Arc::new(Publisher::new(broker.clone(), handle.clone()));
     let options = Arc::new(options);
     for operation in CrudOperation::ALL {
-        let broker = broker.clone();
-        let handle = handle.clone();
+        let publisher = publisher.clone();
         let options = options.clone();
         registry.register(operation, move |context| {
             if !options.publishes(&context.schema, &context.entity, operation) {
                 return;
             }
-            let event = crud_event(context, broker.instance_id());
-            publish_detached(&broker, &handle, event);
+            publisher.enqueue(crud_event(context, publisher.broker.instance_id()));
         });
     }
     handle
 }
 
-/// Publishes `event` in a spawned task, counting and logging the outcome.
-fn publish_detached(broker: &Broker, handle: &CrudHooks, event: Event) {
-    handle.counters.in_flight.fetch_add(1, Ordering::AcqRel);
-    let runtime = match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => runtime,
-        Err(_) => {
+/// The queue between the hooks and the publisher task, which starts on first use (inside
+/// the application's tokio runtime) and ends when the hooks are dropped.
+struct Publisher {
+    broker: Broker,
+    handle: CrudHooks,
+    tx: mpsc::UnboundedSender<Event>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<Event>>>,
+}
+
+impl Publisher {
+    fn new(broker: Broker, handle: CrudHooks) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Publisher {
+            broker,
+            handle,
+            tx,
+            rx: Mutex::new(Some(rx)),
+        }
+    }
+
+    fn enqueue(&self, event: Event) {
+        self.handle
+            .counters
+            .in_flight
+            .fetch_add(1, Ordering::AcqRel);
+        if !self.ensure_task() {
             tracing::error!(
                 event_type = %event.event_type,
                 event_id = %event.id,
                 "CRUD hook ran outside a tokio runtime; event not published"
             );
-            broker.metrics().source_publish_failed(METRIC_SOURCE);
-            handle.finish(false);
+            self.broker.metrics().source_publish_failed(METRIC_SOURCE);
+            self.handle.finish(false);
             return;
         }
-    };
-    let broker = broker.clone();
-    let handle = handle.clone();
-    runtime.spawn(async move {
+        if let Err(mpsc::error::SendError(event)) = self.tx.send(event) {
+            tracing::error!(event_id = %event.id, "CRUD hook publisher is gone; event not published");
+            self.broker.metrics().source_publish_failed(METRIC_SOURCE);
+            self.handle.finish(false);
+        }
+    }
+
+    /// Starts the publisher task if it is not running; false without a tokio runtime.
+    fn ensure_task(&self) -> bool {
+        let mut rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
+        if rx.is_none() {
+            return true;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        if let Some(rx) = rx.take() {
+            runtime.spawn(publish_loop(self.broker.clone(), self.handle.clone(), rx));
+        }
+        true
+    }
+}
+
+/// Publishes queued events in order, counting and logging each outcome.
+async fn publish_loop(broker: Broker, handle: CrudHooks, mut rx: mpsc::UnboundedReceiver<Event>) {
+    while let Some(event) = rx.recv().await {
         let event_type = event.event_type.clone();
         let event_id = event.id.clone();
         match broker.publish_async(event).await {
@@ -290,7 +334,7 @@ fn publish_detached(broker: &Broker, handle: &CrudHooks, event: Event) {
                 handle.finish(false);
             }
         }
-    });
+    }
 }
 
 #[cfg(test)]
@@ -300,7 +344,6 @@ mod tests {
     use crate::config::BrokerConfig;
     use crate::hooks::UserContext;
     use crate::provider::MemoryProvider;
-    use std::sync::Mutex;
 
     fn user() -> UserContext {
         UserContext {
