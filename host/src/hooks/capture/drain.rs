@@ -243,7 +243,14 @@ pub(super) async fn run(
         if cancel.is_cancelled() {
             break;
         }
-        let wait = match drain_once(&pool, &config, &broker, &mut keys).await {
+        // Cancelling mid-batch rolls the transaction back: the batch's rows stay in the
+        // outbox and are published again at the next start (as duplicates, which the broker
+        // refuses, for events it already holds).
+        let drained = tokio::select! {
+            drained = drain_once(&pool, &config, &broker, &mut keys) => drained,
+            _ = cancel.cancelled() => break,
+        };
+        let wait = match drained {
             Ok((published, None)) => {
                 backoff = config.poll_interval;
                 if published > 0 {

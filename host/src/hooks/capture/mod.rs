@@ -264,4 +264,19 @@ mod tests {
         config.schema = "x".repeat(MAX_SCHEMA_LEN + 1);
         assert_eq!(check_config(&config).unwrap_err().0, "capture.schema");
     }
+
+    #[test]
+    fn the_example_config_loads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/config-capture.yaml");
+        let config = crate::config::Config::load(Some(&path)).expect("example loads");
+        assert!(config.capture.enabled());
+        assert_eq!(config.capture.tables, ["public.orders"]);
+        let bad = crate::config::Config::from_text(
+            crate::config::FileFormat::Yaml,
+            "capture:\n  url: postgres://x/y\n  tables: [orders]\n",
+        )
+        .unwrap_err();
+        assert!(bad.to_string().contains("capture.tables"), "{bad}");
+    }
 }
