@@ -338,4 +338,54 @@ mod tests {
         assert_eq!(event.payload["id"], json!({"a": 1, "b": 2}));
         assert_eq!(change_event(&deleted, &[], "h").payload["id"], Value::Null);
     }
+
+    #[tokio::test]
+    async fn a_republished_change_is_one_event_and_an_oversized_row_is_not_lost() {
+        let config = crate::config::BrokerConfig {
+            max_payload: bytesize::ByteSize::b(200),
+            ..Default::default()
+        };
+        let broker = Broker::new(
+            config,
+            std::sync::Arc::new(crate::provider::MemoryProvider::new(Default::default())),
+        );
+        broker.start().await.expect("start");
+        let key = vec!["id".to_owned()];
+        let small = change("create", None, Some(json!({"id": 1, "total": 5})));
+        publish(&broker, &small, &key).await.expect("first publish");
+        publish(&broker, &small, &key)
+            .await
+            .expect("a re-publish is accepted as a duplicate");
+        let all = broker
+            .provider()
+            .list(&crate::provider::EventFilter::default())
+            .await
+            .expect("list");
+        assert_eq!(all.len(), 1, "one event per change");
+
+        let big = change(
+            "create",
+            None,
+            Some(json!({"id": 2, "blob": "x".repeat(1000)})),
+        );
+        publish(&broker, &big, &key)
+            .await
+            .expect("published without its rows");
+        let stored = broker
+            .provider()
+            .get(&big.event_id.to_string())
+            .await
+            .expect("get")
+            .expect("stored");
+        assert_eq!(stored.payload["id"], 2);
+        assert!(
+            stored.payload["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("left out"),
+            "{}",
+            stored.payload
+        );
+        broker.stop().await.expect("stop");
+    }
 }
