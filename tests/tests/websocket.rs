@@ -249,6 +249,22 @@ async fn bad_messages_get_clear_errors_and_the_connection_stays_usable() {
     send(&mut client, json!({"op": "ping", "ref": 1})).await;
     assert_eq!(reply(&mut client).await["type"], "pong");
 
+    // The page at / is served (and speaks to this endpoint).
+    let page = host
+        .http
+        .get(format!("{}/", host.url))
+        .send()
+        .await
+        .expect("page");
+    assert_eq!(page.status(), 200);
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap_or("")
+            .starts_with("text/html")
+    );
+    assert!(page.text().await.expect("html").contains("/v1/ws"));
+
     // Not a WebSocket request at all.
     let (status, body) = host.get("/v1/ws").await;
     assert_eq!(status, 400, "{body}");
