@@ -318,20 +318,58 @@ pub enum NatsStorage {
 }
 
 /// The NATS JetStream provider.
+///
+/// Events go to a JetStream stream on subjects `{prefix}.{source}.{type}` (the prefix is the
+/// first entry of `subjects` without its trailing `.>`); their current state lives in a
+/// key-value bucket keyed by event id; every consumer group is a durable pull consumer.
+/// See `docs/providers/nats.md`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
-    /// Server URL.
+    /// Server URL, or several separated by commas (`nats://`, `tls://`). Default
+    /// `nats://localhost:4222`.
     pub url: String,
-    /// JetStream stream name.
+    /// JetStream stream name. Default `RESOLVESPEC_EVENTS`.
     pub stream_name: String,
-    /// Subjects the stream captures.
+    /// Subjects the stream captures; the first must have the form `prefix.>` and events are
+    /// published under that prefix. Default `["events.>"]`.
     pub subjects: Vec<String>,
-    /// `file` or `memory`.
+    /// `file` (durable, the default) or `memory` (lost when the server restarts); applies to
+    /// the stream and the key-value bucket.
     pub storage: NatsStorage,
-    /// Messages older than this are discarded.
+    /// Events (stream messages and their state) older than this are discarded, finished or
+    /// not. Default 24h.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    /// Publishes with an event id seen within this window are dropped by the server and
+    /// reported as duplicates. Default 2m; at most `max_age`.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// Key-value bucket holding each event's current state. Default: `{stream_name}_STATE`.
+    pub kv_bucket: Option<String>,
+    /// User name (with `password`). Default none.
+    pub user: Option<String>,
+    /// Password (with `user`). Default none.
+    pub password: Option<String>,
+    /// Authentication token. Default none.
+    pub token: Option<String>,
+    /// NATS credentials file (JWT + NKey seed, `.creds`). Default none.
+    pub creds_file: Option<PathBuf>,
+    /// TLS settings.
+    pub tls: NatsTlsConfig,
+    /// How long the server waits for an acknowledgement before redelivering; running
+    /// invocations extend it with in-progress acknowledgements. Default: the broker's `lease`.
+    #[serde(default, with = "humantime_serde::option")]
+    pub ack_wait: Option<Duration>,
+    /// Most deliveries of one event to one consumer group (counting retries and
+    /// redeliveries after a crash); when reached the event is recorded as `failed` (a dead
+    /// letter). Default: unlimited (the broker's `retry_policy` bounds handler retries).
+    pub max_deliver: Option<u32>,
+    /// Redelivery delays after an acknowledgement timeout, one per delivery (the last one
+    /// repeats); when set, the first entry replaces `ack_wait`. Default empty (redeliver after
+    /// `ack_wait`).
+    #[serde(with = "duration_list")]
+    pub backoff: Vec<Duration>,
 }
 
 impl Default for NatsConfig {
@@ -342,7 +380,62 @@ impl Default for NatsConfig {
             subjects: vec!["events.>".into()],
             storage: NatsStorage::File,
             max_age: Duration::from_secs(24 * 3600),
+            duplicate_window: Duration::from_secs(120),
+            kv_bucket: None,
+            user: None,
+            password: None,
+            token: None,
+            creds_file: None,
+            tls: NatsTlsConfig::default(),
+            ack_wait: None,
+            max_deliver: None,
+            backoff: Vec::new(),
         }
+    }
+}
+
+impl NatsConfig {
+    /// The key-value bucket in effect: `kv_bucket`, or `{stream_name}_STATE`.
+    pub fn kv_bucket(&self) -> String {
+        self.kv_bucket
+            .clone()
+            .unwrap_or_else(|| format!("{}_STATE", self.stream_name))
+    }
+}
+
+/// TLS for the NATS connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsTlsConfig {
+    /// Require TLS even when the URL scheme is `nats://` (a `tls://` URL always requires it).
+    /// Default false.
+    pub required: bool,
+    /// PEM file of root certificates to trust in addition to the system's. Default none.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers that verify clients (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+/// A list of durations in humantime form (`["1s", "5s", "30s"]`).
+mod duration_list {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(list: &[Duration], serializer: S) -> Result<S::Ok, S::Error> {
+        list.iter()
+            .map(|d| humantime_serde::Serde::from(*d))
+            .collect::<Vec<_>>()
+            .serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<Duration>, D::Error> {
+        let list = Vec::<humantime_serde::Serde<Duration>>::deserialize(deserializer)?;
+        Ok(list.into_iter().map(|d| d.into_inner()).collect())
     }
 }
 

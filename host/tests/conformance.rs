@@ -55,3 +55,4 @@ conformance!(memory, support::backends::memory());
 conformance!(sqlite, support::backends::sqlite());
 conformance!(postgres, support::backends::postgres());
 conformance!(redis, support::backends::redis());
+conformance!(nats, support::backends::nats());

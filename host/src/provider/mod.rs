@@ -9,6 +9,7 @@ mod filter;
 pub mod memory;
 pub mod sql;
 pub mod redis;
+pub mod nats;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -28,6 +29,7 @@ pub use self::redis::RedisProvider;
 pub use filter::{EventFilter, SortOrder};
 pub use memory::MemoryProvider;
 pub use sql::{SqlOptions, SqlProvider};
+pub use nats::NatsProvider;
 
 /// What a backend guarantees; the conformance suite tests exactly what is claimed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -341,6 +343,6 @@ pub async fn from_config(config: &BrokerConfig) -> Result<Arc<dyn Provider>, Pro
         ProviderKind::Redis => Ok(Arc::new(
             RedisProvider::connect(self::redis::RedisOptions::from_config(config)?).await?,
         )),
-        other => Err(ProviderError::Unavailable(other.as_str().to_owned())),
+        ProviderKind::Nats => Ok(Arc::new(NatsProvider::connect(config).await?)),
     }
 }
