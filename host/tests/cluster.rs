@@ -53,7 +53,6 @@ fn postgres_killing_a_host_mid_load_loses_nothing() {
     }
 }
 
-
 /// The `event_broker` section of a Redis cluster on a stream of its own, or `None` (after a
 /// loud skip) without Redis.
 fn redis_cluster() -> Option<serde_json::Value> {
