@@ -30,6 +30,8 @@ pub struct Config {
     pub handlers: HandlersConfig,
     /// Logging.
     pub log: LogConfig,
+    /// PostgreSQL change capture (off while `tables` is empty).
+    pub capture: CaptureConfig,
 }
 
 /// Which backend stores and delivers events.
@@ -486,6 +488,86 @@ impl Default for DatabaseConfig {
     }
 }
 
+/// A change that PostgreSQL change capture publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureOperation {
+    /// `INSERT`, published as `schema.table.create`.
+    Create,
+    /// `UPDATE`, published as `schema.table.update`.
+    Update,
+    /// `DELETE`, published as `schema.table.delete`.
+    Delete,
+}
+
+impl CaptureOperation {
+    /// The operation's name in event types.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureOperation::Create => "create",
+            CaptureOperation::Update => "update",
+            CaptureOperation::Delete => "delete",
+        }
+    }
+
+    /// The SQL trigger event that produces it.
+    pub fn trigger_event(self) -> &'static str {
+        match self {
+            CaptureOperation::Create => "INSERT",
+            CaptureOperation::Update => "UPDATE",
+            CaptureOperation::Delete => "DELETE",
+        }
+    }
+}
+
+/// PostgreSQL change capture: `eventbroker serve` publishes `schema.table.create|update|delete`
+/// events (source `database`) for every committed change of the watched tables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// Connection URL of the watched database (`postgres://…`); required when `tables` is set.
+    pub url: String,
+    /// Watched tables as `schema.table` (plain identifiers, case-sensitive). Empty: capture off.
+    pub tables: Vec<String>,
+    /// Which changes are captured.
+    pub operations: Vec<CaptureOperation>,
+    /// How often the outbox is polled when no notification arrives.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Outbox rows published per transaction.
+    pub batch_size: usize,
+    /// Schema (in the watched database) holding the outbox table and the trigger function.
+    pub schema: String,
+    /// Install (or update) the trigger function, triggers and outbox when the host starts.
+    /// Off: install them with `eventbroker capture install`.
+    pub install: bool,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            url: String::new(),
+            tables: Vec::new(),
+            operations: vec![
+                CaptureOperation::Create,
+                CaptureOperation::Update,
+                CaptureOperation::Delete,
+            ],
+            poll_interval: Duration::from_secs(1),
+            batch_size: 100,
+            schema: "eventbroker".into(),
+            install: true,
+        }
+    }
+}
+
+impl CaptureConfig {
+    /// Whether capture is on (some table is watched).
+    pub fn enabled(&self) -> bool {
+        !self.tables.is_empty()
+    }
+}
+
 /// The HTTP server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -508,6 +590,38 @@ pub struct ServerConfig {
     /// Interval of keep-alive comments on `GET /v1/stream`.
     #[serde(with = "humantime_serde")]
     pub sse_keep_alive: Duration,
+    /// WebSocket clients (`GET /v1/ws`).
+    pub websocket: WebSocketConfig,
+}
+
+/// Per-connection limits of WebSocket clients (`GET /v1/ws`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Largest message a client may send; a larger one closes the connection (code 1009).
+    pub max_message_size: ByteSize,
+    /// Publishes per second a connection may sustain (token bucket); more are refused with
+    /// a `rate_limited` error.
+    pub publish_rate: u32,
+    /// Publishes a connection may make in a burst above the rate.
+    pub publish_burst: u32,
+    /// Messages queued for a client; a client that lets it fill is disconnected (code 1008,
+    /// with the reason) rather than slowing the broker.
+    pub outbound_buffer: usize,
+    /// Patterns one connection may subscribe to at once.
+    pub max_subscriptions: usize,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            max_message_size: ByteSize::kib(64),
+            publish_rate: 100,
+            publish_burst: 100,
+            outbound_buffer: 1024,
+            max_subscriptions: 32,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -521,6 +635,7 @@ impl Default for ServerConfig {
             upload_limit: ByteSize::mib(64),
             max_batch: 1000,
             sse_keep_alive: Duration::from_secs(15),
+            websocket: WebSocketConfig::default(),
         }
     }
 }
@@ -804,6 +919,39 @@ impl Config {
                 reason: "must not exceed retry_policy.max_delay".into(),
             });
         }
+        let websocket = &self.server.websocket;
+        let positive = [
+            (
+                "server.websocket.publish_rate",
+                websocket.publish_rate as usize,
+            ),
+            (
+                "server.websocket.publish_burst",
+                websocket.publish_burst as usize,
+            ),
+            (
+                "server.websocket.outbound_buffer",
+                websocket.outbound_buffer,
+            ),
+            (
+                "server.websocket.max_subscriptions",
+                websocket.max_subscriptions,
+            ),
+            (
+                "server.websocket.max_message_size",
+                websocket.max_message_size.as_u64() as usize,
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Value {
+                    key,
+                    reason: "must be at least 1".into(),
+                });
+            }
+        }
+        crate::hooks::capture::check_config(&self.capture)
+            .map_err(|(key, reason)| ConfigError::Value { key, reason })?;
         Ok(())
     }
 }
