@@ -158,12 +158,14 @@ async fn publish(broker: &Broker, change: &Change, key: &[String]) -> Result<(),
 }
 
 /// One transaction: lock, read a batch in id order, publish, delete what was published.
-/// Returns how many rows were published, and the error that stopped the batch early.
+/// Stops between rows when cancelled (committing what was published). Returns how many rows
+/// were published, and the error that stopped the batch early.
 async fn drain_once(
     pool: &PgPool,
     config: &CaptureConfig,
     broker: &Broker,
     keys: &mut Keys,
+    cancel: &CancellationToken,
 ) -> Result<(usize, Option<BrokerError>), sqlx::Error> {
     let schema = config.schema.as_str();
     let mut tx = pool.begin().await?;
@@ -179,6 +181,10 @@ async fn drain_once(
     let mut done = Vec::with_capacity(rows.len());
     let mut stopped = None;
     for row in &rows {
+        if cancel.is_cancelled() {
+            // Stopping: what was published is deleted below; the rest waits for next time.
+            break;
+        }
         let change = Change {
             id: row.try_get("id")?,
             event_id: row.try_get("event_id")?,
@@ -243,14 +249,7 @@ pub(super) async fn run(
         if cancel.is_cancelled() {
             break;
         }
-        // Cancelling mid-batch rolls the transaction back: the batch's rows stay in the
-        // outbox and are published again at the next start (as duplicates, which the broker
-        // refuses, for events it already holds).
-        let drained = tokio::select! {
-            drained = drain_once(&pool, &config, &broker, &mut keys) => drained,
-            _ = cancel.cancelled() => break,
-        };
-        let wait = match drained {
+        let wait = match drain_once(&pool, &config, &broker, &mut keys, &cancel).await {
             Ok((published, None)) => {
                 backoff = config.poll_interval;
                 if published > 0 {

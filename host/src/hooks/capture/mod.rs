@@ -220,7 +220,8 @@ impl Capture {
         Ok(Capture { cancel, task, pool })
     }
 
-    /// Stops draining (a batch in progress finishes first) and closes the connections.
+    /// Stops draining (a batch in progress stops after the row being published, and what was
+    /// published is removed from the outbox) and closes the connections.
     /// Undrained rows stay in the outbox for the next start.
     pub async fn stop(self) {
         self.cancel.cancel();
