@@ -1008,6 +1008,7 @@ pub enum ConfigError {
 /// the environment: config loading reads `EVENTBROKER_*` variables, and tests that set them do
 /// so inside figment's `Jail`, which only serializes its own users.
 #[cfg(test)]
+#[allow(clippy::result_large_err)]
 pub(crate) fn with_isolated_env<T>(f: impl FnOnce() -> T) -> T {
     let mut out = None;
     figment::Jail::expect_with(|jail| {
