@@ -191,6 +191,8 @@ async fn failed_events_become_dead_letters_and_requeue_moves_them_back() {
     let e = event("orders.create");
     provider.publish(&e).await.unwrap();
     let delivery = fetch_n(consumer.as_ref(), 1).await.remove(0);
+    let stats = provider.stats().await.unwrap();
+    assert_eq!(stats.backend["group.dlq.pending"], 1, "{stats:?}");
     consumer
         .complete(&delivery, &finished(EventStatus::Failed, Some("boom")))
         .await
