@@ -7,7 +7,9 @@
 
 mod filter;
 pub mod memory;
+pub mod nats;
 pub mod redis;
+pub mod sql;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -26,6 +28,8 @@ use crate::pattern::Pattern;
 pub use self::redis::RedisProvider;
 pub use filter::{EventFilter, SortOrder};
 pub use memory::MemoryProvider;
+pub use nats::NatsProvider;
+pub use sql::{SqlOptions, SqlProvider};
 
 /// What a backend guarantees; the conformance suite tests exactly what is claimed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -292,9 +296,6 @@ pub enum ProviderError {
     /// A watcher fell too far behind and missed events.
     #[error("watcher fell behind and missed {0} events; reconnect to continue")]
     Lagged(u64),
-    /// The provider named in config is not part of this build.
-    #[error("provider {0:?} is not available in this build")]
-    Unavailable(String),
     /// The backend's configuration is invalid.
     #[error("invalid {provider} configuration: {reason}")]
     Config {
@@ -326,16 +327,19 @@ impl ProviderError {
 /// Builds the provider named in `config.provider`: the one place mapping names to backends.
 ///
 /// # Errors
-/// [`ProviderError::Unavailable`] for a backend not in this build, or the backend's own
-/// construction errors (bad settings, unreachable server).
+/// The backend's construction errors: [`ProviderError::Config`] for bad settings,
+/// [`ProviderError::Backend`] for an unreachable server.
 pub async fn from_config(config: &BrokerConfig) -> Result<Arc<dyn Provider>, ProviderError> {
     match config.provider {
         ProviderKind::Memory => Ok(Arc::new(MemoryProvider::new(
             memory::MemoryOptions::from_config(config),
         ))),
+        ProviderKind::Database => Ok(Arc::new(
+            SqlProvider::connect(SqlOptions::from_config(config)).await?,
+        )),
         ProviderKind::Redis => Ok(Arc::new(
             RedisProvider::connect(self::redis::RedisOptions::from_config(config)?).await?,
         )),
-        other => Err(ProviderError::Unavailable(other.as_str().to_owned())),
+        ProviderKind::Nats => Ok(Arc::new(NatsProvider::connect(config).await?)),
     }
 }

@@ -1,0 +1,799 @@
+//! The database provider: SQLite (embedded, durable, one host) or PostgreSQL (durable,
+//! shared by every host of a cluster), chosen by the scheme of `database.url`.
+//!
+//! - Schema: versioned migrations at start ([`schema`]); the events table name is checked to be
+//!   a plain identifier and is the only text ever put into SQL, values go through placeholders.
+//! - Delivery: one row per (consumer group, event) in `T_deliveries`, written in the event's
+//!   own transaction; consumers claim rows by lease ([`consumer`]). Nothing is skipped when
+//!   publishers commit out of order, each group receives every event, and a host that dies
+//!   mid-event loses nothing: its leases expire and the deliveries are claimed again (a rescuer
+//!   also returns the events' status to `pending`).
+//! - Wake-ups: PostgreSQL `LISTEN/NOTIFY`, SQLite polling plus in-process signals, the poll
+//!   interval as fallback ([`watch`]).
+//! - Watchers see the events of every host sharing the database ([`watch`]).
+//!
+//! `docs/providers/database.md` describes the design, its trade-offs and tuning.
+
+mod consumer;
+pub mod dialect;
+mod list;
+mod row;
+mod schema;
+mod watch;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use sqlx::any::AnyPoolOptions;
+use sqlx::{Any, AnyPool, AssertSqlSafe, Executor, Row, Transaction};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use self::consumer::SqlConsumer;
+use self::dialect::{Dialect, Target};
+use self::row::{EventValues, UpdateValues, decode_event};
+use self::schema::{Queries, insert_error};
+use self::watch::{Hub, WatchMessage};
+use super::{
+    Consumer, ConsumerOptions, EventFilter, EventStream, Provider, ProviderError, ProviderFeatures,
+    ProviderStats, StatusUpdate,
+};
+use crate::config::{BrokerConfig, DatabaseConfig};
+use crate::event::{Event, EventStatus};
+use crate::pattern::Pattern;
+
+/// The provider's name in config and errors.
+pub(crate) const NAME: &str = "database";
+
+/// Settings of the database provider (the `event_broker.database` section).
+#[derive(Debug, Clone)]
+pub struct SqlOptions {
+    /// `postgres://…` or `sqlite://path`.
+    pub url: String,
+    /// Events table name (a plain identifier).
+    pub table_name: String,
+    /// Fallback interval of consumers and watchers without notifications.
+    pub poll_interval: Duration,
+    /// Largest connection pool.
+    pub max_connections: u32,
+    /// Connection timeout.
+    pub connect_timeout: Duration,
+    /// Most deliveries claimed at once.
+    pub batch_size: usize,
+    /// Interval of the expired-lease rescuer.
+    pub rescue_interval: Duration,
+    /// Events buffered per watcher before it is cut off as lagging.
+    pub watcher_buffer: usize,
+}
+
+impl SqlOptions {
+    /// The options of a `database` config section.
+    pub fn from_database_config(config: &DatabaseConfig) -> Self {
+        SqlOptions {
+            url: config.url.clone(),
+            table_name: config.table_name.clone(),
+            poll_interval: config.poll_interval.max(Duration::from_millis(1)),
+            max_connections: config.max_connections.max(1),
+            connect_timeout: config.connect_timeout,
+            batch_size: config.batch_size.max(1),
+            rescue_interval: config.rescue_interval.max(Duration::from_millis(10)),
+            watcher_buffer: config.watcher_buffer.max(1),
+        }
+    }
+
+    /// The options a broker config asks for.
+    pub fn from_config(config: &BrokerConfig) -> Self {
+        Self::from_database_config(&config.database)
+    }
+}
+
+/// Microseconds since the Unix epoch, on this host's clock.
+pub(crate) fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A duration in whole microseconds (saturating).
+pub(crate) fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// A database failure as a provider error.
+pub(crate) fn db_error(error: sqlx::Error) -> ProviderError {
+    ProviderError::backend(NAME, error)
+}
+
+#[derive(Default)]
+struct Counters {
+    published: AtomicU64,
+    consumed: AtomicU64,
+    acknowledged: AtomicU64,
+    redelivered: AtomicU64,
+}
+
+/// State shared by the provider, its consumers and its background tasks.
+pub(crate) struct Shared {
+    dialect: Dialect,
+    table: String,
+    q: Queries,
+    /// Reads, and every statement on PostgreSQL.
+    pool: AnyPool,
+    /// SQLite: the single writer connection (serializes this process's writes instead of
+    /// letting connections spin on the file lock). PostgreSQL: the same pool as `pool`.
+    writer: AnyPool,
+    options: SqlOptions,
+    closed: AtomicBool,
+    shutdown: CancellationToken,
+    hub: Arc<Hub>,
+    sqlite_key: Option<PathBuf>,
+    watchers: broadcast::Sender<WatchMessage>,
+    counters: Counters,
+    /// Open consumers: key → (group, name), for handing their leases back on close.
+    consumers: Mutex<HashMap<u64, (String, String)>>,
+    next_consumer: AtomicU64,
+    /// Groups known to exist (their deliveries are written by every publish).
+    groups: Mutex<HashSet<String>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Shared {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn check_open(&self) -> Result<(), ProviderError> {
+        if self.is_closed() {
+            Err(ProviderError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn writer(&self) -> &AnyPool {
+        &self.writer
+    }
+
+    fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+        mutex.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn forget_consumer(&self, key: u64) {
+        Self::lock(&self.consumers).remove(&key);
+    }
+
+    /// A write transaction: SQLite `BEGIN IMMEDIATE` on the writer (takes the write lock up
+    /// front, so the transaction never fails half-way on a lock upgrade); PostgreSQL `BEGIN`.
+    async fn begin_write(&self) -> Result<Transaction<'static, Any>, ProviderError> {
+        match self.dialect {
+            Dialect::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await,
+            Dialect::Postgres => self.pool.begin().await,
+        }
+        .map_err(db_error)
+    }
+
+    /// Tells local consumers (`work`) and watchers that something changed. PostgreSQL's
+    /// other hosts learn it from the NOTIFY sent by the statement itself.
+    async fn signal(&self, work: bool) {
+        match (&self.sqlite_key, work) {
+            (Some(key), _) => watch::signal_sqlite(key, work),
+            (None, true) => self.hub.wake.notify_waiters(),
+            (None, false) => {}
+        }
+    }
+
+    /// Makes sure `group` exists; a new group gets a delivery of every unfinished published
+    /// event. On PostgreSQL an exclusive advisory lock (publishes hold it shared) makes sure
+    /// no publish in flight misses the new group.
+    async fn ensure_group(&self, group: &str) -> Result<(), ProviderError> {
+        if Self::lock(&self.groups).contains(group) {
+            return Ok(());
+        }
+        let exists = sqlx::query(AssertSqlSafe(self.q.group_exists.clone()))
+            .bind(group.to_owned())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?
+            .is_some();
+        if !exists {
+            let mut tx = self.begin_write().await?;
+            if self.dialect == Dialect::Postgres {
+                tx.execute(
+                    sqlx::query(AssertSqlSafe(self.q.lock_exclusive.clone()))
+                        .bind(self.q.lock_name.clone()),
+                )
+                .await
+                .map_err(db_error)?;
+            }
+            let now = now_micros();
+            let inserted = sqlx::query(AssertSqlSafe(self.q.insert_group.clone()))
+                .bind(group.to_owned())
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            if inserted.rows_affected() > 0 {
+                sqlx::query(AssertSqlSafe(self.q.backfill.clone()))
+                    .bind(group.to_owned())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+            }
+            tx.commit().await.map_err(db_error)?;
+        }
+        Self::lock(&self.groups).insert(group.to_owned());
+        Ok(())
+    }
+
+    /// Inserts an event; `publish` also makes it deliverable to every group.
+    async fn insert(&self, event: &Event, publish: bool) -> Result<(), ProviderError> {
+        self.check_open()?;
+        let values = EventValues::new(event)?;
+        let now = now_micros();
+        match self.dialect {
+            Dialect::Postgres if publish => {
+                let mut tx = self.begin_write().await?;
+                tx.execute(
+                    sqlx::query(AssertSqlSafe(self.q.lock_shared.clone()))
+                        .bind(self.q.lock_name.clone()),
+                )
+                .await
+                .map_err(db_error)?;
+                values
+                    .bind(sqlx::query(AssertSqlSafe(self.q.publish.clone())))
+                    .bind(now)
+                    .bind(self.q.channel.clone())
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(|e| insert_error(e, &event.id))?;
+                tx.commit().await.map_err(db_error)?;
+            }
+            Dialect::Postgres => {
+                values
+                    .bind(sqlx::query(AssertSqlSafe(self.q.store.clone())))
+                    .bind(self.q.channel.clone())
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(|e| insert_error(e, &event.id))?;
+            }
+            Dialect::Sqlite if publish => {
+                let mut tx = self.begin_write().await?;
+                let row = values
+                    .bind(sqlx::query(AssertSqlSafe(self.q.publish.clone())))
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(|e| insert_error(e, &event.id))?;
+                let seq: i64 = row.try_get(0).map_err(db_error)?;
+                sqlx::query(AssertSqlSafe(self.q.publish_deliveries.clone()))
+                    .bind(seq)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                tx.commit().await.map_err(db_error)?;
+            }
+            Dialect::Sqlite => {
+                values
+                    .bind(sqlx::query(AssertSqlSafe(self.q.store.clone())))
+                    .fetch_one(&self.writer)
+                    .await
+                    .map_err(|e| insert_error(e, &event.id))?;
+            }
+        }
+        self.signal(publish).await;
+        Ok(())
+    }
+
+    /// Returns expired leases to the group and their events' status to `pending`.
+    async fn rescue(&self) -> Result<u64, ProviderError> {
+        let now = now_micros();
+        let rescued = match self.dialect {
+            Dialect::Postgres => {
+                let row = sqlx::query(AssertSqlSafe(self.q.rescue.clone()))
+                    .bind(now)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                let leases: i64 = row.try_get(0).map_err(db_error)?;
+                u64::try_from(leases).unwrap_or(0)
+            }
+            Dialect::Sqlite => {
+                let mut tx = self.begin_write().await?;
+                sqlx::query(AssertSqlSafe(self.q.rescue.clone()))
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                let cleared = sqlx::query(AssertSqlSafe(self.q.rescue_leases.clone()))
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                tx.commit().await.map_err(db_error)?;
+                cleared.rows_affected()
+            }
+        };
+        if rescued > 0 {
+            self.signal(true).await;
+        }
+        Ok(rescued)
+    }
+}
+
+/// The SQL provider. Cheap to clone; clones share the pools and state.
+#[derive(Clone)]
+pub struct SqlProvider {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SqlProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlProvider")
+            .field("dialect", &self.shared.dialect)
+            .field("table", &self.shared.table)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn after_connect_sqlite(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
+    // WAL: readers never block the writer; NORMAL sync is durable across process crashes
+    // (a power loss can lose the last commits); wait for other processes' locks.
+    conn.execute("PRAGMA synchronous = NORMAL").await?;
+    conn.execute("PRAGMA busy_timeout = 10000").await?;
+    Ok(())
+}
+
+impl SqlProvider {
+    /// Connects, migrates the schema and starts the background tasks (listener or poller,
+    /// lease rescuer). Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// [`ProviderError::Config`] for a bad URL or table name; [`ProviderError::Backend`] when
+    /// the database cannot be reached or migrated.
+    pub async fn connect(options: SqlOptions) -> Result<Self, ProviderError> {
+        dialect::validate_identifier(&options.table_name)?;
+        let target = Target::parse(&options.url)?;
+        sqlx::any::install_default_drivers();
+        let shown_url = dialect::redact(&options.url);
+        let connect_error = move |error: sqlx::Error| {
+            ProviderError::backend(NAME, format!("cannot connect to {shown_url}: {error}"))
+        };
+        let (pool, writer, sqlite_key) = match target.dialect {
+            Dialect::Postgres => {
+                let pool = AnyPoolOptions::new()
+                    .max_connections(options.max_connections)
+                    .acquire_timeout(options.connect_timeout)
+                    .connect(&target.url)
+                    .await
+                    .map_err(&connect_error)?;
+                (pool.clone(), pool, None)
+            }
+            Dialect::Sqlite => {
+                let path = target.path.clone().unwrap_or_default();
+                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent).map_err(|error| {
+                        ProviderError::backend(
+                            NAME,
+                            format!("cannot create directory {}: {error}", parent.display()),
+                        )
+                    })?;
+                }
+                let writer = AnyPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(options.connect_timeout.max(Duration::from_secs(30)))
+                    .after_connect(|conn, _| Box::pin(after_connect_sqlite(conn)))
+                    .connect(&target.url)
+                    .await
+                    .map_err(&connect_error)?;
+                // WAL is a property of the file; set it once, before the readers connect.
+                let mode: String = sqlx::query_scalar("PRAGMA journal_mode = WAL")
+                    .fetch_one(&writer)
+                    .await
+                    .map_err(&connect_error)?;
+                if !mode.eq_ignore_ascii_case("wal") {
+                    tracing::warn!(%mode, "SQLite did not switch to WAL mode; readers will block the writer");
+                }
+                let pool = AnyPoolOptions::new()
+                    .max_connections(options.max_connections)
+                    .acquire_timeout(options.connect_timeout)
+                    .after_connect(|conn, _| Box::pin(after_connect_sqlite(conn)))
+                    .connect(&target.url)
+                    .await
+                    .map_err(&connect_error)?;
+                (pool, writer, Some(watch::sqlite_key(&path)))
+            }
+        };
+        schema::migrate(&writer, target.dialect, &options.table_name).await?;
+        let (watchers, _) = broadcast::channel(options.watcher_buffer);
+        let shared = Arc::new(Shared {
+            dialect: target.dialect,
+            table: options.table_name.clone(),
+            q: Queries::new(target.dialect, &options.table_name),
+            pool,
+            writer,
+            closed: AtomicBool::new(false),
+            shutdown: CancellationToken::new(),
+            hub: Arc::new(Hub::default()),
+            sqlite_key,
+            watchers,
+            counters: Counters::default(),
+            consumers: Mutex::new(HashMap::new()),
+            next_consumer: AtomicU64::new(1),
+            groups: Mutex::new(HashSet::new()),
+            tasks: Mutex::new(Vec::new()),
+            options,
+        });
+        let mut tasks = Vec::new();
+        match target.dialect {
+            Dialect::Postgres => {
+                let mut listener = sqlx::postgres::PgListener::connect(&target.url)
+                    .await
+                    .map_err(&connect_error)?;
+                listener
+                    .listen(&shared.q.channel)
+                    .await
+                    .map_err(&connect_error)?;
+                tasks.push(tokio::spawn(watch::pg_listener(
+                    Arc::downgrade(&shared),
+                    shared.hub.clone(),
+                    listener,
+                    shared.shutdown.clone(),
+                )));
+            }
+            Dialect::Sqlite => {
+                if let Some(key) = &shared.sqlite_key {
+                    watch::register_sqlite_hub(key, &shared.hub);
+                }
+                tasks.push(tokio::spawn(watch::sqlite_poller(
+                    Arc::downgrade(&shared),
+                    shared.hub.clone(),
+                    shared.shutdown.clone(),
+                )));
+            }
+        }
+        tasks.push(tokio::spawn(rescue_loop(
+            Arc::downgrade(&shared),
+            shared.shutdown.clone(),
+        )));
+        *Shared::lock(&shared.tasks) = tasks;
+        Ok(SqlProvider { shared })
+    }
+
+    /// Which database this provider uses.
+    pub fn dialect(&self) -> Dialect {
+        self.shared.dialect
+    }
+
+    /// Returns expired leases to their groups now (the rescuer does this periodically);
+    /// returns how many.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn rescue_expired_leases(&self) -> Result<u64, ProviderError> {
+        self.shared.check_open()?;
+        self.shared.rescue().await
+    }
+}
+
+async fn rescue_loop(shared: std::sync::Weak<Shared>, shutdown: CancellationToken) {
+    let interval = match shared.upgrade() {
+        Some(shared) => shared.options.rescue_interval,
+        None => return,
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        match shared.rescue().await {
+            Ok(0) => {}
+            Ok(rescued) => {
+                tracing::info!(rescued, "returned expired leases to pending");
+            }
+            Err(error) => tracing::warn!(%error, "rescuing expired leases failed"),
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for SqlProvider {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn features(&self) -> ProviderFeatures {
+        ProviderFeatures {
+            durable: true,
+            shared: self.shared.dialect == Dialect::Postgres,
+            consumer_groups: true,
+            ordered: true,
+        }
+    }
+
+    async fn store(&self, event: &Event) -> Result<(), ProviderError> {
+        self.shared.insert(event, false).await
+    }
+
+    async fn publish(&self, event: &Event) -> Result<(), ProviderError> {
+        self.shared.insert(event, true).await?;
+        self.shared
+            .counters
+            .published
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Event>, ProviderError> {
+        self.shared.check_open()?;
+        let row = sqlx::query(AssertSqlSafe(self.shared.q.get.clone()))
+            .bind(id.to_owned())
+            .fetch_optional(&self.shared.pool)
+            .await
+            .map_err(db_error)?;
+        row.map(|row| decode_event(&row, 0)).transpose()
+    }
+
+    async fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
+        self.shared.check_open()?;
+        list::list(&self.shared, filter).await
+    }
+
+    async fn update_status(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
+        let shared = &self.shared;
+        shared.check_open()?;
+        let values = UpdateValues::new(update)?;
+        let query = sqlx::query(AssertSqlSafe(shared.q.update_status.clone())).bind(id.to_owned());
+        let found = match shared.dialect {
+            Dialect::Postgres => values
+                .bind(query)
+                .bind(shared.q.channel.clone())
+                .fetch_optional(&shared.pool)
+                .await
+                .map_err(db_error)?
+                .is_some(),
+            Dialect::Sqlite => {
+                values
+                    .bind(query)
+                    .execute(&shared.writer)
+                    .await
+                    .map_err(db_error)?
+                    .rows_affected()
+                    > 0
+            }
+        };
+        if !found {
+            return Err(ProviderError::NotFound(id.to_owned()));
+        }
+        shared.signal(false).await;
+        Ok(())
+    }
+
+    async fn delete(&self, id: &str) -> Result<bool, ProviderError> {
+        let shared = &self.shared;
+        shared.check_open()?;
+        match shared.dialect {
+            Dialect::Postgres => Ok(sqlx::query(AssertSqlSafe(shared.q.delete_event.clone()))
+                .bind(id.to_owned())
+                .fetch_optional(&shared.pool)
+                .await
+                .map_err(db_error)?
+                .is_some()),
+            Dialect::Sqlite => {
+                let mut tx = shared.begin_write().await?;
+                let row = sqlx::query(AssertSqlSafe(shared.q.delete_event.clone()))
+                    .bind(id.to_owned())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                let Some(row) = row else {
+                    return Ok(false);
+                };
+                let seq: i64 = row.try_get(0).map_err(db_error)?;
+                sqlx::query(AssertSqlSafe(shared.q.delete_deliveries.clone()))
+                    .bind(seq)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                tx.commit().await.map_err(db_error)?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn requeue(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
+        let shared = &self.shared;
+        shared.check_open()?;
+        let values = UpdateValues::new(update)?;
+        let now = now_micros();
+        let mut tx = shared.begin_write().await?;
+        let requeued = match shared.dialect {
+            Dialect::Postgres => {
+                tx.execute(
+                    sqlx::query(AssertSqlSafe(shared.q.lock_shared.clone()))
+                        .bind(shared.q.lock_name.clone()),
+                )
+                .await
+                .map_err(db_error)?;
+                let query =
+                    sqlx::query(AssertSqlSafe(shared.q.requeue.clone())).bind(id.to_owned());
+                values
+                    .bind(query)
+                    .bind(now)
+                    .bind(shared.q.channel.clone())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_error)?
+                    .is_some()
+            }
+            Dialect::Sqlite => {
+                let query =
+                    sqlx::query(AssertSqlSafe(shared.q.requeue.clone())).bind(id.to_owned());
+                let row = values
+                    .bind(query)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                match row {
+                    Some(row) => {
+                        let seq: i64 = row.try_get(0).map_err(db_error)?;
+                        sqlx::query(AssertSqlSafe(shared.q.requeue_deliveries.clone()))
+                            .bind(seq)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                        true
+                    }
+                    None => false,
+                }
+            }
+        };
+        if !requeued {
+            let status: Option<String> =
+                sqlx::query_scalar(AssertSqlSafe(shared.q.status_of.clone()))
+                    .bind(id.to_owned())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+            drop(tx);
+            return Err(match status {
+                None => ProviderError::NotFound(id.to_owned()),
+                Some(status) => ProviderError::InvalidState {
+                    id: id.to_owned(),
+                    status: status.parse().unwrap_or(EventStatus::Pending),
+                    reason: "only completed or failed events can be re-run",
+                },
+            });
+        }
+        tx.commit().await.map_err(db_error)?;
+        shared.signal(true).await;
+        Ok(())
+    }
+
+    async fn consume(&self, options: ConsumerOptions) -> Result<Arc<dyn Consumer>, ProviderError> {
+        let shared = &self.shared;
+        shared.check_open()?;
+        shared.ensure_group(&options.group).await?;
+        let key = shared.next_consumer.fetch_add(1, Ordering::Relaxed);
+        Shared::lock(&shared.consumers).insert(key, (options.group.clone(), options.name.clone()));
+        Ok(Arc::new(SqlConsumer {
+            shared: shared.clone(),
+            key,
+            group: options.group,
+            name: options.name,
+            lease: options.lease,
+            closed: AtomicBool::new(false),
+            cancel: shared.shutdown.child_token(),
+        }))
+    }
+
+    async fn stream(&self, pattern: &Pattern) -> Result<EventStream, ProviderError> {
+        self.shared.check_open()?;
+        Ok(watch::watcher_stream(
+            self.shared.watchers.subscribe(),
+            pattern,
+            self.shared.shutdown.clone(),
+        ))
+    }
+
+    async fn stats(&self) -> Result<ProviderStats, ProviderError> {
+        let shared = &self.shared;
+        shared.check_open()?;
+        let mut stats = ProviderStats {
+            provider: NAME.into(),
+            ..ProviderStats::default()
+        };
+        for status in EventStatus::ALL {
+            stats.by_status.insert(status.as_str().into(), 0);
+        }
+        let rows = sqlx::query(AssertSqlSafe(shared.q.count_by_status.clone()))
+            .fetch_all(&shared.pool)
+            .await
+            .map_err(db_error)?;
+        let mut stored = 0u64;
+        for row in &rows {
+            let status: String = row.try_get(0).map_err(db_error)?;
+            let count: i64 = row.try_get(1).map_err(db_error)?;
+            let count = u64::try_from(count).unwrap_or(0);
+            stored += count;
+            *stats.by_status.entry(status).or_default() += count;
+        }
+        let groups = sqlx::query(AssertSqlSafe(shared.q.group_stats.clone()))
+            .bind(now_micros())
+            .fetch_all(&shared.pool)
+            .await
+            .map_err(db_error)?;
+        for row in &groups {
+            let name: String = row.try_get(0).map_err(db_error)?;
+            let backlog: i64 = row.try_get(1).map_err(db_error)?;
+            let leased: i64 = row.try_get(2).map_err(db_error)?;
+            stats
+                .backend
+                .insert(format!("group.{name}.backlog"), backlog.into());
+            stats
+                .backend
+                .insert(format!("group.{name}.leased"), leased.into());
+        }
+        stats.backend.insert("stored".into(), stored.into());
+        stats.backend.insert(
+            "dialect".into(),
+            match shared.dialect {
+                Dialect::Postgres => "postgres",
+                Dialect::Sqlite => "sqlite",
+            }
+            .into(),
+        );
+        stats
+            .backend
+            .insert("table".into(), shared.table.clone().into());
+        stats
+            .backend
+            .insert("pool_size".into(), shared.pool.size().into());
+        let counters = &shared.counters;
+        stats.published = counters.published.load(Ordering::Relaxed);
+        stats.consumed = counters.consumed.load(Ordering::Relaxed);
+        stats.acknowledged = counters.acknowledged.load(Ordering::Relaxed);
+        stats.redelivered = counters.redelivered.load(Ordering::Relaxed);
+        stats.consumers = Shared::lock(&shared.consumers).len() as u64;
+        stats.subscribers = shared.watchers.receiver_count() as u64;
+        Ok(stats)
+    }
+
+    async fn close(&self) {
+        let shared = &self.shared;
+        if shared.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Hand back what open consumers still hold, so another host (or this one after a
+        // restart) gets it at once instead of after the lease.
+        let open: Vec<(String, String)> = Shared::lock(&shared.consumers)
+            .drain()
+            .map(|(_, v)| v)
+            .collect();
+        for (group, name) in open {
+            if let Err(error) = consumer::hand_back_leases(shared, &group, &name).await {
+                tracing::warn!(%error, consumer = %name, "could not hand back leases on close");
+            }
+        }
+        shared.shutdown.cancel();
+        let tasks: Vec<JoinHandle<()>> = Shared::lock(&shared.tasks).drain(..).collect();
+        for task in tasks {
+            let _ = task.await;
+        }
+        if let Some(key) = &shared.sqlite_key {
+            watch::unregister_sqlite_hub(key, &shared.hub);
+        }
+        shared.pool.close().await;
+        shared.writer.close().await;
+    }
+}
