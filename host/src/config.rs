@@ -1004,6 +1004,20 @@ pub enum ConfigError {
     },
 }
 
+/// Runs `f` with an empty process environment, serialized with every other test that touches
+/// the environment: config loading reads `EVENTBROKER_*` variables, and tests that set them do
+/// so inside figment's `Jail`, which only serializes its own users.
+#[cfg(test)]
+pub(crate) fn with_isolated_env<T>(f: impl FnOnce() -> T) -> T {
+    let mut out = None;
+    figment::Jail::expect_with(|jail| {
+        jail.clear_env();
+        out = Some(f());
+        Ok(())
+    });
+    out.expect("the jailed closure ran")
+}
+
 #[cfg(test)]
 // figment's `Jail` closures must return its large error type.
 #[allow(clippy::result_large_err)]
@@ -1043,22 +1057,24 @@ mod tests {
 
     #[test]
     fn yaml_and_toml_files() {
-        let yaml = "event_broker:\n  provider: redis\n  worker_count: 4\n  retry_policy:\n    initial_delay: 250ms\n";
-        let config = Config::from_text(FileFormat::Yaml, yaml).expect("yaml");
-        assert_eq!(config.event_broker.provider, ProviderKind::Redis);
-        assert_eq!(config.event_broker.worker_count, 4);
-        assert_eq!(
-            config.event_broker.retry_policy.initial_delay,
-            Duration::from_millis(250)
-        );
-        assert_eq!(
-            config.event_broker.retry_policy.max_retries, 3,
-            "untouched default"
-        );
-        let toml = "[event_broker]\nmode = \"sync\"\n[event_broker.redis]\nport = 6380\n";
-        let config = Config::from_text(FileFormat::Toml, toml).expect("toml");
-        assert_eq!(config.event_broker.mode, ProcessingMode::Sync);
-        assert_eq!(config.event_broker.redis.port, 6380);
+        with_isolated_env(|| {
+            let yaml = "event_broker:\n  provider: redis\n  worker_count: 4\n  retry_policy:\n    initial_delay: 250ms\n";
+            let config = Config::from_text(FileFormat::Yaml, yaml).expect("yaml");
+            assert_eq!(config.event_broker.provider, ProviderKind::Redis);
+            assert_eq!(config.event_broker.worker_count, 4);
+            assert_eq!(
+                config.event_broker.retry_policy.initial_delay,
+                Duration::from_millis(250)
+            );
+            assert_eq!(
+                config.event_broker.retry_policy.max_retries, 3,
+                "untouched default"
+            );
+            let toml = "[event_broker]\nmode = \"sync\"\n[event_broker.redis]\nport = 6380\n";
+            let config = Config::from_text(FileFormat::Toml, toml).expect("toml");
+            assert_eq!(config.event_broker.mode, ProcessingMode::Sync);
+            assert_eq!(config.event_broker.redis.port, 6380);
+        });
     }
 
     #[test]
@@ -1097,37 +1113,39 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_key() {
-        let err = Config::from_text(FileFormat::Yaml, "event_broker:\n  worker_cont: 3\n")
+        with_isolated_env(|| {
+            let err = Config::from_text(FileFormat::Yaml, "event_broker:\n  worker_cont: 3\n")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("worker_cont"), "{err}");
+            let err = Config::from_text(FileFormat::Yaml, "event_broker:\n  provider: kafka\n")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("kafka") && err.contains("memory") && err.contains("nats"),
+                "{err}"
+            );
+            assert!(err.contains("provider"), "{err}");
+            let err = Config::from_text(
+                FileFormat::Toml,
+                "[event_broker]\nworker_count = \"many\"\n",
+            )
             .unwrap_err()
             .to_string();
-        assert!(err.contains("worker_cont"), "{err}");
-        let err = Config::from_text(FileFormat::Yaml, "event_broker:\n  provider: kafka\n")
+            assert!(err.contains("worker_count"), "{err}");
+            let err = Config::from_text(FileFormat::Yaml, "event_broker:\n  worker_count: 0\n")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("event_broker.worker_count"), "{err}");
+            let err = Config::from_text(
+                FileFormat::Yaml,
+                "event_broker:\n  retry_policy:\n    initial_delay: soon\n",
+            )
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("kafka") && err.contains("memory") && err.contains("nats"),
-            "{err}"
-        );
-        assert!(err.contains("provider"), "{err}");
-        let err = Config::from_text(
-            FileFormat::Toml,
-            "[event_broker]\nworker_count = \"many\"\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("worker_count"), "{err}");
-        let err = Config::from_text(FileFormat::Yaml, "event_broker:\n  worker_count: 0\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("event_broker.worker_count"), "{err}");
-        let err = Config::from_text(
-            FileFormat::Yaml,
-            "event_broker:\n  retry_policy:\n    initial_delay: soon\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("initial_delay"), "{err}");
-        assert!(FileFormat::of(Path::new("c.ini")).is_err());
+            assert!(err.contains("initial_delay"), "{err}");
+            assert!(FileFormat::of(Path::new("c.ini")).is_err());
+        });
     }
 
     #[test]

@@ -268,16 +268,18 @@ mod tests {
 
     #[test]
     fn the_example_config_loads() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../examples/config-capture.yaml");
-        let config = crate::config::Config::load(Some(&path)).expect("example loads");
-        assert!(config.capture.enabled());
-        assert_eq!(config.capture.tables, ["public.orders"]);
-        let bad = crate::config::Config::from_text(
-            crate::config::FileFormat::Yaml,
-            "capture:\n  url: postgres://x/y\n  tables: [orders]\n",
-        )
-        .unwrap_err();
-        assert!(bad.to_string().contains("capture.tables"), "{bad}");
+        crate::config::with_isolated_env(|| {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../examples/config-capture.yaml");
+            let config = crate::config::Config::load(Some(&path)).expect("example loads");
+            assert!(config.capture.enabled());
+            assert_eq!(config.capture.tables, ["public.orders"]);
+            let bad = crate::config::Config::from_text(
+                crate::config::FileFormat::Yaml,
+                "capture:\n  url: postgres://x/y\n  tables: [orders]\n",
+            )
+            .unwrap_err();
+            assert!(bad.to_string().contains("capture.tables"), "{bad}");
+        });
     }
 }
