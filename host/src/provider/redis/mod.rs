@@ -618,6 +618,17 @@ impl Provider for RedisProvider {
         stats
             .backend
             .insert("stream".into(), keys.stream.clone().into());
+        let groups: redis::Value = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&keys.stream)
+            .query_async(&mut self.shared.conn())
+            .await
+            .unwrap_or(redis::Value::Nil);
+        for (name, field, value) in entries::group_info(&groups) {
+            stats
+                .backend
+                .insert(format!("group.{name}.{field}"), value.into());
+        }
         let counters = &self.shared.counters;
         stats.published = counters.published.load(Ordering::Relaxed);
         stats.consumed = counters.consumed.load(Ordering::Relaxed);
