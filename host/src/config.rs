@@ -30,6 +30,8 @@ pub struct Config {
     pub handlers: HandlersConfig,
     /// Logging.
     pub log: LogConfig,
+    /// PostgreSQL change capture (off while `tables` is empty).
+    pub capture: CaptureConfig,
 }
 
 /// Which backend stores and delivers events.
@@ -486,6 +488,86 @@ impl Default for DatabaseConfig {
     }
 }
 
+/// A change that PostgreSQL change capture publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureOperation {
+    /// `INSERT`, published as `schema.table.create`.
+    Create,
+    /// `UPDATE`, published as `schema.table.update`.
+    Update,
+    /// `DELETE`, published as `schema.table.delete`.
+    Delete,
+}
+
+impl CaptureOperation {
+    /// The operation's name in event types.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureOperation::Create => "create",
+            CaptureOperation::Update => "update",
+            CaptureOperation::Delete => "delete",
+        }
+    }
+
+    /// The SQL trigger event that produces it.
+    pub fn trigger_event(self) -> &'static str {
+        match self {
+            CaptureOperation::Create => "INSERT",
+            CaptureOperation::Update => "UPDATE",
+            CaptureOperation::Delete => "DELETE",
+        }
+    }
+}
+
+/// PostgreSQL change capture: `eventbroker serve` publishes `schema.table.create|update|delete`
+/// events (source `database`) for every committed change of the watched tables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// Connection URL of the watched database (`postgres://…`); required when `tables` is set.
+    pub url: String,
+    /// Watched tables as `schema.table` (plain identifiers, case-sensitive). Empty: capture off.
+    pub tables: Vec<String>,
+    /// Which changes are captured.
+    pub operations: Vec<CaptureOperation>,
+    /// How often the outbox is polled when no notification arrives.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Outbox rows published per transaction.
+    pub batch_size: usize,
+    /// Schema (in the watched database) holding the outbox table and the trigger function.
+    pub schema: String,
+    /// Install (or update) the trigger function, triggers and outbox when the host starts.
+    /// Off: install them with `eventbroker capture install`.
+    pub install: bool,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            url: String::new(),
+            tables: Vec::new(),
+            operations: vec![
+                CaptureOperation::Create,
+                CaptureOperation::Update,
+                CaptureOperation::Delete,
+            ],
+            poll_interval: Duration::from_secs(1),
+            batch_size: 100,
+            schema: "eventbroker".into(),
+            install: true,
+        }
+    }
+}
+
+impl CaptureConfig {
+    /// Whether capture is on (some table is watched).
+    pub fn enabled(&self) -> bool {
+        !self.tables.is_empty()
+    }
+}
+
 /// The HTTP server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -508,6 +590,38 @@ pub struct ServerConfig {
     /// Interval of keep-alive comments on `GET /v1/stream`.
     #[serde(with = "humantime_serde")]
     pub sse_keep_alive: Duration,
+    /// WebSocket clients (`GET /v1/ws`).
+    pub websocket: WebSocketConfig,
+}
+
+/// Per-connection limits of WebSocket clients (`GET /v1/ws`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Largest message a client may send; a larger one closes the connection (code 1009).
+    pub max_message_size: ByteSize,
+    /// Publishes per second a connection may sustain (token bucket); more are refused with
+    /// a `rate_limited` error.
+    pub publish_rate: u32,
+    /// Publishes a connection may make in a burst above the rate.
+    pub publish_burst: u32,
+    /// Messages queued for a client; a client that lets it fill is disconnected (code 1008,
+    /// with the reason) rather than slowing the broker.
+    pub outbound_buffer: usize,
+    /// Patterns one connection may subscribe to at once.
+    pub max_subscriptions: usize,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            max_message_size: ByteSize::kib(64),
+            publish_rate: 100,
+            publish_burst: 100,
+            outbound_buffer: 1024,
+            max_subscriptions: 32,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -521,6 +635,7 @@ impl Default for ServerConfig {
             upload_limit: ByteSize::mib(64),
             max_batch: 1000,
             sse_keep_alive: Duration::from_secs(15),
+            websocket: WebSocketConfig::default(),
         }
     }
 }
@@ -804,6 +919,39 @@ impl Config {
                 reason: "must not exceed retry_policy.max_delay".into(),
             });
         }
+        let websocket = &self.server.websocket;
+        let positive = [
+            (
+                "server.websocket.publish_rate",
+                websocket.publish_rate as usize,
+            ),
+            (
+                "server.websocket.publish_burst",
+                websocket.publish_burst as usize,
+            ),
+            (
+                "server.websocket.outbound_buffer",
+                websocket.outbound_buffer,
+            ),
+            (
+                "server.websocket.max_subscriptions",
+                websocket.max_subscriptions,
+            ),
+            (
+                "server.websocket.max_message_size",
+                websocket.max_message_size.as_u64() as usize,
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Value {
+                    key,
+                    reason: "must be at least 1".into(),
+                });
+            }
+        }
+        crate::hooks::capture::check_config(&self.capture)
+            .map_err(|(key, reason)| ConfigError::Value { key, reason })?;
         Ok(())
     }
 }
@@ -856,6 +1004,21 @@ pub enum ConfigError {
     },
 }
 
+/// Runs `f` with an empty process environment, serialized with every other test that touches
+/// the environment: config loading reads `EVENTBROKER_*` variables, and tests that set them do
+/// so inside figment's `Jail`, which only serializes its own users.
+#[cfg(test)]
+#[allow(clippy::result_large_err)]
+pub(crate) fn with_isolated_env<T>(f: impl FnOnce() -> T) -> T {
+    let mut out = None;
+    figment::Jail::expect_with(|jail| {
+        jail.clear_env();
+        out = Some(f());
+        Ok(())
+    });
+    out.expect("the jailed closure ran")
+}
+
 #[cfg(test)]
 // figment's `Jail` closures must return its large error type.
 #[allow(clippy::result_large_err)]
@@ -895,22 +1058,24 @@ mod tests {
 
     #[test]
     fn yaml_and_toml_files() {
-        let yaml = "event_broker:\n  provider: redis\n  worker_count: 4\n  retry_policy:\n    initial_delay: 250ms\n";
-        let config = Config::from_text(FileFormat::Yaml, yaml).expect("yaml");
-        assert_eq!(config.event_broker.provider, ProviderKind::Redis);
-        assert_eq!(config.event_broker.worker_count, 4);
-        assert_eq!(
-            config.event_broker.retry_policy.initial_delay,
-            Duration::from_millis(250)
-        );
-        assert_eq!(
-            config.event_broker.retry_policy.max_retries, 3,
-            "untouched default"
-        );
-        let toml = "[event_broker]\nmode = \"sync\"\n[event_broker.redis]\nport = 6380\n";
-        let config = Config::from_text(FileFormat::Toml, toml).expect("toml");
-        assert_eq!(config.event_broker.mode, ProcessingMode::Sync);
-        assert_eq!(config.event_broker.redis.port, 6380);
+        with_isolated_env(|| {
+            let yaml = "event_broker:\n  provider: redis\n  worker_count: 4\n  retry_policy:\n    initial_delay: 250ms\n";
+            let config = Config::from_text(FileFormat::Yaml, yaml).expect("yaml");
+            assert_eq!(config.event_broker.provider, ProviderKind::Redis);
+            assert_eq!(config.event_broker.worker_count, 4);
+            assert_eq!(
+                config.event_broker.retry_policy.initial_delay,
+                Duration::from_millis(250)
+            );
+            assert_eq!(
+                config.event_broker.retry_policy.max_retries, 3,
+                "untouched default"
+            );
+            let toml = "[event_broker]\nmode = \"sync\"\n[event_broker.redis]\nport = 6380\n";
+            let config = Config::from_text(FileFormat::Toml, toml).expect("toml");
+            assert_eq!(config.event_broker.mode, ProcessingMode::Sync);
+            assert_eq!(config.event_broker.redis.port, 6380);
+        });
     }
 
     #[test]
@@ -949,37 +1114,39 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_key() {
-        let err = Config::from_text(FileFormat::Yaml, "event_broker:\n  worker_cont: 3\n")
+        with_isolated_env(|| {
+            let err = Config::from_text(FileFormat::Yaml, "event_broker:\n  worker_cont: 3\n")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("worker_cont"), "{err}");
+            let err = Config::from_text(FileFormat::Yaml, "event_broker:\n  provider: kafka\n")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("kafka") && err.contains("memory") && err.contains("nats"),
+                "{err}"
+            );
+            assert!(err.contains("provider"), "{err}");
+            let err = Config::from_text(
+                FileFormat::Toml,
+                "[event_broker]\nworker_count = \"many\"\n",
+            )
             .unwrap_err()
             .to_string();
-        assert!(err.contains("worker_cont"), "{err}");
-        let err = Config::from_text(FileFormat::Yaml, "event_broker:\n  provider: kafka\n")
+            assert!(err.contains("worker_count"), "{err}");
+            let err = Config::from_text(FileFormat::Yaml, "event_broker:\n  worker_count: 0\n")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("event_broker.worker_count"), "{err}");
+            let err = Config::from_text(
+                FileFormat::Yaml,
+                "event_broker:\n  retry_policy:\n    initial_delay: soon\n",
+            )
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("kafka") && err.contains("memory") && err.contains("nats"),
-            "{err}"
-        );
-        assert!(err.contains("provider"), "{err}");
-        let err = Config::from_text(
-            FileFormat::Toml,
-            "[event_broker]\nworker_count = \"many\"\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("worker_count"), "{err}");
-        let err = Config::from_text(FileFormat::Yaml, "event_broker:\n  worker_count: 0\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("event_broker.worker_count"), "{err}");
-        let err = Config::from_text(
-            FileFormat::Yaml,
-            "event_broker:\n  retry_policy:\n    initial_delay: soon\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("initial_delay"), "{err}");
-        assert!(FileFormat::of(Path::new("c.ini")).is_err());
+            assert!(err.contains("initial_delay"), "{err}");
+            assert!(FileFormat::of(Path::new("c.ini")).is_err());
+        });
     }
 
     #[test]

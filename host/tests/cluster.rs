@@ -22,50 +22,6 @@ fn a_single_memory_host_handles_every_event_once() {
     assert_eq!(cluster.invocations(0), ids.len() as u64);
 }
 
-/// The `event_broker` section of a cluster on an isolated NATS namespace, and a tear-down
-/// that deletes it; `None` after a loud skip when NATS is unreachable.
-fn nats_cluster() -> Option<(serde_json::Value, impl FnOnce())> {
-    use support::backends::{NATS_ADDR, nats_config};
-    if !support::services::available("NATS", NATS_ADDR) {
-        return None;
-    }
-    let config = nats_config(&support::unique_suffix());
-    let section = json!({
-        "provider": "nats",
-        "nats": serde_json::to_value(&config.nats).expect("nats section"),
-    });
-    let tear_down = move || {
-        let runtime = tokio::runtime::Runtime::new().expect("runtime");
-        runtime.block_on(async {
-            match eventbroker::provider::NatsProvider::connect(&config).await {
-                Ok(provider) => {
-                    if let Err(error) = provider.destroy().await {
-                        eprintln!("could not delete the test stream: {error}");
-                    }
-                }
-                Err(error) => eprintln!("could not delete the test stream: {error}"),
-            }
-        });
-    };
-    Some((section, tear_down))
-}
-
-#[test]
-fn nats_two_hosts_share_work_exactly_once() {
-    if let Some((broker, tear_down)) = nats_cluster() {
-        support::cluster::scenarios::two_hosts_share_work_exactly_once(broker);
-        tear_down();
-    }
-}
-
-#[test]
-fn nats_killing_a_host_mid_load_loses_nothing() {
-    if let Some((broker, tear_down)) = nats_cluster() {
-        support::cluster::scenarios::killing_a_host_mid_load_loses_nothing(broker);
-        tear_down();
-    }
-}
-
 /// The `event_broker` section of a PostgreSQL cluster on a table of its own, or `None` after
 /// a loud skip when the server is unreachable.
 fn postgres_broker() -> Option<serde_json::Value> {
@@ -255,4 +211,48 @@ fn redis_outage_mid_load_loses_nothing() {
         std::env::var("REDIS_ADDR").unwrap_or_else(|_| "127.0.0.1:6379".into())
     ));
     delete_redis_keys(&broker);
+}
+
+/// The `event_broker` section of a cluster on an isolated NATS namespace, and a tear-down
+/// that deletes it; `None` after a loud skip when NATS is unreachable.
+fn nats_cluster() -> Option<(serde_json::Value, impl FnOnce())> {
+    use support::backends::{NATS_ADDR, nats_config};
+    if !support::services::available("NATS", NATS_ADDR) {
+        return None;
+    }
+    let config = nats_config(&support::unique_suffix());
+    let section = json!({
+        "provider": "nats",
+        "nats": serde_json::to_value(&config.nats).expect("nats section"),
+    });
+    let tear_down = move || {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async {
+            match eventbroker::provider::NatsProvider::connect(&config).await {
+                Ok(provider) => {
+                    if let Err(error) = provider.destroy().await {
+                        eprintln!("could not delete the test stream: {error}");
+                    }
+                }
+                Err(error) => eprintln!("could not delete the test stream: {error}"),
+            }
+        });
+    };
+    Some((section, tear_down))
+}
+
+#[test]
+fn nats_two_hosts_share_work_exactly_once() {
+    if let Some((broker, tear_down)) = nats_cluster() {
+        support::cluster::scenarios::two_hosts_share_work_exactly_once(broker);
+        tear_down();
+    }
+}
+
+#[test]
+fn nats_killing_a_host_mid_load_loses_nothing() {
+    if let Some((broker, tear_down)) = nats_cluster() {
+        support::cluster::scenarios::killing_a_host_mid_load_loses_nothing(broker);
+        tear_down();
+    }
 }

@@ -191,6 +191,8 @@ async fn failed_events_become_dead_letters_and_requeue_moves_them_back() {
     let e = event("orders.create");
     provider.publish(&e).await.unwrap();
     let delivery = fetch_n(consumer.as_ref(), 1).await.remove(0);
+    let stats = provider.stats().await.unwrap();
+    assert_eq!(stats.backend["group.dlq.pending"], 1, "{stats:?}");
     consumer
         .complete(&delivery, &finished(EventStatus::Failed, Some("boom")))
         .await
@@ -491,6 +493,75 @@ async fn nothing_is_lost_when_the_connection_to_redis_is_cut() {
     ids.sort();
     assert_eq!(got, ids);
     consumer.close().await;
+    provider.close().await;
+    cleanup(&config).await;
+}
+
+/// `XINFO CONSUMERS` of a group: `(name, pending)`.
+async fn consumers(stream: &str, group: &str) -> Vec<(String, i64)> {
+    let client = redis::Client::open(format!("redis://{}/0", redis_addr())).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let reply: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(stream)
+        .arg(group)
+        .query_async(&mut conn)
+        .await
+        .expect("xinfo");
+    reply
+        .into_iter()
+        .map(|c| {
+            let name = c
+                .get("name")
+                .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                .unwrap_or_default();
+            let pending = c
+                .get("pending")
+                .and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
+                .unwrap_or(-1);
+            (name, pending)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn idle_consumers_are_deleted_only_when_they_hold_nothing() {
+    let Some(mut config) = config() else { return };
+    config.redis.consumer_idle_timeout = Duration::ZERO;
+    let provider = connect(&config).await;
+    let stream = config.redis.stream_name.clone();
+    let lease = Duration::from_secs(600);
+    let holder = provider.consume(options("idle", lease)).await.unwrap();
+    let empty = provider.consume(options("idle", lease)).await.unwrap();
+    provider.publish(&event("a.b")).await.unwrap();
+    provider.publish(&event("a.b")).await.unwrap();
+    let held = fetch_n(holder.as_ref(), 1).await.remove(0);
+    // The other consumer handles one event and then holds nothing.
+    let done = fetch_n(empty.as_ref(), 1).await.remove(0);
+    empty
+        .complete(&done, &finished(EventStatus::Completed, None))
+        .await
+        .unwrap();
+    assert_eq!(consumers(&stream, "idle").await.len(), 2);
+    provider.maintain().await.unwrap();
+    let left = consumers(&stream, "idle").await;
+    assert_eq!(
+        left.len(),
+        1,
+        "only the consumer holding an entry stays: {left:?}"
+    );
+    assert_eq!(left[0].1, 1);
+    holder
+        .complete(&held, &finished(EventStatus::Completed, None))
+        .await
+        .unwrap();
+    // Closing deletes the (now empty) consumer itself.
+    holder.close().await;
+    empty.close().await;
+    assert!(consumers(&stream, "idle").await.is_empty());
     provider.close().await;
     cleanup(&config).await;
 }

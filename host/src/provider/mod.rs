@@ -296,9 +296,6 @@ pub enum ProviderError {
     /// A watcher fell too far behind and missed events.
     #[error("watcher fell behind and missed {0} events; reconnect to continue")]
     Lagged(u64),
-    /// The provider named in config is not part of this build.
-    #[error("provider {0:?} is not available in this build")]
-    Unavailable(String),
     /// The backend's configuration is invalid.
     #[error("invalid {provider} configuration: {reason}")]
     Config {
@@ -330,18 +327,19 @@ impl ProviderError {
 /// Builds the provider named in `config.provider`: the one place mapping names to backends.
 ///
 /// # Errors
-/// The backend's own construction errors (bad settings, unreachable server).
+/// The backend's construction errors: [`ProviderError::Config`] for bad settings,
+/// [`ProviderError::Backend`] for an unreachable server.
 pub async fn from_config(config: &BrokerConfig) -> Result<Arc<dyn Provider>, ProviderError> {
     match config.provider {
         ProviderKind::Memory => Ok(Arc::new(MemoryProvider::new(
             memory::MemoryOptions::from_config(config),
         ))),
-        ProviderKind::Nats => Ok(Arc::new(NatsProvider::connect(config).await?)),
         ProviderKind::Database => Ok(Arc::new(
             SqlProvider::connect(SqlOptions::from_config(config)).await?,
         )),
         ProviderKind::Redis => Ok(Arc::new(
             RedisProvider::connect(self::redis::RedisOptions::from_config(config)?).await?,
         )),
+        ProviderKind::Nats => Ok(Arc::new(NatsProvider::connect(config).await?)),
     }
 }

@@ -64,66 +64,6 @@ pub async fn memory() -> Option<Backend> {
     })
 }
 
-/// Address of the NATS server (with JetStream) the NATS backend uses.
-pub const NATS_ADDR: &str = "127.0.0.1:4222";
-
-/// Prefix of the streams and buckets NATS test backends create.
-const NATS_TEST_PREFIX: &str = "EBTEST_";
-
-/// NATS JetStream on the local server: a stream, subject prefix and key-value bucket of its
-/// own (`EBTEST_<suffix>`, `ebtest<suffix>.>`), on file storage. Leftovers of earlier runs
-/// older than an hour are deleted on first use.
-pub async fn nats() -> Option<Backend> {
-    if !super::services::available("NATS", NATS_ADDR) {
-        return None;
-    }
-    sweep_nats_leftovers().await;
-    Some(Backend::from_config(
-        "nats",
-        nats_config(&super::unique_suffix()),
-    ))
-}
-
-/// The broker config of an isolated NATS namespace named by `suffix`.
-pub fn nats_config(suffix: &str) -> BrokerConfig {
-    let mut config = base_config(ProviderKind::Nats);
-    config.nats.url = format!("nats://{NATS_ADDR}");
-    config.nats.stream_name = format!("{NATS_TEST_PREFIX}{suffix}");
-    config.nats.subjects = vec![format!("ebtest{suffix}.>")];
-    config.nats.storage = eventbroker::config::NatsStorage::File;
-    config.nats.max_age = std::time::Duration::from_secs(3600);
-    config
-}
-
-/// Deletes test streams and buckets (`EBTEST_*`) created more than an hour ago, once per
-/// process: tests cannot always tear down what they created (a panicking test, a killed run).
-async fn sweep_nats_leftovers() {
-    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
-    SWEPT
-        .get_or_init(|| async {
-            use futures::StreamExt;
-            let Ok(client) = async_nats::connect(NATS_ADDR).await else {
-                return;
-            };
-            let js = async_nats::jetstream::new(client);
-            let cutoff = chrono::Utc::now().timestamp() - 3600;
-            let mut streams = js.streams();
-            let mut stale = Vec::new();
-            while let Some(Ok(info)) = streams.next().await {
-                let name = &info.config.name;
-                let ours = name.starts_with(NATS_TEST_PREFIX)
-                    || name.starts_with(&format!("KV_{NATS_TEST_PREFIX}"));
-                if ours && info.created.unix_timestamp() < cutoff {
-                    stale.push(name.clone());
-                }
-            }
-            for name in stale {
-                let _ = js.delete_stream(&name).await;
-            }
-        })
-        .await;
-}
-
 /// SQLite in a file of its own under the system temp directory.
 pub async fn sqlite() -> Option<Backend> {
     let mut config = base_config(ProviderKind::Database);
@@ -234,4 +174,64 @@ fn delete_nats_namespace(config: &BrokerConfig) {
         });
     });
     let _ = deleted.join();
+}
+
+/// Address of the NATS server (with JetStream) the NATS backend uses.
+pub const NATS_ADDR: &str = "127.0.0.1:4222";
+
+/// Prefix of the streams and buckets NATS test backends create.
+const NATS_TEST_PREFIX: &str = "EBTEST_";
+
+/// NATS JetStream on the local server: a stream, subject prefix and key-value bucket of its
+/// own (`EBTEST_<suffix>`, `ebtest<suffix>.>`), on file storage. Leftovers of earlier runs
+/// older than an hour are deleted on first use.
+pub async fn nats() -> Option<Backend> {
+    if !super::services::available("NATS", NATS_ADDR) {
+        return None;
+    }
+    sweep_nats_leftovers().await;
+    Some(Backend::from_config(
+        "nats",
+        nats_config(&super::unique_suffix()),
+    ))
+}
+
+/// The broker config of an isolated NATS namespace named by `suffix`.
+pub fn nats_config(suffix: &str) -> BrokerConfig {
+    let mut config = base_config(ProviderKind::Nats);
+    config.nats.url = format!("nats://{NATS_ADDR}");
+    config.nats.stream_name = format!("{NATS_TEST_PREFIX}{suffix}");
+    config.nats.subjects = vec![format!("ebtest{suffix}.>")];
+    config.nats.storage = eventbroker::config::NatsStorage::File;
+    config.nats.max_age = std::time::Duration::from_secs(3600);
+    config
+}
+
+/// Deletes test streams and buckets (`EBTEST_*`) created more than an hour ago, once per
+/// process: tests cannot always tear down what they created (a panicking test, a killed run).
+async fn sweep_nats_leftovers() {
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT
+        .get_or_init(|| async {
+            use futures::StreamExt;
+            let Ok(client) = async_nats::connect(NATS_ADDR).await else {
+                return;
+            };
+            let js = async_nats::jetstream::new(client);
+            let cutoff = chrono::Utc::now().timestamp() - 3600;
+            let mut streams = js.streams();
+            let mut stale = Vec::new();
+            while let Some(Ok(info)) = streams.next().await {
+                let name = &info.config.name;
+                let ours = name.starts_with(NATS_TEST_PREFIX)
+                    || name.starts_with(&format!("KV_{NATS_TEST_PREFIX}"));
+                if ours && info.created.unix_timestamp() < cutoff {
+                    stale.push(name.clone());
+                }
+            }
+            for name in stale {
+                let _ = js.delete_stream(&name).await;
+            }
+        })
+        .await;
 }

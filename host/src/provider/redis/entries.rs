@@ -110,6 +110,52 @@ pub(crate) fn pending_reply(value: &Value) -> Vec<(String, String, u32)> {
         .collect()
 }
 
+/// `(group, field, value)` of the numeric fields `pending`, `consumers` and `lag` of an
+/// `XINFO GROUPS` reply.
+pub(crate) fn group_info(value: &Value) -> Vec<(String, &'static str, i64)> {
+    let mut out = Vec::new();
+    for group in items(value) {
+        let Some(fields) = fields_raw(group) else {
+            continue;
+        };
+        let Some(name) = fields
+            .iter()
+            .find(|(k, _)| k == "name")
+            .and_then(|(_, v)| text(v))
+        else {
+            continue;
+        };
+        for wanted in ["pending", "consumers", "lag"] {
+            if let Some(n) = fields
+                .iter()
+                .find(|(k, _)| k == wanted)
+                .and_then(|(_, v)| int(v))
+            {
+                out.push((name.clone(), wanted, n));
+            }
+        }
+    }
+    out
+}
+
+fn fields_raw(value: &Value) -> Option<Vec<(String, &Value)>> {
+    match value {
+        Value::Array(items) => Some(
+            items
+                .chunks(2)
+                .filter_map(|pair| Some((text(pair.first()?)?, pair.get(1)?)))
+                .collect(),
+        ),
+        Value::Map(pairs) => Some(
+            pairs
+                .iter()
+                .filter_map(|(k, v)| Some((text(k)?, v)))
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

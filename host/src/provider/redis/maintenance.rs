@@ -19,13 +19,14 @@ use crate::provider::ProviderError;
 /// Finished events removed per round trip.
 const CLEANUP_CHUNK: usize = 500;
 
-/// Runs [`pass`] every maintenance interval until the provider is closed or dropped.
+/// Runs [`pass`] every maintenance interval (the first one interval after start) until the provider is closed or dropped.
 pub(crate) async fn run(shared: Weak<Shared>) {
     let (interval, shutdown) = match shared.upgrade() {
         Some(s) => (s.options.maintenance_interval, s.shutdown.clone()),
         None => return,
     };
-    let mut ticker = tokio::time::interval(interval);
+    // The first pass comes one interval after start.
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}

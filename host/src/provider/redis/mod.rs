@@ -618,6 +618,17 @@ impl Provider for RedisProvider {
         stats
             .backend
             .insert("stream".into(), keys.stream.clone().into());
+        let groups: redis::Value = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&keys.stream)
+            .query_async(&mut self.shared.conn())
+            .await
+            .unwrap_or(redis::Value::Nil);
+        for (name, field, value) in entries::group_info(&groups) {
+            stats
+                .backend
+                .insert(format!("group.{name}.{field}"), value.into());
+        }
         let counters = &self.shared.counters;
         stats.published = counters.published.load(Ordering::Relaxed);
         stats.consumed = counters.consumed.load(Ordering::Relaxed);
@@ -654,24 +665,26 @@ mod tests {
 
     #[test]
     fn options_come_from_the_redis_section() {
-        let yaml = "event_broker:\n  provider: redis\n  consumer_group: workers\n  redis:\n    url: rediss://:secret@cache.internal:6380/2\n    claim_idle: 30s\n    block_time: 250ms\n    stream_name: app:events\n";
-        let config = Config::from_text(FileFormat::Yaml, yaml).expect("yaml");
-        let redis = &config.event_broker.redis;
-        assert_eq!(redis.claim_idle, Some(Duration::from_secs(30)));
-        assert_eq!(redis.block_time, Duration::from_millis(250));
-        let options = RedisOptions::from_config(&config.event_broker).expect("options");
-        assert!(matches!(
-            options.connection.addr(),
-            ConnectionAddr::TcpTls { host, port: 6380, .. } if host == "cache.internal"
-        ));
-        assert_eq!(options.connection.redis_settings().db(), 2);
-        assert_eq!(
-            options.connection.redis_settings().password(),
-            Some("secret")
-        );
-        assert_eq!(options.stream, "app:events");
-        assert_eq!(options.group, "resolvespec-workers");
-        assert_eq!(options.broker_group, "workers");
+        crate::config::with_isolated_env(|| {
+            let yaml = "event_broker:\n  provider: redis\n  consumer_group: workers\n  redis:\n    url: rediss://:secret@cache.internal:6380/2\n    claim_idle: 30s\n    block_time: 250ms\n    stream_name: app:events\n";
+            let config = Config::from_text(FileFormat::Yaml, yaml).expect("yaml");
+            let redis = &config.event_broker.redis;
+            assert_eq!(redis.claim_idle, Some(Duration::from_secs(30)));
+            assert_eq!(redis.block_time, Duration::from_millis(250));
+            let options = RedisOptions::from_config(&config.event_broker).expect("options");
+            assert!(matches!(
+                options.connection.addr(),
+                ConnectionAddr::TcpTls { host, port: 6380, .. } if host == "cache.internal"
+            ));
+            assert_eq!(options.connection.redis_settings().db(), 2);
+            assert_eq!(
+                options.connection.redis_settings().password(),
+                Some("secret")
+            );
+            assert_eq!(options.stream, "app:events");
+            assert_eq!(options.group, "resolvespec-workers");
+            assert_eq!(options.broker_group, "workers");
+        });
     }
 
     #[test]
