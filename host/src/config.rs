@@ -957,13 +957,22 @@ impl Config {
 }
 
 /// Expands `${VAR}`, `${VAR:-default}` and `$VAR` in config text; `$$` is a literal `$`.
+/// Whole-line comments (first non-blank character `#`, in YAML and TOML alike) are left as
+/// they are, so a commented-out `${SECRET}` does not require the variable.
 fn expand_env(text: &str) -> Result<String, ConfigError> {
-    shellexpand::env(text)
-        .map(|expanded| expanded.into_owned())
-        .map_err(|e| ConfigError::Variable {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+            continue;
+        }
+        let expanded = shellexpand::env(line).map_err(|e| ConfigError::Variable {
             name: e.var_name,
             reason: e.cause.to_string(),
-        })
+        })?;
+        out.push_str(&expanded);
+    }
+    Ok(out)
 }
 
 /// Why configuration could not be loaded.
@@ -1057,6 +1066,22 @@ mod tests {
     }
 
     #[test]
+    fn every_example_config_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut checked = Vec::new();
+        for entry in std::fs::read_dir(&dir).expect("examples dir") {
+            let path = entry.expect("entry").path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.starts_with("config-") && (name.ends_with(".yaml") || name.ends_with(".toml")) {
+                with_isolated_env(|| Config::load(Some(&path)))
+                    .unwrap_or_else(|e| panic!("{name} does not load: {e}"));
+                checked.push(name.to_owned());
+            }
+        }
+        assert!(checked.len() >= 6, "examples found: {checked:?}");
+    }
+
+    #[test]
     fn yaml_and_toml_files() {
         with_isolated_env(|| {
             let yaml = "event_broker:\n  provider: redis\n  worker_count: 4\n  retry_policy:\n    initial_delay: 250ms\n";
@@ -1092,6 +1117,14 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("EB_TEST_MISSING"), "{err}");
+            // A commented-out reference needs no variable, in either format.
+            let yaml = "server:\n  # admin_token: \"${EB_TEST_MISSING}\"\n  listen: 127.0.0.1:1\n";
+            let config = Config::from_text(FileFormat::Yaml, yaml).expect("comment ignored");
+            assert_eq!(config.server.listen, "127.0.0.1:1");
+            let toml =
+                "[server]\n  # admin_token = \"${EB_TEST_MISSING}\"\nlisten = \"127.0.0.1:2\"\n";
+            let config = Config::from_text(FileFormat::Toml, toml).expect("comment ignored");
+            assert_eq!(config.server.listen, "127.0.0.1:2");
             Ok(())
         });
     }
