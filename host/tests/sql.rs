@@ -246,3 +246,86 @@ async fn sqlite_files_are_created_and_reopened() {
     other.close().await;
     second.close().await;
 }
+
+/// Concurrent publishes are committed in batches; a duplicate id among them fails alone.
+async fn a_duplicate_in_a_batch_fails_alone(backend: Backend) {
+    let provider = backend.connect().await;
+    let original = Event::new(EventSource::System, "batch.original", "h");
+    let mut tasks = Vec::new();
+    for n in 0..64 {
+        let provider = provider.clone();
+        let event = if n % 16 == 5 {
+            let mut copy = Event::new(EventSource::System, "batch.copy", "h");
+            copy.id = original.id.clone();
+            copy
+        } else {
+            Event::new(EventSource::System, "batch.unique", "h")
+        };
+        tasks.push(tokio::spawn(async move {
+            let result = provider.publish(&event).await;
+            (event, result)
+        }));
+    }
+    let mut duplicates = match provider.publish(&original).await {
+        Ok(()) => 0,
+        Err(ProviderError::Duplicate(_)) => 1,
+        Err(other) => panic!("unexpected error: {other}"),
+    };
+    for task in tasks {
+        let (event, result) = task.await.expect("task");
+        match result {
+            Ok(()) => {
+                let stored = provider.get(&event.id).await.expect("get").expect("stored");
+                assert_eq!(stored.event_type, event.event_type);
+            }
+            Err(ProviderError::Duplicate(id)) => {
+                assert_eq!(id, original.id);
+                duplicates += 1;
+            }
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+    }
+    // Five publishes share one id: exactly one of them won.
+    assert_eq!(
+        duplicates, 4,
+        "all but one of the clashing publishes failed"
+    );
+    provider.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_duplicate_in_a_batch_fails_alone() {
+    if let Some(backend) = backends::sqlite().await {
+        a_duplicate_in_a_batch_fails_alone(backend).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_duplicate_in_a_batch_fails_alone() {
+    if let Some(backend) = backends::postgres().await {
+        a_duplicate_in_a_batch_fails_alone(backend).await;
+    }
+}
+
+#[test]
+fn the_example_configs_name_the_database_provider() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for (file, scheme) in [
+        ("config-sqlite.yaml", "sqlite://"),
+        ("config-postgres.yaml", "postgres://"),
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).expect("example");
+        let config = eventbroker::Config::from_text(eventbroker::config::FileFormat::Yaml, &text)
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(
+            config.event_broker.provider,
+            ProviderKind::Database,
+            "{file}"
+        );
+        assert!(
+            config.event_broker.database.url.starts_with(scheme),
+            "{file}: {}",
+            config.event_broker.database.url
+        );
+    }
+}
