@@ -329,3 +329,63 @@ fn the_example_configs_name_the_database_provider() {
         );
     }
 }
+
+/// A consumer that dies holding a lease (no close, no drop): the rescuer puts the event back
+/// to `pending` once the lease expired, and another consumer gets it.
+async fn expired_leases_are_rescued(backend: Backend) {
+    let provider = backend.connect().await;
+    let event = Event::new(EventSource::System, "rescue.test", "h");
+    provider.publish(&event).await.expect("publish");
+    let options = |lease| ConsumerOptions {
+        group: "g".into(),
+        name: format!("c-{}", unique_suffix()),
+        lease,
+    };
+    let dying = provider
+        .consume(options(Duration::from_millis(300)))
+        .await
+        .expect("consume");
+    let delivery = dying.fetch(1).await.expect("fetch").remove(0);
+    provider
+        .update_status(&event.id, &StatusUpdate::processing(&delivery.event))
+        .await
+        .expect("processing");
+    // The process "dies": nothing runs the consumer's close or drop.
+    std::mem::forget(dying);
+    wait_for("the rescuer to return the event to pending", || {
+        let provider = provider.clone();
+        let id = event.id.clone();
+        async move {
+            let status = provider.get(&id).await.expect("get")?.status;
+            (status == EventStatus::Pending).then_some(())
+        }
+    })
+    .await;
+    let survivor = provider
+        .consume(options(Duration::from_secs(60)))
+        .await
+        .expect("consume");
+    let again = tokio::time::timeout(PATIENCE, survivor.fetch(1))
+        .await
+        .expect("redelivered")
+        .expect("fetch")
+        .remove(0);
+    assert_eq!(again.event.id, event.id);
+    assert_eq!(again.delivery_count, 2);
+    survivor.close().await;
+    provider.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_expired_leases_are_rescued() {
+    if let Some(backend) = backends::sqlite().await {
+        expired_leases_are_rescued(backend).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_expired_leases_are_rescued() {
+    if let Some(backend) = backends::postgres().await {
+        expired_leases_are_rescued(backend).await;
+    }
+}
