@@ -389,3 +389,86 @@ async fn postgres_expired_leases_are_rescued() {
         expired_leases_are_rescued(backend).await;
     }
 }
+
+/// Type patterns become SQL exactly: `_` is not a wildcard, `*` does not cross a dot, case
+/// matters (SQLite's LIKE would ignore it).
+async fn type_patterns_are_exact_in_sql(backend: Backend) {
+    let provider = backend.connect().await;
+    let instance = format!("patterns-{}", unique_suffix());
+    let types = [
+        "my_app.users.create",
+        "myXapp.users.create",
+        "my_app.users.profile.create",
+        "My_app.users.create",
+        "my_app.users",
+    ];
+    for event_type in types {
+        provider
+            .store(&Event::new(
+                EventSource::System,
+                event_type,
+                instance.clone(),
+            ))
+            .await
+            .expect("store");
+    }
+    let listed = |pattern: &str| {
+        let provider = provider.clone();
+        let filter = eventbroker::EventFilter {
+            instance_id: Some(instance.clone()),
+            type_pattern: Some(pattern.parse().expect("pattern")),
+            order: eventbroker::provider::SortOrder::Asc,
+            ..Default::default()
+        };
+        async move {
+            let mut types: Vec<String> = provider
+                .list(&filter)
+                .await
+                .expect("list")
+                .into_iter()
+                .map(|e| e.event_type)
+                .collect();
+            types.sort();
+            types
+        }
+    };
+    assert_eq!(listed("my_app.*.create").await, ["my_app.users.create"]);
+    // Pagination happens in SQL: newest first, one per page. Had SQL matched more than the
+    // pattern (`_` as a wildcard, case-insensitively), the first page would hold a later,
+    // non-matching event and come back empty after the final check.
+    let newest_first = eventbroker::EventFilter {
+        instance_id: Some(instance.clone()),
+        type_pattern: Some("my_app.*.create".parse().expect("pattern")),
+        limit: Some(1),
+        ..Default::default()
+    };
+    let page = provider.list(&newest_first).await.expect("list");
+    assert_eq!(page.len(), 1, "the first page holds the one match");
+    assert_eq!(page[0].event_type, "my_app.users.create");
+    assert_eq!(
+        listed("my_app.>").await,
+        [
+            "my_app.users",
+            "my_app.users.create",
+            "my_app.users.profile.create"
+        ]
+    );
+    assert_eq!(listed("*.users.create").await.len(), 3);
+    assert_eq!(listed("my_app.users").await, ["my_app.users"]);
+    assert_eq!(listed("*").await.len(), types.len());
+    provider.close().await;
+}
+
+#[tokio::test]
+async fn sqlite_type_patterns_are_exact_in_sql() {
+    if let Some(backend) = backends::sqlite().await {
+        type_patterns_are_exact_in_sql(backend).await;
+    }
+}
+
+#[tokio::test]
+async fn postgres_type_patterns_are_exact_in_sql() {
+    if let Some(backend) = backends::postgres().await {
+        type_patterns_are_exact_in_sql(backend).await;
+    }
+}
