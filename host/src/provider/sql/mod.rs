@@ -284,6 +284,14 @@ impl Shared {
     }
 }
 
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // A provider dropped without `close`: stop the background tasks (they hold only weak
+        // references, but the listener would otherwise wait for its next notification).
+        self.shutdown.cancel();
+    }
+}
+
 /// The SQL provider. Cheap to clone; clones share the pools and state.
 #[derive(Clone)]
 pub struct SqlProvider {
