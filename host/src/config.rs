@@ -30,6 +30,8 @@ pub struct Config {
     pub handlers: HandlersConfig,
     /// Logging.
     pub log: LogConfig,
+    /// PostgreSQL change capture (off while `tables` is empty).
+    pub capture: CaptureConfig,
 }
 
 /// Which backend stores and delivers events.
@@ -226,15 +228,21 @@ impl Default for MemoryConfig {
     }
 }
 
-/// The Redis Streams provider.
+/// The Redis Streams provider (see `docs/providers/redis.md`).
+///
+/// Every command runs with `command_timeout`; blocking reads block at most `block_time`, so no
+/// call waits forever.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// Full URL (`redis://`, `rediss://` for TLS); when set, host/port/password/db are ignored.
+    /// Full URL (`redis://[user:password@]host:port/db`, `rediss://…` for TLS); when set,
+    /// host, port, password, db and tls are ignored.
     pub url: Option<String>,
-    /// Stream key.
+    /// Stream key; every other key of the provider starts with it (`{stream_name}:…`).
     pub stream_name: String,
-    /// Consumer group.
+    /// The Redis consumer group the broker's workers join (it replaces
+    /// `event_broker.consumer_group` for this provider). Created at start, from the beginning
+    /// of the stream.
     pub consumer_group: String,
     /// Server host.
     pub host: String,
@@ -244,8 +252,36 @@ pub struct RedisConfig {
     pub password: String,
     /// Database number.
     pub db: i64,
-    /// Approximate stream length bound.
+    /// Connect with TLS (host/port form; the URL form uses `rediss://`).
+    pub tls: bool,
+    /// Approximate stream length bound: older entries are trimmed, but never one that a
+    /// consumer group has not finished (pending or not yet read).
     pub max_len: u64,
+    /// Longest `BLOCK` of one `XREADGROUP`; also bounds how long closing a consumer waits.
+    #[serde(with = "humantime_serde")]
+    pub block_time: Duration,
+    /// Most entries read per `XREADGROUP`/`XAUTOCLAIM` (`COUNT`).
+    pub batch_size: usize,
+    /// Entries idle (unacknowledged, not kept alive) longer than this are claimed by another
+    /// consumer. Default: the broker's `lease`.
+    #[serde(default, with = "humantime_serde")]
+    pub claim_idle: Option<Duration>,
+    /// How often each consumer looks for idle entries to claim (`XAUTOCLAIM`); at most half
+    /// the claim idle time.
+    #[serde(with = "humantime_serde")]
+    pub claim_interval: Duration,
+    /// Consumers with no pending entries that have been idle this long are deleted.
+    #[serde(with = "humantime_serde")]
+    pub consumer_idle_timeout: Duration,
+    /// Finished (completed or failed) events are removed this long after they finished.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often trimming, retention cleanup and idle-consumer removal run.
+    #[serde(with = "humantime_serde")]
+    pub maintenance_interval: Duration,
+    /// Timeout of every command (and of connecting).
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
 }
 
 impl Default for RedisConfig {
@@ -258,7 +294,16 @@ impl Default for RedisConfig {
             port: 6379,
             password: String::new(),
             db: 0,
+            tls: false,
             max_len: 10_000,
+            block_time: Duration::from_secs(1),
+            batch_size: 100,
+            claim_idle: None,
+            claim_interval: Duration::from_secs(5),
+            consumer_idle_timeout: Duration::from_secs(3600),
+            retention: Duration::from_secs(24 * 3600),
+            maintenance_interval: Duration::from_secs(10),
+            command_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -275,20 +320,58 @@ pub enum NatsStorage {
 }
 
 /// The NATS JetStream provider.
+///
+/// Events go to a JetStream stream on subjects `{prefix}.{source}.{type}` (the prefix is the
+/// first entry of `subjects` without its trailing `.>`); their current state lives in a
+/// key-value bucket keyed by event id; every consumer group is a durable pull consumer.
+/// See `docs/providers/nats.md`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
-    /// Server URL.
+    /// Server URL, or several separated by commas (`nats://`, `tls://`). Default
+    /// `nats://localhost:4222`.
     pub url: String,
-    /// JetStream stream name.
+    /// JetStream stream name. Default `RESOLVESPEC_EVENTS`.
     pub stream_name: String,
-    /// Subjects the stream captures.
+    /// Subjects the stream captures; the first must have the form `prefix.>` and events are
+    /// published under that prefix. Default `["events.>"]`.
     pub subjects: Vec<String>,
-    /// `file` or `memory`.
+    /// `file` (durable, the default) or `memory` (lost when the server restarts); applies to
+    /// the stream and the key-value bucket.
     pub storage: NatsStorage,
-    /// Messages older than this are discarded.
+    /// Events (stream messages and their state) older than this are discarded, finished or
+    /// not. Default 24h.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    /// Publishes with an event id seen within this window are dropped by the server and
+    /// reported as duplicates. Default 2m; at most `max_age`.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// Key-value bucket holding each event's current state. Default: `{stream_name}_STATE`.
+    pub kv_bucket: Option<String>,
+    /// User name (with `password`). Default none.
+    pub user: Option<String>,
+    /// Password (with `user`). Default none.
+    pub password: Option<String>,
+    /// Authentication token. Default none.
+    pub token: Option<String>,
+    /// NATS credentials file (JWT + NKey seed, `.creds`). Default none.
+    pub creds_file: Option<PathBuf>,
+    /// TLS settings.
+    pub tls: NatsTlsConfig,
+    /// How long the server waits for an acknowledgement before redelivering; running
+    /// invocations extend it with in-progress acknowledgements. Default: the broker's `lease`.
+    #[serde(default, with = "humantime_serde::option")]
+    pub ack_wait: Option<Duration>,
+    /// Most deliveries of one event to one consumer group (counting retries and
+    /// redeliveries after a crash); when reached the event is recorded as `failed` (a dead
+    /// letter). Default: unlimited (the broker's `retry_policy` bounds handler retries).
+    pub max_deliver: Option<u32>,
+    /// Redelivery delays after an acknowledgement timeout, one per delivery (the last one
+    /// repeats); when set, the first entry replaces `ack_wait`. Default empty (redeliver after
+    /// `ack_wait`).
+    #[serde(with = "duration_list")]
+    pub backoff: Vec<Duration>,
 }
 
 impl Default for NatsConfig {
@@ -299,7 +382,62 @@ impl Default for NatsConfig {
             subjects: vec!["events.>".into()],
             storage: NatsStorage::File,
             max_age: Duration::from_secs(24 * 3600),
+            duplicate_window: Duration::from_secs(120),
+            kv_bucket: None,
+            user: None,
+            password: None,
+            token: None,
+            creds_file: None,
+            tls: NatsTlsConfig::default(),
+            ack_wait: None,
+            max_deliver: None,
+            backoff: Vec::new(),
         }
+    }
+}
+
+impl NatsConfig {
+    /// The key-value bucket in effect: `kv_bucket`, or `{stream_name}_STATE`.
+    pub fn kv_bucket(&self) -> String {
+        self.kv_bucket
+            .clone()
+            .unwrap_or_else(|| format!("{}_STATE", self.stream_name))
+    }
+}
+
+/// TLS for the NATS connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsTlsConfig {
+    /// Require TLS even when the URL scheme is `nats://` (a `tls://` URL always requires it).
+    /// Default false.
+    pub required: bool,
+    /// PEM file of root certificates to trust in addition to the system's. Default none.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers that verify clients (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+/// A list of durations in humantime form (`["1s", "5s", "30s"]`).
+mod duration_list {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(list: &[Duration], serializer: S) -> Result<S::Ok, S::Error> {
+        list.iter()
+            .map(|d| humantime_serde::Serde::from(*d))
+            .collect::<Vec<_>>()
+            .serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<Duration>, D::Error> {
+        let list = Vec::<humantime_serde::Serde<Duration>>::deserialize(deserializer)?;
+        Ok(list.into_iter().map(|d| d.into_inner()).collect())
     }
 }
 
@@ -350,6 +488,86 @@ impl Default for DatabaseConfig {
     }
 }
 
+/// A change that PostgreSQL change capture publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureOperation {
+    /// `INSERT`, published as `schema.table.create`.
+    Create,
+    /// `UPDATE`, published as `schema.table.update`.
+    Update,
+    /// `DELETE`, published as `schema.table.delete`.
+    Delete,
+}
+
+impl CaptureOperation {
+    /// The operation's name in event types.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureOperation::Create => "create",
+            CaptureOperation::Update => "update",
+            CaptureOperation::Delete => "delete",
+        }
+    }
+
+    /// The SQL trigger event that produces it.
+    pub fn trigger_event(self) -> &'static str {
+        match self {
+            CaptureOperation::Create => "INSERT",
+            CaptureOperation::Update => "UPDATE",
+            CaptureOperation::Delete => "DELETE",
+        }
+    }
+}
+
+/// PostgreSQL change capture: `eventbroker serve` publishes `schema.table.create|update|delete`
+/// events (source `database`) for every committed change of the watched tables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// Connection URL of the watched database (`postgres://…`); required when `tables` is set.
+    pub url: String,
+    /// Watched tables as `schema.table` (plain identifiers, case-sensitive). Empty: capture off.
+    pub tables: Vec<String>,
+    /// Which changes are captured.
+    pub operations: Vec<CaptureOperation>,
+    /// How often the outbox is polled when no notification arrives.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Outbox rows published per transaction.
+    pub batch_size: usize,
+    /// Schema (in the watched database) holding the outbox table and the trigger function.
+    pub schema: String,
+    /// Install (or update) the trigger function, triggers and outbox when the host starts.
+    /// Off: install them with `eventbroker capture install`.
+    pub install: bool,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            url: String::new(),
+            tables: Vec::new(),
+            operations: vec![
+                CaptureOperation::Create,
+                CaptureOperation::Update,
+                CaptureOperation::Delete,
+            ],
+            poll_interval: Duration::from_secs(1),
+            batch_size: 100,
+            schema: "eventbroker".into(),
+            install: true,
+        }
+    }
+}
+
+impl CaptureConfig {
+    /// Whether capture is on (some table is watched).
+    pub fn enabled(&self) -> bool {
+        !self.tables.is_empty()
+    }
+}
+
 /// The HTTP server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -372,6 +590,38 @@ pub struct ServerConfig {
     /// Interval of keep-alive comments on `GET /v1/stream`.
     #[serde(with = "humantime_serde")]
     pub sse_keep_alive: Duration,
+    /// WebSocket clients (`GET /v1/ws`).
+    pub websocket: WebSocketConfig,
+}
+
+/// Per-connection limits of WebSocket clients (`GET /v1/ws`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Largest message a client may send; a larger one closes the connection (code 1009).
+    pub max_message_size: ByteSize,
+    /// Publishes per second a connection may sustain (token bucket); more are refused with
+    /// a `rate_limited` error.
+    pub publish_rate: u32,
+    /// Publishes a connection may make in a burst above the rate.
+    pub publish_burst: u32,
+    /// Messages queued for a client; a client that lets it fill is disconnected (code 1008,
+    /// with the reason) rather than slowing the broker.
+    pub outbound_buffer: usize,
+    /// Patterns one connection may subscribe to at once.
+    pub max_subscriptions: usize,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            max_message_size: ByteSize::kib(64),
+            publish_rate: 100,
+            publish_burst: 100,
+            outbound_buffer: 1024,
+            max_subscriptions: 32,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -385,6 +635,7 @@ impl Default for ServerConfig {
             upload_limit: ByteSize::mib(64),
             max_batch: 1000,
             sse_keep_alive: Duration::from_secs(15),
+            websocket: WebSocketConfig::default(),
         }
     }
 }
@@ -668,6 +919,39 @@ impl Config {
                 reason: "must not exceed retry_policy.max_delay".into(),
             });
         }
+        let websocket = &self.server.websocket;
+        let positive = [
+            (
+                "server.websocket.publish_rate",
+                websocket.publish_rate as usize,
+            ),
+            (
+                "server.websocket.publish_burst",
+                websocket.publish_burst as usize,
+            ),
+            (
+                "server.websocket.outbound_buffer",
+                websocket.outbound_buffer,
+            ),
+            (
+                "server.websocket.max_subscriptions",
+                websocket.max_subscriptions,
+            ),
+            (
+                "server.websocket.max_message_size",
+                websocket.max_message_size.as_u64() as usize,
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Value {
+                    key,
+                    reason: "must be at least 1".into(),
+                });
+            }
+        }
+        crate::hooks::capture::check_config(&self.capture)
+            .map_err(|(key, reason)| ConfigError::Value { key, reason })?;
         Ok(())
     }
 }

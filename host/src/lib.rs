@@ -15,6 +15,8 @@
 //! - [`server`]: the HTTP API.
 //! - [`service`]: [`service::run`], the whole host as a library call (used by the binary and
 //!   the end-to-end tests).
+//! - [`hooks`]: event sources fed by databases: CRUD hooks for embedding applications and
+//!   PostgreSQL change capture.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`telemetry`]: tracing setup.
 //! - [`wasm`]: WebAssembly handlers: engine, sandbox, handler set, `run` and `check`.
@@ -30,6 +32,7 @@ pub mod broker;
 pub mod config;
 pub mod event;
 mod global;
+pub mod hooks;
 pub mod metrics;
 pub mod pattern;
 pub mod provider;

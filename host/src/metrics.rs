@@ -34,6 +34,16 @@ struct ProcessedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HandlerLabels {
     handler: String,
 }
@@ -58,6 +68,8 @@ pub struct Metrics {
     fuel: Family<HandlerLabels, Counter>,
     reloads: Family<HandlerLabels, Counter>,
     rejections: Family<HandlerLabels, Counter>,
+    source_failures: Family<SourceLabels, Counter>,
+    websocket_closes: Family<ReasonLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -94,6 +106,8 @@ impl Metrics {
         let fuel = Family::<HandlerLabels, Counter>::default();
         let reloads = Family::<HandlerLabels, Counter>::default();
         let rejections = Family::<HandlerLabels, Counter>::default();
+        let source_failures = Family::<SourceLabels, Counter>::default();
+        let websocket_closes = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "eventbroker_events_published",
             "Events accepted by publish",
@@ -144,6 +158,16 @@ impl Metrics {
             "Handler versions rejected (compile, check or manifest errors)",
             rejections.clone(),
         );
+        registry.register(
+            "eventbroker_source_publish_failures",
+            "Events an event source (CRUD hooks, change capture, WebSocket) could not publish",
+            source_failures.clone(),
+        );
+        registry.register(
+            "eventbroker_websocket_disconnects",
+            "WebSocket connections closed by the host, by reason",
+            websocket_closes.clone(),
+        );
         Metrics {
             registry,
             types: Mutex::new(HashSet::new()),
@@ -157,6 +181,8 @@ impl Metrics {
             fuel,
             reloads,
             rejections,
+            source_failures,
+            websocket_closes,
         }
     }
 
@@ -249,6 +275,25 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts an event that an event source (`crud_hooks`, `capture`, `websocket`) failed to
+    /// publish.
+    pub fn source_publish_failed(&self, source: &str) {
+        self.source_failures
+            .get_or_create(&SourceLabels {
+                source: source.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a WebSocket connection the host closed (`slow_client`, `message_too_big`, …).
+    pub fn websocket_closed(&self, reason: &str) {
+        self.websocket_closes
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
     /// The metrics in the Prometheus text format.
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -276,6 +321,7 @@ mod tests {
         metrics.invocation("audit", "ok", 1234, Duration::from_millis(1));
         metrics.handler_loaded("audit");
         metrics.handler_rejected("audit");
+        metrics.source_publish_failed("crud_hooks");
         for i in 0..(MAX_TYPE_LABELS + 10) {
             metrics.event_published("system", &format!("orders.{i}.update"));
         }
@@ -291,6 +337,7 @@ mod tests {
             "eventbroker_handler_reloads_total{handler=\"audit\"} 1",
             "eventbroker_handler_rejections_total{handler=\"audit\"} 1",
             "type=\"other\"",
+            "eventbroker_source_publish_failures_total{source=\"crud_hooks\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, BrokerError, StopReport};
 use crate::config::Config;
+use crate::hooks::capture::{Capture, CaptureError};
 use crate::server::{self, AppState, RouterLimits, Tokens};
 use crate::wasm::watch::{Watcher, watch};
 use crate::wasm::{HandlerSet, WasmEngine, WasmError};
@@ -24,6 +25,7 @@ pub struct Service {
     handlers: HandlerSet,
     state: AppState,
     watcher: Option<Watcher>,
+    capture: Option<Capture>,
     http_shutdown: CancellationToken,
     http: JoinHandle<std::io::Result<()>>,
 }
@@ -39,7 +41,7 @@ fn check_exposure(config: &Config, addr: SocketAddr) -> Result<(), ServiceError>
 
 impl Service {
     /// Builds the provider and broker from `config`, loads the handlers directory, starts the
-    /// broker, watches the directory (unless `handlers.watch` is off), and serves HTTP on
+    /// broker, starts change capture (when `capture.tables` is set), watches the directory (unless `handlers.watch` is off), and serves HTTP on
     /// `config.server.listen` (port 0 picks a free port; see [`Service::local_addr`]).
     ///
     /// # Errors
@@ -67,6 +69,7 @@ impl Service {
                 upload_limit: config.server.upload_limit.as_u64() as usize,
                 max_batch: config.server.max_batch,
                 sse_keep_alive: config.server.sse_keep_alive,
+                websocket: (&config.server.websocket).into(),
             },
             Tokens {
                 admin: config.server.admin_token.clone(),
@@ -101,10 +104,23 @@ impl Service {
             } else {
                 None
             };
-            Ok::<_, ServiceError>(watcher)
+            // Change capture starts once the broker runs: changes committed while the host
+            // was down are published first.
+            let capture = if config.capture.enabled() {
+                match Capture::start(&config.capture, broker.clone()).await {
+                    Ok(capture) => Some(capture),
+                    Err(error) => {
+                        let _ = broker.stop().await;
+                        return Err(ServiceError::Capture(error));
+                    }
+                }
+            } else {
+                None
+            };
+            Ok::<_, ServiceError>((watcher, capture))
         };
-        let watcher = match started.await {
-            Ok(watcher) => watcher,
+        let (watcher, capture) = match started.await {
+            Ok(started) => started,
             Err(error) => {
                 http_shutdown.cancel();
                 let _ = http.await;
@@ -118,6 +134,7 @@ impl Service {
             handlers,
             state,
             watcher,
+            capture,
             http_shutdown,
             http,
         })
@@ -147,6 +164,9 @@ impl Service {
     pub async fn stop(mut self) -> Result<StopReport, ServiceError> {
         self.state.stop_accepting();
         self.watcher.take();
+        if let Some(capture) = self.capture.take() {
+            capture.stop().await;
+        }
         let report = self.broker.stop().await?;
         self.http_shutdown.cancel();
         match self.http.await {
@@ -212,4 +232,7 @@ pub enum ServiceError {
     /// The WebAssembly engine could not be set up.
     #[error(transparent)]
     Wasm(#[from] WasmError),
+    /// PostgreSQL change capture could not start.
+    #[error("change capture: {0}")]
+    Capture(#[source] CaptureError),
 }

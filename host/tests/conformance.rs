@@ -54,3 +54,5 @@ macro_rules! conformance {
 conformance!(memory, support::backends::memory());
 conformance!(sqlite, support::backends::sqlite());
 conformance!(postgres, support::backends::postgres());
+conformance!(redis, support::backends::redis());
+conformance!(nats, support::backends::nats());

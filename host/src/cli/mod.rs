@@ -1,6 +1,7 @@
 //! Command line: `serve` runs the host; the other commands talk to a running host over HTTP
 //! (`--server`, default `http://127.0.0.1:8080`, or `EVENTBROKER_SERVER_URL`).
 
+mod capture;
 mod client;
 mod guest;
 
@@ -38,6 +39,9 @@ enum Command {
     Run(guest::RunArgs),
     /// Check a component against the handler contract and the host's imports.
     Check(guest::CheckArgs),
+    /// Install or remove PostgreSQL change capture (the config's `capture` section).
+    #[command(subcommand)]
+    Capture(capture::CaptureCommand),
 }
 
 #[derive(Debug, Args)]
@@ -74,6 +78,7 @@ pub fn main() -> ExitCode {
             Command::Handlers(command) => client::handlers(command).await,
             Command::Run(args) => guest::run_command(args).await,
             Command::Check(args) => guest::check_command(args).await,
+            Command::Capture(command) => capture::capture(command).await,
         }
     });
     match result {

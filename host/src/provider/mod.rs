@@ -7,6 +7,8 @@
 
 mod filter;
 pub mod memory;
+pub mod nats;
+pub mod redis;
 pub mod sql;
 
 use std::collections::BTreeMap;
@@ -23,8 +25,10 @@ use crate::config::{BrokerConfig, ProviderKind};
 use crate::event::{Event, EventStatus, HandlerOutcome};
 use crate::pattern::Pattern;
 
+pub use self::redis::RedisProvider;
 pub use filter::{EventFilter, SortOrder};
 pub use memory::MemoryProvider;
+pub use nats::NatsProvider;
 pub use sql::{SqlOptions, SqlProvider};
 
 /// What a backend guarantees; the conformance suite tests exactly what is claimed.
@@ -292,9 +296,6 @@ pub enum ProviderError {
     /// A watcher fell too far behind and missed events.
     #[error("watcher fell behind and missed {0} events; reconnect to continue")]
     Lagged(u64),
-    /// The provider named in config is not part of this build.
-    #[error("provider {0:?} is not available in this build")]
-    Unavailable(String),
     /// The backend's configuration is invalid.
     #[error("invalid {provider} configuration: {reason}")]
     Config {
@@ -326,8 +327,8 @@ impl ProviderError {
 /// Builds the provider named in `config.provider`: the one place mapping names to backends.
 ///
 /// # Errors
-/// [`ProviderError::Unavailable`] for a backend not in this build, or the backend's own
-/// construction errors (bad settings, unreachable server).
+/// The backend's construction errors: [`ProviderError::Config`] for bad settings,
+/// [`ProviderError::Backend`] for an unreachable server.
 pub async fn from_config(config: &BrokerConfig) -> Result<Arc<dyn Provider>, ProviderError> {
     match config.provider {
         ProviderKind::Memory => Ok(Arc::new(MemoryProvider::new(
@@ -336,6 +337,9 @@ pub async fn from_config(config: &BrokerConfig) -> Result<Arc<dyn Provider>, Pro
         ProviderKind::Database => Ok(Arc::new(
             SqlProvider::connect(SqlOptions::from_config(config)).await?,
         )),
-        other => Err(ProviderError::Unavailable(other.as_str().to_owned())),
+        ProviderKind::Redis => Ok(Arc::new(
+            RedisProvider::connect(self::redis::RedisOptions::from_config(config)?).await?,
+        )),
+        ProviderKind::Nats => Ok(Arc::new(NatsProvider::connect(config).await?)),
     }
 }

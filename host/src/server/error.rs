@@ -199,7 +199,7 @@ impl From<ProviderError> for ApiError {
             }
             ProviderError::Closed => ApiError::unavailable(message),
             ProviderError::Lagged(_) => ApiError::new(StatusCode::GONE, "lagged", message),
-            ProviderError::Unavailable(_) | ProviderError::Config { .. } => ApiError::new(
+            ProviderError::Config { .. } => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "provider_misconfigured",
                 message,

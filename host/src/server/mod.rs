@@ -15,7 +15,9 @@ mod error;
 mod events;
 mod handlers;
 mod health;
+mod page;
 mod stream;
+pub mod ws;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,6 +70,8 @@ pub struct RouterLimits {
     pub max_batch: usize,
     /// Keep-alive interval of the event stream.
     pub sse_keep_alive: Duration,
+    /// Per-connection limits of WebSocket clients.
+    pub websocket: ws::WsLimits,
 }
 
 impl Default for RouterLimits {
@@ -77,6 +81,7 @@ impl Default for RouterLimits {
             upload_limit: 64 << 20,
             max_batch: 1000,
             sse_keep_alive: Duration::from_secs(15),
+            websocket: ws::WsLimits::default(),
         }
     }
 }
@@ -118,6 +123,10 @@ impl AppState {
 
     pub(crate) fn limits(&self) -> &RouterLimits {
         &self.inner.limits
+    }
+
+    pub(crate) fn tokens(&self) -> &Tokens {
+        &self.inner.tokens
     }
 
     /// From now on, publish and admin routes answer 503 (the host is shutting down).
@@ -167,7 +176,15 @@ fn matches(presented: Option<&str>, token: &Option<String>) -> bool {
 }
 
 fn authorize(tokens: &Tokens, headers: &HeaderMap, access: Access) -> Result<(), ApiError> {
-    let presented = bearer(headers);
+    authorize_token(tokens, bearer(headers), access)
+}
+
+/// Checks a presented token (from a header, a query or a WebSocket subprotocol).
+fn authorize_token(
+    tokens: &Tokens,
+    presented: Option<&str>,
+    access: Access,
+) -> Result<(), ApiError> {
     let admin = matches(presented, &tokens.admin);
     let allowed = match access {
         Access::Admin => tokens.admin.is_none() || admin,
@@ -241,8 +258,11 @@ pub fn router(state: AppState) -> Router {
         );
     let v1 = guarded(read, Access::Read)
         .merge(guarded(publish, Access::Publish))
-        .merge(guarded(admin, Access::Admin));
+        .merge(guarded(admin, Access::Admin))
+        // The WebSocket authenticates itself: browsers cannot set headers on it.
+        .merge(Router::new().route("/ws", get(ws::ws)));
     Router::new()
+        .route("/", get(page::page))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -136,3 +136,107 @@ pub async fn postgres() -> Option<Backend> {
     config.database.max_connections = 8;
     Some(Backend::from_config("postgres", config))
 }
+
+/// Redis Streams at `REDIS_ADDR` (default 127.0.0.1:6379), on a stream name of its own.
+pub async fn redis() -> Option<Backend> {
+    let addr = std::env::var("REDIS_ADDR").unwrap_or_else(|_| "127.0.0.1:6379".into());
+    if !super::services::available("Redis", &addr) {
+        return None;
+    }
+    let mut config = base_config(ProviderKind::Redis);
+    config.redis.url = Some(format!("redis://{addr}/0"));
+    config.redis.stream_name = format!("eb-test:{}", super::unique_suffix());
+    // Short reads and claim checks, so that closes and lease expiries show quickly.
+    config.redis.block_time = std::time::Duration::from_millis(200);
+    config.redis.claim_interval = std::time::Duration::from_millis(100);
+    Some(Backend::from_config("redis", config))
+}
+
+/// Deletes every key of a Redis backend's namespace (its stream name is the key prefix) when
+/// the test is done with it.
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if self.config.provider != ProviderKind::Redis {
+            return;
+        }
+        let (Some(url), prefix) = (&self.config.redis.url, &self.config.redis.stream_name) else {
+            return;
+        };
+        let Ok(client) = redis::Client::open(url.as_str()) else {
+            return;
+        };
+        let timeout = std::time::Duration::from_secs(5);
+        let Ok(mut conn) = client.get_connection_with_timeout(timeout) else {
+            return;
+        };
+        let _ = conn.set_read_timeout(Some(timeout));
+        let keys: Vec<String> =
+            match redis::Commands::scan_match::<_, String>(&mut conn, format!("{prefix}*")) {
+                Ok(iter) => iter.filter_map(Result::ok).collect(),
+                Err(_) => return,
+            };
+        for chunk in keys.chunks(500) {
+            let _: Result<i64, _> = redis::cmd("DEL").arg(chunk).query(&mut conn);
+        }
+    }
+}
+
+/// Address of the NATS server (with JetStream) the NATS backend uses.
+pub const NATS_ADDR: &str = "127.0.0.1:4222";
+
+/// Prefix of the streams and buckets NATS test backends create.
+const NATS_TEST_PREFIX: &str = "EBTEST_";
+
+/// NATS JetStream on the local server: a stream, subject prefix and key-value bucket of its
+/// own (`EBTEST_<suffix>`, `ebtest<suffix>.>`), on file storage. Leftovers of earlier runs
+/// older than an hour are deleted on first use.
+pub async fn nats() -> Option<Backend> {
+    if !super::services::available("NATS", NATS_ADDR) {
+        return None;
+    }
+    sweep_nats_leftovers().await;
+    Some(Backend::from_config(
+        "nats",
+        nats_config(&super::unique_suffix()),
+    ))
+}
+
+/// The broker config of an isolated NATS namespace named by `suffix`.
+pub fn nats_config(suffix: &str) -> BrokerConfig {
+    let mut config = base_config(ProviderKind::Nats);
+    config.nats.url = format!("nats://{NATS_ADDR}");
+    config.nats.stream_name = format!("{NATS_TEST_PREFIX}{suffix}");
+    config.nats.subjects = vec![format!("ebtest{suffix}.>")];
+    config.nats.storage = eventbroker::config::NatsStorage::File;
+    config.nats.max_age = std::time::Duration::from_secs(3600);
+    config
+}
+
+/// Deletes test streams and buckets (`EBTEST_*`) created more than an hour ago, once per
+/// process: tests cannot always tear down what they created (a panicking test, a killed run).
+async fn sweep_nats_leftovers() {
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT
+        .get_or_init(|| async {
+            use futures::StreamExt;
+            let Ok(client) = async_nats::connect(NATS_ADDR).await else {
+                return;
+            };
+            let js = async_nats::jetstream::new(client);
+            let cutoff = chrono::Utc::now().timestamp() - 3600;
+            let mut streams = js.streams();
+            let mut stale = Vec::new();
+            while let Some(Ok(info)) = streams.next().await {
+                let name = &info.config.name;
+                let ours = name.starts_with(NATS_TEST_PREFIX)
+                    || name.starts_with(&format!("KV_{NATS_TEST_PREFIX}"));
+                if ours && info.created.unix_timestamp() < cutoff {
+                    stale.push(name.clone());
+                }
+            }
+            for name in stale {
+                let _ = js.delete_stream(&name).await;
+            }
+        })
+        .await;
+}

@@ -1,0 +1,608 @@
+//! The NATS JetStream provider: durable, shared by every host connected to the same server
+//! (or cluster), with consumer groups.
+//!
+//! Layout on the server (see `docs/providers/nats.md`):
+//! - a stream (`stream_name`, created or updated at start) capturing `subjects`; each event is
+//!   one message on `{prefix}.{source}.{type}` whose `Nats-Msg-Id` is the event id, so the
+//!   server drops a repeated publish within `duplicate_window`;
+//! - a key-value bucket (`kv_bucket`) with each event's current state, keyed by event id,
+//!   written only by compare-and-set; status changes never go to the event subjects;
+//! - one durable pull consumer per consumer group ([`consumer`]);
+//! - ordered ephemeral consumers for live watchers ([`watch`]).
+//!
+//! Publish writes the state first (an atomic create, which detects duplicates), then the
+//! message, awaiting the server's acknowledgement; if the message cannot be stored the state
+//! is removed again. A publish whose acknowledgement timed out is retried with the same
+//! message id, which the server deduplicates, so a retry cannot store the event twice.
+
+mod advisory;
+mod consumer;
+mod store;
+mod subjects;
+mod watch;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::{self, consumer as js_consumer};
+use async_nats::{ConnectOptions, ServerAddr};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use self::consumer::NatsConsumer;
+use self::store::{StateStore, encode};
+use super::{
+    Consumer, ConsumerOptions, EventFilter, EventStream, Provider, ProviderError, ProviderFeatures,
+    ProviderStats, StatusUpdate,
+};
+use crate::config::{BrokerConfig, NatsConfig, NatsStorage};
+use crate::event::{Event, EventStatus};
+use crate::pattern::Pattern;
+
+pub(crate) const NAME: &str = "nats";
+
+/// Publish attempts when the server's acknowledgement does not arrive.
+const PUBLISH_ATTEMPTS: u32 = 3;
+
+/// The NATS JetStream provider. Cheap to clone; clones share one connection.
+#[derive(Clone)]
+pub struct NatsProvider {
+    shared: Arc<Shared>,
+}
+
+/// State shared by the provider, its consumers and watchers.
+pub(crate) struct Shared {
+    client: async_nats::Client,
+    context: jetstream::Context,
+    stream: stream::Stream,
+    stream_name: String,
+    bucket: String,
+    prefix: String,
+    store: StateStore,
+    durable: bool,
+    ack_wait: Option<Duration>,
+    max_deliver: Option<u32>,
+    backoff: Vec<Duration>,
+    closed: AtomicBool,
+    shutdown: CancellationToken,
+    counters: Counters,
+    consumers: Mutex<Vec<Weak<NatsConsumer>>>,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    published: AtomicU64,
+    consumed: AtomicU64,
+    acknowledged: AtomicU64,
+    redelivered: AtomicU64,
+    consumers: AtomicU64,
+    watchers: Arc<AtomicU64>,
+}
+
+impl Counters {
+    fn consumers_closed(&self) {
+        self.consumers.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Counts an open watcher until the returned guard is dropped.
+    fn watcher_opened(&self) -> WatcherGuard {
+        self.watchers.fetch_add(1, Ordering::Relaxed);
+        WatcherGuard(self.watchers.clone())
+    }
+}
+
+pub(crate) struct WatcherGuard(Arc<AtomicU64>);
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn config_error(reason: impl Into<String>) -> ProviderError {
+    ProviderError::Config {
+        provider: NAME,
+        reason: reason.into(),
+    }
+}
+
+fn backend(error: impl std::fmt::Display) -> ProviderError {
+    ProviderError::backend(NAME, error)
+}
+
+/// Checks the settings serde cannot; returns the subject prefix.
+fn validate(config: &NatsConfig) -> Result<String, ProviderError> {
+    let prefix = subjects::prefix_of(&config.subjects)?;
+    let plain = |value: &str| {
+        !value.is_empty()
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+    };
+    if !plain(&config.stream_name) {
+        return Err(config_error(format!(
+            "nats.stream_name {:?} may only contain letters, digits, '_' and '-'",
+            config.stream_name
+        )));
+    }
+    let bucket = config.kv_bucket();
+    if !plain(&bucket) {
+        return Err(config_error(format!(
+            "nats.kv_bucket {bucket:?} may only contain letters, digits, '_' and '-'"
+        )));
+    }
+    if !config.max_age.is_zero() && config.duplicate_window > config.max_age {
+        return Err(config_error(
+            "nats.duplicate_window must not exceed nats.max_age",
+        ));
+    }
+    if config.user.is_some() != config.password.is_some() {
+        return Err(config_error(
+            "nats.user and nats.password must be set together",
+        ));
+    }
+    if let Some(max) = config.max_deliver {
+        if max == 0 {
+            return Err(config_error(
+                "nats.max_deliver must be at least 1 (leave it unset for unlimited)",
+            ));
+        }
+        if !config.backoff.is_empty() && max as usize <= config.backoff.len() {
+            return Err(config_error(
+                "nats.max_deliver must be greater than the number of nats.backoff entries",
+            ));
+        }
+    }
+    if config.tls.cert_file.is_some() != config.tls.key_file.is_some() {
+        return Err(config_error(
+            "nats.tls.cert_file and nats.tls.key_file must be set together",
+        ));
+    }
+    Ok(prefix)
+}
+
+async fn connect_client(
+    config: &NatsConfig,
+    name: &str,
+) -> Result<async_nats::Client, ProviderError> {
+    let mut options = ConnectOptions::new().name(name);
+    if let (Some(user), Some(password)) = (&config.user, &config.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.clone());
+    }
+    if let Some(path) = &config.creds_file {
+        options = options.credentials_file(path).await.map_err(|e| {
+            config_error(format!(
+                "cannot read nats.creds_file {}: {e}",
+                path.display()
+            ))
+        })?;
+    }
+    if config.tls.required {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &config.tls.ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    let addresses = config
+        .url
+        .split(',')
+        .map(|url| url.trim().parse::<ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            config_error(format!(
+                "nats.url {:?} is not a valid server URL: {e}",
+                config.url
+            ))
+        })?;
+    options
+        .connect(addresses)
+        .await
+        .map_err(|e| backend(format!("cannot connect to NATS at {}: {e}", config.url)))
+}
+
+impl NatsProvider {
+    /// Connects, creates or updates the stream and the state bucket, and (when `max_deliver`
+    /// is set) starts listening for events that exhausted it.
+    ///
+    /// # Errors
+    /// [`ProviderError::Config`] for invalid settings; [`ProviderError::Backend`] when the
+    /// server is unreachable or refuses the stream or bucket (e.g. a changed `storage`).
+    pub async fn connect(config: &BrokerConfig) -> Result<Self, ProviderError> {
+        let nats = &config.nats;
+        let prefix = validate(nats)?;
+        let client = connect_client(nats, &config.instance_id).await?;
+        let context = jetstream::new(client.clone());
+        let storage = match nats.storage {
+            NatsStorage::File => StorageType::File,
+            NatsStorage::Memory => StorageType::Memory,
+        };
+        context
+            .create_or_update_stream(stream::Config {
+                name: nats.stream_name.clone(),
+                description: Some("eventbroker events".into()),
+                subjects: nats.subjects.clone(),
+                storage,
+                max_age: nats.max_age,
+                duplicate_window: nats.duplicate_window,
+                retention: RetentionPolicy::Limits,
+                discard: DiscardPolicy::Old,
+                ..stream::Config::default()
+            })
+            .await
+            .map_err(|e| {
+                backend(format!(
+                    "cannot create or update stream {:?}: {e}",
+                    nats.stream_name
+                ))
+            })?;
+        let stream = context
+            .get_stream(&nats.stream_name)
+            .await
+            .map_err(|e| backend(format!("cannot open stream {:?}: {e}", nats.stream_name)))?;
+        let bucket = nats.kv_bucket();
+        let store = StateStore::open(&context, &bucket, storage, nats.max_age).await?;
+        let shared = Arc::new(Shared {
+            client,
+            context,
+            stream,
+            stream_name: nats.stream_name.clone(),
+            bucket,
+            prefix,
+            store,
+            durable: nats.storage == NatsStorage::File,
+            ack_wait: nats.ack_wait,
+            max_deliver: nats.max_deliver,
+            backoff: nats.backoff.clone(),
+            closed: AtomicBool::new(false),
+            shutdown: CancellationToken::new(),
+            counters: Counters::default(),
+            consumers: Mutex::new(Vec::new()),
+        });
+        if shared.max_deliver.is_some() {
+            advisory::start(&shared).await?;
+        }
+        Ok(NatsProvider { shared })
+    }
+
+    /// Deletes the stream and the state bucket with everything in them (tear-down of tests
+    /// and experiments). The provider is closed first.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub async fn destroy(&self) -> Result<(), ProviderError> {
+        self.close().await;
+        let shared = &self.shared;
+        shared
+            .context
+            .delete_stream(&shared.stream_name)
+            .await
+            .map_err(|e| {
+                backend(format!(
+                    "cannot delete stream {:?}: {e}",
+                    shared.stream_name
+                ))
+            })?;
+        StateStore::destroy(&shared.context, &shared.bucket).await
+    }
+}
+
+impl Shared {
+    fn check_open(&self) -> Result<(), ProviderError> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(ProviderError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Publishes one message and awaits the server's acknowledgement, retrying with the same
+    /// message id when it does not arrive. Returns whether the server reported the first
+    /// attempt as a duplicate.
+    async fn send(
+        &self,
+        subject: String,
+        payload: Bytes,
+        message_id: &str,
+    ) -> Result<bool, ProviderError> {
+        let mut last_error = String::new();
+        for attempt in 0..PUBLISH_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            }
+            let publish = PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(message_id);
+            let ack = match self.context.send_publish(subject.clone(), publish).await {
+                Ok(pending) => pending.await,
+                Err(error) => Err(error),
+            };
+            match ack {
+                // A duplicate on a retry means an earlier attempt was stored.
+                Ok(ack) => return Ok(ack.duplicate && attempt == 0),
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        PublishErrorKind::MaxPayloadExceeded
+                            | PublishErrorKind::WrongLastMessageId
+                            | PublishErrorKind::WrongLastSequence
+                    ) =>
+                {
+                    return Err(backend(format!("publish to {subject} refused: {error}")));
+                }
+                Err(error) => {
+                    tracing::debug!(%subject, attempt, %error, "publish not acknowledged");
+                    last_error = error.to_string();
+                }
+            }
+        }
+        Err(backend(format!(
+            "publish to {subject} not acknowledged after {PUBLISH_ATTEMPTS} attempts: {last_error}"
+        )))
+    }
+
+    /// A publish found a state with this id. If it is exactly this event, untouched, it is
+    /// left over from an earlier attempt whose message may never have been stored (and whose
+    /// clean-up failed, e.g. during an outage): take it over — rewrite it, which also cancels
+    /// a pending clean-up — and return its new revision. Otherwise `None`: a real duplicate.
+    async fn adopt(&self, event: &Event) -> Result<Option<u64>, ProviderError> {
+        match self.store.get(&event.id).await? {
+            Some(current) if current.event == *event => {
+                match self.store.restore(event, current.revision).await {
+                    Ok(revision) => Ok(Some(revision)),
+                    Err(_) => Ok(None),
+                }
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn live_consumers(&self) -> Vec<Arc<NatsConsumer>> {
+        let mut consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        consumers.retain(|weak| weak.strong_count() > 0);
+        consumers.iter().filter_map(Weak::upgrade).collect()
+    }
+}
+
+#[async_trait]
+impl Provider for NatsProvider {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn features(&self) -> ProviderFeatures {
+        ProviderFeatures {
+            durable: self.shared.durable,
+            shared: true,
+            consumer_groups: true,
+            ordered: true,
+        }
+    }
+
+    async fn store(&self, event: &Event) -> Result<(), ProviderError> {
+        self.shared.check_open()?;
+        self.shared.store.create(event).await.map(|_| ())
+    }
+
+    async fn publish(&self, event: &Event) -> Result<(), ProviderError> {
+        let shared = &self.shared;
+        shared.check_open()?;
+        let subject = subjects::event_subject(&shared.prefix, event)?;
+        let payload = encode(event)?;
+        let (revision, adopted) = match shared.store.create(event).await {
+            Ok(revision) => (revision, false),
+            Err(ProviderError::Duplicate(id)) => {
+                let revision = shared
+                    .adopt(event)
+                    .await?
+                    .ok_or(ProviderError::Duplicate(id))?;
+                (revision, true)
+            }
+            Err(error) => return Err(error),
+        };
+        match shared.send(subject, payload, &event.id).await {
+            Ok(false) => {
+                shared.counters.published.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            // The message exists: the state taken over belongs to it.
+            Ok(true) if adopted => Err(ProviderError::Duplicate(event.id.clone())),
+            Ok(true) => {
+                shared.store.undo_create(&event.id, revision).await;
+                Err(ProviderError::Duplicate(event.id.clone()))
+            }
+            Err(error) => {
+                shared.store.undo_create(&event.id, revision).await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Event>, ProviderError> {
+        self.shared.check_open()?;
+        Ok(self.shared.store.get(id).await?.map(|v| v.event))
+    }
+
+    async fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
+        self.shared.check_open()?;
+        let mut events = self.shared.store.scan().await?;
+        events.retain(|event| filter.matches(event));
+        Ok(filter.paginate(events))
+    }
+
+    async fn update_status(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
+        self.shared.check_open()?;
+        self.shared
+            .store
+            .modify(id, |event| {
+                update.apply(event);
+                Ok(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn delete(&self, id: &str) -> Result<bool, ProviderError> {
+        self.shared.check_open()?;
+        self.shared.store.delete(id).await
+    }
+
+    async fn requeue(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
+        let shared = &self.shared;
+        shared.check_open()?;
+        let mut previous = None;
+        let requeued = shared
+            .store
+            .modify(id, |event| {
+                if !event.status.is_finished() {
+                    return Err(ProviderError::InvalidState {
+                        id: id.to_owned(),
+                        status: event.status,
+                        reason: "only completed or failed events can be re-run",
+                    });
+                }
+                previous = Some(event.clone());
+                update.apply(event);
+                Ok(())
+            })
+            .await?;
+        // The revision is unique, so the server's duplicate window never drops a re-run.
+        let message_id = format!("{id}:requeue:{}", requeued.revision);
+        let sent = match subjects::event_subject(&shared.prefix, &requeued.event) {
+            Ok(subject) => {
+                shared
+                    .send(subject, encode(&requeued.event)?, &message_id)
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        if let Err(error) = sent {
+            if let Some(previous) = previous
+                && let Err(undo) = shared.store.restore(&previous, requeued.revision).await
+            {
+                tracing::warn!(event_id = %id, %undo, "could not undo a failed re-run");
+            }
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    async fn consume(&self, options: ConsumerOptions) -> Result<Arc<dyn Consumer>, ProviderError> {
+        let shared = &self.shared;
+        shared.check_open()?;
+        let durable = subjects::encode_name(&options.group);
+        let config = js_consumer::pull::Config {
+            durable_name: Some(durable.clone()),
+            description: Some(format!("eventbroker consumer group {:?}", options.group)),
+            ack_policy: js_consumer::AckPolicy::Explicit,
+            ack_wait: shared.ack_wait.unwrap_or(options.lease),
+            max_deliver: shared.max_deliver.map_or(-1, i64::from),
+            backoff: shared.backoff.clone(),
+            deliver_policy: js_consumer::DeliverPolicy::All,
+            ..js_consumer::pull::Config::default()
+        };
+        let consumer: js_consumer::PullConsumer =
+            shared.stream.create_consumer(config).await.map_err(|e| {
+                backend(format!(
+                    "cannot create or update consumer group {durable:?}: {e}"
+                ))
+            })?;
+        tracing::debug!(group = %options.group, member = %options.name, "joined NATS consumer group");
+        let consumer = Arc::new(NatsConsumer::new(shared.clone(), consumer, options.group));
+        shared.counters.consumers.fetch_add(1, Ordering::Relaxed);
+        shared
+            .consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::downgrade(&consumer));
+        Ok(consumer)
+    }
+
+    async fn stream(&self, pattern: &Pattern) -> Result<EventStream, ProviderError> {
+        self.shared.check_open()?;
+        watch::watch(&self.shared, pattern).await
+    }
+
+    async fn stats(&self) -> Result<ProviderStats, ProviderError> {
+        let shared = &self.shared;
+        shared.check_open()?;
+        let mut stats = ProviderStats {
+            provider: NAME.into(),
+            ..ProviderStats::default()
+        };
+        for status in EventStatus::ALL {
+            stats.by_status.insert(status.as_str().into(), 0);
+        }
+        let events = shared.store.scan().await?;
+        for event in &events {
+            *stats
+                .by_status
+                .entry(event.status.as_str().into())
+                .or_default() += 1;
+        }
+        let mut backend_stats = BTreeMap::new();
+        backend_stats.insert("stored".to_owned(), events.len().into());
+        let info = shared
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| backend(format!("cannot read stream info: {e}")))?;
+        backend_stats.insert("stream.messages".to_owned(), info.state.messages.into());
+        backend_stats.insert("stream.bytes".to_owned(), info.state.bytes.into());
+        let mut consumers = shared.stream.consumers();
+        while let Some(consumer) = consumers.next().await {
+            let Ok(consumer) = consumer else { break };
+            if consumer.config.durable_name.is_none() {
+                continue;
+            }
+            let name = &consumer.name;
+            backend_stats.insert(format!("group.{name}.backlog"), consumer.num_pending.into());
+            backend_stats.insert(
+                format!("group.{name}.leased"),
+                consumer.num_ack_pending.into(),
+            );
+            backend_stats.insert(
+                format!("group.{name}.redelivered"),
+                consumer.num_redelivered.into(),
+            );
+        }
+        stats.backend = backend_stats;
+        let counters = &shared.counters;
+        stats.published = counters.published.load(Ordering::Relaxed);
+        stats.consumed = counters.consumed.load(Ordering::Relaxed);
+        stats.acknowledged = counters.acknowledged.load(Ordering::Relaxed);
+        stats.redelivered = counters.redelivered.load(Ordering::Relaxed);
+        stats.consumers = counters.consumers.load(Ordering::Relaxed);
+        stats.subscribers = counters.watchers.load(Ordering::Relaxed);
+        Ok(stats)
+    }
+
+    async fn close(&self) {
+        let shared = &self.shared;
+        if shared.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        shared.shutdown.cancel();
+        for consumer in shared.live_consumers() {
+            consumer.close().await;
+        }
+        if tokio::time::timeout(Duration::from_secs(5), shared.client.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!("NATS connection did not flush within 5s while closing");
+        }
+    }
+}

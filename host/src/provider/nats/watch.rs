@@ -1,0 +1,114 @@
+//! Live watchers (`stream(pattern)`): fan-out, independent of the consumer groups.
+//!
+//! A watcher merges two ordered ephemeral consumers, both starting at "now":
+//! - one on the event stream with the pattern's filter subject, so the server only sends
+//!   matching publishes (and re-runs);
+//! - one on the state bucket (a key-value watch), filtered here by the pattern, for every
+//!   status change. Entries still in their just-published state are skipped there because the
+//!   first consumer already reported them.
+//!
+//! Ordered consumers are flow-controlled by the server and recreated on gaps, so a slow watcher
+//! falls behind without losing events and never needs a lag report. When both sources have
+//! something ready, the publish is yielded first.
+
+use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, push};
+use async_nats::jetstream::kv::Operation;
+use futures::stream::{PollNext, StreamExt};
+
+use super::{NAME, Shared};
+use crate::event::{Event, EventStatus};
+use crate::pattern::Pattern;
+use crate::provider::{EventStream, ProviderError, WatchItem};
+
+fn backend(error: impl std::fmt::Display) -> ProviderError {
+    ProviderError::backend(NAME, error)
+}
+
+/// Whether a state entry is exactly what the publish carried (reported by the event side).
+fn just_published(event: &Event) -> bool {
+    event.status == EventStatus::Pending
+        && event.processed_at.is_none()
+        && event.retry_count == 0
+        && event.handlers.is_empty()
+        && event.error.is_none()
+}
+
+/// Opens a watcher over `pattern`.
+pub(crate) async fn watch(
+    shared: &Shared,
+    pattern: &Pattern,
+) -> Result<EventStream, ProviderError> {
+    let filter = super::subjects::filter_subject(&shared.prefix, pattern);
+    let stream = shared
+        .context
+        .get_stream(&shared.stream_name)
+        .await
+        .map_err(|e| backend(format!("cannot open stream {:?}: {e}", shared.stream_name)))?;
+    let published = stream
+        .create_consumer(push::OrderedConfig {
+            deliver_subject: shared.client.new_inbox(),
+            description: Some("eventbroker watcher".into()),
+            filter_subject: filter,
+            deliver_policy: DeliverPolicy::New,
+            replay_policy: ReplayPolicy::Instant,
+            ..push::OrderedConfig::default()
+        })
+        .await
+        .map_err(|e| backend(format!("cannot open a watcher: {e}")))?
+        .messages()
+        .await
+        .map_err(|e| backend(format!("cannot open a watcher: {e}")))?
+        .filter_map(|message| {
+            let item: Option<WatchItem> = match message {
+                Ok(message) => match serde_json::from_slice::<Event>(&message.payload) {
+                    Ok(event) => Some(Ok(event)),
+                    Err(error) => {
+                        tracing::warn!(subject = %message.subject, %error, "watcher skipped a message that is not an event");
+                        None
+                    }
+                },
+                Err(error) => Some(Err(backend(format!("watcher failed: {error}")))),
+            };
+            futures::future::ready(item)
+        });
+    let pattern = pattern.clone();
+    let changes = shared
+        .store
+        .watch()
+        .await?
+        .filter_map(move |entry| {
+            let item: Option<WatchItem> = match entry {
+                Ok(entry) if entry.operation == Operation::Put => {
+                    match serde_json::from_slice::<Event>(&entry.value) {
+                        Ok(event) if pattern.matches(&event.event_type) && !just_published(&event) => {
+                            Some(Ok(event))
+                        }
+                        Ok(_) => None,
+                        Err(error) => {
+                            tracing::warn!(key = %entry.key, %error, "watcher skipped an unreadable event state");
+                            None
+                        }
+                    }
+                }
+                Ok(_) => None,
+                Err(error) => Some(Err(backend(format!("watcher failed: {error}")))),
+            };
+            futures::future::ready(item)
+        });
+    let merged =
+        futures::stream::select_with_strategy(published, changes, |_: &mut ()| PollNext::Left)
+            // A failed source ends the watcher after reporting the error.
+            .scan(false, |ended, item| {
+                if *ended {
+                    return futures::future::ready(None);
+                }
+                *ended = item.is_err();
+                futures::future::ready(Some(item))
+            })
+            .take_until(shared.shutdown.clone().cancelled_owned());
+    let guard = shared.counters.watcher_opened();
+    Ok(Box::pin(merged.map(move |item| {
+        let _ = &guard;
+        item
+    })))
+}

@@ -1,0 +1,72 @@
+//! Key names of the Redis provider. Every key starts with the configured stream name, so one
+//! Redis database can hold several independent brokers (or test namespaces).
+
+use crate::event::{EventSource, EventStatus};
+
+/// The key layout for one stream name.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    /// The stream itself (`{p}`); also the prefix of every other key.
+    pub stream: String,
+    /// Dead-letter stream (`{p}:dead`).
+    pub dead: String,
+    /// Sorted set of every stored event id by creation time (`{p}:idx:all`).
+    pub all: String,
+    /// Sorted set of finished event ids by completion time (`{p}:idx:finished`).
+    pub finished: String,
+    /// Set of instance ids that have an index (`{p}:instances`).
+    pub instances: String,
+    /// The current safe trimming bound (`{p}:trim`).
+    pub trim: String,
+    /// Pub/sub channel of watchers (`{p}:watch`).
+    pub watch: String,
+}
+
+impl Keys {
+    pub(crate) fn new(stream: &str) -> Self {
+        Keys {
+            stream: stream.to_owned(),
+            dead: format!("{stream}:dead"),
+            all: format!("{stream}:idx:all"),
+            finished: format!("{stream}:idx:finished"),
+            instances: format!("{stream}:instances"),
+            trim: format!("{stream}:trim"),
+            watch: format!("{stream}:watch"),
+        }
+    }
+
+    /// The hash of one event (`{p}:ev:{id}`).
+    pub(crate) fn event(&self, id: &str) -> String {
+        format!("{}:ev:{id}", self.stream)
+    }
+
+    /// Index of events in one status.
+    pub(crate) fn by_status(&self, status: EventStatus) -> String {
+        format!("{}:idx:status:{}", self.stream, status.as_str())
+    }
+
+    /// Index of events from one source.
+    pub(crate) fn by_source(&self, source: EventSource) -> String {
+        format!("{}:idx:source:{}", self.stream, source.as_str())
+    }
+
+    /// Index of events accepted by one host instance.
+    pub(crate) fn by_instance(&self, instance: &str) -> String {
+        format!("{}:idx:instance:{instance}", self.stream)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_the_stream_prefix() {
+        let keys = Keys::new("s");
+        assert_eq!(keys.event("e1"), "s:ev:e1");
+        assert_eq!(keys.by_status(EventStatus::Failed), "s:idx:status:failed");
+        assert_eq!(keys.by_source(EventSource::System), "s:idx:source:system");
+        assert_eq!(keys.by_instance("h1"), "s:idx:instance:h1");
+        assert_eq!(keys.dead, "s:dead");
+    }
+}

@@ -1,0 +1,701 @@
+//! The Redis Streams provider: durable (as the Redis server is configured), shared by every
+//! host pointing at the same stream, with consumer groups. The design (keys, scripts,
+//! trimming, recovery) is described in `docs/providers/redis.md`.
+//!
+//! - Publishing is one script: the event hash, its indexes and the stream entry are written
+//!   together, and an existing id is rejected ([`ProviderError::Duplicate`]).
+//! - Consumers use `XREADGROUP` (bounded `BLOCK`), take over idle entries with `XAUTOCLAIM`,
+//!   and every outcome (status, acknowledgement, redelivery, dead letter) is one script.
+//! - Watchers get events from a pub/sub channel, independent of the consumer groups.
+//! - Every command has a timeout; reconnection is automatic.
+
+mod consumer;
+mod entries;
+mod keys;
+mod maintenance;
+mod scripts;
+mod store;
+mod watch;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{
+    Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo, RedisError,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Consumer, ConsumerOptions, EventFilter, EventStream, Provider, ProviderError, ProviderFeatures,
+    ProviderStats, SortOrder, StatusUpdate,
+};
+use crate::config::BrokerConfig;
+use crate::event::{Event, EventSource, EventStatus};
+use crate::pattern::Pattern;
+
+use keys::Keys;
+use scripts::Scripts;
+use store::{StoredState, score, to_json};
+
+pub(crate) const NAME: &str = "redis";
+
+/// Index entries examined per round trip by `list`.
+const LIST_CHUNK: usize = 200;
+
+/// Settings of the Redis provider, resolved from [`crate::config::RedisConfig`].
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// Where to connect.
+    pub connection: ConnectionInfo,
+    /// Stream key and prefix of every other key.
+    pub stream: String,
+    /// The Redis consumer group of the broker's workers (created at start).
+    pub group: String,
+    /// The broker-level group name that is mapped to [`RedisOptions::group`].
+    pub broker_group: String,
+    /// Approximate stream length bound (never trimming unfinished entries).
+    pub max_len: u64,
+    /// Longest `BLOCK` of a read.
+    pub block_time: Duration,
+    /// Most entries per read.
+    pub batch_size: usize,
+    /// Idle time after which another consumer claims an entry (`None`: the consumer's lease).
+    pub claim_idle: Option<Duration>,
+    /// How often a consumer looks for idle entries.
+    pub claim_interval: Duration,
+    /// Empty consumers idle this long are deleted.
+    pub consumer_idle_timeout: Duration,
+    /// How long finished events are kept.
+    pub retention: Duration,
+    /// Interval of trimming, retention cleanup and idle-consumer removal.
+    pub maintenance_interval: Duration,
+    /// Timeout of every command and of connecting.
+    pub command_timeout: Duration,
+}
+
+impl RedisOptions {
+    /// The options a broker config asks for (`redis` section, `consumer_group`).
+    ///
+    /// # Errors
+    /// [`ProviderError::Config`] for an invalid URL or empty names.
+    pub fn from_config(config: &BrokerConfig) -> Result<Self, ProviderError> {
+        let redis = &config.redis;
+        let invalid = |reason: String| ProviderError::Config {
+            provider: NAME,
+            reason,
+        };
+        if redis.stream_name.trim().is_empty() {
+            return Err(invalid("stream_name must not be empty".into()));
+        }
+        if redis.consumer_group.trim().is_empty() {
+            return Err(invalid("consumer_group must not be empty".into()));
+        }
+        let connection = match redis.url.as_deref().filter(|url| !url.is_empty()) {
+            Some(url) => url
+                .into_connection_info()
+                .map_err(|e| invalid(format!("url: {e}")))?,
+            None => {
+                let addr = if redis.tls {
+                    ConnectionAddr::TcpTls {
+                        host: redis.host.clone(),
+                        port: redis.port,
+                        insecure: false,
+                        tls_params: None,
+                    }
+                } else {
+                    ConnectionAddr::Tcp(redis.host.clone(), redis.port)
+                };
+                let mut settings = RedisConnectionInfo::default().set_db(redis.db);
+                if !redis.password.is_empty() {
+                    settings = settings.set_password(&redis.password);
+                }
+                addr.into_connection_info()
+                    .map_err(|e| invalid(format!("address: {e}")))?
+                    .set_redis_settings(settings)
+            }
+        };
+        Ok(RedisOptions {
+            connection,
+            stream: redis.stream_name.clone(),
+            group: redis.consumer_group.clone(),
+            broker_group: config.consumer_group.clone(),
+            max_len: redis.max_len.max(1),
+            block_time: redis.block_time.max(Duration::from_millis(1)),
+            batch_size: redis.batch_size.max(1),
+            claim_idle: redis.claim_idle,
+            claim_interval: redis.claim_interval.max(Duration::from_millis(10)),
+            consumer_idle_timeout: redis.consumer_idle_timeout,
+            retention: redis.retention.max(Duration::from_secs(1)),
+            maintenance_interval: redis.maintenance_interval.max(Duration::from_millis(100)),
+            command_timeout: redis.command_timeout.max(Duration::from_millis(100)),
+        })
+    }
+}
+
+/// The Redis Streams provider. Cheap to clone; clones share connections and state.
+#[derive(Clone)]
+pub struct RedisProvider {
+    shared: Arc<Shared>,
+}
+
+/// State shared by the provider, its consumers, watchers and maintenance task.
+pub(crate) struct Shared {
+    options: RedisOptions,
+    client: Client,
+    conn: ConnectionManager,
+    keys: Keys,
+    scripts: Scripts,
+    closed: AtomicBool,
+    shutdown: CancellationToken,
+    counters: Counters,
+    consumers: Mutex<Vec<Weak<consumer::ConsumerInner>>>,
+}
+
+#[derive(Default)]
+struct Counters {
+    published: AtomicU64,
+    consumed: AtomicU64,
+    acknowledged: AtomicU64,
+    redelivered: AtomicU64,
+    consumers: AtomicU64,
+    watchers: AtomicU64,
+}
+
+/// A backend failure.
+pub(crate) fn backend(error: RedisError) -> ProviderError {
+    ProviderError::backend(NAME, error)
+}
+
+/// Maps the error replies of the scripts to provider errors about event `id`.
+pub(crate) fn script_error(error: RedisError, id: &str) -> ProviderError {
+    match error.code() {
+        Some("DUPLICATE") => ProviderError::Duplicate(id.to_owned()),
+        Some("NOTFOUND") => ProviderError::NotFound(id.to_owned()),
+        Some("NOTLEASED") => ProviderError::backend(
+            NAME,
+            format!("delivery of event {id} is no longer leased (its lease expired)"),
+        ),
+        Some("INVALIDSTATE") => ProviderError::InvalidState {
+            id: id.to_owned(),
+            status: error
+                .detail()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(EventStatus::Processing),
+            reason: "only completed or failed events can be re-run",
+        },
+        _ => backend(error),
+    }
+}
+
+/// Milliseconds since the epoch now.
+pub(crate) fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+/// One status transition for the outcome script.
+pub(crate) struct Transition<'a> {
+    pub id: &'a str,
+    pub mode: &'static str,
+    pub group: &'a str,
+    pub consumer: &'a str,
+    pub entry: &'a str,
+    pub status: Option<EventStatus>,
+    pub state: Option<String>,
+    pub finished_at: Option<chrono::DateTime<Utc>>,
+    pub due_ms: i64,
+    pub count: u32,
+    pub error: Option<&'a str>,
+}
+
+impl<'a> Transition<'a> {
+    pub(crate) fn new(id: &'a str, mode: &'static str) -> Self {
+        Transition {
+            id,
+            mode,
+            group: "",
+            consumer: "",
+            entry: "",
+            status: None,
+            state: None,
+            finished_at: None,
+            due_ms: 0,
+            count: 0,
+            error: None,
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    fn check_open(&self) -> Result<(), ProviderError> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(ProviderError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Creates `group` from the beginning of the stream (creating the stream) unless it exists.
+    pub(crate) async fn ensure_group(&self, group: &str) -> Result<(), ProviderError> {
+        let result: Result<(), RedisError> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.keys.stream)
+            .arg(group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut self.conn())
+            .await;
+        match result {
+            Ok(()) => Ok(()),
+            Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
+            Err(error) => Err(backend(error)),
+        }
+    }
+
+    /// Runs the outcome script; returns the resulting status (`None` if the event is gone).
+    pub(crate) async fn transition(
+        &self,
+        t: Transition<'_>,
+    ) -> Result<Option<EventStatus>, ProviderError> {
+        let finished = t.finished_at.unwrap_or_else(Utc::now);
+        let reply: Vec<String> = self
+            .scripts
+            .outcome
+            .arg(&self.keys.stream)
+            .arg(t.id)
+            .arg(t.mode)
+            .arg(t.group)
+            .arg(t.consumer)
+            .arg(t.entry)
+            .arg(t.status.map(EventStatus::as_str).unwrap_or(""))
+            .arg(t.state.as_deref().unwrap_or(""))
+            .arg(score(finished))
+            .arg(self.options.retention.as_secs().max(1))
+            .arg(t.due_ms)
+            .arg(t.count)
+            .arg(t.error.unwrap_or(""))
+            .arg(self.options.max_len)
+            .arg(&self.keys.watch)
+            .arg(now_ms())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| script_error(e, t.id))?;
+        Ok(match reply.as_slice() {
+            [ok, status] if ok == "ok" => status.parse().ok(),
+            _ => None,
+        })
+    }
+
+    /// Deletes an event and its index entries; returns whether the hash existed.
+    pub(crate) async fn prune(&self, id: &str) -> Result<bool, ProviderError> {
+        let mut invocation = self.scripts.prune.prepare_invoke();
+        invocation
+            .arg(&self.keys.stream)
+            .arg(id)
+            .arg(&self.keys.all)
+            .arg(&self.keys.finished);
+        for status in EventStatus::ALL {
+            invocation.arg(self.keys.by_status(status));
+        }
+        for source in EventSource::ALL {
+            invocation.arg(self.keys.by_source(source));
+        }
+        let existed: i64 = invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(backend)?;
+        Ok(existed == 1)
+    }
+
+    /// Events by id (in the given order), skipping ids whose hash is gone.
+    pub(crate) async fn load(&self, ids: &[String]) -> Result<Vec<Option<Event>>, ProviderError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HMGET")
+                .arg(self.keys.event(id))
+                .arg("event")
+                .arg("status")
+                .arg("state");
+        }
+        let rows: Vec<(Option<String>, Option<String>, Option<String>)> =
+            pipe.query_async(&mut self.conn()).await.map_err(backend)?;
+        rows.into_iter()
+            .map(|(event, status, state)| match event {
+                Some(event) => store::decode(&event, status.as_deref(), state.as_deref()).map(Some),
+                None => Ok(None),
+            })
+            .collect()
+    }
+
+    async fn insert(&self, event: &Event, deliver: bool) -> Result<(), ProviderError> {
+        self.check_open()?;
+        let event_json = to_json(event)?;
+        let state = to_json(&StoredState::of_event(event))?;
+        let finished = if event.status.is_finished() {
+            score(event.completed_at.unwrap_or_else(Utc::now)).to_string()
+        } else {
+            String::new()
+        };
+        let _: i64 = self
+            .scripts
+            .store
+            .key(self.keys.event(&event.id))
+            .key(&self.keys.stream)
+            .key(&self.keys.all)
+            .key(self.keys.by_status(event.status))
+            .key(self.keys.by_source(event.source))
+            .key(self.keys.by_instance(&event.instance_id))
+            .key(&self.keys.instances)
+            .key(&self.keys.finished)
+            .key(&self.keys.trim)
+            .arg(&event.id)
+            .arg(event_json)
+            .arg(event.status.as_str())
+            .arg(state)
+            .arg(score(event.created_at))
+            .arg(if deliver { "1" } else { "0" })
+            .arg(finished)
+            .arg(self.options.retention.as_secs().max(1))
+            .arg(&self.keys.watch)
+            .arg(event.source.as_str())
+            .arg(&event.instance_id)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| script_error(e, &event.id))?;
+        Ok(())
+    }
+
+    /// The index `list` walks, and whether it alone decides membership (apart from the time
+    /// range, which is checked exactly in the host).
+    fn index_for(&self, filter: &EventFilter) -> (String, bool) {
+        let others = filter.user_id.is_some()
+            || filter.session_id.is_some()
+            || filter.schema.is_some()
+            || filter.entity.is_some()
+            || filter.operation.is_some()
+            || filter.type_pattern.is_some()
+            || filter.created_after.is_some()
+            || filter.created_before.is_some();
+        let picked = [
+            filter.status.map(|s| self.keys.by_status(s)),
+            filter.source.map(|s| self.keys.by_source(s)),
+            filter
+                .instance_id
+                .as_deref()
+                .map(|i| self.keys.by_instance(i)),
+        ];
+        let set = picked.iter().filter(|k| k.is_some()).count();
+        match picked.into_iter().flatten().next() {
+            Some(key) => (key, set == 1 && !others),
+            None => (self.keys.all.clone(), !others),
+        }
+    }
+
+    async fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
+        let limit = filter.effective_limit();
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (key, exact) = self.index_for(filter);
+        let min = filter
+            .created_after
+            .map_or("-inf".to_owned(), |t| score(t).to_string());
+        let max = filter
+            .created_before
+            .map_or("+inf".to_owned(), |t| score(t).to_string());
+        // With an exact index the offset is applied by Redis; otherwise in the host.
+        let mut position = if exact { filter.offset } else { 0 };
+        let mut skip = if exact { 0 } else { filter.offset };
+        let mut out = Vec::new();
+        loop {
+            let chunk = if exact {
+                (limit - out.len()).min(LIST_CHUNK)
+            } else {
+                LIST_CHUNK
+            };
+            let mut cmd = redis::cmd("ZRANGE");
+            cmd.arg(&key);
+            match filter.order {
+                SortOrder::Asc => cmd.arg(&min).arg(&max).arg("BYSCORE"),
+                SortOrder::Desc => cmd.arg(&max).arg(&min).arg("BYSCORE").arg("REV"),
+            };
+            cmd.arg("LIMIT").arg(position).arg(chunk);
+            let ids: Vec<String> = cmd.query_async(&mut self.conn()).await.map_err(backend)?;
+            position += ids.len();
+            let events = self.load(&ids).await?;
+            for (id, event) in ids.iter().zip(events) {
+                let Some(event) = event else {
+                    // Expired or deleted without its index entries: tidy up.
+                    self.prune(id).await?;
+                    continue;
+                };
+                if !filter.matches(&event) {
+                    continue;
+                }
+                if skip > 0 {
+                    skip -= 1;
+                    continue;
+                }
+                out.push(event);
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+            if ids.len() < chunk {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+impl RedisProvider {
+    /// Connects (failing after the command timeout if the server is unreachable), creates the
+    /// stream and the configured consumer group, and starts the maintenance task (which stops
+    /// when the provider is closed or dropped).
+    ///
+    /// # Errors
+    /// The server is unreachable or refuses the commands.
+    pub async fn connect(options: RedisOptions) -> Result<Self, ProviderError> {
+        let client = Client::open(options.connection.clone()).map_err(backend)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(options.command_timeout))
+            .set_connection_timeout(Some(options.command_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = tokio::time::timeout(
+            options.command_timeout * 3,
+            ConnectionManager::new_with_config(client.clone(), manager_config),
+        )
+        .await
+        .map_err(|_| ProviderError::backend(NAME, "timed out connecting to Redis"))?
+        .map_err(backend)?;
+        let shared = Arc::new(Shared {
+            keys: Keys::new(&options.stream),
+            scripts: Scripts::new(),
+            client,
+            conn,
+            closed: AtomicBool::new(false),
+            shutdown: CancellationToken::new(),
+            counters: Counters::default(),
+            consumers: Mutex::new(Vec::new()),
+            options,
+        });
+        shared.ensure_group(&shared.options.group).await?;
+        tokio::spawn(maintenance::run(Arc::downgrade(&shared)));
+        Ok(RedisProvider { shared })
+    }
+
+    /// Runs one maintenance pass now (trimming, retention cleanup, idle consumers).
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub async fn maintain(&self) -> Result<(), ProviderError> {
+        maintenance::pass(&self.shared).await
+    }
+
+    /// The Redis consumer group a broker group name maps to.
+    fn group_name<'a>(&'a self, group: &'a str) -> &'a str {
+        if group == self.shared.options.broker_group {
+            &self.shared.options.group
+        } else {
+            group
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for RedisProvider {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn features(&self) -> ProviderFeatures {
+        ProviderFeatures {
+            durable: true,
+            shared: true,
+            consumer_groups: true,
+            ordered: true,
+        }
+    }
+
+    async fn store(&self, event: &Event) -> Result<(), ProviderError> {
+        self.shared.insert(event, false).await
+    }
+
+    async fn publish(&self, event: &Event) -> Result<(), ProviderError> {
+        self.shared.insert(event, true).await?;
+        self.shared
+            .counters
+            .published
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Event>, ProviderError> {
+        Ok(self
+            .shared
+            .load(&[id.to_owned()])
+            .await?
+            .into_iter()
+            .next()
+            .flatten())
+    }
+
+    async fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
+        self.shared.list(filter).await
+    }
+
+    async fn update_status(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
+        self.shared.check_open()?;
+        let mut t = Transition::new(id, "update");
+        t.status = Some(update.status);
+        t.state = Some(to_json(&StoredState::of_update(update))?);
+        t.finished_at = update.completed_at;
+        self.shared.transition(t).await.map(drop)
+    }
+
+    async fn delete(&self, id: &str) -> Result<bool, ProviderError> {
+        self.shared.prune(id).await
+    }
+
+    async fn requeue(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
+        self.shared.check_open()?;
+        let mut t = Transition::new(id, "requeue");
+        t.status = Some(update.status);
+        t.state = Some(to_json(&StoredState::of_update(update))?);
+        t.finished_at = update.completed_at;
+        self.shared.transition(t).await.map(drop)
+    }
+
+    async fn consume(&self, options: ConsumerOptions) -> Result<Arc<dyn Consumer>, ProviderError> {
+        self.shared.check_open()?;
+        let group = self.group_name(&options.group).to_owned();
+        self.shared.ensure_group(&group).await?;
+        let consumer = consumer::RedisConsumer::new(self.shared.clone(), group, &options);
+        Ok(Arc::new(consumer))
+    }
+
+    async fn stream(&self, pattern: &Pattern) -> Result<EventStream, ProviderError> {
+        self.shared.check_open()?;
+        watch::open(self.shared.clone(), pattern.clone()).await
+    }
+
+    async fn stats(&self) -> Result<ProviderStats, ProviderError> {
+        let mut stats = ProviderStats {
+            provider: NAME.into(),
+            ..ProviderStats::default()
+        };
+        let keys = &self.shared.keys;
+        let mut pipe = redis::pipe();
+        for status in EventStatus::ALL {
+            pipe.cmd("ZCARD").arg(keys.by_status(status));
+        }
+        pipe.cmd("XLEN").arg(&keys.stream);
+        pipe.cmd("XLEN").arg(&keys.dead);
+        let counts: Vec<u64> = pipe
+            .query_async(&mut self.shared.conn())
+            .await
+            .map_err(backend)?;
+        for (status, count) in EventStatus::ALL.iter().zip(&counts) {
+            stats.by_status.insert(status.as_str().into(), *count);
+        }
+        let at = |i: usize| counts.get(i).copied().unwrap_or(0);
+        let n = EventStatus::ALL.len();
+        stats.backend.insert("stream_length".into(), at(n).into());
+        stats
+            .backend
+            .insert("dead_letters".into(), at(n + 1).into());
+        stats
+            .backend
+            .insert("stream".into(), keys.stream.clone().into());
+        let counters = &self.shared.counters;
+        stats.published = counters.published.load(Ordering::Relaxed);
+        stats.consumed = counters.consumed.load(Ordering::Relaxed);
+        stats.acknowledged = counters.acknowledged.load(Ordering::Relaxed);
+        stats.redelivered = counters.redelivered.load(Ordering::Relaxed);
+        stats.consumers = counters.consumers.load(Ordering::Relaxed);
+        stats.subscribers = counters.watchers.load(Ordering::Relaxed);
+        Ok(stats)
+    }
+
+    async fn close(&self) {
+        if self.shared.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.shared.shutdown.cancel();
+        let consumers: Vec<_> = {
+            let mut list = self
+                .shared
+                .consumers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            list.drain(..).filter_map(|c| c.upgrade()).collect()
+        };
+        for consumer in consumers {
+            consumer.close().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, FileFormat};
+
+    #[test]
+    fn options_come_from_the_redis_section() {
+        let yaml = "event_broker:\n  provider: redis\n  consumer_group: workers\n  redis:\n    url: rediss://:secret@cache.internal:6380/2\n    claim_idle: 30s\n    block_time: 250ms\n    stream_name: app:events\n";
+        let config = Config::from_text(FileFormat::Yaml, yaml).expect("yaml");
+        let redis = &config.event_broker.redis;
+        assert_eq!(redis.claim_idle, Some(Duration::from_secs(30)));
+        assert_eq!(redis.block_time, Duration::from_millis(250));
+        let options = RedisOptions::from_config(&config.event_broker).expect("options");
+        assert!(matches!(
+            options.connection.addr(),
+            ConnectionAddr::TcpTls { host, port: 6380, .. } if host == "cache.internal"
+        ));
+        assert_eq!(options.connection.redis_settings().db(), 2);
+        assert_eq!(
+            options.connection.redis_settings().password(),
+            Some("secret")
+        );
+        assert_eq!(options.stream, "app:events");
+        assert_eq!(options.group, "resolvespec-workers");
+        assert_eq!(options.broker_group, "workers");
+    }
+
+    #[test]
+    fn host_form_and_bad_settings() {
+        let mut config = BrokerConfig::default();
+        config.redis.tls = true;
+        config.redis.password = "pw".into();
+        config.redis.db = 3;
+        let options = RedisOptions::from_config(&config).expect("options");
+        assert!(matches!(
+            options.connection.addr(),
+            ConnectionAddr::TcpTls { port: 6379, .. }
+        ));
+        assert_eq!(options.connection.redis_settings().db(), 3);
+        config.redis.url = Some("http://nope".into());
+        assert!(matches!(
+            RedisOptions::from_config(&config),
+            Err(ProviderError::Config { .. })
+        ));
+        config.redis.url = None;
+        config.redis.stream_name = " ".into();
+        assert!(matches!(
+            RedisOptions::from_config(&config),
+            Err(ProviderError::Config { .. })
+        ));
+    }
+}

@@ -1,0 +1,76 @@
+//! Live watchers: every change of an event is published (by the same script that makes it)
+//! on the pub/sub channel `{stream}:watch`; each watcher holds its own subscription, so a
+//! watcher on any host sees the events of every host, independently of the consumer groups.
+//!
+//! Pub/sub does not buffer for absent subscribers: a watcher whose connection is lost (or
+//! that Redis disconnects for reading too slowly) gets an error item and its stream ends, so
+//! it knows to reconnect instead of silently missing events.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures::StreamExt;
+
+use super::store::decode_watch;
+use super::{NAME, Shared, backend};
+use crate::pattern::Pattern;
+use crate::provider::{EventStream, ProviderError, WatchItem};
+
+/// Decrements the watcher count when the stream is dropped.
+struct Registered(Arc<Shared>);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.0.counters.watchers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Subscribes a new watcher to events whose type matches `pattern`.
+pub(crate) async fn open(
+    shared: Arc<Shared>,
+    pattern: Pattern,
+) -> Result<EventStream, ProviderError> {
+    let timeout = shared.options.command_timeout;
+    let subscribe = async {
+        let mut pubsub = shared.client.get_async_pubsub().await?;
+        pubsub.subscribe(&shared.keys.watch).await?;
+        Ok::<_, redis::RedisError>(pubsub)
+    };
+    let pubsub = tokio::time::timeout(timeout, subscribe)
+        .await
+        .map_err(|_| ProviderError::backend(NAME, "timed out subscribing to the watch channel"))?
+        .map_err(backend)?;
+    shared.counters.watchers.fetch_add(1, Ordering::Relaxed);
+    let registered = Registered(shared.clone());
+    let messages = pubsub.into_on_message().filter_map(move |message| {
+        let item = match message.get_payload::<String>() {
+            Ok(payload) => match decode_watch(&payload) {
+                Ok(event) if pattern.matches(&event.event_type) => Some(Ok(event)),
+                Ok(_) => None,
+                Err(error) => {
+                    tracing::warn!(%error, "ignoring an undecodable watch message");
+                    None
+                }
+            },
+            Err(error) => {
+                tracing::warn!(%error, "ignoring a non-text watch message");
+                None
+            }
+        };
+        futures::future::ready(item)
+    });
+    let lost = futures::stream::once(async {
+        Err::<_, ProviderError>(ProviderError::backend(
+            NAME,
+            "the watch connection was lost; events may have been missed, reconnect to continue",
+        ))
+    });
+    let stream = messages
+        .chain(lost)
+        .map(move |item: WatchItem| {
+            let _keep = &registered;
+            item
+        })
+        .take_until(shared.shutdown.clone().cancelled_owned());
+    Ok(Box::pin(stream))
+}

@@ -1,0 +1,10 @@
+//! `GET /`: a small live view of the host — events as they happen (over the WebSocket),
+//! the handlers and a publish form. One static HTML file embedded in the binary; it reads an
+//! optional `?token=` for authenticated hosts and `?demo=TYPE` to publish one event on load.
+
+use axum::response::Html;
+
+/// The page.
+pub async fn page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
+}
