@@ -74,7 +74,11 @@ async fn broker(database: DatabaseConfig, events: u64) -> f64 {
     for publisher in publishers {
         publisher.await.expect("publisher");
     }
-    // Done when every event is recorded as completed, not merely handled.
+    // Done when every event is recorded as completed, not merely handled (counting by
+    // status scans the table, so look only once the handler saw everything).
+    while seen.load(Ordering::Relaxed) < events {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     loop {
         let stats = provider.stats().await.expect("stats");
         if stats.by_status[EventStatus::Completed.as_str()] >= events {

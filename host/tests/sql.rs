@@ -246,3 +246,229 @@ async fn sqlite_files_are_created_and_reopened() {
     other.close().await;
     second.close().await;
 }
+
+/// Concurrent publishes are committed in batches; a duplicate id among them fails alone.
+async fn a_duplicate_in_a_batch_fails_alone(backend: Backend) {
+    let provider = backend.connect().await;
+    let original = Event::new(EventSource::System, "batch.original", "h");
+    let mut tasks = Vec::new();
+    for n in 0..64 {
+        let provider = provider.clone();
+        let event = if n % 16 == 5 {
+            let mut copy = Event::new(EventSource::System, "batch.copy", "h");
+            copy.id = original.id.clone();
+            copy
+        } else {
+            Event::new(EventSource::System, "batch.unique", "h")
+        };
+        tasks.push(tokio::spawn(async move {
+            let result = provider.publish(&event).await;
+            (event, result)
+        }));
+    }
+    let mut duplicates = match provider.publish(&original).await {
+        Ok(()) => 0,
+        Err(ProviderError::Duplicate(_)) => 1,
+        Err(other) => panic!("unexpected error: {other}"),
+    };
+    for task in tasks {
+        let (event, result) = task.await.expect("task");
+        match result {
+            Ok(()) => {
+                let stored = provider.get(&event.id).await.expect("get").expect("stored");
+                assert_eq!(stored.event_type, event.event_type);
+            }
+            Err(ProviderError::Duplicate(id)) => {
+                assert_eq!(id, original.id);
+                duplicates += 1;
+            }
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+    }
+    // Five publishes share one id: exactly one of them won.
+    assert_eq!(
+        duplicates, 4,
+        "all but one of the clashing publishes failed"
+    );
+    provider.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_duplicate_in_a_batch_fails_alone() {
+    if let Some(backend) = backends::sqlite().await {
+        a_duplicate_in_a_batch_fails_alone(backend).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_duplicate_in_a_batch_fails_alone() {
+    if let Some(backend) = backends::postgres().await {
+        a_duplicate_in_a_batch_fails_alone(backend).await;
+    }
+}
+
+#[test]
+fn the_example_configs_name_the_database_provider() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for (file, scheme) in [
+        ("config-sqlite.yaml", "sqlite://"),
+        ("config-postgres.yaml", "postgres://"),
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).expect("example");
+        let config = eventbroker::Config::from_text(eventbroker::config::FileFormat::Yaml, &text)
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(
+            config.event_broker.provider,
+            ProviderKind::Database,
+            "{file}"
+        );
+        assert!(
+            config.event_broker.database.url.starts_with(scheme),
+            "{file}: {}",
+            config.event_broker.database.url
+        );
+    }
+}
+
+/// A consumer that dies holding a lease (no close, no drop): the rescuer puts the event back
+/// to `pending` once the lease expired, and another consumer gets it.
+async fn expired_leases_are_rescued(backend: Backend) {
+    let provider = backend.connect().await;
+    let event = Event::new(EventSource::System, "rescue.test", "h");
+    provider.publish(&event).await.expect("publish");
+    let options = |lease| ConsumerOptions {
+        group: "g".into(),
+        name: format!("c-{}", unique_suffix()),
+        lease,
+    };
+    let dying = provider
+        .consume(options(Duration::from_millis(300)))
+        .await
+        .expect("consume");
+    let delivery = dying.fetch(1).await.expect("fetch").remove(0);
+    provider
+        .update_status(&event.id, &StatusUpdate::processing(&delivery.event))
+        .await
+        .expect("processing");
+    // The process "dies": nothing runs the consumer's close or drop.
+    std::mem::forget(dying);
+    wait_for("the rescuer to return the event to pending", || {
+        let provider = provider.clone();
+        let id = event.id.clone();
+        async move {
+            let status = provider.get(&id).await.expect("get")?.status;
+            (status == EventStatus::Pending).then_some(())
+        }
+    })
+    .await;
+    let survivor = provider
+        .consume(options(Duration::from_secs(60)))
+        .await
+        .expect("consume");
+    let again = tokio::time::timeout(PATIENCE, survivor.fetch(1))
+        .await
+        .expect("redelivered")
+        .expect("fetch")
+        .remove(0);
+    assert_eq!(again.event.id, event.id);
+    assert_eq!(again.delivery_count, 2);
+    survivor.close().await;
+    provider.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_expired_leases_are_rescued() {
+    if let Some(backend) = backends::sqlite().await {
+        expired_leases_are_rescued(backend).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_expired_leases_are_rescued() {
+    if let Some(backend) = backends::postgres().await {
+        expired_leases_are_rescued(backend).await;
+    }
+}
+
+/// Type patterns become SQL exactly: `_` is not a wildcard, `*` does not cross a dot, case
+/// matters (SQLite's LIKE would ignore it).
+async fn type_patterns_are_exact_in_sql(backend: Backend) {
+    let provider = backend.connect().await;
+    let instance = format!("patterns-{}", unique_suffix());
+    let types = [
+        "my_app.users.create",
+        "myXapp.users.create",
+        "my_app.users.profile.create",
+        "My_app.users.create",
+        "my_app.users",
+    ];
+    for event_type in types {
+        provider
+            .store(&Event::new(
+                EventSource::System,
+                event_type,
+                instance.clone(),
+            ))
+            .await
+            .expect("store");
+    }
+    let listed = |pattern: &str| {
+        let provider = provider.clone();
+        let filter = eventbroker::EventFilter {
+            instance_id: Some(instance.clone()),
+            type_pattern: Some(pattern.parse().expect("pattern")),
+            order: eventbroker::provider::SortOrder::Asc,
+            ..Default::default()
+        };
+        async move {
+            let mut types: Vec<String> = provider
+                .list(&filter)
+                .await
+                .expect("list")
+                .into_iter()
+                .map(|e| e.event_type)
+                .collect();
+            types.sort();
+            types
+        }
+    };
+    assert_eq!(listed("my_app.*.create").await, ["my_app.users.create"]);
+    // Pagination happens in SQL: newest first, one per page. Had SQL matched more than the
+    // pattern (`_` as a wildcard, case-insensitively), the first page would hold a later,
+    // non-matching event and come back empty after the final check.
+    let newest_first = eventbroker::EventFilter {
+        instance_id: Some(instance.clone()),
+        type_pattern: Some("my_app.*.create".parse().expect("pattern")),
+        limit: Some(1),
+        ..Default::default()
+    };
+    let page = provider.list(&newest_first).await.expect("list");
+    assert_eq!(page.len(), 1, "the first page holds the one match");
+    assert_eq!(page[0].event_type, "my_app.users.create");
+    assert_eq!(
+        listed("my_app.>").await,
+        [
+            "my_app.users",
+            "my_app.users.create",
+            "my_app.users.profile.create"
+        ]
+    );
+    assert_eq!(listed("*.users.create").await.len(), 3);
+    assert_eq!(listed("my_app.users").await, ["my_app.users"]);
+    assert_eq!(listed("*").await.len(), types.len());
+    provider.close().await;
+}
+
+#[tokio::test]
+async fn sqlite_type_patterns_are_exact_in_sql() {
+    if let Some(backend) = backends::sqlite().await {
+        type_patterns_are_exact_in_sql(backend).await;
+    }
+}
+
+#[tokio::test]
+async fn postgres_type_patterns_are_exact_in_sql() {
+    if let Some(backend) = backends::postgres().await {
+        type_patterns_are_exact_in_sql(backend).await;
+    }
+}

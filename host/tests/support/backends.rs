@@ -81,11 +81,53 @@ pub fn postgres_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
+/// Drops the tables of test namespaces (`events_<suffix>`, `cluster_<suffix>`) migrated more
+/// than an hour ago: tests cannot drop their own when they end, so each run sweeps what
+/// earlier runs left behind. Once per process; failures are ignored.
+async fn sweep_old_postgres_tables(url: &str) {
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT
+        .get_or_init(|| async {
+            let Ok(pool) = sqlx::PgPool::connect(url).await else {
+                return;
+            };
+            let prefixes: Vec<String> = sqlx::query_scalar(
+                "SELECT substring(tablename from '^(.*)_migrations$') FROM pg_tables \
+                 WHERE schemaname = 'public' \
+                 AND tablename ~ '^(events|cluster)_[0-9a-f]{12}_migrations$'",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap_or_default();
+            for prefix in prefixes {
+                // `prefix` matched the pattern above: a plain identifier.
+                let old: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT MAX(installed_on) < now() - interval '1 hour' FROM {prefix}_migrations"
+                )))
+                .fetch_one(&pool)
+                .await
+                .ok()
+                .flatten();
+                if old == Some(true) {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP TABLE IF EXISTS {prefix}_deliveries, {prefix}_groups, {prefix}, \
+                         {prefix}_migrations"
+                    )))
+                    .execute(&pool)
+                    .await;
+                }
+            }
+            pool.close().await;
+        })
+        .await;
+}
+
 /// PostgreSQL on a table of its own, or `None` after a loud skip when the server is down.
 pub async fn postgres() -> Option<Backend> {
     if !super::services::available("PostgreSQL", "127.0.0.1:5432") {
         return None;
     }
+    sweep_old_postgres_tables(&postgres_url()).await;
     let mut config = base_config(ProviderKind::Database);
     config.database.url = postgres_url();
     config.database.table_name = format!("events_{}", super::unique_suffix());

@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use sqlx::{AssertSqlSafe, Row};
 use tokio_util::sync::CancellationToken;
 
+use super::batch::{self, DeliveryKey, Op};
 use super::dialect::Dialect;
 use super::row::{UpdateValues, decode_event};
 use super::schema::Queries;
@@ -62,6 +63,15 @@ fn lease_lost(delivery: &Delivery) -> ProviderError {
 impl SqlConsumer {
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire) || self.cancel.is_cancelled()
+    }
+
+    fn key_of(&self, delivery: &Delivery) -> Result<DeliveryKey, ProviderError> {
+        let (seq, token) = parse_token(delivery)?;
+        Ok(DeliveryKey {
+            group: self.group.clone(),
+            seq,
+            token: token.to_owned(),
+        })
     }
 
     /// Claims up to `max` deliveries.
@@ -238,48 +248,17 @@ impl Consumer for SqlConsumer {
         delivery: &Delivery,
         update: &StatusUpdate,
     ) -> Result<(), ProviderError> {
-        let (seq, token) = parse_token(delivery)?;
-        let values = UpdateValues::new(update)?;
-        let shared = &self.shared;
-        match shared.dialect {
-            Dialect::Postgres => {
-                let query = sqlx::query(AssertSqlSafe(shared.q.complete.clone()))
-                    .bind(self.group.clone())
-                    .bind(seq)
-                    .bind(token.to_owned());
-                let row = values
-                    .bind(query)
-                    .bind(shared.q.channel.clone())
-                    .fetch_optional(&shared.pool)
-                    .await
-                    .map_err(db_error)?;
-                if row.is_none() {
-                    return Err(lease_lost(delivery));
-                }
-            }
-            Dialect::Sqlite => {
-                let mut tx = shared.begin_write().await?;
-                let deleted = sqlx::query(AssertSqlSafe(shared.q.complete.clone()))
-                    .bind(self.group.clone())
-                    .bind(seq)
-                    .bind(token.to_owned())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
-                if deleted.rows_affected() == 0 {
-                    return Err(lease_lost(delivery));
-                }
-                let query = sqlx::query(AssertSqlSafe(shared.q.update_by_seq.clone())).bind(seq);
-                values
-                    .bind(query)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
-                tx.commit().await.map_err(db_error)?;
-            }
+        let op = Op::Complete {
+            key: self.key_of(delivery)?,
+            values: UpdateValues::new(update)?,
+        };
+        if !batch::submit(&self.shared.submitter, op).await? {
+            return Err(lease_lost(delivery));
         }
-        shared.signal(false).await;
-        shared.counters.acknowledged.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .acknowledged
+            .fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -289,96 +268,33 @@ impl Consumer for SqlConsumer {
         update: &StatusUpdate,
         delay: Duration,
     ) -> Result<(), ProviderError> {
-        let (seq, token) = parse_token(delivery)?;
-        let values = UpdateValues::new(update)?;
-        let due = now_micros().saturating_add(micros(delay));
-        let shared = &self.shared;
-        match shared.dialect {
-            Dialect::Postgres => {
-                let query = sqlx::query(AssertSqlSafe(shared.q.retry.clone()))
-                    .bind(self.group.clone())
-                    .bind(seq)
-                    .bind(token.to_owned())
-                    .bind(due);
-                let row = values
-                    .bind(query)
-                    .bind(shared.q.channel.clone())
-                    .fetch_optional(&shared.pool)
-                    .await
-                    .map_err(db_error)?;
-                if row.is_none() {
-                    return Err(lease_lost(delivery));
-                }
-            }
-            Dialect::Sqlite => {
-                let mut tx = shared.begin_write().await?;
-                let updated = sqlx::query(AssertSqlSafe(shared.q.retry.clone()))
-                    .bind(self.group.clone())
-                    .bind(seq)
-                    .bind(token.to_owned())
-                    .bind(due)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
-                if updated.rows_affected() == 0 {
-                    return Err(lease_lost(delivery));
-                }
-                let query = sqlx::query(AssertSqlSafe(shared.q.update_by_seq.clone())).bind(seq);
-                values
-                    .bind(query)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
-                tx.commit().await.map_err(db_error)?;
-            }
+        let op = Op::Retry {
+            key: self.key_of(delivery)?,
+            values: UpdateValues::new(update)?,
+            due: now_micros().saturating_add(micros(delay)),
+        };
+        if !batch::submit(&self.shared.submitter, op).await? {
+            return Err(lease_lost(delivery));
         }
-        shared.signal(true).await;
-        shared.counters.redelivered.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .redelivered
+            .fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
     async fn release(&self, delivery: &Delivery) -> Result<(), ProviderError> {
-        let (seq, token) = parse_token(delivery)?;
-        let now = now_micros();
-        let shared = &self.shared;
-        match shared.dialect {
-            Dialect::Postgres => {
-                let row = sqlx::query(AssertSqlSafe(shared.q.release.clone()))
-                    .bind(self.group.clone())
-                    .bind(seq)
-                    .bind(token.to_owned())
-                    .bind(now)
-                    .bind(shared.q.channel.clone())
-                    .fetch_optional(&shared.pool)
-                    .await
-                    .map_err(db_error)?;
-                if row.is_none() {
-                    return Err(lease_lost(delivery));
-                }
-            }
-            Dialect::Sqlite => {
-                let mut tx = shared.begin_write().await?;
-                let updated = sqlx::query(AssertSqlSafe(shared.q.release.clone()))
-                    .bind(self.group.clone())
-                    .bind(seq)
-                    .bind(token.to_owned())
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
-                if updated.rows_affected() == 0 {
-                    return Err(lease_lost(delivery));
-                }
-                sqlx::query(AssertSqlSafe(shared.q.release_event.clone()))
-                    .bind(seq)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
-                tx.commit().await.map_err(db_error)?;
-            }
+        let op = Op::Release {
+            key: self.key_of(delivery)?,
+            now: now_micros(),
+        };
+        if !batch::submit(&self.shared.submitter, op).await? {
+            return Err(lease_lost(delivery));
         }
-        shared.signal(true).await;
-        shared.counters.redelivered.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .redelivered
+            .fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 

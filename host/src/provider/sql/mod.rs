@@ -14,6 +14,7 @@
 //!
 //! `docs/providers/database.md` describes the design, its trade-offs and tuning.
 
+mod batch;
 mod consumer;
 pub mod dialect;
 mod list;
@@ -37,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use self::consumer::SqlConsumer;
 use self::dialect::{Dialect, Target};
 use self::row::{EventValues, UpdateValues, decode_event};
-use self::schema::{Queries, insert_error};
+use self::schema::Queries;
 use self::watch::{Hub, WatchMessage};
 use super::{
     Consumer, ConsumerOptions, EventFilter, EventStream, Provider, ProviderError, ProviderFeatures,
@@ -141,6 +142,8 @@ pub(crate) struct Shared {
     /// Groups known to exist (their deliveries are written by every publish).
     groups: Mutex<HashSet<String>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Frequent writes go through the group-commit writers ([`batch`]).
+    submitter: batch::Submitter,
 }
 
 impl Shared {
@@ -235,59 +238,13 @@ impl Shared {
     /// Inserts an event; `publish` also makes it deliverable to every group.
     async fn insert(&self, event: &Event, publish: bool) -> Result<(), ProviderError> {
         self.check_open()?;
-        let values = EventValues::new(event)?;
-        let now = now_micros();
-        match self.dialect {
-            Dialect::Postgres if publish => {
-                let mut tx = self.begin_write().await?;
-                tx.execute(
-                    sqlx::query(AssertSqlSafe(self.q.lock_shared.clone()))
-                        .bind(self.q.lock_name.clone()),
-                )
-                .await
-                .map_err(db_error)?;
-                values
-                    .bind(sqlx::query(AssertSqlSafe(self.q.publish.clone())))
-                    .bind(now)
-                    .bind(self.q.channel.clone())
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(|e| insert_error(e, &event.id))?;
-                tx.commit().await.map_err(db_error)?;
-            }
-            Dialect::Postgres => {
-                values
-                    .bind(sqlx::query(AssertSqlSafe(self.q.store.clone())))
-                    .bind(self.q.channel.clone())
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(|e| insert_error(e, &event.id))?;
-            }
-            Dialect::Sqlite if publish => {
-                let mut tx = self.begin_write().await?;
-                let row = values
-                    .bind(sqlx::query(AssertSqlSafe(self.q.publish.clone())))
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(|e| insert_error(e, &event.id))?;
-                let seq: i64 = row.try_get(0).map_err(db_error)?;
-                sqlx::query(AssertSqlSafe(self.q.publish_deliveries.clone()))
-                    .bind(seq)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
-                tx.commit().await.map_err(db_error)?;
-            }
-            Dialect::Sqlite => {
-                values
-                    .bind(sqlx::query(AssertSqlSafe(self.q.store.clone())))
-                    .fetch_one(&self.writer)
-                    .await
-                    .map_err(|e| insert_error(e, &event.id))?;
-            }
-        }
-        self.signal(publish).await;
+        let op = batch::Op::Insert {
+            values: Box::new(EventValues::new(event)?),
+            id: event.id.clone(),
+            publish,
+            now: now_micros(),
+        };
+        batch::submit(&self.submitter, op).await?;
         Ok(())
     }
 
@@ -324,6 +281,14 @@ impl Shared {
             self.signal(true).await;
         }
         Ok(rescued)
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // A provider dropped without `close`: stop the background tasks (they hold only weak
+        // references, but the listener would otherwise wait for its next notification).
+        self.shutdown.cancel();
     }
 }
 
@@ -412,6 +377,13 @@ impl SqlProvider {
         };
         schema::migrate(&writer, target.dialect, &options.table_name).await?;
         let (watchers, _) = broadcast::channel(options.watcher_buffer);
+        let (submitter, queue) = tokio::sync::mpsc::channel(batch::QUEUE);
+        let queue: batch::Queue = Arc::new(tokio::sync::Mutex::new(queue));
+        // SQLite has one writer; PostgreSQL commits in parallel on a few connections.
+        let writers = match target.dialect {
+            Dialect::Sqlite => 1,
+            Dialect::Postgres => (options.max_connections / 2).clamp(1, 4),
+        };
         let shared = Arc::new(Shared {
             dialect: target.dialect,
             table: options.table_name.clone(),
@@ -428,9 +400,17 @@ impl SqlProvider {
             next_consumer: AtomicU64::new(1),
             groups: Mutex::new(HashSet::new()),
             tasks: Mutex::new(Vec::new()),
+            submitter,
             options,
         });
         let mut tasks = Vec::new();
+        for _ in 0..writers {
+            tasks.push(tokio::spawn(batch::writer(
+                Arc::downgrade(&shared),
+                queue.clone(),
+                shared.shutdown.clone(),
+            )));
+        }
         match target.dialect {
             Dialect::Postgres => {
                 let mut listener = sqlx::postgres::PgListener::connect(&target.url)
@@ -551,30 +531,14 @@ impl Provider for SqlProvider {
     async fn update_status(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
         let shared = &self.shared;
         shared.check_open()?;
-        let values = UpdateValues::new(update)?;
-        let query = sqlx::query(AssertSqlSafe(shared.q.update_status.clone())).bind(id.to_owned());
-        let found = match shared.dialect {
-            Dialect::Postgres => values
-                .bind(query)
-                .bind(shared.q.channel.clone())
-                .fetch_optional(&shared.pool)
-                .await
-                .map_err(db_error)?
-                .is_some(),
-            Dialect::Sqlite => {
-                values
-                    .bind(query)
-                    .execute(&shared.writer)
-                    .await
-                    .map_err(db_error)?
-                    .rows_affected()
-                    > 0
-            }
+        let op = batch::Op::UpdateStatus {
+            id: id.to_owned(),
+            values: UpdateValues::new(update)?,
         };
+        let found = batch::submit(&shared.submitter, op).await?;
         if !found {
             return Err(ProviderError::NotFound(id.to_owned()));
         }
-        shared.signal(false).await;
         Ok(())
     }
 

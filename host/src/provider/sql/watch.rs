@@ -258,10 +258,22 @@ pub async fn sqlite_poller(shared: Weak<Shared>, hub: Arc<Hub>, shutdown: Cancel
             }
             None => return,
         };
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = hub.changed.notified() => {}
-            _ = tokio::time::sleep(interval) => {}
+        // Local writes trigger a read at once while someone watches; without watchers the
+        // cursor only moves forward at each tick.
+        let tick = tokio::time::Instant::now() + interval;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = hub.changed.notified() => {
+                    let watched = shared
+                        .upgrade()
+                        .is_some_and(|shared| shared.watchers.receiver_count() > 0);
+                    if watched {
+                        break;
+                    }
+                }
+                _ = tokio::time::sleep_until(tick) => break,
+            }
         }
     }
 }
