@@ -36,6 +36,7 @@ macro_rules! conformance {
                 stats_count_events_by_status,
                 a_new_provider_instance_sees_everything_of_a_closed_one,
                 hosts_sharing_the_backend_share_work_and_watch_each_other,
+                ping_answers_until_closed,
             );
         }
     };

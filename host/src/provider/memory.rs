@@ -564,6 +564,10 @@ impl Provider for MemoryProvider {
         Ok(Box::pin(stream))
     }
 
+    async fn ping(&self) -> Result<(), ProviderError> {
+        self.inner.check_open()
+    }
+
     async fn stats(&self) -> Result<ProviderStats, ProviderError> {
         let mut stats = ProviderStats {
             provider: NAME.into(),

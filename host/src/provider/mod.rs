@@ -258,11 +258,20 @@ pub trait Provider: Send + Sync + 'static {
     /// Backend failures, or [`ProviderError::Closed`].
     async fn stream(&self, pattern: &Pattern) -> Result<EventStream, ProviderError>;
 
-    /// Counters and gauges.
+    /// Counters and gauges. May cost a scan of stored events on some backends; use
+    /// [`Provider::ping`] to check reachability.
     ///
     /// # Errors
     /// Backend failures.
     async fn stats(&self) -> Result<ProviderStats, ProviderError>;
+
+    /// Checks that the backend answers, at the cost of at most one cheap round trip (used by
+    /// `/readyz`).
+    ///
+    /// # Errors
+    /// [`ProviderError::Closed`] after [`Provider::close`]; the backend's failure when it
+    /// cannot be reached.
+    async fn ping(&self) -> Result<(), ProviderError>;
 
     /// Closes the provider: open consumers and streams end. Idempotent.
     async fn close(&self);

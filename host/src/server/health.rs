@@ -27,7 +27,7 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError>
     if !state.handlers_loaded() {
         return Err(ApiError::unavailable("handlers are still loading"));
     }
-    match tokio::time::timeout(PROVIDER_CHECK, state.broker().provider().stats()).await {
+    match tokio::time::timeout(PROVIDER_CHECK, state.broker().provider().ping()).await {
         Ok(Ok(_)) => {}
         Ok(Err(error)) => {
             return Err(ApiError::unavailable(format!(

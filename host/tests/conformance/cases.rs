@@ -1163,3 +1163,13 @@ pub async fn hosts_sharing_the_backend_share_work_and_watch_each_other(backend: 
     host_a.close().await;
     host_b.close().await;
 }
+
+pub async fn ping_answers_until_closed(backend: &Backend) {
+    let provider = backend.connect().await;
+    provider.ping().await.expect("a connected provider answers");
+    provider.close().await;
+    assert!(
+        matches!(provider.ping().await, Err(ProviderError::Closed)),
+        "a closed provider says so"
+    );
+}

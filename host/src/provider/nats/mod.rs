@@ -535,6 +535,15 @@ impl Provider for NatsProvider {
         watch::watch(&self.shared, pattern).await
     }
 
+    async fn ping(&self) -> Result<(), ProviderError> {
+        self.shared.check_open()?;
+        self.shared
+            .client
+            .flush()
+            .await
+            .map_err(|error| ProviderError::backend(NAME, error))
+    }
+
     async fn stats(&self) -> Result<ProviderStats, ProviderError> {
         let shared = &self.shared;
         shared.check_open()?;

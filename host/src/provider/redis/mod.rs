@@ -590,6 +590,15 @@ impl Provider for RedisProvider {
         watch::open(self.shared.clone(), pattern.clone()).await
     }
 
+    async fn ping(&self) -> Result<(), ProviderError> {
+        self.shared.check_open()?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut self.shared.conn())
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
     async fn stats(&self) -> Result<ProviderStats, ProviderError> {
         let mut stats = ProviderStats {
             provider: NAME.into(),

@@ -670,6 +670,15 @@ impl Provider for SqlProvider {
         ))
     }
 
+    async fn ping(&self) -> Result<(), ProviderError> {
+        self.shared.check_open()?;
+        sqlx::query("SELECT 1")
+            .execute(&self.shared.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
     async fn stats(&self) -> Result<ProviderStats, ProviderError> {
         let shared = &self.shared;
         shared.check_open()?;
