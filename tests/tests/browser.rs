@@ -198,11 +198,12 @@ async fn the_page_publishes_and_shows_events_handled_by_wasm() {
     let mut page = browser.page(&host.url).await;
 
     // On load the page subscribed, published the demo event over the WebSocket, and shows
-    // it once the WebAssembly handler processed it.
+    // it once the WebAssembly handler processed it. DevTools may attach before the document
+    // has a body, so the poll tolerates its absence.
     let demo = page
         .until(
             "the demo event to be processed",
-            "document.body.dataset.demo || ''",
+            "(document.body && document.body.dataset.demo) || ''",
             |v| v == "completed" || v.starts_with("error") || v == "failed",
         )
         .await;
