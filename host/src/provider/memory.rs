@@ -569,13 +569,7 @@ impl Provider for MemoryProvider {
     }
 
     async fn stats(&self) -> Result<ProviderStats, ProviderError> {
-        let mut stats = ProviderStats {
-            provider: NAME.into(),
-            ..ProviderStats::default()
-        };
-        for status in EventStatus::ALL {
-            stats.by_status.insert(status.as_str().into(), 0);
-        }
+        let mut stats = ProviderStats::empty(NAME);
         {
             let state = self.inner.lock();
             for entry in state.events.values() {

@@ -108,6 +108,20 @@ pub struct ProviderStats {
     pub backend: BTreeMap<String, serde_json::Value>,
 }
 
+impl ProviderStats {
+    /// Stats of backend `provider` with every status present at zero and no counters yet.
+    pub fn empty(provider: &str) -> Self {
+        ProviderStats {
+            provider: provider.to_owned(),
+            by_status: EventStatus::ALL
+                .iter()
+                .map(|status| (status.as_str().to_owned(), 0))
+                .collect(),
+            ..ProviderStats::default()
+        }
+    }
+}
+
 /// How a consumer joins its group.
 #[derive(Debug, Clone)]
 pub struct ConsumerOptions {

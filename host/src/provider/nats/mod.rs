@@ -43,7 +43,7 @@ use super::{
     ProviderStats, StatusUpdate,
 };
 use crate::config::{BrokerConfig, NatsConfig, NatsStorage};
-use crate::event::{Event, EventStatus};
+use crate::event::Event;
 use crate::pattern::Pattern;
 
 pub(crate) const NAME: &str = "nats";
@@ -547,13 +547,7 @@ impl Provider for NatsProvider {
     async fn stats(&self) -> Result<ProviderStats, ProviderError> {
         let shared = &self.shared;
         shared.check_open()?;
-        let mut stats = ProviderStats {
-            provider: NAME.into(),
-            ..ProviderStats::default()
-        };
-        for status in EventStatus::ALL {
-            stats.by_status.insert(status.as_str().into(), 0);
-        }
+        let mut stats = ProviderStats::empty(NAME);
         let events = shared.store.scan().await?;
         for event in &events {
             *stats

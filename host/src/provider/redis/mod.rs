@@ -600,10 +600,7 @@ impl Provider for RedisProvider {
     }
 
     async fn stats(&self) -> Result<ProviderStats, ProviderError> {
-        let mut stats = ProviderStats {
-            provider: NAME.into(),
-            ..ProviderStats::default()
-        };
+        let mut stats = ProviderStats::empty(NAME);
         let keys = &self.shared.keys;
         let mut pipe = redis::pipe();
         for status in EventStatus::ALL {

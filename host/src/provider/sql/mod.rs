@@ -682,13 +682,7 @@ impl Provider for SqlProvider {
     async fn stats(&self) -> Result<ProviderStats, ProviderError> {
         let shared = &self.shared;
         shared.check_open()?;
-        let mut stats = ProviderStats {
-            provider: NAME.into(),
-            ..ProviderStats::default()
-        };
-        for status in EventStatus::ALL {
-            stats.by_status.insert(status.as_str().into(), 0);
-        }
+        let mut stats = ProviderStats::empty(NAME);
         let rows = sqlx::query(AssertSqlSafe(shared.q.count_by_status.clone()))
             .fetch_all(&shared.pool)
             .await
