@@ -2,6 +2,11 @@
 //! (chosen by extension) with `${VAR}` / `${VAR:-default}` expansion, then environment
 //! overrides.
 //!
+//! Expansion happens after the file is parsed, inside its string values (not keys): whatever a
+//! variable holds (`#`, `: `, quotes, newlines, `$`) becomes exactly that value's text and can
+//! never change the file's structure. Numbers and booleans may be written as strings
+//! (`worker_count: "${WORKERS:-10}"`), which TOML requires for references anyway.
+//!
 //! Environment overrides are `EVENTBROKER_` followed by the key path in upper case with `__`
 //! between levels, e.g. `EVENTBROKER_EVENT_BROKER__WORKER_COUNT=4` or
 //! `EVENTBROKER_SERVER__LISTEN=0.0.0.0:8080`. Variables without `__` after the prefix (such as
@@ -14,8 +19,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
 /// The whole host configuration.
@@ -574,13 +580,25 @@ impl CaptureConfig {
 pub struct ServerConfig {
     /// Address to listen on.
     pub listen: String,
-    /// Bearer token required by the handler-changing endpoints (deploy, remove) and event
-    /// re-runs. When set (or when `publish_token` is), reading events also needs a token.
+    /// One bearer token for every `/v1` route (admin scope). When any of `token`,
+    /// `admin_token` or `publish_token` is set, every `/v1` route needs a token.
+    pub token: Option<String>,
+    /// Bearer token of the admin scope: deploy, remove, re-run, and everything else.
     pub admin_token: Option<String>,
-    /// Bearer token required to publish (the admin token works too).
+    /// Bearer token of the publish scope: publishing and reading. Set alone, admin routes
+    /// are refused.
     pub publish_token: Option<String>,
-    /// Allow listening on a non-loopback address without an admin token.
+    /// When set, `/metrics` needs this bearer token (or an admin-scope one); open otherwise.
+    pub metrics_token: Option<String>,
+    /// Allow listening on a non-loopback address without any token (a proxy in front
+    /// authenticates).
     pub allow_unauthenticated: bool,
+    /// `Host` values accepted besides `localhost`, `127.0.0.1`, `[::1]` and the listen address
+    /// (`host` or `host:port`); `*` accepts any.
+    pub allowed_hosts: Vec<String>,
+    /// Origins (`https://app.example`) whose pages may open WebSockets and send
+    /// state-changing requests, besides the host's own; `*` allows any.
+    pub allowed_origins: Vec<String>,
     /// Largest accepted request body (component uploads excepted).
     pub body_limit: ByteSize,
     /// Largest accepted component upload (component plus manifest).
@@ -628,9 +646,13 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: "127.0.0.1:8080".into(),
+            token: None,
             admin_token: None,
             publish_token: None,
+            metrics_token: None,
             allow_unauthenticated: false,
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
             body_limit: ByteSize::mib(2),
             upload_limit: ByteSize::mib(64),
             max_batch: 1000,
@@ -858,18 +880,15 @@ impl Config {
     fn build(file: Option<(FileFormat, &str)>) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some((format, text)) = file {
-            let expanded = expand_env(text)?;
-            figment = match format {
-                FileFormat::Yaml => figment.merge(Yaml::string(&expanded)),
-                FileFormat::Toml => figment.merge(Toml::string(&expanded)),
-            };
+            figment = figment.merge(ExpandedFile::parse(format, text)?);
         }
         let env = Env::prefixed(ENV_PREFIX)
             .filter(|key| key.as_str().contains("__"))
             .split("__");
+        // Lossy: a number or boolean given as a string (an expanded `${VAR}`) is converted.
         let config: Config = figment
             .merge(env)
-            .extract()
+            .extract_lossy()
             .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
         config.validate()?;
         Ok(config)
@@ -952,27 +971,73 @@ impl Config {
         }
         crate::hooks::capture::check_config(&self.capture)
             .map_err(|(key, reason)| ConfigError::Value { key, reason })?;
+        crate::server::check_config(&self.server)
+            .map_err(|(key, reason)| ConfigError::Value { key, reason })?;
         Ok(())
     }
 }
 
-/// Expands `${VAR}`, `${VAR:-default}` and `$VAR` in config text; `$$` is a literal `$`.
-/// Whole-line comments (first non-blank character `#`, in YAML and TOML alike) are left as
-/// they are, so a commented-out `${SECRET}` does not require the variable.
-fn expand_env(text: &str) -> Result<String, ConfigError> {
-    let mut out = String::with_capacity(text.len());
-    for line in text.split_inclusive('\n') {
-        if line.trim_start().starts_with('#') {
-            out.push_str(line);
-            continue;
+/// A config file, parsed, with `${VAR}`, `${VAR:-default}` and `$VAR` expanded inside its
+/// string values (`$$` is a literal `$`). Comments are gone by then, so a commented-out
+/// reference needs no variable.
+struct ExpandedFile {
+    format: FileFormat,
+    data: Map<Profile, Dict>,
+}
+
+impl ExpandedFile {
+    fn parse(format: FileFormat, text: &str) -> Result<ExpandedFile, ConfigError> {
+        let mut data = match format {
+            FileFormat::Yaml => Yaml::string(text).data(),
+            FileFormat::Toml => Toml::string(text).data(),
         }
-        let expanded = shellexpand::env(line).map_err(|e| ConfigError::Variable {
-            name: e.var_name,
-            reason: e.cause.to_string(),
-        })?;
-        out.push_str(&expanded);
+        .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        for dict in data.values_mut() {
+            for (key, value) in dict.iter_mut() {
+                expand_value(key, value)?;
+            }
+        }
+        Ok(ExpandedFile { format, data })
     }
-    Ok(out)
+}
+
+impl Provider for ExpandedFile {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(match self.format {
+            FileFormat::Yaml => "YAML config file",
+            FileFormat::Toml => "TOML config file",
+        })
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(self.data.clone())
+    }
+}
+
+/// Expands references in every string under `value`; `key` is its path, for errors.
+fn expand_value(key: &str, value: &mut Value) -> Result<(), ConfigError> {
+    match value {
+        Value::String(_, text) if text.contains('$') => {
+            let expanded = shellexpand::env(text).map_err(|e| ConfigError::Variable {
+                key: key.to_owned(),
+                name: e.var_name,
+                reason: e.cause.to_string(),
+            })?;
+            *text = expanded.into_owned();
+        }
+        Value::Dict(_, dict) => {
+            for (name, value) in dict.iter_mut() {
+                expand_value(&format!("{key}.{name}"), value)?;
+            }
+        }
+        Value::Array(_, items) => {
+            for (index, value) in items.iter_mut().enumerate() {
+                expand_value(&format!("{key}[{index}]"), value)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Why configuration could not be loaded.
@@ -992,9 +1057,11 @@ pub enum ConfigError {
     Format(PathBuf),
     /// A `${VAR}` reference cannot be expanded.
     #[error(
-        "config refers to environment variable {name:?}, which is {reason}; set it or write ${{{name}:-default}}"
+        "config key {key} refers to environment variable {name:?}, which is {reason}; set it or write ${{{name}:-default}}"
     )]
     Variable {
+        /// The key whose value holds the reference.
+        key: String,
         /// The variable.
         name: String,
         /// Why it failed (not present, not unicode).
@@ -1116,7 +1183,10 @@ mod tests {
             let err = Config::from_text(FileFormat::Yaml, "log:\n  level: ${EB_TEST_MISSING}\n")
                 .unwrap_err()
                 .to_string();
-            assert!(err.contains("EB_TEST_MISSING"), "{err}");
+            assert!(
+                err.contains("EB_TEST_MISSING") && err.contains("log.level"),
+                "{err}"
+            );
             // A commented-out reference needs no variable, in either format.
             let yaml = "server:\n  # admin_token: \"${EB_TEST_MISSING}\"\n  listen: 127.0.0.1:1\n";
             let config = Config::from_text(FileFormat::Yaml, yaml).expect("comment ignored");
@@ -1126,6 +1196,79 @@ mod tests {
             let config = Config::from_text(FileFormat::Toml, toml).expect("comment ignored");
             assert_eq!(config.server.listen, "127.0.0.1:2");
             Ok(())
+        });
+    }
+
+    #[test]
+    fn expanded_values_round_trip_exactly_and_cannot_change_the_structure() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            let secrets = [
+                "p#ss: word",
+                "# all comment",
+                "line one\nline two: x\n- item",
+                "quo\"te and 'apostrophe'",
+                "cost $5, $$ and ${NOT_A_VAR}",
+                "back\\slash\t{x: [y]}",
+                " padded ",
+                "",
+            ];
+            for secret in secrets {
+                jail.set_env("EB_TEST_SECRET", secret);
+                let yaml = "event_broker:\n  redis:\n    password: ${EB_TEST_SECRET}\n    url: \"redis://:${EB_TEST_SECRET}@h/0\"\n  nats:\n    password: '${EB_TEST_SECRET}'\n";
+                let toml = "[event_broker.redis]\npassword = \"${EB_TEST_SECRET}\"\nurl = 'redis://:${EB_TEST_SECRET}@h/0'\n[event_broker.nats]\npassword = \"\"\"${EB_TEST_SECRET}\"\"\"\n";
+                for (format, text) in [(FileFormat::Yaml, yaml), (FileFormat::Toml, toml)] {
+                    let config = Config::from_text(format, text)
+                        .unwrap_or_else(|e| panic!("{format:?} with {secret:?}: {e}"));
+                    let broker = &config.event_broker;
+                    assert_eq!(broker.redis.password, secret, "{format:?}");
+                    assert_eq!(
+                        broker.redis.url.as_deref(),
+                        Some(format!("redis://:{secret}@h/0").as_str()),
+                        "{format:?}"
+                    );
+                    assert_eq!(broker.nats.password.as_deref(), Some(secret), "{format:?}");
+                }
+            }
+            // Numbers and booleans come through strings; `$$` stays a literal `$`.
+            jail.set_env("EB_TEST_WORKERS", "4");
+            jail.set_env("EB_TEST_WATCH", "false");
+            let yaml = "event_broker:\n  worker_count: ${EB_TEST_WORKERS}\n  consumer_group: \"g$$1\"\nhandlers:\n  watch: ${EB_TEST_WATCH}\n";
+            let toml = "[event_broker]\nworker_count = \"${EB_TEST_WORKERS}\"\nconsumer_group = \"g$$1\"\n[handlers]\nwatch = \"${EB_TEST_WATCH:-true}\"\n";
+            for (format, text) in [(FileFormat::Yaml, yaml), (FileFormat::Toml, toml)] {
+                let config = Config::from_text(format, text).expect("typed values");
+                assert_eq!(config.event_broker.worker_count, 4, "{format:?}");
+                assert_eq!(config.event_broker.consumer_group, "g$1", "{format:?}");
+                assert!(!config.handlers.watch, "{format:?}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn server_security_settings_are_validated() {
+        with_isolated_env(|| {
+            let yaml = "server:\n  token: abc\n  metrics_token: m\n  allowed_hosts: [events.example.com, \"10.0.0.2:8080\"]\n  allowed_origins: [\"https://app.example\"]\n";
+            let config = Config::from_text(FileFormat::Yaml, yaml).expect("valid");
+            assert_eq!(config.server.token.as_deref(), Some("abc"));
+            assert_eq!(config.server.allowed_hosts.len(), 2);
+            for (yaml, key) in [
+                ("server:\n  token: \"\"\n", "server.token"),
+                ("server:\n  admin_token: \"a b\"\n", "server.admin_token"),
+                (
+                    "server:\n  allowed_hosts: [\"a b\"]\n",
+                    "server.allowed_hosts",
+                ),
+                (
+                    "server:\n  allowed_origins: [app.example]\n",
+                    "server.allowed_origins",
+                ),
+            ] {
+                let err = Config::from_text(FileFormat::Yaml, yaml)
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains(key), "{yaml}: {err}");
+            }
         });
     }
 

@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{Broker, BrokerError, StopReport};
 use crate::config::Config;
 use crate::hooks::capture::{Capture, CaptureError};
-use crate::server::{self, AppState, RouterLimits, Tokens};
+use crate::server::wire::CheckedListener;
+use crate::server::{self, AppState, PolicyError, RouterLimits, Security};
 use crate::wasm::watch::{Watcher, watch};
 use crate::wasm::{HandlerSet, WasmEngine, WasmError};
 
@@ -30,10 +31,15 @@ pub struct Service {
     http: JoinHandle<std::io::Result<()>>,
 }
 
-/// Refuses a non-loopback listen address without an admin token, unless explicitly allowed.
-fn check_exposure(config: &Config, addr: SocketAddr) -> Result<(), ServiceError> {
-    let server = &config.server;
-    if addr.ip().is_loopback() || server.admin_token.is_some() || server.allow_unauthenticated {
+/// Refuses a non-loopback listen address where writes would need no token, unless a proxy in
+/// front is said to authenticate (`server.allow_unauthenticated`).
+fn check_exposure(
+    security: &Security,
+    config: &Config,
+    addr: SocketAddr,
+) -> Result<(), ServiceError> {
+    if addr.ip().is_loopback() || security.tokens.protected() || config.server.allow_unauthenticated
+    {
         return Ok(());
     }
     Err(ServiceError::Insecure(addr))
@@ -57,7 +63,8 @@ impl Service {
             addr: config.server.listen.clone(),
             source,
         })?;
-        check_exposure(&config, addr)?;
+        let security = Security::from_config(&config.server, addr)?;
+        check_exposure(&security, &config, addr)?;
         let broker = Broker::from_config(config.event_broker.clone()).await?;
         let engine = WasmEngine::new(&config.handlers.pool, Some(config.handlers.cache_dir()))?;
         let handlers = HandlerSet::new(engine, broker.clone(), config.handlers.clone());
@@ -71,10 +78,7 @@ impl Service {
                 sse_keep_alive: config.server.sse_keep_alive,
                 websocket: (&config.server.websocket).into(),
             },
-            Tokens {
-                admin: config.server.admin_token.clone(),
-                publish: config.server.publish_token.clone(),
-            },
+            security,
         );
         // HTTP comes up first: /healthz answers and /readyz says "loading" while handlers
         // compile; publishing answers 503 until the broker runs.
@@ -82,7 +86,7 @@ impl Service {
         let http_shutdown = CancellationToken::new();
         let graceful = http_shutdown.clone();
         let http = tokio::spawn(async move {
-            axum::serve(listener, app)
+            axum::serve(CheckedListener::new(listener), app)
                 .with_graceful_shutdown(graceful.cancelled_owned())
                 .await
         });
@@ -219,13 +223,18 @@ pub enum ServiceError {
         #[source]
         source: std::io::Error,
     },
-    /// A non-loopback address without an admin token.
+    /// A non-loopback address without any token.
     #[error(
-        "refusing to listen on {0} without server.admin_token: anyone who can reach it could deploy code. \
-         Set server.admin_token (EVENTBROKER_SERVER__ADMIN_TOKEN), listen on 127.0.0.1, or set \
-         server.allow_unauthenticated: true if a proxy in front of the host authenticates"
+        "refusing to listen on {0} without authentication: anyone who can reach it could publish \
+         events and deploy code. Set server.token (EVENTBROKER_SERVER__TOKEN) to require one token \
+         for every write and read, or server.admin_token and server.publish_token for separate \
+         admin and publish scopes; or listen on a loopback address such as 127.0.0.1; or set \
+         server.allow_unauthenticated: true if a proxy in front of the host authenticates every request"
     )]
     Insecure(SocketAddr),
+    /// `server.allowed_hosts` or `server.allowed_origins` holds an invalid entry.
+    #[error(transparent)]
+    Security(#[from] PolicyError),
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Http(#[source] std::io::Error),

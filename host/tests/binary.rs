@@ -27,12 +27,18 @@ struct Served {
 
 /// Starts `eventbroker serve ARGS` in `dir` and waits for its "listening" log line.
 fn serve(dir: &Path, args: &[&str]) -> Served {
+    serve_with(dir, args, &[])
+}
+
+/// Like [`serve`], with extra environment variables (`RUST_LOG` defaults to `info`).
+fn serve_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
     let mut child = eventbroker()
         .arg("serve")
         .args(["--listen", "127.0.0.1:0"])
         .args(args)
         .current_dir(dir)
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -121,7 +127,7 @@ fn serve_with_no_configuration_accepts_processes_and_reports_events() {
     assert_eq!(health["status"], "ok");
     let response = http()
         .post(format!("{}/v1/events", served.url))
-        .json(&json!({"type": "public.users.create", "source": "database", "payload": {"id": 1}}))
+        .json(&json!({"type": "public.users.create", "source": "frontend", "payload": {"id": 1}}))
         .send()
         .unwrap();
     assert_eq!(response.status(), 202);
@@ -131,7 +137,7 @@ fn serve_with_no_configuration_accepts_processes_and_reports_events() {
         .to_owned();
     let event = wait_finished(&served.url, &id);
     assert_eq!(event["status"], "completed");
-    assert_eq!(event["source"], "database");
+    assert_eq!(event["source"], "frontend");
     let sync: Value = http()
         .post(format!("{}/v1/events?mode=sync", served.url))
         .json(&json!({"type": "a.b"}))
@@ -200,6 +206,59 @@ fn serve_rejects_a_bad_config_with_a_clear_error() {
     assert!(
         stderr.contains("kafka") && stderr.contains("provider"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn tokens_in_query_strings_never_reach_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut served = serve_with(
+        dir.path(),
+        &[],
+        &[
+            ("RUST_LOG", "debug"),
+            ("EVENTBROKER_SERVER__ADMIN_TOKEN", "secret-token-1"),
+        ],
+    );
+    let client = http();
+    for path in [
+        "/?token=secret-token-1&demo=a.b",
+        "/v1/ws?token=secret-token-1",
+        "/v1/ws?%74oken=secret-token-2",
+        "/v1/events?token=secret-token-3",
+        "/v1/stream?pattern=a.b&token=secret-token-4",
+    ] {
+        let status = client
+            .get(format!("{}{path}", served.url))
+            .send()
+            .unwrap()
+            .status();
+        assert!(status.as_u16() < 500, "{path}: {status}");
+    }
+    // A WebSocket authenticated by its query string.
+    let mut socket =
+        std::net::TcpStream::connect(served.url.trim_start_matches("http://")).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        socket,
+        "GET /v1/ws?token=secret-token-1 HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        served.url.trim_start_matches("http://")
+    )
+    .unwrap();
+    let mut answer = [0u8; 12];
+    socket.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 101");
+    drop(socket);
+    sigterm(&served.child);
+    assert!(wait_exit(&mut served.child).success());
+    let logs = served.logs.join().unwrap().join("\n");
+    assert!(
+        logs.contains("token=[redacted]"),
+        "the requests were logged, with the token redacted:\n{logs}"
+    );
+    assert!(
+        !logs.contains("secret-token"),
+        "a token reached the log:\n{logs}"
     );
 }
 

@@ -18,6 +18,8 @@ pub struct TestHost {
     pub handlers_dir: PathBuf,
     /// HTTP client.
     pub http: reqwest::Client,
+    /// `server.token` of the host, if the test set one: the helpers below send it.
+    pub token: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -45,6 +47,7 @@ impl TestHost {
         std::fs::create_dir_all(&config.handlers.dir).expect("handlers dir");
         let handlers_dir = config.handlers.dir.clone();
         prepare(&mut config, &handlers_dir);
+        let token = config.server.token.clone();
         let service = Service::start(config).await.expect("host starts");
         let url = format!("http://{}", service.local_addr());
         TestHost {
@@ -52,15 +55,23 @@ impl TestHost {
             url,
             handlers_dir,
             http: reqwest::Client::new(),
+            token,
             _dir: dir,
+        }
+    }
+
+    /// `request` with the host's `server.token`, if it has one.
+    pub fn authed(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
         }
     }
 
     /// POSTs an event; returns the status code and JSON body.
     pub async fn publish(&self, body: Value, query: &str) -> (u16, Value) {
         let response = self
-            .http
-            .post(format!("{}/v1/events{query}", self.url))
+            .authed(self.http.post(format!("{}/v1/events{query}", self.url)))
             .json(&body)
             .send()
             .await
@@ -72,8 +83,7 @@ impl TestHost {
     /// GETs a path; returns status and JSON body.
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let response = self
-            .http
-            .get(format!("{}{path}", self.url))
+            .authed(self.http.get(format!("{}{path}", self.url)))
             .send()
             .await
             .expect("request");
@@ -81,7 +91,8 @@ impl TestHost {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
-    /// Deploys a component (and manifest) over `PUT /v1/handlers/{name}` as multipart.
+    /// Deploys a component (and manifest) over `PUT /v1/handlers/{name}` as multipart, with
+    /// `token` (default: the host's `server.token`).
     pub async fn deploy(
         &self,
         name: &str,
@@ -100,7 +111,7 @@ impl TestHost {
             .http
             .put(format!("{}/v1/handlers/{name}", self.url))
             .multipart(form);
-        if let Some(token) = token {
+        if let Some(token) = token.or(self.token.as_deref()) {
             request = request.bearer_auth(token);
         }
         let response = request.send().await.expect("request");

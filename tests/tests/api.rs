@@ -18,8 +18,7 @@ async fn raw(
     body: Vec<u8>,
 ) -> (u16, Value) {
     let mut request = host
-        .http
-        .request(method, format!("{}{path}", host.url))
+        .authed(host.http.request(method, format!("{}{path}", host.url)))
         .body(body);
     if let Some(content_type) = content_type {
         request = request.header("content-type", content_type);
@@ -258,6 +257,31 @@ async fn bad_input_gets_clear_json_errors() {
             415,
             "unsupported_media_type",
         ),
+        (
+            Method::GET,
+            "/v1/events/%FF",
+            None,
+            vec![],
+            400,
+            "invalid_path",
+        ),
+        (
+            Method::PUT,
+            "/v1/handlers/bad",
+            Some("multipart/form-data"),
+            b"x".to_vec(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            Method::PUT,
+            "/v1/handlers/bad",
+            Some("multipart/form-data; boundary=XYZ"),
+            b"--XYZ\r\nContent-Disposition: form-data; name=\"component\"\r\n\r\nunterminated"
+                .to_vec(),
+            400,
+            "invalid_body",
+        ),
         (Method::GET, "/v2/nothing", None, vec![], 404, "not_found"),
         (
             Method::DELETE,
@@ -294,7 +318,9 @@ async fn bad_input_gets_clear_json_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_query_batch_cloudevents_retry_and_stats() {
     let built = guests::build();
-    let host = TestHost::start(|_, dir| {
+    let host = TestHost::start(|config, dir| {
+        // Events below carry user ids, which only a publisher with a token may set.
+        config.server.token = Some("test-token".into());
         install(
             dir,
             "probe",
@@ -390,8 +416,7 @@ async fn publish_query_batch_cloudevents_retry_and_stats() {
     assert_eq!(event["user_id"], 9);
     assert_eq!(event["metadata"]["ce_source"], "https://app.example");
     let response = host
-        .http
-        .post(format!("{}/v1/events", host.url))
+        .authed(host.http.post(format!("{}/v1/events", host.url)))
         .header("ce-specversion", "1.0")
         .header("ce-id", "ce-2")
         .header("ce-type", "probe.ce")
@@ -405,8 +430,7 @@ async fn publish_query_batch_cloudevents_retry_and_stats() {
     let event = host.finished("ce-2").await;
     assert_eq!(event["source"], "frontend");
     let cloudevent: Value = host
-        .http
-        .get(format!("{}/v1/events/ce-1", host.url))
+        .authed(host.http.get(format!("{}/v1/events/ce-1", host.url)))
         .header("accept", "application/cloudevents+json")
         .send()
         .await
@@ -511,21 +535,518 @@ async fn tokens_guard_deploys_publishing_and_reads() {
     assert_eq!(status, 200);
     assert_eq!(host.get("/healthz").await.0, 200, "health needs no token");
     host.stop().await;
+}
 
-    // A public address without an admin token is refused at start.
+/// Sends `request`; returns the status and the JSON body (`Null` if none).
+async fn send(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Every write endpoint, as (method, path, content type, body).
+fn writes(id: &str) -> Vec<(reqwest::Method, String, &'static str, Vec<u8>)> {
+    use reqwest::Method;
+    vec![
+        (
+            Method::POST,
+            "/v1/events".into(),
+            "application/json",
+            br#"{"type":"w.x"}"#.to_vec(),
+        ),
+        (
+            Method::POST,
+            "/v1/events?mode=sync".into(),
+            "application/json",
+            br#"{"type":"w.x"}"#.to_vec(),
+        ),
+        (
+            Method::POST,
+            "/v1/events/batch".into(),
+            "application/json",
+            br#"[{"type":"w.x"}]"#.to_vec(),
+        ),
+        (
+            Method::POST,
+            format!("/v1/events/{id}/retry"),
+            "application/json",
+            vec![],
+        ),
+        (
+            Method::PUT,
+            "/v1/handlers/w".into(),
+            "application/wasm",
+            b"x".to_vec(),
+        ),
+        (
+            Method::DELETE,
+            "/v1/handlers/w".into(),
+            "application/json",
+            vec![],
+        ),
+    ]
+}
+
+/// Asserts that no write endpoint answers without `good` (and none with a wrong token).
+async fn assert_writes_need_a_token(host: &TestHost, id: &str) {
+    for (method, path, content_type, body) in writes(id) {
+        for token in [None, Some("wrong")] {
+            let mut request = host
+                .http
+                .request(method.clone(), format!("{}{path}", host.url))
+                .header("content-type", content_type)
+                .body(body.clone());
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let (status, reply) = send(request).await;
+            assert_eq!(
+                (status, code(&reply)),
+                (401, "unauthorized"),
+                "{method} {path} with {token:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_token_alone_closes_publishing_and_every_other_write() {
+    let host = TestHost::start(|config, _| {
+        config.server.admin_token = Some("admin-secret".into());
+    })
+    .await;
+    let accepted = host
+        .http
+        .post(format!("{}/v1/events", host.url))
+        .bearer_auth("admin-secret")
+        .json(&json!({"type": "w.first"}));
+    let (status, reply) = send(accepted).await;
+    assert_eq!(status, 202, "{reply}");
+    let id = reply["id"].as_str().unwrap().to_owned();
+    assert_writes_need_a_token(&host, &id).await;
+    // The scheme is case-insensitive.
+    for scheme in ["bearer", "BEARER"] {
+        let request = host
+            .http
+            .post(format!("{}/v1/events", host.url))
+            .header("authorization", format!("{scheme} admin-secret"))
+            .json(&json!({"type": "w.x"}));
+        assert_eq!(send(request).await.0, 202, "{scheme}");
+    }
+    // Only the three authenticated publishes were stored.
+    let request = host
+        .http
+        .get(format!("{}/v1/events", host.url))
+        .bearer_auth("admin-secret");
+    let (status, page) = send(request).await;
+    assert_eq!((status, page["count"].as_u64()), (200, Some(3)), "{page}");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_token_guards_every_write_and_read() {
+    let built = guests::build();
+    let component = std::fs::read(built.misbehave()).unwrap();
+    let host = TestHost::start(|config, _| {
+        config.server.token = Some("one-secret".into());
+    })
+    .await;
+    let (status, reply) = host.publish(json!({"type": "w.first"}), "").await;
+    assert_eq!(status, 202, "{reply}");
+    let id = reply["id"].as_str().unwrap().to_owned();
+    host.finished(&id).await;
+    assert_writes_need_a_token(&host, &id).await;
+    let (status, reply) = send(host.http.get(format!("{}/v1/events", host.url))).await;
+    assert_eq!((status, code(&reply)), (401, "unauthorized"));
+    // With the token, every write goes through.
+    let (status, info) = host
+        .deploy("w", component, Some("patterns = [\"w.*\"]"), None)
+        .await;
+    assert_eq!(status, 200, "{info}");
+    let retry = host.authed(host.http.post(format!("{}/v1/events/{id}/retry", host.url)));
+    assert_eq!(send(retry).await.0, 202);
+    let remove = host.authed(host.http.delete(format!("{}/v1/handlers/w", host.url)));
+    assert_eq!(send(remove).await.0, 204);
+    // Health and metrics stay open.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let status = host
+            .http
+            .get(format!("{}{path}", host.url))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200, "{path}");
+    }
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_token_alone_turns_admin_endpoints_off() {
+    let host = TestHost::start(|config, _| {
+        config.server.publish_token = Some("publish-secret".into());
+    })
+    .await;
+    let publish = host
+        .http
+        .post(format!("{}/v1/events", host.url))
+        .bearer_auth("publish-secret")
+        .json(&json!({"type": "w.x", "source": "database", "user_id": 3}));
+    assert_eq!(
+        send(publish).await.0,
+        202,
+        "publish scope may claim a source and user"
+    );
+    for token in [None, Some("publish-secret")] {
+        let mut request = host
+            .http
+            .put(format!("{}/v1/handlers/w", host.url))
+            .header("content-type", "application/wasm")
+            .body("x");
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let (status, reply) = send(request).await;
+        assert_eq!((status, code(&reply)), (403, "forbidden"), "{token:?}");
+        assert!(
+            reply["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("server.admin_token"),
+            "{reply}"
+        );
+    }
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_token_guards_metrics_only() {
+    let host = TestHost::start(|config, _| {
+        config.server.metrics_token = Some("metrics-secret".into());
+    })
+    .await;
+    let metrics = || host.http.get(format!("{}/metrics", host.url));
+    let (status, reply) = send(metrics()).await;
+    assert_eq!((status, code(&reply)), (401, "unauthorized"));
+    let (status, _) = send(metrics().bearer_auth("wrong")).await;
+    assert_eq!(status, 401);
+    let response = metrics()
+        .header("authorization", "bearer metrics-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("eventbroker_queue_size")
+    );
+    assert_eq!(host.publish(json!({"type": "w.x"}), "").await.0, 202);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_address_needs_a_token_for_every_write() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = eventbroker_tests::host::test_config(dir.path());
     config.server.listen = "0.0.0.0:0".into();
     let error = eventbroker::service::Service::start(config.clone())
         .await
         .err()
-        .expect("refused");
-    assert!(error.to_string().contains("admin_token"), "{error}");
+        .expect("refused")
+        .to_string();
+    for setting in [
+        "server.token",
+        "server.admin_token",
+        "server.publish_token",
+        "server.allow_unauthenticated",
+        "127.0.0.1",
+    ] {
+        assert!(error.contains(setting), "{setting} not named: {error}");
+    }
+    let http = reqwest::Client::new();
+    // Each token setting makes it safe; an unauthenticated publish is refused on each.
+    let settings: [fn(&mut eventbroker::config::Config); 3] = [
+        |config| config.server.token = Some("t".into()),
+        |config| config.server.admin_token = Some("t".into()),
+        |config| config.server.publish_token = Some("t".into()),
+    ];
+    for set in settings {
+        let mut config = config.clone();
+        set(&mut config);
+        let service = eventbroker::service::Service::start(config)
+            .await
+            .expect("a token makes a public address safe");
+        let url = format!("http://127.0.0.1:{}/v1/events", service.local_addr().port());
+        let (status, _) = send(http.post(&url).json(&json!({"type": "w.x"}))).await;
+        assert_eq!(status, 401);
+        service.stop().await.unwrap();
+    }
     config.server.allow_unauthenticated = true;
     let service = eventbroker::service::Service::start(config)
         .await
         .expect("explicitly allowed");
     service.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_without_a_token_may_not_claim_users_or_privileged_sources() {
+    let host = TestHost::start(|_, _| {}).await;
+    let post = |content_type: &str, body: Value| {
+        host.http
+            .post(format!("{}/v1/events", host.url))
+            .header("content-type", content_type)
+            .body(body.to_string())
+    };
+    let json_type = "application/json";
+    let refused = [
+        post(json_type, json!({"type": "w.x", "source": "database"})),
+        post(json_type, json!({"type": "w.x", "source": "internal"})),
+        post(json_type, json!({"type": "w.x", "user_id": 5})),
+        post(
+            json_type,
+            json!({"type": "w.x", "source": "frontend", "user_id": 5}),
+        ),
+        post(
+            "application/cloudevents+json",
+            json!({"specversion": "1.0", "id": "c1", "type": "w.x", "source": "database"}),
+        ),
+        post(
+            "application/cloudevents+json",
+            json!({"specversion": "1.0", "id": "c2", "type": "w.x", "source": "/app", "userid": 9}),
+        ),
+        host.http
+            .post(format!("{}/v1/events", host.url))
+            .header("ce-specversion", "1.0")
+            .header("ce-id", "c3")
+            .header("ce-type", "w.x")
+            .header("ce-source", "internal")
+            .header("content-type", json_type)
+            .body("{}"),
+    ];
+    for request in refused {
+        let (status, reply) = send(request).await;
+        assert_eq!((status, code(&reply)), (403, "forbidden"), "{reply}");
+    }
+    for source in [None, Some("system"), Some("frontend"), Some("websocket")] {
+        let mut event = json!({"type": "w.ok"});
+        if let Some(source) = source {
+            event["source"] = json!(source);
+        }
+        assert_eq!(host.publish(event, "").await.0, 202, "{source:?}");
+    }
+    let batch = host
+        .http
+        .post(format!("{}/v1/events/batch", host.url))
+        .json(&json!([{"type": "w.x", "user_id": 1}, {"type": "w.ok"}, {"type": "w.x", "source": "database"}]));
+    let (status, reply) = send(batch).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["results"][0]["error"]["code"], "forbidden", "{reply}");
+    assert!(reply["results"][1]["id"].is_string(), "{reply}");
+    assert_eq!(reply["results"][2]["error"]["code"], "forbidden", "{reply}");
+    // Nothing refused was stored: only the five w.ok events exist.
+    let (_, page) = host.get("/v1/events?limit=1000").await;
+    let types: Vec<&str> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|event| event["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["w.ok"; 5], "{page}");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_pages_cannot_drive_the_host() {
+    let host = TestHost::start(|_, _| {}).await;
+    let port = host.service.local_addr().port();
+    let own = format!("http://127.0.0.1:{port}");
+    let (_, reply) = host.publish(json!({"type": "b.first"}), "").await;
+    let id = reply["id"].as_str().unwrap().to_owned();
+    host.finished(&id).await;
+    let publish = || {
+        host.http
+            .post(format!("{}/v1/events", host.url))
+            .json(&json!({"type": "b.x"}))
+    };
+    // A page on another origin may not write, whatever the method.
+    let evil = "http://evil.example";
+    let hostile = [
+        publish().header("origin", evil),
+        publish().header("origin", "null"),
+        publish().header("origin", format!("http://localhost:{}", port + 1)),
+        host.http
+            .post(format!("{}/v1/events/{id}/retry", host.url))
+            .header("origin", evil),
+        host.http
+            .put(format!("{}/v1/handlers/w", host.url))
+            .header("origin", evil)
+            .header("content-type", "application/wasm")
+            .body("x"),
+        host.http
+            .delete(format!("{}/v1/handlers/w", host.url))
+            .header("origin", evil),
+        host.http
+            .delete(format!("{}/v1/handlers/w", host.url))
+            .header("sec-fetch-site", "cross-site"),
+    ];
+    for request in hostile {
+        let (status, reply) = send(request).await;
+        assert_eq!((status, code(&reply)), (403, "forbidden_origin"), "{reply}");
+    }
+    // A form post carries no Origin in old browsers: no endpoint takes its content type.
+    let form = host
+        .http
+        .post(format!("{}/v1/events/{id}/retry", host.url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("a=b");
+    let (status, reply) = send(form).await;
+    assert_eq!(
+        (status, code(&reply)),
+        (415, "unsupported_media_type"),
+        "{reply}"
+    );
+    // DNS rebinding: a foreign Host is refused on every route.
+    for request in [
+        publish().header("host", "attacker.example"),
+        publish().header("host", format!("attacker.example:{port}")),
+        host.http
+            .put(format!("{}/v1/handlers/w", host.url))
+            .header("host", "attacker.example")
+            .header("content-type", "application/wasm")
+            .body("x"),
+        host.http
+            .get(format!("{}/v1/events", host.url))
+            .header("host", "attacker.example"),
+        host.http
+            .get(format!("{}/", host.url))
+            .header("host", "attacker.example"),
+    ] {
+        let (status, reply) = send(request).await;
+        assert_eq!((status, code(&reply)), (421, "invalid_host"), "{reply}");
+    }
+    // The host's own page, other names of the host and clients without Origin are served.
+    for request in [
+        publish().header("origin", own.as_str()),
+        publish().header("host", format!("localhost:{port}")),
+        publish().header("sec-fetch-site", "same-origin"),
+        publish(),
+    ] {
+        let (status, reply) = send(request).await;
+        assert_eq!(status, 202, "{reply}");
+    }
+    let retry = host
+        .http
+        .post(format!("{}/v1/events/{id}/retry", host.url))
+        .header("origin", own.as_str());
+    assert_eq!(send(retry).await.0, 202);
+    let page = host
+        .http
+        .get(format!("{}/", host.url))
+        .header("origin", evil);
+    assert_eq!(send(page).await.0, 200, "reads are not origin-checked");
+    // Only the accepted publishes were stored.
+    let (_, page) = host.get("/v1/events?type=b.x").await;
+    assert_eq!(page["count"], 4, "{page}");
+    host.stop().await;
+
+    // Both lists are configurable.
+    let host = TestHost::start(|config, _| {
+        config.server.allowed_hosts = vec!["events.example.com".into()];
+        config.server.allowed_origins = vec!["https://app.example".into()];
+    })
+    .await;
+    let request = host
+        .http
+        .post(format!("{}/v1/events", host.url))
+        .header("host", "events.example.com")
+        .header("origin", "https://app.example")
+        .json(&json!({"type": "b.x"}));
+    assert_eq!(send(request).await.0, 202);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_lines_hyper_cannot_parse_get_the_json_envelope() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = TestHost::start(|_, _| {}).await;
+    let addr = host.service.local_addr();
+    let exchange = |request: Vec<u8>| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(&request).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(eventbroker_tests::PATIENCE, stream.read_to_end(&mut answer))
+            .await
+            .expect("the server answers and closes")
+            .unwrap();
+        String::from_utf8(answer).unwrap()
+    };
+    let head = |target: &str| format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let cases = [
+        (
+            head("/v1/events?type=a>b"),
+            "400 Bad Request",
+            "invalid_query",
+        ),
+        (
+            head("/v1/events?type=\"a\""),
+            "400 Bad Request",
+            "invalid_query",
+        ),
+        (head("/v1/<events>"), "400 Bad Request", "invalid_path"),
+        (
+            head("/v1/events?type=a b"),
+            "400 Bad Request",
+            "invalid_request",
+        ),
+        (
+            format!(
+                "GET / HTTP/1.1\r\nHost: {addr}\r\n{}\r\n",
+                (0..101)
+                    .map(|n| format!("x-{n}: y\r\n"))
+                    .collect::<String>()
+            ),
+            "431 Request Header Fields Too Large",
+            "headers_too_large",
+        ),
+    ];
+    for (request, status, expected) in cases {
+        let answer = exchange(request.clone().into_bytes()).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}\r\n")),
+            "{request:?}: {answer}"
+        );
+        assert!(
+            answer.contains("content-type: application/json"),
+            "{answer}"
+        );
+        let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap())
+            .unwrap_or_else(|e| panic!("{request:?}: not JSON ({e}): {answer}"));
+        assert_eq!(code(&body), expected, "{request:?}");
+        assert!(!body["error"]["message"].as_str().unwrap().is_empty());
+    }
+    // On a kept-alive connection, the good requests before the bad one are answered first.
+    let event = r#"{"type":"w.x"}"#;
+    let pipelined = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{event}{}",
+        event.len(),
+        head("/v1/events?type=a>b"),
+    );
+    let answer = exchange(pipelined.into_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 202 Accepted\r\n"), "{answer}");
+    let second = answer
+        .match_indices("HTTP/1.1 ")
+        .nth(1)
+        .map(|(at, _)| &answer[at..])
+        .unwrap_or_else(|| panic!("one answer per request: {answer}"));
+    assert!(
+        second.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(second.contains("\"invalid_query\""), "{answer}");
+    host.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

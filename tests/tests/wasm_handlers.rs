@@ -29,7 +29,9 @@ async fn publish(host: &TestHost, body: Value) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn example_guests_route_by_pattern_and_publish_derived_events() {
     let built = built();
-    let host = TestHost::start(|_, dir| {
+    let host = TestHost::start(|config, dir| {
+        // The first event claims source `database` and a user id: that needs a token.
+        config.server.token = Some("test-token".into());
         for (name, crate_name, folder) in [
             ("audit-logger", "rust_audit_logger", "rust-audit-logger"),
             ("user-notifier", "rust_user_notifier", "rust-user-notifier"),

@@ -463,3 +463,57 @@ async fn a_slow_client_is_disconnected_with_a_reason_without_slowing_the_broker(
     assert_eq!(reply(&mut healthy).await["type"], "pong");
     host.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_of_other_origins_and_foreign_hosts_cannot_open_a_websocket() {
+    let host = TestHost::start(|_, _| {}).await;
+    let port = host.service.local_addr().port();
+    let refused = |name: &'static str, value: String| {
+        let mut request = ws_url(&host, "").into_client_request().expect("request");
+        request
+            .headers_mut()
+            .insert(name, value.parse().expect("header"));
+        async move {
+            match tokio_tungstenite::connect_async(request).await {
+                Err(WsError::Http(response)) => {
+                    let body: Value =
+                        serde_json::from_slice(response.body().as_deref().expect("an error body"))
+                            .expect("JSON error");
+                    (response.status().as_u16(), body)
+                }
+                other => panic!("{name}: {value} must be refused, got {other:?}"),
+            }
+        }
+    };
+    for origin in [
+        "http://evil.example".to_owned(),
+        "null".to_owned(),
+        format!("http://localhost:{port}"),
+    ] {
+        let (status, body) = refused("origin", origin.clone()).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (403, Some("forbidden_origin")),
+            "{origin}: {body}"
+        );
+    }
+    let (status, body) = refused("host", "attacker.example".to_owned()).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (421, Some("invalid_host")),
+        "{body}"
+    );
+    // The host's own page (same origin) connects, and so do clients that send no Origin.
+    let mut request = ws_url(&host, "").into_client_request().expect("request");
+    request.headers_mut().insert(
+        "origin",
+        format!("http://127.0.0.1:{port}").parse().expect("header"),
+    );
+    let (mut client, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("same origin connects");
+    assert_eq!(recv(&mut client).await["type"], "welcome");
+    let (_client, welcome) = connect(&host, "").await;
+    assert_eq!(welcome["type"], "welcome");
+    host.stop().await;
+}

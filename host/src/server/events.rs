@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::auth::{Caller, check_claims};
 use super::cloudevents;
 use super::{ApiBody, ApiError, ApiPath, ApiQuery, AppState};
 use crate::broker::BrokerStats;
@@ -78,14 +79,17 @@ fn read_draft(headers: &HeaderMap, body: &[u8]) -> Result<EventDraft, ApiError> 
 }
 
 /// `POST /v1/events`: 202 `{"id","status":"pending"}` when queued, 200 with the final event in
-/// sync mode.
+/// sync mode. A publisher without a token may not set `user_id` or source `database` or
+/// `internal` (403 `forbidden`).
 pub async fn publish(
     State(state): State<AppState>,
+    Caller(scope): Caller,
     ApiQuery(query): ApiQuery<PublishQuery>,
     headers: HeaderMap,
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
     let draft = read_draft(&headers, &body)?;
+    check_claims(&draft, scope)?;
     let broker = state.broker();
     let event = draft.into_event(broker.instance_id());
     match query.mode.unwrap_or(broker.config().mode) {
@@ -106,9 +110,11 @@ pub async fn publish(
 
 /// `POST /v1/events/batch`: a JSON array of events (or of structured CloudEvents with
 /// `Content-Type: application/cloudevents-batch+json`), each published on its own; the answer
-/// lists, in order, `{"id","status":"pending"}` or `{"error":{"code","message"}}` per item.
+/// lists, in order, `{"id","status":"pending"}` or `{"error":{"code","message"}}` per item
+/// (an item claiming what its publisher may not claim is refused like `POST /v1/events`).
 pub async fn batch(
     State(state): State<AppState>,
+    Caller(scope): Caller,
     headers: HeaderMap,
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
@@ -156,7 +162,7 @@ pub async fn batch(
                 )
             })
         };
-        let outcome = match draft {
+        let outcome = match draft.and_then(|draft| check_claims(&draft, scope).map(|()| draft)) {
             Ok(draft) => broker
                 .publish_async(draft.into_event(broker.instance_id()))
                 .await

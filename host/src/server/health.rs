@@ -4,10 +4,11 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use super::auth::{Access, authorize, bearer, challenge};
 use super::{ApiError, AppState};
 
 /// How long `/readyz` waits for the provider.
@@ -47,8 +48,12 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError>
     Ok((StatusCode::OK, Json(json!({"status": "ready"}))).into_response())
 }
 
-/// `GET /metrics`: Prometheus (OpenMetrics) text.
-pub async fn metrics(State(state): State<AppState>) -> Response {
+/// `GET /metrics`: Prometheus (OpenMetrics) text; needs `Authorization: Bearer
+/// <server.metrics_token>` (or an admin-scope token) when `server.metrics_token` is set.
+pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(error) = authorize(state.tokens(), bearer(&headers), Access::Metrics) {
+        return challenge(error);
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -4,12 +4,14 @@
 //! server panic (a panic in a route is caught and answered with a 500) or hang (bodies are
 //! size-limited; long requests are bounded by the handler timeouts behind them).
 //!
-//! Access: routes are grouped as read, publish and admin. Admin routes (deploy, remove,
-//! re-run) need `Authorization: Bearer <server.admin_token>` when it is set; publish routes
-//! need `server.publish_token` (or the admin token) when it is set; read routes need either
-//! token as soon as one is configured. While the host shuts down, publish and admin routes
-//! answer 503.
+//! Access: routes are grouped as read, publish and admin, guarded by bearer tokens (see
+//! [`auth`]); every request's `Host`, and the `Origin` of state-changing and WebSocket
+//! requests, are checked against what the host answers to (see [`browser`]); request heads
+//! hyper cannot parse are answered with the JSON envelope too (see [`wire`]). While the host
+//! shuts down, publish and admin routes answer 503.
 
+pub mod auth;
+pub mod browser;
 pub mod cloudevents;
 mod error;
 mod events;
@@ -17,6 +19,8 @@ mod handlers;
 mod health;
 mod page;
 mod stream;
+mod trace;
+pub mod wire;
 pub mod ws;
 
 use std::sync::Arc;
@@ -24,16 +28,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{FromRequest, FromRequestParts, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
+pub use auth::{Scope, Tokens};
+pub use browser::{BrowserPolicy, PolicyError};
 pub use error::ApiError;
 
 use crate::broker::Broker;
+use crate::config::ServerConfig;
 use crate::wasm::HandlerSet;
+use auth::Access;
 
 /// What the routes share.
 #[derive(Clone)]
@@ -45,18 +53,64 @@ struct StateInner {
     broker: Broker,
     handlers: Option<HandlerSet>,
     limits: RouterLimits,
-    tokens: Tokens,
+    security: Security,
     accepting: AtomicBool,
     handlers_loaded: AtomicBool,
 }
 
-/// Bearer tokens guarding the API.
-#[derive(Debug, Clone, Default)]
-pub struct Tokens {
-    /// Required by admin routes (and accepted everywhere).
-    pub admin: Option<String>,
-    /// Required by publish routes (and accepted by read routes).
-    pub publish: Option<String>,
+/// Who may use the server: its bearer tokens and the `Host`/`Origin` policy.
+#[derive(Debug, Clone)]
+pub struct Security {
+    /// Bearer tokens and their scopes.
+    pub tokens: Tokens,
+    /// Accepted `Host` and `Origin` values.
+    pub browser: BrowserPolicy,
+}
+
+impl Security {
+    /// The security settings of `config` for a server bound to `bound`.
+    ///
+    /// # Errors
+    /// [`PolicyError`] naming the key of an invalid `allowed_hosts`/`allowed_origins` entry.
+    pub fn from_config(
+        config: &ServerConfig,
+        bound: std::net::SocketAddr,
+    ) -> Result<Security, PolicyError> {
+        Ok(Security {
+            tokens: Tokens {
+                token: config.token.clone(),
+                admin: config.admin_token.clone(),
+                publish: config.publish_token.clone(),
+                metrics: config.metrics_token.clone(),
+            },
+            browser: BrowserPolicy::new(bound, &config.allowed_hosts, &config.allowed_origins)?,
+        })
+    }
+}
+
+/// Checks the `server` section's security settings: tokens are non-empty without surrounding
+/// whitespace, `allowed_hosts` and `allowed_origins` entries parse. The error names the key.
+pub(crate) fn check_config(config: &ServerConfig) -> Result<(), (&'static str, String)> {
+    let tokens = [
+        ("server.token", &config.token),
+        ("server.admin_token", &config.admin_token),
+        ("server.publish_token", &config.publish_token),
+        ("server.metrics_token", &config.metrics_token),
+    ];
+    for (key, token) in tokens {
+        if let Some(token) = token {
+            if token.is_empty() {
+                return Err((
+                    key,
+                    "is empty (an unset ${VAR:-}?); set a value or remove the key".into(),
+                ));
+            }
+            if token.trim() != token || token.contains(char::is_whitespace) {
+                return Err((key, "must not contain whitespace".into()));
+            }
+        }
+    }
+    browser::check_config(&config.allowed_hosts, &config.allowed_origins)
 }
 
 /// Limits of the router.
@@ -92,14 +146,14 @@ impl AppState {
         broker: Broker,
         handlers: Option<HandlerSet>,
         limits: RouterLimits,
-        tokens: Tokens,
+        security: Security,
     ) -> Self {
         AppState {
             inner: Arc::new(StateInner {
                 broker,
                 handlers,
                 limits,
-                tokens,
+                security,
                 accepting: AtomicBool::new(true),
                 handlers_loaded: AtomicBool::new(false),
             }),
@@ -126,7 +180,11 @@ impl AppState {
     }
 
     pub(crate) fn tokens(&self) -> &Tokens {
-        &self.inner.tokens
+        &self.inner.security.tokens
+    }
+
+    pub(crate) fn browser(&self) -> &BrowserPolicy {
+        &self.inner.security.browser
     }
 
     /// From now on, publish and admin routes answer 503 (the host is shutting down).
@@ -149,93 +207,13 @@ impl AppState {
     }
 }
 
-/// Which group a route belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
-    Read,
-    Publish,
-    Admin,
-}
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
-}
-
-fn matches(presented: Option<&str>, token: &Option<String>) -> bool {
-    match (presented, token) {
-        (Some(presented), Some(token)) => {
-            constant_time_eq::constant_time_eq(presented.as_bytes(), token.as_bytes())
-        }
-        _ => false,
-    }
-}
-
-fn authorize(tokens: &Tokens, headers: &HeaderMap, access: Access) -> Result<(), ApiError> {
-    authorize_token(tokens, bearer(headers), access)
-}
-
-/// Checks a presented token (from a header, a query or a WebSocket subprotocol).
-fn authorize_token(
-    tokens: &Tokens,
-    presented: Option<&str>,
-    access: Access,
-) -> Result<(), ApiError> {
-    let admin = matches(presented, &tokens.admin);
-    let allowed = match access {
-        Access::Admin => tokens.admin.is_none() || admin,
-        Access::Publish => tokens.publish.is_none() || admin || matches(presented, &tokens.publish),
-        Access::Read => {
-            (tokens.admin.is_none() && tokens.publish.is_none())
-                || admin
-                || matches(presented, &tokens.publish)
-        }
-    };
-    if allowed {
-        return Ok(());
-    }
-    let message = match (presented, access) {
-        (None, _) => "this endpoint needs Authorization: Bearer <token>".to_owned(),
-        (Some(_), Access::Admin) => "the admin token is required for this endpoint".to_owned(),
-        (Some(_), _) => "the token is not valid for this endpoint".to_owned(),
-    };
-    Err(ApiError::new(
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-        message,
-    ))
-}
-
-async fn guard(
-    State((state, access)): State<(AppState, Access)>,
-    request: Request,
-    next: Next,
-) -> Response {
-    if let Err(error) = authorize(&state.inner.tokens, request.headers(), access) {
-        let mut response = error.into_response();
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
-        return response;
-    }
-    if access != Access::Read && !state.is_accepting() {
-        return ApiError::unavailable("host is shutting down").into_response();
-    }
-    next.run(request).await
-}
-
 /// The full router.
 pub fn router(state: AppState) -> Router {
     let limits = *state.limits();
     let guarded = |routes: Router<AppState>, access: Access| {
         routes.route_layer(middleware::from_fn_with_state(
             (state.clone(), access),
-            guard,
+            auth::guard,
         ))
     };
     let read = Router::new()
@@ -270,10 +248,17 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(limits.body_limit))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            browser::guard,
+        ))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             panic_response,
         ))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(trace::make_span::<axum::body::Body>),
+        )
         .with_state(state)
 }
 
@@ -325,55 +310,5 @@ impl<S: Send + Sync> FromRequest<S> for ApiBody {
             .await
             .map(ApiBody)
             .map_err(ApiError::from)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use axum::http::HeaderValue;
-
-    fn headers(token: Option<&'static str>) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        if let Some(token) = token {
-            headers.insert(header::AUTHORIZATION, HeaderValue::from_static(token));
-        }
-        headers
-    }
-
-    #[test]
-    fn tokens_guard_their_groups() {
-        let open = Tokens::default();
-        for access in [Access::Read, Access::Publish, Access::Admin] {
-            assert!(authorize(&open, &headers(None), access).is_ok());
-        }
-        let tokens = Tokens {
-            admin: Some("adm".into()),
-            publish: Some("pub".into()),
-        };
-        let cases = [
-            (None, Access::Read, false),
-            (Some("Bearer pub"), Access::Read, true),
-            (Some("Bearer adm"), Access::Read, true),
-            (Some("Bearer pub"), Access::Publish, true),
-            (Some("Bearer wrong"), Access::Publish, false),
-            (Some("Bearer pub"), Access::Admin, false),
-            (Some("Bearer adm"), Access::Admin, true),
-            (Some("Basic adm"), Access::Admin, false),
-        ];
-        for (token, access, ok) in cases {
-            assert_eq!(
-                authorize(&tokens, &headers(token), access).is_ok(),
-                ok,
-                "{token:?} {access:?}"
-            );
-        }
-        let admin_only = Tokens {
-            admin: Some("adm".into()),
-            publish: None,
-        };
-        assert!(authorize(&admin_only, &headers(None), Access::Publish).is_ok());
-        assert!(authorize(&admin_only, &headers(None), Access::Admin).is_err());
-        assert!(authorize(&admin_only, &headers(None), Access::Read).is_err());
     }
 }

@@ -15,9 +15,10 @@
 //! broker never waits for a client); when the host shuts down, 1001.
 //!
 //! Authentication reuses the HTTP bearer tokens: `Authorization: Bearer …`, or — because
-//! browsers cannot set headers on a WebSocket — `?token=…` or the subprotocol
+//! browsers cannot set headers on a WebSocket — `?token=…` (never logged) or the subprotocol
 //! `bearer.<token>` (offered next to `eventbroker`). Connecting needs read access; publishing
-//! needs publish access.
+//! needs publish access. A browser may only connect from the host's own page or an origin in
+//! `server.allowed_origins` (checked by the router before this handler runs).
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -40,7 +41,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Access, ApiError, ApiQuery, AppState, authorize_token, bearer};
+use super::auth::{Access, Scope, authorize, bearer, challenge};
+use super::{ApiError, ApiQuery, AppState};
 use crate::broker::{BrokerError, Published};
 use crate::config::WebSocketConfig;
 use crate::event::{EventDraft, EventSource};
@@ -120,14 +122,10 @@ pub async fn ws(
         .or(query.token)
         .or_else(|| subprotocol_token(&headers));
     let tokens = state.tokens();
-    if let Err(error) = authorize_token(tokens, presented.as_deref(), Access::Read) {
-        let mut response = error.into_response();
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
-        return response;
-    }
+    let scope = match authorize(tokens, presented.as_deref(), Access::Read) {
+        Ok(scope) => scope,
+        Err(error) => return challenge(error),
+    };
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
         Err(rejection) => {
@@ -139,8 +137,8 @@ pub async fn ws(
             .into_response();
         }
     };
-    let authenticated = presented.is_some() && (tokens.admin.is_some() || tokens.publish.is_some());
-    let can_publish = authorize_token(tokens, presented.as_deref(), Access::Publish).is_ok();
+    let authenticated = scope != Scope::Anonymous;
+    let can_publish = authorize(tokens, presented.as_deref(), Access::Publish).is_ok();
     let limits = state.limits().websocket;
     // The protocol-level bound is a backstop; messages over the configured size get a clean
     // close with the reason (see `Connection::run`).
