@@ -59,7 +59,7 @@ impl Service {
         })?;
         check_exposure(&config, addr)?;
         let broker = Broker::from_config(config.event_broker.clone()).await?;
-        let engine = WasmEngine::new(&config.handlers.pool, Some(config.handlers.cache_dir()))?;
+        let engine = WasmEngine::new(&config.handlers.pool, config.handlers.cache_dir())?;
         let handlers = HandlerSet::new(engine, broker.clone(), config.handlers.clone());
         let state = AppState::new(
             broker.clone(),

@@ -5,22 +5,28 @@
 
 pub mod bare;
 mod bindings;
+mod cache;
 pub mod check;
 pub mod component;
+mod draft;
 pub mod engine;
 pub mod handler;
+pub mod limits;
+pub mod log;
 pub mod manifest;
+mod outcome;
 pub mod registry;
 pub mod runner;
+pub mod slots;
 pub mod state;
 pub mod watch;
 
 pub use component::{CompiledHandler, HandlerCounters, Invocation, VersionInfo};
 pub use engine::{WasmEngine, check_component_bytes, version_id};
 pub use handler::WasmHandler;
+pub use log::LogLine;
 pub use manifest::{HandlerSpec, Manifest};
 pub use registry::{HandlerInfo, HandlerSet, Rejection};
-pub use state::LogLine;
 
 /// Errors of the WebAssembly runtime boundary.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -28,6 +34,14 @@ pub enum WasmError {
     /// The file is not WebAssembly at all.
     #[error("not a WebAssembly file (it does not start with the \\0asm magic bytes)")]
     NotWasm,
+    /// The file starts with the WebAssembly magic bytes, but its version and layer field is
+    /// neither a core module's nor a component's.
+    #[error(
+        "the file starts with the \\0asm magic bytes but is neither a core WebAssembly module \
+         nor a component (its version and layer bytes are {0}); it is corrupt or made for a \
+         WebAssembly version this host does not read"
+    )]
+    UnknownWasm(String),
     /// A core module was given where a component is needed.
     #[error(
         "this is a core WebAssembly module, not a component; build for the wasm32-wasip2 target \
