@@ -1081,8 +1081,7 @@ async fn check_and_run_bound_patterns_like_serve() {
     )
     .await
     .expect("run finishes")
-    .err()
-    .expect("refused");
+    .expect_err("refused");
     assert!(
         error.to_string().contains("did not return within"),
         "{error}"
@@ -1098,8 +1097,7 @@ async fn check_and_run_bound_patterns_like_serve() {
         events,
     )
     .await
-    .err()
-    .expect("refused");
+    .expect_err("refused");
     assert!(error.to_string().contains("invalid pattern"), "{error}");
 }
 
