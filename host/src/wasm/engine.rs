@@ -245,3 +245,31 @@ fn spawn_epoch_ticker(engine: wasmtime::EngineWeak, stop: Arc<AtomicBool>) {
         tracing::error!(%error, "cannot start the epoch ticker; handler deadlines are not enforced inside guests");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_told_apart_by_what_they_are() {
+        assert!(matches!(
+            check_component_bytes(b"hello"),
+            Err(WasmError::NotWasm)
+        ));
+        assert!(matches!(
+            check_component_bytes(b"\0asm\x01\0\0\0"),
+            Err(WasmError::NotComponent)
+        ));
+        for strange in [&b"\0asm\x02\0\0\0"[..], b"\0asm\x0d\0\x07\0", b"\0asm"] {
+            let error = check_component_bytes(strange).unwrap_err();
+            assert!(matches!(error, WasmError::UnknownWasm(_)), "{error}");
+            let text = error.to_string();
+            assert!(
+                text.contains("neither a core WebAssembly module nor a component"),
+                "{text}"
+            );
+            assert!(!text.contains("does not start with"), "{text}");
+        }
+        check_component_bytes(b"\0asm\x0d\0\x01\0").expect("a component header");
+    }
+}
