@@ -711,12 +711,14 @@ async fn thirty_reuse_handlers_on_every_event_all_run_with_the_default_pool() {
         }
     })
     .await;
+    // 16 events at once, each running 30 handlers that wait 200 ms: 480 instances wanted,
+    // 256 slots.
     let mut ids = Vec::new();
-    for _ in 0..48 {
+    for _ in 0..32 {
         ids.push(
             publish(
                 &host,
-                json!({"type": "fan.out", "payload": {"action": "ok"}}),
+                json!({"type": "fan.out", "payload": {"action": "sleep", "ms": 200}}),
             )
             .await,
         );
