@@ -742,7 +742,10 @@ impl Default for HandlerDefaults {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
-    /// Instances (of all handlers) alive at once.
+    /// Instances (of all handlers) alive at once: running invocations, instances kept warm by
+    /// `reuse` (evicted when another invocation needs the slot) and component loads. An
+    /// invocation that finds every slot running for 100 ms is deferred (`busy`) without
+    /// spending an attempt.
     pub instances: u32,
     /// Largest memory limit any handler may ask for.
     pub max_memory: ByteSize,

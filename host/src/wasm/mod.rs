@@ -1,7 +1,8 @@
-//! WebAssembly handlers: the engine (pooling allocator, fuel, epoch deadlines, memory
-//! limiter), the bindings generated from `wit/`, the host imports, handler manifests, loaded
-//! versions and their invocation, the handler set (name → current version) and its loading
-//! from a directory, component checks, and the local runner behind `eventbroker run`.
+//! WebAssembly handlers: the engine (pooling allocator and its slots, fuel, epoch deadlines,
+//! memory limiter, private compile cache), the bindings generated from `wit/`, the host imports
+//! and the bounds on what a guest hands the host, handler manifests, loaded versions and their
+//! invocation, the handler set (name → current version) and its loading from a directory,
+//! component checks, and the local runner behind `eventbroker run`.
 
 pub mod bare;
 mod bindings;

@@ -286,6 +286,7 @@ impl Host for HostState {
     }
 
     fn config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        self.charge(key.len())?;
         Ok(self.settings.config.get(&key).cloned())
     }
 }
