@@ -669,7 +669,8 @@ pub struct HandlersConfig {
     /// Directory of `NAME.wasm` + `NAME.toml` handlers, loaded at start and watched.
     pub dir: PathBuf,
     /// Where compiled components are cached (default: the user's cache directory, e.g.
-    /// `~/.cache/eventbroker`).
+    /// `~/.cache/eventbroker`; no cache when the platform has none). Created readable and
+    /// writable by the host's user only; a directory others can write is not used.
     pub cache_dir: Option<PathBuf>,
     /// Limits applied when a manifest does not set them.
     pub defaults: HandlerDefaults,
@@ -696,18 +697,17 @@ impl Default for HandlersConfig {
 }
 
 impl HandlersConfig {
-    /// The compiled-component cache directory in effect.
-    pub fn cache_dir(&self) -> PathBuf {
-        self.cache_dir.clone().unwrap_or_else(default_cache_dir)
+    /// The compiled-component cache directory in effect: `cache_dir`, else the default.
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        self.cache_dir.clone().or_else(default_cache_dir)
     }
 }
 
-/// `~/.cache/eventbroker` (or the platform's equivalent), or `.eventbroker-cache` when the
-/// platform has no cache directory.
-pub fn default_cache_dir() -> PathBuf {
-    dirs::cache_dir()
-        .map(|dir| dir.join("eventbroker"))
-        .unwrap_or_else(|| PathBuf::from(".eventbroker-cache"))
+/// `~/.cache/eventbroker` (or the platform's equivalent); `None` when the platform has no
+/// cache directory (e.g. no home directory), so that compiled code is never loaded from the
+/// working directory by default.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    dirs::cache_dir().map(|dir| dir.join("eventbroker"))
 }
 
 /// How a handler's instances are managed.
@@ -764,7 +764,10 @@ impl Default for HandlerDefaults {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
-    /// Instances (of all handlers) alive at once.
+    /// Instances (of all handlers) alive at once: running invocations, instances kept warm by
+    /// `reuse` (evicted when another invocation needs the slot) and component loads. An
+    /// invocation that finds every slot running for 100 ms is deferred (`busy`) without
+    /// spending an attempt.
     pub instances: u32,
     /// Largest memory limit any handler may ask for.
     pub max_memory: ByteSize,

@@ -16,6 +16,12 @@ use uuid::Uuid;
 pub const MAX_TYPE_LEN: usize = 255;
 /// Longest accepted caller-given event id, in bytes.
 pub const MAX_ID_LEN: usize = 128;
+/// Longest accepted `session_id`, `schema`, `entity` and `operation`, in bytes.
+pub const MAX_FIELD_LEN: usize = 255;
+/// Largest accepted metadata object, in bytes of its compact JSON encoding. Metadata is kept
+/// parsed, where it can take many times its encoded size (an array of zeros grows ~16×), so it
+/// has a bound of its own, well below the payload's.
+pub const MAX_METADATA_BYTES: usize = 64 * 1024;
 
 /// Where an event came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -476,10 +482,34 @@ impl Event {
     ///
     /// # Errors
     /// A [`ValidationError`] naming the offending field: an empty or malformed id or type,
-    /// or a payload whose JSON encoding is larger than `max_payload_bytes`.
+    /// a `session_id`, `schema`, `entity` or `operation` longer than [`MAX_FIELD_LEN`],
+    /// metadata whose JSON encoding is larger than [`MAX_METADATA_BYTES`], or a payload whose
+    /// JSON encoding is larger than `max_payload_bytes`.
     pub fn validate(&self, max_payload_bytes: usize) -> Result<(), ValidationError> {
         validate_id(&self.id)?;
         validate_type(&self.event_type)?;
+        for (field, value) in [
+            ("session_id", &self.session_id),
+            ("schema", &self.schema),
+            ("entity", &self.entity),
+            ("operation", &self.operation),
+        ] {
+            if value.len() > MAX_FIELD_LEN {
+                return Err(ValidationError::TooLarge {
+                    field,
+                    size: value.len(),
+                    limit: MAX_FIELD_LEN,
+                });
+            }
+        }
+        let size = encoded_size(&self.metadata);
+        if size > MAX_METADATA_BYTES {
+            return Err(ValidationError::TooLarge {
+                field: "metadata",
+                size,
+                limit: MAX_METADATA_BYTES,
+            });
+        }
         let size = payload_size(&self.payload);
         if size > max_payload_bytes {
             return Err(ValidationError::TooLarge {
@@ -494,6 +524,11 @@ impl Event {
 
 /// The size in bytes of a JSON value's compact encoding.
 pub fn payload_size(value: &Value) -> usize {
+    encoded_size(value)
+}
+
+/// The size in bytes of the compact JSON encoding of anything serializable.
+pub fn encoded_size<T: Serialize + ?Sized>(value: &T) -> usize {
     struct Counter(usize);
     impl std::io::Write for Counter {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -505,7 +540,7 @@ pub fn payload_size(value: &Value) -> usize {
         }
     }
     let mut counter = Counter(0);
-    // Writing a `Value` to an infallible sink cannot fail.
+    // The sink cannot fail, and JSON values and maps always serialize.
     let _ = serde_json::to_writer(&mut counter, value);
     counter.0
 }
@@ -722,6 +757,39 @@ mod tests {
         assert!(validate_id("").is_err());
         assert!(validate_id("has space").is_err());
         assert!(validate_id(&"x".repeat(MAX_ID_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn metadata_and_text_fields_are_bounded() {
+        let ok = Event::new(EventSource::System, "a.b", "h")
+            .with_metadata("zeros", json!(vec![0; 1000]));
+        ok.validate(1000).expect("small metadata fits");
+        // An array of zeros: 2 bytes per element encoded, ~16 times that once parsed.
+        let zeros = Event::new(EventSource::System, "a.b", "h")
+            .with_metadata("zeros", json!(vec![0; MAX_METADATA_BYTES / 2]));
+        let err = zeros.validate(usize::MAX).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ValidationError::TooLarge {
+                    field: "metadata",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        for field in ["session_id", "schema", "entity", "operation"] {
+            let mut event = Event::new(EventSource::System, "a.b", "h");
+            let long = "x".repeat(MAX_FIELD_LEN + 1);
+            match field {
+                "session_id" => event.session_id = long,
+                "schema" => event.schema = long,
+                "entity" => event.entity = long,
+                _ => event.operation = long,
+            }
+            let err = event.validate(usize::MAX).unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
     }
 
     #[test]

@@ -66,7 +66,7 @@ impl Service {
         let security = Security::from_config(&config.server, addr)?;
         check_exposure(&security, &config, addr)?;
         let broker = Broker::from_config(config.event_broker.clone()).await?;
-        let engine = WasmEngine::new(&config.handlers.pool, Some(config.handlers.cache_dir()))?;
+        let engine = WasmEngine::new(&config.handlers.pool, config.handlers.cache_dir())?;
         let handlers = HandlerSet::new(engine, broker.clone(), config.handlers.clone());
         let state = AppState::new(
             broker.clone(),

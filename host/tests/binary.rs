@@ -445,3 +445,76 @@ fn sigterm_drains_queued_work_before_exiting() {
         "work was still queued when SIGTERM arrived: {stats}"
     );
 }
+
+/// Runs the CLI, killing it (and failing) if it has not exited within [`PATIENCE`].
+fn run_cli_bounded(args: &[&str]) -> Output {
+    let child = eventbroker()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run eventbroker");
+    let id = child.id();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(child.wait_with_output());
+    });
+    match receiver.recv_timeout(PATIENCE) {
+        Ok(output) => output.expect("output"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &id.to_string()]).status();
+            panic!("eventbroker {args:?} did not exit within {PATIENCE:?}");
+        }
+    }
+}
+
+#[test]
+fn check_and_run_end_and_explain_hostile_components() {
+    let built = guests::build();
+    let hostile = built.hostile_patterns();
+    let dir = tempfile::tempdir().unwrap();
+    let sample = dir.path().join("event.json");
+    std::fs::write(&sample, r#"{"type":"hostile.x"}"#).unwrap();
+    // patterns() waits on a clock for an hour: both tools end and say why.
+    let out = run_cli_bounded(&["check", hostile.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("compatible: no"), "{stdout}");
+    assert!(stdout.contains("did not return within"), "{stdout}");
+    let out = run_cli_bounded(&[
+        "run",
+        hostile.to_str().unwrap(),
+        "--event",
+        sample.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did not return within"));
+    // Default patterns that serve would refuse make check say "no".
+    let manifest = dir.path().join("invalid.toml");
+    std::fs::write(&manifest, "[config]\npatterns = \"invalid\"\n").unwrap();
+    let out = run_cli_bounded(&[
+        "check",
+        hostile.to_str().unwrap(),
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--json",
+    ]);
+    let report: Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
+    assert_eq!(report["compatible"], false, "{report:#}");
+    assert!(
+        report["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("invalid pattern")
+    );
+    // The WebAssembly magic but neither a module nor a component.
+    let strange = dir.path().join("strange.wasm");
+    std::fs::write(&strange, b"\0asm\x02\0\0\0").unwrap();
+    let out = run_cli_bounded(&["check", strange.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("neither a core WebAssembly module nor a component"),
+        "{stderr}"
+    );
+}

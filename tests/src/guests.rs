@@ -33,6 +33,12 @@ impl Built {
         self.fixtures.join("misbehave.wasm")
     }
 
+    /// The fixture whose `patterns()` misbehaves as its manifest's `[config] patterns` says
+    /// (without one, it waits on a clock for an hour).
+    pub fn hostile_patterns(&self) -> PathBuf {
+        self.fixtures.join("hostile_patterns.wasm")
+    }
+
     /// The source folder of an example guest, e.g. `rust-audit-logger`.
     pub fn guest_dir(&self, dir: &str) -> PathBuf {
         repo_root().join("guests").join(dir)

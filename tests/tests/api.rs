@@ -1240,3 +1240,92 @@ async fn hot_reload_under_load_handles_every_event_exactly_once() {
     );
     host.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_handler_names_leave_no_entry_and_no_metric_label() {
+    let built = guests::build();
+    let fixture = std::fs::read(built.misbehave()).unwrap();
+    let host = TestHost::start(|_, dir| {
+        install(
+            dir,
+            "bad name",
+            &built.misbehave(),
+            Some("patterns = [\"x.*\"]"),
+        );
+    })
+    .await;
+    for path in ["..%2F..%2Fevil", "has%20space", "%C3%A9vil"] {
+        let (status, reply) = raw(
+            &host,
+            reqwest::Method::PUT,
+            &format!("/v1/handlers/{path}"),
+            Some("application/wasm"),
+            fixture.clone(),
+        )
+        .await;
+        assert_eq!(
+            (status, code(&reply)),
+            (422, "handler_rejected"),
+            "{path}: {reply}"
+        );
+        assert!(
+            reply["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("handler name"),
+            "{reply}"
+        );
+    }
+    let (_, listed) = host.get("/v1/handlers").await;
+    assert_eq!(listed["handlers"], json!([]), "{listed:#}");
+    let metrics = host
+        .http
+        .get(format!("{}/metrics", host.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for label in ["evil", "bad name", "has space"] {
+        assert!(!metrics.contains(label), "{label} in\n{metrics}");
+    }
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_metadata_and_text_fields_are_bounded() {
+    let host = TestHost::start(|_, _| {}).await;
+    // 80 KB of zeros in metadata: within the body limit, ~16 times that once parsed.
+    let zeros = vec![0; 40_000];
+    let long = "s".repeat(300);
+    for (body, field) in [
+        (
+            json!({"type": "a.b", "metadata": {"zeros": zeros}}),
+            "metadata",
+        ),
+        (json!({"type": "a.b", "session_id": long}), "session_id"),
+        (json!({"type": "a.b", "schema": long}), "schema"),
+        (json!({"type": "a.b", "entity": long}), "entity"),
+        (json!({"type": "a.b", "operation": long}), "operation"),
+    ] {
+        let (status, reply) = host.publish(body, "").await;
+        assert_eq!(
+            (status, code(&reply)),
+            (422, "invalid_event"),
+            "{field}: {reply}"
+        );
+        assert!(
+            reply["error"]["message"].as_str().unwrap().contains(field),
+            "{field}: {reply}"
+        );
+    }
+    let (status, _) = host
+        .publish(
+            json!({"type": "a.b", "metadata": {"zeros": vec![0; 1000]}}),
+            "",
+        )
+        .await;
+    assert_eq!(status, 202);
+    host.stop().await;
+}

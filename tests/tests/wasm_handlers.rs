@@ -574,3 +574,708 @@ async fn a_bad_module_is_reported_and_does_not_stop_the_others() {
     assert_eq!(host.finished(&id).await["status"], "completed");
     host.stop().await;
 }
+
+/// An engine like the one the CLI uses, with the tests' shared compile cache.
+fn test_engine() -> eventbroker::wasm::WasmEngine {
+    let pool = eventbroker::config::PoolConfig {
+        instances: 16,
+        ..Default::default()
+    };
+    eventbroker::wasm::WasmEngine::new(
+        &pool,
+        Some(guests::repo_root().join("target/test-component-cache")),
+    )
+    .expect("engine")
+}
+
+/// Events of `handler` by outcome kind.
+fn invocations(host: &TestHost, handler: &str) -> std::collections::BTreeMap<&'static str, u64> {
+    host.service
+        .handlers()
+        .get(handler)
+        .unwrap_or_else(|| panic!("no handler {handler}"))
+        .invocations
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_instance_pool_defers_events_instead_of_failing_them() {
+    let built = built();
+    let host = TestHost::start(|config, dir| {
+        config.handlers.pool.instances = 2;
+        config.event_broker.worker_count = 4;
+        // No retries: an attempt spent on the pool being full would fail the event for good.
+        install(
+            dir,
+            "slow",
+            &built.misbehave(),
+            Some("patterns = [\"slow.*\"]\n[retry]\nmax_retries = 0\n"),
+        );
+    })
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(
+            publish(
+                &host,
+                json!({"type": "slow.work", "payload": {"action": "sleep", "ms": 1500}}),
+            )
+            .await,
+        );
+    }
+    // Two run; the other two find the pool full and say so while they wait.
+    let deferred = wait_for("an event deferred for the full pool", || async {
+        for id in &ids {
+            let (_, event) = host.get(&format!("/v1/events/{id}")).await;
+            if let Some(error) = event["error"].as_str()
+                && error.contains("instance pool is full")
+            {
+                return Some(error.to_owned());
+            }
+        }
+        None
+    })
+    .await;
+    assert!(deferred.contains("busy"), "{deferred}");
+    assert!(
+        deferred.contains("without counting an attempt"),
+        "{deferred}"
+    );
+    for id in &ids {
+        let event = host.finished(id).await;
+        assert_eq!(event["status"], "completed", "{event:#}");
+        assert_eq!(outcome(&event, "slow")["attempts"], 1, "{event:#}");
+    }
+    let counts = invocations(&host, "slow");
+    assert_eq!(counts["ok"], 4, "{counts:?}");
+    assert!(counts["busy"] >= 1, "{counts:?}");
+    for kind in ["trap", "fail", "timeout", "host"] {
+        assert_eq!(counts[kind], 0, "{kind}: {counts:?}");
+    }
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_instances_give_their_slots_to_other_handlers() {
+    let built = built();
+    let host = TestHost::start(|config, dir| {
+        // One slot: a warm instance of one handler is all the pool holds.
+        config.handlers.pool.instances = 1;
+        for name in ["first", "second"] {
+            install(
+                dir,
+                name,
+                &built.misbehave(),
+                Some(&format!(
+                    "patterns = [\"{name}.*\"]\ninstances = \"reuse\"\n[retry]\nmax_retries = 0\n"
+                )),
+            );
+        }
+    })
+    .await;
+    for event_type in ["first.a", "second.a", "first.b", "second.b"] {
+        let id = publish(
+            &host,
+            json!({"type": event_type, "payload": {"action": "ok"}}),
+        )
+        .await;
+        let event = host.finished(&id).await;
+        assert_eq!(event["status"], "completed", "{event_type}: {event:#}");
+    }
+    for name in ["first", "second"] {
+        let counts = invocations(&host, name);
+        assert_eq!(counts["ok"], 2, "{name}: {counts:?}");
+        assert_eq!(counts["trap"], 0, "{name}: {counts:?}");
+    }
+    let slots = host.service.handlers().engine().slots();
+    assert_eq!(slots.capacity(), 1);
+    assert_eq!(
+        slots.warm() + slots.free(),
+        1,
+        "the one slot is warm or free"
+    );
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_reuse_handlers_on_every_event_all_run_with_the_default_pool() {
+    const HANDLERS: usize = 30;
+    let built = built();
+    let host = TestHost::start(|config, dir| {
+        config.handlers.pool = eventbroker::config::PoolConfig::default();
+        config.event_broker.worker_count = 16;
+        for n in 0..HANDLERS {
+            install(
+                dir,
+                &format!("fan{n:02}"),
+                &built.misbehave(),
+                Some("patterns = [\"fan.*\"]\ninstances = \"reuse\"\n[retry]\nmax_retries = 0\n"),
+            );
+        }
+    })
+    .await;
+    // 16 events at once, each running 30 handlers that wait 200 ms: 480 instances wanted,
+    // 256 slots.
+    let mut ids = Vec::new();
+    for _ in 0..32 {
+        ids.push(
+            publish(
+                &host,
+                json!({"type": "fan.out", "payload": {"action": "sleep", "ms": 200}}),
+            )
+            .await,
+        );
+    }
+    for id in &ids {
+        let event = host.finished(id).await;
+        assert_eq!(event["status"], "completed", "{event:#}");
+        let outcomes = event["handlers"].as_array().unwrap();
+        assert_eq!(outcomes.len(), HANDLERS, "{event:#}");
+        for record in outcomes {
+            assert_eq!(record["state"], "succeeded", "{record:#}");
+            assert_eq!(record["attempts"], 1, "{record:#}");
+        }
+    }
+    let slots = host.service.handlers().engine().slots();
+    assert!(slots.warm() <= slots.capacity());
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_instance_gets_a_fresh_log_budget_for_every_event() {
+    let bytes = std::fs::read(built().misbehave()).unwrap();
+    let events = eventbroker::wasm::runner::parse_events(
+        &"{\"type\":\"x.y\",\"payload\":{\"action\":\"ok\"}}\n".repeat(12),
+    )
+    .unwrap();
+    let report = eventbroker::wasm::runner::run(
+        &test_engine(),
+        &bytes,
+        Some("patterns = [\"*\"]\ninstances = \"reuse\"\nmax_log_bytes = \"200B\"\nmax_log_lines = 2"),
+        &Default::default(),
+        events,
+    )
+    .await
+    .unwrap();
+    for (index, result) in report.results.iter().enumerate() {
+        let invocation = &result.invocation;
+        assert!(invocation.result.is_ok(), "event {index}: {invocation:?}");
+        assert_eq!(invocation.logs.len(), 1, "event {index}: {invocation:?}");
+        assert_eq!(invocation.logs_dropped, 0, "event {index}: {invocation:?}");
+        assert!(
+            invocation.logs[0]
+                .message
+                .contains(&format!("calls {} ", index + 1)),
+            "one warm instance throughout: {:?}",
+            invocation.logs
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_publishes_spend_the_publish_budget() {
+    let built = built();
+    let host = TestHost::start(|_, dir| {
+        install(
+            dir,
+            "refused",
+            &built.misbehave(),
+            Some(&manifest(
+                "\"refused.*\"",
+                "max_publishes = 5\nfuel = 1_000_000_000_000\ntimeout = \"20s\"",
+            )),
+        );
+    })
+    .await;
+    // A payload just over event_broker.max_payload (1 MiB): every draft is refused.
+    let id = publish(
+        &host,
+        json!({"type": "refused.x", "payload": {"action": "publish-loop", "bytes": 1_060_000, "stop_on_budget": true}}),
+    )
+    .await;
+    let event = host.finished(&id).await;
+    let failure = &outcome(&event, "refused")["last_error"];
+    assert_eq!(failure["kind"], "fail", "{failure:#}");
+    let message = failure["message"].as_str().unwrap();
+    assert!(message.starts_with("after 6 calls"), "{message}");
+    assert!(message.contains("publish budget"), "{message}");
+    let (_, derived) = host.get("/v1/events?type=fixture.big").await;
+    assert_eq!(derived["count"], 0, "nothing published");
+    host.stop().await;
+}
+
+/// Polls `/healthz` until `done` says stop; returns every latency seen.
+async fn health_latencies(host: &TestHost, done: impl Fn() -> bool) -> Vec<std::time::Duration> {
+    let mut latencies = Vec::new();
+    while !done() {
+        let started = std::time::Instant::now();
+        let response = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            host.http.get(format!("{}/healthz", host.url)).send(),
+        )
+        .await
+        .expect("/healthz answers within 10 s while a guest floods the host")
+        .expect("request");
+        assert_eq!(response.status(), 200);
+        latencies.push(started.elapsed());
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    latencies
+}
+
+fn summary(latencies: &mut [std::time::Duration]) -> String {
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    format!(
+        "{} probes, median {:?}, p99 {:?}, max {:?}",
+        latencies.len(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_flooding_the_host_with_huge_drafts_end_within_their_budgets() {
+    let built = built();
+    let host = TestHost::start(|_, dir| {
+        install(
+            dir,
+            "flood",
+            &built.misbehave(),
+            Some(&manifest("\"flood.*\"", "timeout = \"20s\"")),
+        );
+    })
+    .await;
+    let mut baseline = {
+        let stop = std::time::Instant::now() + std::time::Duration::from_millis(500);
+        health_latencies(&host, || std::time::Instant::now() > stop).await
+    };
+    println!("/healthz with an idle host: {}", summary(&mut baseline));
+    for (bytes, kind, needle) in [
+        // 30 MB drafts: more than one host call may carry; the first one traps.
+        (30_000_000, "trap", "handed the host more than"),
+        // Drafts just over max_payload: refused, then the budget is spent, and every call
+        // costs fuel for the bytes handed over.
+        (1_060_000, "out_of_fuel", "ran out of fuel"),
+    ] {
+        let id = publish(
+            &host,
+            json!({"type": "flood.x", "payload": {"action": "publish-loop", "bytes": bytes}}),
+        )
+        .await;
+        let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let (url, http, finished) = (host.url.clone(), host.http.clone(), finished.clone());
+            let id = id.clone();
+            tokio::spawn(async move {
+                loop {
+                    let event: Value = http
+                        .get(format!("{url}/v1/events/{id}"))
+                        .send()
+                        .await
+                        .unwrap()
+                        .json()
+                        .await
+                        .unwrap();
+                    if matches!(event["status"].as_str(), Some("completed" | "failed")) {
+                        finished.store(true, std::sync::atomic::Ordering::Release);
+                        return event;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            })
+        };
+        let mut latencies = health_latencies(&host, || {
+            finished.load(std::sync::atomic::Ordering::Acquire)
+        })
+        .await;
+        let event = watcher.await.unwrap();
+        if !latencies.is_empty() {
+            println!(
+                "/healthz while a guest loops on {bytes}-byte drafts: {}",
+                summary(&mut latencies)
+            );
+        }
+        let failure = &outcome(&event, "flood")["last_error"];
+        assert_eq!(failure["kind"], kind, "{bytes}: {failure:#}");
+        assert!(
+            failure["message"].as_str().unwrap().contains(needle),
+            "{bytes}: {failure:#}"
+        );
+    }
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_guest_hands_the_host_is_bounded() {
+    let built = built();
+    let host = TestHost::start(|_, dir| {
+        install(
+            dir,
+            "bounded",
+            &built.misbehave(),
+            Some(&manifest("\"bounded.*\"", "")),
+        );
+    })
+    .await;
+    // A long fail message is cut, in the outcome and in the event's error summary.
+    let id = publish(
+        &host,
+        json!({"type": "bounded.fail", "payload": {"action": "fail-big", "bytes": 500_000}}),
+    )
+    .await;
+    let event = host.finished(&id).await;
+    let failure = &outcome(&event, "bounded")["last_error"];
+    assert_eq!(failure["kind"], "fail");
+    let message = failure["message"].as_str().unwrap();
+    assert!(message.len() <= eventbroker::wasm::limits::MAX_MESSAGE_BYTES + 64);
+    assert!(
+        message.ends_with("more bytes cut]"),
+        "{}",
+        &message[message.len() - 40..]
+    );
+    assert!(
+        event["error"].as_str().unwrap().len()
+            <= eventbroker::wasm::limits::MAX_MESSAGE_BYTES + 128
+    );
+    // More than one call may carry: the guest traps before the host copies it.
+    let id = publish(
+        &host,
+        json!({"type": "bounded.huge", "payload": {"action": "fail-big", "bytes": 5_000_000}}),
+    )
+    .await;
+    let event = host.finished(&id).await;
+    let failure = &outcome(&event, "bounded")["last_error"];
+    assert_eq!(failure["kind"], "trap", "{failure:#}");
+    assert!(
+        failure["message"]
+            .as_str()
+            .unwrap()
+            .contains("handed the host more than")
+    );
+    assert!(serde_json::to_string(&event).unwrap().len() < 64 * 1024);
+    // Every field of a derived-event draft is bounded.
+    for (field, bytes) in [
+        ("session_id", 300),
+        ("schema", 300),
+        ("entity", 300),
+        ("operation", 300),
+        ("metadata", 100_000),
+        ("payload", 1_060_000),
+    ] {
+        let id = publish(
+            &host,
+            json!({"type": "bounded.draft", "payload": {"action": "hostile-draft", "field": field, "bytes": bytes}}),
+        )
+        .await;
+        let event = host.finished(&id).await;
+        let failure = &outcome(&event, "bounded")["last_error"];
+        let message = failure["message"].as_str().unwrap_or("");
+        assert!(
+            message.starts_with(&format!("refused {field}: {field} is")),
+            "{field}: {event:#}"
+        );
+        assert!(
+            message.contains("larger than the limit"),
+            "{field}: {message}"
+        );
+    }
+    // Within the limits, drafts are accepted.
+    let id = publish(
+        &host,
+        json!({"type": "bounded.draft", "payload": {"action": "hostile-draft", "field": "metadata", "bytes": 1000}}),
+    )
+    .await;
+    assert_eq!(host.finished(&id).await["status"], "completed");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_refuses_what_serve_refuses() {
+    let bytes = std::fs::read(built().misbehave()).unwrap();
+    let events = eventbroker::wasm::runner::parse_events(
+        r#"{"type":"x.a","payload":{"action":"hostile-draft","field":"payload","bytes":1060000}}
+           {"type":"x.b","payload":{"action":"hostile-draft","field":"session_id","bytes":300}}
+           {"type":"x.c","payload":{"action":"hostile-draft","field":"metadata","bytes":1000}}"#,
+    )
+    .unwrap();
+    let report = eventbroker::wasm::runner::run(
+        &test_engine(),
+        &bytes,
+        Some("patterns = [\"*\"]"),
+        &Default::default(),
+        events,
+    )
+    .await
+    .unwrap();
+    for (index, field) in ["payload", "session_id"].iter().enumerate() {
+        let failure = report.results[index]
+            .invocation
+            .result
+            .as_ref()
+            .expect_err(field);
+        assert!(
+            failure.message.starts_with(&format!("refused {field}")),
+            "{failure:?}"
+        );
+    }
+    assert!(report.results[2].invocation.result.is_ok());
+    assert_eq!(report.results[2].invocation.published.len(), 1);
+    // Sample events are checked as POST /v1/events checks them.
+    let err = eventbroker::wasm::runner::parse_events(&format!(
+        "{{\"type\":\"x.y\",\"session_id\":\"{}\"}}",
+        "s".repeat(300)
+    ))
+    .unwrap_err();
+    assert!(err.to_string().contains("session_id"), "{err}");
+}
+
+/// A manifest for the hostile-patterns fixture choosing how its `patterns()` misbehaves.
+fn patterns_mode(mode: &str) -> String {
+    format!("[config]\npatterns = \"{mode}\"\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_and_run_bound_patterns_like_serve() {
+    let bytes = std::fs::read(built().hostile_patterns()).unwrap();
+    let engine = test_engine();
+    let bounded = |what: &'static str| {
+        let engine = engine.clone();
+        let bytes = bytes.clone();
+        async move {
+            tokio::time::timeout(
+                eventbroker_tests::PATIENCE,
+                eventbroker::wasm::check::check(&engine, &bytes, Some(&patterns_mode(what))),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("check of {what} patterns did not finish"))
+            .expect("a component")
+        }
+    };
+    let ok = bounded("ok").await;
+    assert!(ok.compatible, "{:?}", ok.problems);
+    assert_eq!(ok.default_patterns, Some(vec!["hostile.>".to_owned()]));
+    for (mode, needle) in [
+        ("sleep", "did not return within"),
+        ("many", "at most 100 patterns"),
+        ("long", "at most 255"),
+        ("invalid", "invalid pattern"),
+    ] {
+        let report = bounded(mode).await;
+        assert!(!report.compatible, "{mode}");
+        assert!(
+            report.problems.iter().any(|p| p.contains(needle)),
+            "{mode}: {:?}",
+            report.problems
+        );
+    }
+    // Without a manifest the component waits on a clock: check and run end all the same.
+    let report = tokio::time::timeout(
+        eventbroker_tests::PATIENCE,
+        eventbroker::wasm::check::check(&engine, &bytes, None),
+    )
+    .await
+    .expect("check finishes")
+    .expect("a component");
+    assert!(!report.compatible);
+    let events = eventbroker::wasm::runner::parse_events("{\"type\":\"hostile.x\"}").unwrap();
+    let error = tokio::time::timeout(
+        eventbroker_tests::PATIENCE,
+        eventbroker::wasm::runner::run(&engine, &bytes, None, &Default::default(), events),
+    )
+    .await
+    .expect("run finishes")
+    .expect_err("refused");
+    assert!(
+        error.to_string().contains("did not return within"),
+        "{error}"
+    );
+    // Invalid default patterns are refused even when a manifest overrides them.
+    let events = eventbroker::wasm::runner::parse_events("{\"type\":\"hostile.x\"}").unwrap();
+    let manifest = format!("patterns = [\"hostile.>\"]\n{}", patterns_mode("invalid"));
+    let error = eventbroker::wasm::runner::run(
+        &engine,
+        &bytes,
+        Some(&manifest),
+        &Default::default(),
+        events,
+    )
+    .await
+    .expect_err("refused");
+    assert!(error.to_string().contains("invalid pattern"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_stuck_in_patterns_neither_blocks_start_nor_later_changes() {
+    let built = built();
+    let host = tokio::time::timeout(
+        eventbroker_tests::PATIENCE,
+        TestHost::start(|config, dir| {
+            config.handlers.debounce = std::time::Duration::from_millis(50);
+            install(dir, "stuck", &built.hostile_patterns(), None);
+            install(
+                dir,
+                "fine",
+                &built.misbehave(),
+                Some("patterns = [\"fine.*\"]"),
+            );
+        }),
+    )
+    .await
+    .expect("the host starts although a component's patterns() never returns");
+    assert_eq!(host.get("/readyz").await.0, 200);
+    let stuck = host.service.handlers().get("stuck").unwrap();
+    assert_eq!(stuck.state, "rejected");
+    let reason = stuck.last_rejection.unwrap().reason;
+    assert!(reason.contains("did not return within"), "{reason}");
+    // Dropped in while serving, it holds the change lock for its bounded time only.
+    install(
+        &host.handlers_dir,
+        "stuck-too",
+        &built.hostile_patterns(),
+        None,
+    );
+    let component = std::fs::read(built.misbehave()).unwrap();
+    let (status, info) = tokio::time::timeout(
+        eventbroker_tests::PATIENCE,
+        host.deploy("later", component, Some("patterns = [\"later.*\"]"), None),
+    )
+    .await
+    .expect("a deploy is not blocked for good");
+    assert_eq!(status, 200, "{info}");
+    let status = tokio::time::timeout(
+        eventbroker_tests::PATIENCE,
+        host.http
+            .delete(format!("{}/v1/handlers/later", host.url))
+            .send(),
+    )
+    .await
+    .expect("a removal is not blocked for good")
+    .unwrap()
+    .status();
+    assert_eq!(status, 204);
+    wait_for("the dropped-in component to be rejected", || async {
+        let info = host.service.handlers().get("stuck-too")?;
+        info.last_rejection
+            .filter(|r| r.reason.contains("did not return within"))
+    })
+    .await;
+    let id = publish(
+        &host,
+        json!({"type": "fine.x", "payload": {"action": "ok"}}),
+    )
+    .await;
+    assert_eq!(host.finished(&id).await["status"], "completed");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_touch_or_a_deploy_reloads_nothing_and_nothing_reloads_by_itself() {
+    let built = built();
+    let fixture = std::fs::read(built.misbehave()).unwrap();
+    let host = TestHost::start(|config, _| {
+        config.handlers.debounce = std::time::Duration::from_millis(50);
+    })
+    .await;
+    let (status, info) = host
+        .deploy("web", fixture.clone(), Some("patterns = [\"web.*\"]"), None)
+        .await;
+    assert_eq!(status, 200, "{info}");
+    // `touch`: new times, same content.
+    std::fs::File::options()
+        .append(true)
+        .open(host.handlers_dir.join("web.wasm"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now())
+        .unwrap();
+    // Markers: each is one new file (no manifest, so it is read once and rejected for having
+    // no patterns), seen by the watcher after every change made before it.
+    let mut markers = 0;
+    let mut marker = || {
+        markers += 1;
+        let name = format!("marker{markers}");
+        let tmp = host.handlers_dir.join(format!(".{name}.wasm.tmp"));
+        std::fs::write(&tmp, eventbroker_tests::variant(&fixture, markers)).unwrap();
+        std::fs::rename(&tmp, host.handlers_dir.join(format!("{name}.wasm"))).unwrap();
+        name
+    };
+    let seen = |name: String| {
+        let host = &host;
+        async move {
+            wait_for(&format!("{name} to be read"), || async {
+                let info = host.service.handlers().get(&name)?;
+                (info.rejections > 0).then_some(())
+            })
+            .await
+        }
+    };
+    for _ in 0..3 {
+        seen(marker()).await;
+    }
+    let settled = host.service.handlers().list();
+    let web = host.service.handlers().get("web").unwrap();
+    assert_eq!(web.loads, 1, "the touch did not load a new version");
+    assert!(web.unchanged >= 1, "the touch was seen: {web:?}");
+    // Three more markers, each at least one debounce period later: nothing else is re-read.
+    for _ in 0..3 {
+        seen(marker()).await;
+    }
+    for before in settled {
+        let after = host.service.handlers().get(&before.name).unwrap();
+        assert_eq!(
+            (after.loads, after.unchanged, after.rejections),
+            (before.loads, before.unchanged, before.rejections),
+            "{} was read again without a change",
+            before.name
+        );
+    }
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_component_cache_is_private_to_the_host_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let bytes = std::fs::read(built().misbehave()).unwrap();
+    let pool = eventbroker::config::PoolConfig {
+        instances: 4,
+        ..Default::default()
+    };
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("cache");
+    let engine = eventbroker::wasm::WasmEngine::new(&pool, Some(dir.clone())).unwrap();
+    assert_eq!(engine.cache_dir(), Some(dir.as_path()));
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    let (_, source) = engine.compile(&bytes).unwrap();
+    assert_eq!(source, eventbroker::wasm::engine::CompileSource::Compiled);
+    let entry = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .expect("an entry");
+    assert_eq!(mode(&entry), 0o600);
+    assert_eq!(
+        engine.compile(&bytes).unwrap().1,
+        eventbroker::wasm::engine::CompileSource::Cache
+    );
+    // An entry others could have written is compiled afresh, not loaded.
+    std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(
+        engine.compile(&bytes).unwrap().1,
+        eventbroker::wasm::engine::CompileSource::Compiled
+    );
+    assert_eq!(mode(&entry), 0o600, "replaced by a private one");
+    // A directory others can write is not used at all.
+    let shared = root.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let engine = eventbroker::wasm::WasmEngine::new(&pool, Some(shared.clone())).unwrap();
+    assert_eq!(engine.cache_dir(), None);
+    engine.compile(&bytes).unwrap();
+    assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0);
+    // The default is never the working directory.
+    if let Some(default) = eventbroker::config::default_cache_dir() {
+        assert!(default.is_absolute(), "{}", default.display());
+    }
+}

@@ -46,6 +46,9 @@ pub struct RunArgs {
 pub struct CheckArgs {
     /// The component to check.
     wasm: PathBuf,
+    /// Handler manifest to check with it, as the service would load them together.
+    #[arg(long, short)]
+    manifest: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -61,8 +64,15 @@ fn engine(cache_dir: Option<PathBuf>) -> anyhow::Result<WasmEngine> {
     };
     Ok(WasmEngine::new(
         &pool,
-        Some(cache_dir.unwrap_or_else(default_cache_dir)),
+        cache_dir.or_else(default_cache_dir),
     )?)
+}
+
+fn read_manifest(path: Option<&PathBuf>) -> anyhow::Result<Option<String>> {
+    path.map(|path| {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    })
+    .transpose()
 }
 
 fn read_component(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
@@ -71,13 +81,7 @@ fn read_component(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
 
 pub async fn run_command(args: RunArgs) -> anyhow::Result<ExitCode> {
     let bytes = read_component(&args.wasm)?;
-    let manifest = match &args.manifest {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?,
-        ),
-        None => None,
-    };
+    let manifest = read_manifest(args.manifest.as_ref())?;
     let text = if args.event.as_os_str() == "-" {
         let mut text = String::new();
         std::io::stdin()
@@ -205,10 +209,16 @@ fn round(duration: Duration) -> Duration {
 
 pub async fn check_command(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let bytes = read_component(&args.wasm)?;
+    let manifest = read_manifest(args.manifest.as_ref())?;
     let engine = engine(args.cache_dir)?;
-    let report = match check(&engine, &bytes).await {
+    let report = match check(&engine, &bytes, manifest.as_deref()).await {
         Ok(report) => report,
-        Err(error @ (WasmError::NotWasm | WasmError::NotComponent | WasmError::Compile(_))) => {
+        Err(
+            error @ (WasmError::NotWasm
+            | WasmError::UnknownWasm(_)
+            | WasmError::NotComponent
+            | WasmError::Compile(_)),
+        ) => {
             eprintln!("{}: {error}", args.wasm.display());
             return Ok(ExitCode::FAILURE);
         }

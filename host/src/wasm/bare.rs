@@ -76,6 +76,7 @@ impl BareGuest {
                 handler: "bare".into(),
                 version: "bare".into(),
                 memory: u64::MAX,
+                fuel: u64::MAX,
                 max_log_lines: 100,
                 max_log_bytes: 64 << 10,
                 max_publishes: 100,

@@ -147,12 +147,20 @@ pub fn explain_link_error(message: &str) -> String {
     }
 }
 
-/// Checks a component against the handler world and the host's imports.
+/// Checks a component (and its manifest, when given) against the handler world and the
+/// host's imports, loading it as `serve` would with the default settings: the same patterns
+/// checks (its own defaults included), the same limits and the same wall-clock bound on its
+/// `patterns()`.
 ///
 /// # Errors
-/// [`WasmError::NotWasm`], [`WasmError::NotComponent`] or [`WasmError::Compile`]; problems with
-/// imports and exports are reported in the [`CheckReport`] instead.
-pub async fn check(engine: &WasmEngine, bytes: &[u8]) -> Result<CheckReport, WasmError> {
+/// [`WasmError::NotWasm`], [`WasmError::UnknownWasm`], [`WasmError::NotComponent`] or
+/// [`WasmError::Compile`]; problems with imports, exports, patterns and the manifest are
+/// reported in the [`CheckReport`] instead.
+pub async fn check(
+    engine: &WasmEngine,
+    bytes: &[u8],
+    manifest: Option<&str>,
+) -> Result<CheckReport, WasmError> {
     let (component, _) = engine.compile(bytes)?;
     let ty = component.component_type();
     let exports: Vec<String> = ty
@@ -175,21 +183,41 @@ pub async fn check(engine: &WasmEngine, bytes: &[u8]) -> Result<CheckReport, Was
         .filter(|i| !i.satisfied)
         .map(|i| format!("import {}: {}", i.name, i.note))
         .collect();
-    let mut default_patterns = None;
-    if problems.is_empty() {
-        let spec = super::manifest::Manifest {
-            patterns: Some(vec!["*".into()]),
-            ..Default::default()
-        }
-        .resolve(
+    let spec = match manifest {
+        Some(text) => super::manifest::Manifest::parse(text),
+        None => Ok(super::manifest::Manifest::default()),
+    }
+    .and_then(|manifest| {
+        manifest.resolve(
             "check",
             &crate::config::HandlerDefaults::default(),
             &crate::config::RetryPolicy::default(),
             &crate::config::PoolConfig::default(),
-        )?;
+        )
+    });
+    let spec = match spec {
+        Ok(spec) => Some(spec),
+        Err(error) => {
+            problems.push(error.to_string());
+            None
+        }
+    };
+    let mut default_patterns = None;
+    if let Some(spec) = spec
+        && problems.is_empty()
+    {
         match super::component::CompiledHandler::load(engine, bytes, spec, Default::default()).await
         {
-            Ok(loaded) => default_patterns = loaded.info().default_patterns,
+            Ok(loaded) => {
+                default_patterns = loaded.info().default_patterns;
+                if manifest.is_some() && loaded.patterns().is_empty() {
+                    problems.push(
+                        "no subscription patterns: the manifest gives none and the component \
+                         exports none"
+                            .into(),
+                    );
+                }
+            }
             Err(error) => problems.push(error.to_string()),
         }
     }

@@ -1,41 +1,44 @@
 //! One loaded version of a handler: the compiled component, pre-instantiated against the host's
 //! linker, with its limits; and the invocation of it on one event.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
-use wasmtime::component::{Instance, InstancePre};
+use wasmtime::component::InstancePre;
 use wasmtime::{Store, Trap, UpdateDeadline};
 
 use super::WasmError;
 use super::bindings::types::{self as wit, HandlerError};
 use super::bindings::{HandlerIndices, SubscriptionIndices};
 use super::engine::{CompileSource, WasmEngine, version_id};
+use super::limits;
+use super::log::LogLine;
 use super::manifest::HandlerSpec;
-use super::state::{HostState, LogLine, Publisher, StoreSettings};
+use super::outcome::{Classifier, with_details};
+use super::slots::{Live, WarmPool};
+use super::state::{HostState, Publisher, StoreSettings};
 use crate::config::InstancePolicy;
 use crate::event::{Event, EventSource, EventStatus, Failure, FailureKind};
 use crate::metrics::Metrics;
-use crate::pattern::Pattern;
 
 /// Fuel granted to a component's `patterns()` export when it is loaded.
 const PATTERNS_FUEL: u64 = 10_000_000;
-/// Deadline of a component's `patterns()` export when it is loaded.
-const PATTERNS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Wall-clock bound of a component's `patterns()` export (instantiation included) when it is
+/// loaded, also when it waits in a host call such as a WASI clock.
+pub const PATTERNS_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long past its deadline a guest blocked in a host call (where epoch interruption cannot
 /// reach it) is given before its invocation is abandoned.
 const HOST_CALL_GRACE: Duration = Duration::from_millis(100);
-/// How long an invocation waits for one of the handler's concurrency slots before the event
-/// is deferred (retried later for this handler, without counting an attempt). Keeps a
-/// saturated or misbehaving handler from tying up the broker's workers.
-const QUEUE_WAIT: Duration = Duration::from_millis(100);
-/// Log lines kept in a failure record.
-const FAILURE_LOG_TAIL: usize = 10;
+/// How long an invocation waits for one of the handler's concurrency slots, and then for a
+/// slot of the instance pool, before the event is deferred (retried later for this handler,
+/// without counting an attempt). Keeps a saturated or misbehaving handler, or a full pool,
+/// from tying up the broker's workers.
+pub const QUEUE_WAIT: Duration = Duration::from_millis(100);
 
 /// A handler version ready to run.
 pub struct CompiledHandler {
@@ -50,16 +53,10 @@ pub struct CompiledHandler {
     pre: InstancePre<HostState>,
     indices: HandlerIndices,
     settings: Arc<StoreSettings>,
-    warm: Mutex<Vec<Warm>>,
+    warm: Arc<WarmPool>,
     permits: Arc<Semaphore>,
     counters: Arc<HandlerCounters>,
     engine: WasmEngine,
-}
-
-/// A warm instance kept for the `reuse` policy.
-struct Warm {
-    store: Store<HostState>,
-    instance: Instance,
 }
 
 /// Counters of one handler name, kept across its versions.
@@ -175,12 +172,15 @@ pub struct VersionInfo {
 }
 
 impl CompiledHandler {
-    /// Compiles (or loads from cache), links and checks a component, and reads its default
-    /// patterns. CPU-heavy: call it off the event path (e.g. in `spawn_blocking`).
+    /// Compiles (or loads from cache), links and checks a component, and reads and checks its
+    /// default patterns (within [`PATTERNS_TIMEOUT`], at most [`limits::MAX_PATTERNS`] of at
+    /// most [`limits::MAX_PATTERN_LEN`] bytes, each valid — whether or not the manifest
+    /// overrides them). CPU-heavy: call it off the event path (e.g. in `spawn_blocking`).
     ///
     /// # Errors
     /// [`WasmError`] saying what is wrong: not a component, compile failure, an import the host
-    /// does not provide, a missing or mismatched export, no patterns.
+    /// does not provide, a missing or mismatched export, patterns that are invalid, too many
+    /// or too long, or a `patterns()` that does not return in time.
     pub async fn load(
         engine: &WasmEngine,
         bytes: &[u8],
@@ -204,6 +204,7 @@ impl CompiledHandler {
             handler: spec.name.clone(),
             version: version.clone(),
             memory: spec.memory,
+            fuel: spec.fuel,
             max_log_lines: spec.max_log_lines,
             max_log_bytes: spec.max_log_bytes,
             max_publishes: spec.max_publishes,
@@ -215,6 +216,9 @@ impl CompiledHandler {
             }
             Err(_) => None,
         };
+        if let Some(defaults) = &default_patterns {
+            limits::check_patterns(defaults, "component default").map_err(WasmError::Exports)?;
+        }
         // No patterns at all is allowed here (the local runner runs any event); the handler
         // set refuses to serve such a handler.
         let patterns = match (&spec.patterns, &default_patterns) {
@@ -222,9 +226,9 @@ impl CompiledHandler {
             (None, Some(defaults)) => defaults.clone(),
             (None, None) => Vec::new(),
         };
-        for pattern in &patterns {
-            Pattern::new(pattern)
-                .map_err(|e| WasmError::Manifest(format!("component default {e}")))?;
+        let warm = Arc::new(WarmPool::default());
+        if spec.instances == InstancePolicy::Reuse {
+            engine.slots().register(&warm);
         }
         Ok(CompiledHandler {
             permits: Arc::new(Semaphore::new(spec.concurrency)),
@@ -239,7 +243,7 @@ impl CompiledHandler {
             pre,
             indices,
             settings,
-            warm: Mutex::new(Vec::new()),
+            warm,
             counters,
             engine: engine.clone(),
         })
@@ -279,7 +283,8 @@ impl CompiledHandler {
         }
     }
 
-    /// Waits until no invocation of this version is running, and stops new ones from starting.
+    /// Waits until no invocation of this version is running, stops new ones from starting,
+    /// and gives its warm instances' slots back to the pool.
     pub async fn quiesce(&self) {
         if let Ok(permits) = self
             .permits
@@ -289,11 +294,15 @@ impl CompiledHandler {
             permits.forget();
         }
         self.permits.close();
+        self.warm.clear();
     }
 
-    /// Runs the handler on `event` under its limits. Waits for a concurrency slot first.
-    /// The result is always one of: ok, guest retry/fail, out of fuel, memory limit, timeout,
-    /// trap (with the trap message and backtrace), or host (the slot was closed).
+    /// Runs the handler on `event` under its limits. Waits for a concurrency slot and a slot
+    /// of the instance pool first. The result is always one of: ok, guest retry/fail (its
+    /// message cut to [`limits::MAX_MESSAGE_BYTES`]), out of fuel, memory limit, timeout, trap
+    /// (with the trap message and backtrace, cut likewise), busy (no concurrency or pool slot
+    /// within [`QUEUE_WAIT`]: deferred without counting an attempt), or host (the version was
+    /// removed).
     pub async fn invoke(&self, event: &Event, attempt: u32, publisher: Publisher) -> Invocation {
         let started = Instant::now();
         let permit = tokio::time::timeout(QUEUE_WAIT, self.permits.clone().acquire_owned()).await;
@@ -313,7 +322,8 @@ impl CompiledHandler {
                     Failure::new(
                         FailureKind::Busy,
                         format!(
-                            "all {} instances busy for {}; deferred",
+                            "all {} concurrent invocations of this handler (its `concurrency`) \
+                             busy for {}; deferred without counting an attempt",
                             self.spec.concurrency,
                             humantime::format_duration(QUEUE_WAIT)
                         ),
@@ -334,60 +344,52 @@ impl CompiledHandler {
             deadline_ms,
         };
         let wit_event = to_wit_event(event);
-        let (mut store, instance) = match self.take_instance(deadline).await {
-            Ok(pair) => pair,
-            Err((store, error)) => {
-                let failure = self.classify(
-                    store.as_ref().map(|s| s.data().memory_exceeded),
-                    error,
-                    0,
-                    Vec::new(),
-                );
-                return self.record(Invocation {
-                    result: Err(failure),
-                    logs: Vec::new(),
-                    logs_dropped: 0,
-                    published: Vec::new(),
-                    fuel_used: 0,
-                    duration: started.elapsed(),
-                });
-            }
+        let transfer = limits::transfer_limit(publisher.max_payload(), self.spec.max_log_bytes);
+        let classifier = self.classifier(transfer);
+        let mut live = match self.take_instance(deadline, &classifier).await {
+            Ok(live) => live,
+            Err(failure) => return self.record(Invocation::refused(failure, started)),
         };
-        arm(&mut store, self.spec.fuel, deadline);
+        let Live {
+            store, instance, ..
+        } = &mut live;
+        arm(store, self.spec.fuel, deadline);
+        store.set_hostcall_fuel(transfer);
         store.data_mut().begin(&event.id, publisher);
         let call = async {
-            let guest = self.indices.load(&mut store, &instance)?;
-            guest.call_handle(&mut store, &wit_event, &context).await
+            let guest = self.indices.load(&mut *store, instance)?;
+            guest.call_handle(&mut *store, &wit_event, &context).await
         };
         // The epoch deadline stops guest code; this also stops a guest blocked in a host call.
         let outcome = match tokio::time::timeout_at(deadline + HOST_CALL_GRACE, call).await {
             Ok(outcome) => outcome,
             Err(_) => Err(wasmtime::Error::from(Trap::Interrupt)),
         };
-        let fuel_used = self.spec.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+        let fuel_used = self.spec.fuel.saturating_sub(settle_fuel(store));
         let memory_exceeded = store.data().memory_exceeded;
         let (logs, logs_dropped, published) = store.data_mut().finish();
         let result = match outcome {
             Ok(Ok(())) => Ok(()),
             Ok(Err(HandlerError::Retry(message))) => Err(with_details(
-                Failure::new(FailureKind::Retry, message),
+                Failure::new(FailureKind::Retry, limits::truncate_message(message)),
                 fuel_used,
                 &logs,
             )),
             Ok(Err(HandlerError::Fail(message))) => Err(with_details(
-                Failure::new(FailureKind::Fail, message),
+                Failure::new(FailureKind::Fail, limits::truncate_message(message)),
                 fuel_used,
                 &logs,
             )),
-            Err(error) => Err(self.classify(Some(memory_exceeded), error, fuel_used, logs.clone())),
+            Err(error) => Err(with_details(
+                classifier.classify(memory_exceeded, &error),
+                fuel_used,
+                &logs,
+            )),
         };
         let trapped =
             matches!(&result, Err(f) if !matches!(f.kind, FailureKind::Retry | FailureKind::Fail));
         if self.spec.instances == InstancePolicy::Reuse && !trapped {
-            self.warm
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(Warm { store, instance });
+            self.warm.put(live, self.engine.slots());
         }
         self.record(Invocation {
             result,
@@ -420,90 +422,83 @@ impl CompiledHandler {
         invocation
     }
 
-    /// A warm instance (reuse) or a fresh one.
+    /// A warm instance (reuse) or a fresh one in a slot of the instance pool.
     async fn take_instance(
         &self,
         deadline: Instant,
-    ) -> Result<(Store<HostState>, Instance), (Option<Store<HostState>>, wasmtime::Error)> {
-        if self.spec.instances == InstancePolicy::Reuse {
-            let warm = self.warm.lock().unwrap_or_else(|p| p.into_inner()).pop();
-            if let Some(Warm { store, instance }) = warm {
-                return Ok((store, instance));
-            }
+        classifier: &Classifier,
+    ) -> Result<Live, Failure> {
+        if self.spec.instances == InstancePolicy::Reuse
+            && let Some(live) = self.warm.take()
+        {
+            return Ok(live);
         }
+        let slot = self
+            .engine
+            .slots()
+            .acquire(QUEUE_WAIT)
+            .await
+            .map_err(|full| {
+                Failure::new(
+                    FailureKind::Busy,
+                    format!(
+                        "{full} for {}; deferred without counting an attempt (the host's \
+                         capacity, not the handler's fault)",
+                        humantime::format_duration(QUEUE_WAIT)
+                    ),
+                )
+            })?;
         let mut store = Store::new(self.engine.engine(), HostState::new(self.settings.clone()));
         store.limiter(|state| state);
         arm(&mut store, self.spec.fuel, deadline);
         let instantiate = self.pre.instantiate_async(&mut store);
-        match tokio::time::timeout_at(deadline + HOST_CALL_GRACE, instantiate).await {
-            Ok(Ok(instance)) => Ok((store, instance)),
-            Ok(Err(error)) => Err((Some(store), error)),
-            Err(_) => Err((Some(store), wasmtime::Error::from(Trap::Interrupt))),
-        }
+        let error = match tokio::time::timeout_at(deadline + HOST_CALL_GRACE, instantiate).await {
+            Ok(Ok(instance)) => return Ok(Live::new(store, instance, slot)),
+            Ok(Err(error)) => error,
+            Err(_) => wasmtime::Error::from(Trap::Interrupt),
+        };
+        let memory_exceeded = store.data().memory_exceeded;
+        Err(with_details(
+            classifier.classify(memory_exceeded, &error),
+            0,
+            &[],
+        ))
     }
 
-    fn classify(
-        &self,
-        memory_exceeded: Option<bool>,
-        error: wasmtime::Error,
-        fuel_used: u64,
-        logs: Vec<LogLine>,
-    ) -> Failure {
-        let trap = error.downcast_ref::<Trap>().copied();
-        let failure = if memory_exceeded == Some(true) {
-            Failure::new(
-                FailureKind::MemoryLimit,
-                format!(
-                    "memory limit of {} reached: {error:#}",
-                    bytesize::ByteSize::b(self.spec.memory)
-                ),
-            )
-        } else {
-            match trap {
-                Some(Trap::OutOfFuel) => Failure::new(
-                    FailureKind::OutOfFuel,
-                    format!("ran out of fuel ({} units)", self.spec.fuel),
-                ),
-                Some(Trap::Interrupt) => Failure::new(
-                    FailureKind::Timeout,
-                    format!(
-                        "did not finish within {}",
-                        humantime::format_duration(self.spec.timeout)
-                    ),
-                ),
-                Some(_) => Failure::new(FailureKind::Trap, format!("{error:?}")),
-                None => {
-                    let text = format!("{error:?}");
-                    if text.contains("memory") && text.contains("limit") {
-                        Failure::new(FailureKind::MemoryLimit, text)
-                    } else {
-                        Failure::new(FailureKind::Trap, text)
-                    }
-                }
-            }
-        };
-        with_details(failure, fuel_used, &logs)
+    fn classifier(&self, transfer: usize) -> Classifier {
+        Classifier {
+            fuel: self.spec.fuel,
+            memory: self.spec.memory,
+            timeout: self.spec.timeout,
+            transfer,
+        }
     }
 }
 
-fn with_details(mut failure: Failure, fuel_used: u64, logs: &[LogLine]) -> Failure {
-    failure.fuel_used = Some(fuel_used);
-    let skip = logs.len().saturating_sub(FAILURE_LOG_TAIL);
-    failure.log_tail = logs[skip..]
-        .iter()
-        .map(|line| format!("{}: {}", line.level, line.message))
-        .collect();
-    failure
+/// Takes the fuel owed for bytes the guest handed the host off the store's fuel, and returns
+/// what is left.
+fn settle_fuel(store: &mut Store<HostState>) -> u64 {
+    let debt = store.data_mut().take_fuel_debt();
+    let left = store.get_fuel().unwrap_or(0).saturating_sub(debt);
+    // Fuel is enabled in the engine config, so setting it cannot fail.
+    let _ = store.set_fuel(left);
+    left
 }
 
 /// Sets the fuel budget and the wall-clock deadline of a store. Past the deadline the guest
 /// is interrupted; before it, it yields to the async runtime at every epoch tick so that a
-/// busy guest never starves other tasks.
+/// busy guest never starves other tasks. At every tick, the fuel owed for bytes the guest
+/// handed the host is taken off its fuel, so a guest whose host calls use up its fuel runs out.
 fn arm(store: &mut Store<HostState>, fuel: u64, deadline: Instant) {
     // Fuel is enabled in the engine config, so setting it cannot fail.
     let _ = store.set_fuel(fuel);
     store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(move |_| {
+    store.epoch_deadline_callback(move |mut store| {
+        let debt = store.data_mut().take_fuel_debt();
+        if debt > 0 {
+            let left = store.get_fuel()?.saturating_sub(debt);
+            store.set_fuel(left)?;
+        }
         if Instant::now() >= deadline {
             Ok(UpdateDeadline::Interrupt)
         } else {
@@ -517,22 +512,63 @@ fn arm(store: &mut Store<HostState>, fuel: u64, deadline: Instant) {
     });
 }
 
+/// Calls a component's `patterns()` export in a fresh instance, within [`PATTERNS_FUEL`] and
+/// [`PATTERNS_TIMEOUT`] (also when it waits in a host call), receiving at most
+/// [`limits::PATTERNS_TRANSFER`] bytes.
 async fn read_patterns(
     pre: &InstancePre<HostState>,
     indices: &SubscriptionIndices,
     settings: &Arc<StoreSettings>,
     engine: &WasmEngine,
 ) -> Result<Vec<String>, WasmError> {
-    let mut store = Store::new(engine.engine(), HostState::new(settings.clone()));
-    store.limiter(|state| state);
-    arm(&mut store, PATTERNS_FUEL, Instant::now() + PATTERNS_TIMEOUT);
+    let deadline = Instant::now() + PATTERNS_TIMEOUT;
     let run = async {
-        let instance = pre.instantiate_async(&mut store).await?;
-        let guest = indices.load(&mut store, &instance)?;
-        guest.call_patterns(&mut store).await
+        let _slot = engine
+            .slots()
+            .acquire(PATTERNS_TIMEOUT)
+            .await
+            .map_err(|full| {
+                WasmError::Engine(format!("cannot read the component's patterns(): {full}"))
+            })?;
+        let mut store = Store::new(engine.engine(), HostState::new(settings.clone()));
+        store.limiter(|state| state);
+        arm(&mut store, PATTERNS_FUEL, deadline);
+        store.set_hostcall_fuel(limits::PATTERNS_TRANSFER);
+        let call = async {
+            let instance = pre.instantiate_async(&mut store).await?;
+            let guest = indices.load(&mut store, &instance)?;
+            guest.call_patterns(&mut store).await
+        };
+        call.await.map_err(|error| {
+            let reason = if limits::is_transfer_exceeded(&error) {
+                format!(
+                    "it returned more than {} bytes; at most {} patterns of at most {} bytes are allowed",
+                    limits::PATTERNS_TRANSFER,
+                    limits::MAX_PATTERNS,
+                    limits::MAX_PATTERN_LEN
+                )
+            } else if matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+                format!(
+                    "it did not return within {}",
+                    humantime::format_duration(PATTERNS_TIMEOUT)
+                )
+            } else {
+                format!("{error:#}")
+            };
+            WasmError::Exports(format!(
+                "calling the component's patterns(): {}",
+                limits::truncate_message(reason)
+            ))
+        })
     };
-    run.await
-        .map_err(|e| WasmError::Exports(format!("calling the component's patterns(): {e:#}")))
+    match tokio::time::timeout_at(deadline + HOST_CALL_GRACE, run).await {
+        Ok(result) => result,
+        Err(_) => Err(WasmError::Exports(format!(
+            "calling the component's patterns(): it did not return within {} (it waited in a \
+             host call, e.g. on a clock); patterns() must return its list at once",
+            humantime::format_duration(PATTERNS_TIMEOUT)
+        ))),
+    }
 }
 
 fn wit_source(source: EventSource) -> wit::Source {

@@ -1,5 +1,6 @@
-//! The one wasmtime engine of a host: pooling allocator, fuel, epoch interruption, the linker
-//! with the host imports, and the on-disk cache of compiled components.
+//! The one wasmtime engine of a host: pooling allocator and its slots, fuel, epoch
+//! interruption, the linker with the host imports, and the on-disk cache of compiled
+//! components (see [`super::cache`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,6 +13,8 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use super::WasmError;
 use super::bindings::EventHandler as HandlerWorld;
+use super::cache;
+use super::slots::InstanceSlots;
 use super::state::HostState;
 use crate::config::PoolConfig;
 
@@ -28,6 +31,7 @@ struct EngineInner {
     engine: Engine,
     linker: Linker<HostState>,
     cache_dir: Option<PathBuf>,
+    slots: InstanceSlots,
     ticker_stop: Arc<AtomicBool>,
 }
 
@@ -47,7 +51,9 @@ pub enum CompileSource {
 }
 
 impl WasmEngine {
-    /// A new engine. `cache_dir` holds compiled components (`None` disables the cache).
+    /// A new engine. `cache_dir` holds compiled components (`None` disables the cache); it is
+    /// created readable and writable by this user only, and a directory that others can write
+    /// is not used (with a warning), since its entries are loaded as native code.
     ///
     /// # Errors
     /// [`WasmError::Engine`] if wasmtime rejects the configuration (e.g. the machine cannot
@@ -62,14 +68,32 @@ impl WasmEngine {
             .map_err(|e| WasmError::Engine(format!("linking host imports: {e:#}")))?;
         let ticker_stop = Arc::new(AtomicBool::new(false));
         spawn_epoch_ticker(engine.weak(), ticker_stop.clone());
+        let cache_dir = cache_dir.and_then(|dir| match cache::prepare_dir(&dir) {
+            Ok(()) => Some(dir),
+            Err(error) => {
+                tracing::warn!(dir = %dir.display(), %error, "not using the compiled-component cache; components are compiled at every load");
+                None
+            }
+        });
         Ok(WasmEngine {
             inner: Arc::new(EngineInner {
                 engine,
                 linker,
                 cache_dir,
+                slots: InstanceSlots::new(pool.instances as usize),
                 ticker_stop,
             }),
         })
+    }
+
+    /// The slots of the instance pool, shared by every handler.
+    pub fn slots(&self) -> &InstanceSlots {
+        &self.inner.slots
+    }
+
+    /// The compiled-component cache directory in use, if any.
+    pub fn cache_dir(&self) -> Option<&Path> {
+        self.inner.cache_dir.as_deref()
     }
 
     /// The wasmtime engine.
@@ -89,25 +113,30 @@ impl WasmEngine {
     pub fn compile(&self, bytes: &[u8]) -> Result<(Component, CompileSource), WasmError> {
         check_component_bytes(bytes)?;
         let cached = self.cache_path(bytes);
-        if let Some(path) = &cached
-            && path.exists()
-        {
-            {
-                // SAFETY: the cache directory is written only by this host (serialized
-                // artifacts of our own compilations, written atomically); its entries are
-                // keyed by content hash and engine compatibility hash.
-                match unsafe { Component::deserialize_file(&self.inner.engine, path) } {
-                    Ok(component) => return Ok((component, CompileSource::Cache)),
-                    Err(error) => {
-                        tracing::warn!(path = %path.display(), error = %format!("{error:#}"), "ignoring unusable cache entry");
+        if let Some(path) = &cached {
+            match cache::trusted_entry(path) {
+                Ok(true) => {
+                    // SAFETY: the entry is a regular file in a directory only this user can
+                    // write, and only this user can write the file itself (checked just
+                    // above): a serialized artifact of this host's own compilation, written
+                    // atomically and keyed by content hash and engine compatibility hash.
+                    match unsafe { Component::deserialize_file(&self.inner.engine, path) } {
+                        Ok(component) => return Ok((component, CompileSource::Cache)),
+                        Err(error) => {
+                            tracing::warn!(path = %path.display(), error = %format!("{error:#}"), "ignoring unusable cache entry");
+                        }
                     }
+                }
+                Ok(false) => {}
+                Err(reason) => {
+                    tracing::warn!(path = %path.display(), %reason, "ignoring a compiled-component cache entry that others could have written; compiling instead");
                 }
             }
         }
         let component = Component::new(&self.inner.engine, bytes)
             .map_err(|e| WasmError::Compile(format!("{e:#}")))?;
         if let Some(path) = cached
-            && let Err(error) = write_cache(&component, &path)
+            && let Err(error) = cache::write_entry(&component, &path)
         {
             tracing::warn!(path = %path.display(), %error, "could not write the compiled-component cache");
         }
@@ -148,20 +177,10 @@ pub fn version_id(bytes: &[u8]) -> String {
     hex::encode(&digest[..8])
 }
 
-fn write_cache(component: &Component, path: &Path) -> std::io::Result<()> {
-    let bytes = component.serialize().map_err(std::io::Error::other)?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
-}
-
 /// Rejects bytes that are not a WebAssembly component, saying what they are instead.
 ///
 /// # Errors
-/// [`WasmError::NotWasm`] or [`WasmError::NotComponent`].
+/// [`WasmError::NotWasm`], [`WasmError::NotComponent`] or [`WasmError::UnknownWasm`].
 pub fn check_component_bytes(bytes: &[u8]) -> Result<(), WasmError> {
     if !bytes.starts_with(b"\0asm") {
         return Err(WasmError::NotWasm);
@@ -170,7 +189,10 @@ pub fn check_component_bytes(bytes: &[u8]) -> Result<(), WasmError> {
         return Err(WasmError::NotComponent);
     }
     if !wasmparser::Parser::is_component(bytes) {
-        return Err(WasmError::NotWasm);
+        let header = bytes.get(4..8).map(hex::encode);
+        return Err(WasmError::UnknownWasm(header.unwrap_or_else(|| {
+            "missing (the file ends after the magic)".into()
+        })));
     }
     Ok(())
 }
@@ -221,5 +243,33 @@ fn spawn_epoch_ticker(engine: wasmtime::EngineWeak, stop: Arc<AtomicBool>) {
         });
     if let Err(error) = spawned {
         tracing::error!(%error, "cannot start the epoch ticker; handler deadlines are not enforced inside guests");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_told_apart_by_what_they_are() {
+        assert!(matches!(
+            check_component_bytes(b"hello"),
+            Err(WasmError::NotWasm)
+        ));
+        assert!(matches!(
+            check_component_bytes(b"\0asm\x01\0\0\0"),
+            Err(WasmError::NotComponent)
+        ));
+        for strange in [&b"\0asm\x02\0\0\0"[..], b"\0asm\x0d\0\x07\0", b"\0asm"] {
+            let error = check_component_bytes(strange).unwrap_err();
+            assert!(matches!(error, WasmError::UnknownWasm(_)), "{error}");
+            let text = error.to_string();
+            assert!(
+                text.contains("neither a core WebAssembly module nor a component"),
+                "{text}"
+            );
+            assert!(!text.contains("does not start with"), "{text}");
+        }
+        check_component_bytes(b"\0asm\x0d\0\x01\0").expect("a component header");
     }
 }

@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 
 use super::WasmError;
 use crate::config::{HandlerDefaults, InstancePolicy, PoolConfig, RetryPolicy};
-use crate::pattern::Pattern;
 
 /// What a manifest file may say. Every field is optional.
 ///
@@ -161,8 +160,9 @@ impl Manifest {
     /// manifest has no name (the file stem).
     ///
     /// # Errors
-    /// [`WasmError::Manifest`] for an invalid name or pattern, zero concurrency, or a memory
-    /// limit larger than the pool allows.
+    /// [`WasmError::Manifest`] for an invalid name, an invalid pattern (or more than
+    /// [`super::limits::MAX_PATTERNS`], or one longer than [`super::limits::MAX_PATTERN_LEN`]),
+    /// zero concurrency, or a memory limit larger than the pool allows.
     pub fn resolve(
         self,
         fallback_name: &str,
@@ -178,9 +178,7 @@ impl Manifest {
                     "patterns must list at least one pattern (or be left out to use the component's defaults)".into(),
                 ));
             }
-            for pattern in patterns {
-                Pattern::new(pattern).map_err(|e| WasmError::Manifest(e.to_string()))?;
-            }
+            super::limits::check_patterns(patterns, "manifest").map_err(WasmError::Manifest)?;
         }
         let memory = self.memory.unwrap_or(defaults.memory).as_u64();
         if memory > pool.max_memory.as_u64() {
@@ -310,5 +308,8 @@ mod tests {
             let err = resolve(text).expect_err(text).to_string();
             assert!(err.contains(needle), "{text}: {err}");
         }
+        let many = format!("patterns = [{}]", vec!["\"a.b\""; 101].join(","));
+        let err = resolve(&many).expect_err("too many").to_string();
+        assert!(err.contains("at most 100"), "{err}");
     }
 }

@@ -1,26 +1,33 @@
-//! WebAssembly handlers: the engine (pooling allocator, fuel, epoch deadlines, memory
-//! limiter), the bindings generated from `wit/`, the host imports, handler manifests, loaded
-//! versions and their invocation, the handler set (name → current version) and its loading
-//! from a directory, component checks, and the local runner behind `eventbroker run`.
+//! WebAssembly handlers: the engine (pooling allocator and its slots, fuel, epoch deadlines,
+//! memory limiter, private compile cache), the bindings generated from `wit/`, the host imports
+//! and the bounds on what a guest hands the host, handler manifests, loaded versions and their
+//! invocation, the handler set (name → current version) and its loading from a directory,
+//! component checks, and the local runner behind `eventbroker run`.
 
 pub mod bare;
 mod bindings;
+mod cache;
 pub mod check;
 pub mod component;
+mod draft;
 pub mod engine;
 pub mod handler;
+pub mod limits;
+pub mod log;
 pub mod manifest;
+mod outcome;
 pub mod registry;
 pub mod runner;
+pub mod slots;
 pub mod state;
 pub mod watch;
 
 pub use component::{CompiledHandler, HandlerCounters, Invocation, VersionInfo};
 pub use engine::{WasmEngine, check_component_bytes, version_id};
 pub use handler::WasmHandler;
+pub use log::LogLine;
 pub use manifest::{HandlerSpec, Manifest};
 pub use registry::{HandlerInfo, HandlerSet, Rejection};
-pub use state::LogLine;
 
 /// Errors of the WebAssembly runtime boundary.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -28,6 +35,14 @@ pub enum WasmError {
     /// The file is not WebAssembly at all.
     #[error("not a WebAssembly file (it does not start with the \\0asm magic bytes)")]
     NotWasm,
+    /// The file starts with the WebAssembly magic bytes, but its version and layer field is
+    /// neither a core module's nor a component's.
+    #[error(
+        "the file starts with the \\0asm magic bytes but is neither a core WebAssembly module \
+         nor a component (its version and layer bytes are {0}); it is corrupt or made for a \
+         WebAssembly version this host does not read"
+    )]
+    UnknownWasm(String),
     /// A core module was given where a component is needed.
     #[error(
         "this is a core WebAssembly module, not a component; build for the wasm32-wasip2 target \

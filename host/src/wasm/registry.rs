@@ -60,6 +60,9 @@ pub struct HandlerInfo {
     pub loads: u64,
     /// Versions rejected since start.
     pub rejections: u64,
+    /// Times the same component and manifest as the serving version were applied again and
+    /// changed nothing (a `touch`, a redeploy of identical files); not counted as loads.
+    pub unchanged: u64,
 }
 
 /// All WebAssembly handlers of a host.
@@ -85,6 +88,14 @@ struct Entry {
     last_rejection: Option<Rejection>,
     loads: u64,
     rejections: u64,
+    unchanged: u64,
+}
+
+/// What applying a version did.
+struct Applied {
+    info: HandlerInfo,
+    /// False when the version was identical to the serving one.
+    changed: bool,
 }
 
 /// What [`HandlerSet::load_dir`] did with each file.
@@ -127,7 +138,8 @@ impl HandlerSet {
     }
 
     /// Loads every `NAME.wasm` (with its optional `NAME.toml`) in the handlers directory.
-    /// A file that fails is reported and does not stop the others. A missing directory is an
+    /// A file that fails is reported and does not stop the others; one whose name is not a
+    /// valid handler name is reported without becoming an entry. A missing directory is an
     /// empty set.
     pub async fn load_dir(&self) -> LoadReport {
         let mut report = LoadReport {
@@ -182,9 +194,27 @@ impl HandlerSet {
     /// # Errors
     /// As [`HandlerSet::apply`], plus unreadable files.
     pub async fn load_file(&self, wasm_path: &Path) -> Result<HandlerInfo, WasmError> {
+        self.read_and_apply(wasm_path)
+            .await
+            .map(|applied| applied.info)
+    }
+
+    /// [`HandlerSet::load_file`] for the directory watcher: `None` when the files hold the
+    /// version already serving (nothing changed).
+    pub(crate) async fn reload_file(
+        &self,
+        wasm_path: &Path,
+    ) -> Result<Option<HandlerInfo>, WasmError> {
+        let applied = self.read_and_apply(wasm_path).await?;
+        Ok(applied.changed.then_some(applied.info))
+    }
+
+    async fn read_and_apply(&self, wasm_path: &Path) -> Result<Applied, WasmError> {
+        let name = file_stem(wasm_path)?;
+        validate_name(&name)
+            .map_err(|e| WasmError::Manifest(format!("{e} (file {})", wasm_path.display())))?;
         // Read the files under the change lock, so that a deploy writing them cannot interleave.
         let _change = self.inner.changes.lock().await;
-        let name = file_stem(wasm_path)?;
         let bytes = std::fs::read(wasm_path)
             .map_err(|e| WasmError::Io(format!("cannot read {}: {e}", wasm_path.display())))?;
         let manifest_path = wasm_path.with_extension("toml");
@@ -203,7 +233,8 @@ impl HandlerSet {
 
     /// Compiles, checks and swaps in a version of handler `name`. On failure the rejection is
     /// recorded (visible in [`HandlerSet::list`]) and the previous version keeps serving.
-    /// Applying the same component and manifest again changes nothing.
+    /// Applying the same component and manifest again changes nothing. An invalid name is
+    /// refused before anything is recorded: it never becomes an entry or a metric label.
     ///
     /// # Errors
     /// [`WasmError`] saying why the version was rejected.
@@ -213,17 +244,20 @@ impl HandlerSet {
         bytes: Vec<u8>,
         manifest: Option<&str>,
     ) -> Result<HandlerInfo, WasmError> {
+        validate_name(name)?;
         let _change = self.inner.changes.lock().await;
-        self.apply_locked(name, bytes, manifest).await
+        self.apply_locked(name, bytes, manifest)
+            .await
+            .map(|applied| applied.info)
     }
 
-    /// [`HandlerSet::apply`] for a caller holding the change lock.
+    /// [`HandlerSet::apply`] for a caller holding the change lock, with a valid `name`.
     async fn apply_locked(
         &self,
         name: &str,
         bytes: Vec<u8>,
         manifest: Option<&str>,
-    ) -> Result<HandlerInfo, WasmError> {
+    ) -> Result<Applied, WasmError> {
         let result = self.build(name, bytes, manifest).await;
         let mut entries = self.entries();
         let entry = entries.entry(name.to_owned()).or_default();
@@ -250,9 +284,18 @@ impl HandlerSet {
                 entry.current = Some(version);
                 entry.loads += 1;
                 self.inner.broker.metrics().handler_loaded(name);
-                Ok(info(name, entry))
+                Ok(Applied {
+                    info: info(name, entry),
+                    changed: true,
+                })
             }
-            Ok(None) => Ok(info(name, entry)),
+            Ok(None) => {
+                entry.unchanged += 1;
+                Ok(Applied {
+                    info: info(name, entry),
+                    changed: false,
+                })
+            }
             Err((error, version)) => {
                 reject(entry, name, &error, version);
                 self.inner.broker.metrics().handler_rejected(name);
@@ -268,7 +311,6 @@ impl HandlerSet {
         bytes: Vec<u8>,
         manifest: Option<&str>,
     ) -> Result<Option<CompiledHandler>, (WasmError, Option<String>)> {
-        validate_name(name).map_err(|e| (e, None))?;
         check_component_bytes(&bytes).map_err(|e| (e, None))?;
         let version = version_id(&bytes);
         let fail = |e: WasmError| (e, Some(version.clone()));
@@ -329,6 +371,9 @@ impl HandlerSet {
     /// Unsubscribes handler `name`, waits for its running invocations to finish, and forgets
     /// it. Returns whether it existed. Files are left alone (see [`HandlerSet::undeploy`]).
     pub async fn remove(&self, name: &str) -> bool {
+        if validate_name(name).is_err() {
+            return false;
+        }
         let _change = self.inner.changes.lock().await;
         self.remove_locked(name).await
     }
@@ -350,21 +395,22 @@ impl HandlerSet {
     /// survives a restart) and swaps it in.
     ///
     /// # Errors
-    /// [`WasmError`] if the version is rejected or the files cannot be written; a rejected
-    /// upload is never written and the previous version keeps serving.
+    /// [`WasmError`] if the name is invalid, the version is rejected or the files cannot be
+    /// written; a rejected upload is never written and the previous version keeps serving.
     pub async fn deploy(
         &self,
         name: &str,
         bytes: Vec<u8>,
         manifest: Option<&str>,
     ) -> Result<HandlerInfo, WasmError> {
+        validate_name(name)?;
         // Compile before taking the change lock, so a large component does not hold up other
         // deploys; the locked load below then reads it from the cache.
         self.inner.engine.warm_cache(bytes.clone()).await;
         // Holding the change lock until the files are written keeps a concurrent reload from
         // the directory watcher from reading the previous files in between.
         let _change = self.inner.changes.lock().await;
-        let info = self.apply_locked(name, bytes.clone(), manifest).await?;
+        let info = self.apply_locked(name, bytes.clone(), manifest).await?.info;
         let dir = self.dir();
         std::fs::create_dir_all(dir)
             .map_err(|e| WasmError::Io(format!("cannot create {}: {e}", dir.display())))?;
@@ -459,6 +505,7 @@ fn info(name: &str, entry: &Entry) -> HandlerInfo {
         busy_time: Duration::from_micros(entry.counters.micros.load(Ordering::Relaxed)),
         loads: entry.loads,
         rejections: entry.rejections,
+        unchanged: entry.unchanged,
     }
 }
 

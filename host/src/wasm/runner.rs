@@ -1,5 +1,7 @@
 //! The local guest runner behind `eventbroker run`: one component, one or more sample events,
-//! the same sandbox and limits as the service, derived events recorded instead of published.
+//! the same sandbox and limits as the service with its default settings (sample events and
+//! derived events are checked as `serve` checks published events, the component's patterns as
+//! `serve` checks them), derived events recorded instead of published.
 
 use std::time::Duration;
 
@@ -10,7 +12,7 @@ use super::component::{CompiledHandler, Invocation, VersionInfo};
 use super::engine::WasmEngine;
 use super::manifest::Manifest;
 use super::state::Publisher;
-use crate::config::{HandlerDefaults, PoolConfig, RetryPolicy};
+use crate::config::{BrokerConfig, HandlerDefaults, PoolConfig, RetryPolicy};
 use crate::event::{Event, EventDraft};
 
 /// Limits given on the command line; they win over the manifest.
@@ -59,11 +61,13 @@ impl RunReport {
 }
 
 /// Parses sample events: one JSON object, or several (JSON lines or concatenated), each in
-/// the form of `POST /v1/events`.
+/// the form of `POST /v1/events` and checked as it would be (with the default
+/// `event_broker.max_payload`).
 ///
 /// # Errors
 /// [`WasmError::Io`] naming the event number and what is wrong with it.
 pub fn parse_events(text: &str) -> Result<Vec<Event>, WasmError> {
+    let max_payload = BrokerConfig::default().max_payload.as_u64() as usize;
     let mut events = Vec::new();
     for (index, draft) in serde_json::Deserializer::from_str(text)
         .into_iter::<EventDraft>()
@@ -73,7 +77,7 @@ pub fn parse_events(text: &str) -> Result<Vec<Event>, WasmError> {
             .map_err(|e| WasmError::Io(format!("sample event {} is invalid: {e}", index + 1)))?;
         let event = draft.into_event("local");
         event
-            .validate(usize::MAX)
+            .validate(max_payload)
             .map_err(|e| WasmError::Io(format!("sample event {} is invalid: {e}", index + 1)))?;
         events.push(event);
     }

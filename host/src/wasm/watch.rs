@@ -1,6 +1,11 @@
 //! Hot reload: watches the handlers directory and applies changes through
 //! [`HandlerSet::load_file`] and [`HandlerSet::remove`].
 //!
+//! Only creations, modifications (content, metadata such as a `touch`, renames) and removals
+//! count; access events — such as the watcher's own reads of the files — are ignored, so
+//! reading a handler never triggers another read. A change whose files hold the version
+//! already serving changes nothing and is not logged as a reload.
+//!
 //! File events are debounced (a file must be quiet for the debounce period before it is read),
 //! and a component that does not load — a partially copied file included — is rejected while
 //! the previous version keeps serving; the next change loads the complete file. Files whose
@@ -11,12 +16,13 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notify::RecursiveMode;
+use notify::{EventKind, RecursiveMode};
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::WasmError;
+use super::manifest::validate_name;
 use super::registry::HandlerSet;
 
 /// A running watcher; dropping it (or cancelling) stops watching.
@@ -31,14 +37,31 @@ impl Drop for Watcher {
     }
 }
 
-/// The handler name a changed path belongs to, if it is a handler file.
+/// The handler name a changed path belongs to, if it is a handler file with a valid handler
+/// name.
 fn handler_name(path: &Path) -> Option<String> {
     let file_name = path.file_name()?.to_str()?;
     if file_name.starts_with('.') {
         return None;
     }
     let (stem, extension) = file_name.rsplit_once('.')?;
-    matches!(extension, "wasm" | "toml").then(|| stem.to_owned())
+    if !matches!(extension, "wasm" | "toml") {
+        return None;
+    }
+    if let Err(error) = validate_name(stem) {
+        tracing::warn!(file = %path.display(), %error, "ignoring a handler file whose name is not a valid handler name");
+        return None;
+    }
+    Some(stem.to_owned())
+}
+
+/// Whether a file event can change what a handler file holds: creations, modifications
+/// (content, metadata, renames) and removals; not accesses (opens, reads, closes).
+fn changes_files(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+    )
 }
 
 /// Starts watching `handlers.dir()` (created if missing).
@@ -56,8 +79,14 @@ pub fn watch(handlers: HandlerSet, debounce: Duration) -> Result<Watcher, WasmEr
             None,
             move |result: DebounceEventResult| match result {
                 Ok(events) => {
-                    let paths = events.into_iter().flat_map(|e| e.event.paths).collect();
-                    let _ = sender.send(paths);
+                    let paths: Vec<PathBuf> = events
+                        .into_iter()
+                        .filter(|e| changes_files(&e.event.kind))
+                        .flat_map(|e| e.event.paths)
+                        .collect();
+                    if !paths.is_empty() {
+                        let _ = sender.send(paths);
+                    }
                 }
                 Err(errors) => {
                     for error in errors {
@@ -100,12 +129,15 @@ async fn apply_changes(
                     // Compile outside the handler set's change lock (a cache hit later).
                     handlers.engine().warm_cache(bytes).await;
                 }
-                match handlers.load_file(&wasm).await {
-                    Ok(info) => tracing::info!(
+                match handlers.reload_file(&wasm).await {
+                    Ok(Some(info)) => tracing::info!(
                         handler = %name,
                         version = ?info.current.as_ref().map(|c| &c.version),
                         "handler (re)loaded from the handlers directory"
                     ),
+                    Ok(None) => {
+                        tracing::debug!(handler = %name, "handler files changed but hold the serving version")
+                    }
                     Err(error) => {
                         tracing::warn!(handler = %name, %error, "changed handler rejected; the previous version keeps serving")
                     }
@@ -135,5 +167,28 @@ mod tests {
         assert_eq!(handler_name(Path::new("/h/.audit.wasm.tmp")), None);
         assert_eq!(handler_name(Path::new("/h/audit.wasm.tmp")), None);
         assert_eq!(handler_name(Path::new("/h/readme.md")), None);
+        assert_eq!(handler_name(Path::new("/h/has space.wasm")), None);
+    }
+
+    #[test]
+    fn only_changes_count_not_accesses() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, MetadataKind, ModifyKind, RemoveKind, RenameMode,
+        };
+        for kind in [
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Remove(RemoveKind::File),
+        ] {
+            assert!(changes_files(&kind), "{kind:?}");
+        }
+        for kind in [
+            EventKind::Access(AccessKind::Open(AccessMode::Read)),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Any,
+        ] {
+            assert!(!changes_files(&kind), "{kind:?}");
+        }
     }
 }
