@@ -1196,10 +1196,6 @@ async fn requeue_accepts_an_event_whose_delivery_is_provably_abandoned() {
         Some(async_nats::Subject::from(delivery.token.clone())),
     );
     acker.double_ack().await.unwrap();
-    assert_eq!(
-        provider.get(&e.id).await.unwrap().unwrap().status,
-        EventStatus::Processing
-    );
     provider.requeue(&e.id, &rerun()).await.unwrap();
     let again = fetch_one(&member).await;
     assert_eq!(again.event.id, e.id);
@@ -1255,6 +1251,85 @@ async fn a_late_processing_mark_cannot_reopen_a_finished_event() {
         update.completed_at = status.is_finished().then(chrono::Utc::now);
         provider.update_status(&inline.id, &update).await.unwrap();
     }
+    member.close().await;
+    provider.destroy().await.unwrap();
+}
+
+/// The sweep finds events whose delivery is provably abandoned and records them as failed
+/// with an error saying so, leaving events in flight, finished events and events stored
+/// without a message alone; the failed event can be re-run.
+#[tokio::test]
+async fn the_sweep_records_abandoned_events_as_failed() {
+    if !services::available("NATS", NATS) {
+        return;
+    }
+    let config = config("nats://127.0.0.1:4222");
+    let provider = provider(&config).await;
+    let member = provider
+        .consume(options("workers", Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let (lost, done, in_flight) = (
+        event("public.a.create"),
+        event("public.b.create"),
+        event("public.c.create"),
+    );
+    for e in [&lost, &done, &in_flight] {
+        provider.publish(e).await.unwrap();
+    }
+    let inline = event("public.d.create");
+    provider.store(&inline).await.unwrap();
+    let lost_delivery = fetch_one(&member).await;
+    let done_delivery = fetch_one(&member).await;
+    let held = fetch_one(&member).await;
+    assert_eq!(
+        [&lost_delivery, &done_delivery, &held].map(|d| d.event.id.clone()),
+        [&lost, &done, &in_flight].map(|e| e.id.clone())
+    );
+    provider
+        .update_status(&lost.id, &StatusUpdate::processing(&lost_delivery.event))
+        .await
+        .unwrap();
+    member
+        .complete(&done_delivery, &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+    // Nothing is provably abandoned while a message is in flight in the group.
+    assert_eq!(provider.sweep_abandoned().await.unwrap(), 0);
+    async_nats::jetstream::message::Acker::new(
+        jetstream().await,
+        Some(async_nats::Subject::from(lost_delivery.token.clone())),
+    )
+    .double_ack()
+    .await
+    .unwrap();
+    member
+        .complete(&held, &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+
+    assert_eq!(provider.sweep_abandoned().await.unwrap(), 1);
+    let swept = provider.get(&lost.id).await.unwrap().unwrap();
+    assert_eq!(swept.status, EventStatus::Failed);
+    assert!(
+        swept.error.as_deref().unwrap_or("").contains("abandoned"),
+        "{swept:?}"
+    );
+    for (id, status) in [
+        (&done.id, EventStatus::Completed),
+        (&in_flight.id, EventStatus::Completed),
+        (&inline.id, EventStatus::Pending),
+    ] {
+        assert_eq!(provider.get(id).await.unwrap().unwrap().status, status);
+    }
+    assert_eq!(provider.sweep_abandoned().await.unwrap(), 0, "once");
+    provider.requeue(&lost.id, &rerun()).await.unwrap();
+    let again = fetch_one(&member).await;
+    assert_eq!(again.event.id, lost.id);
+    member
+        .complete(&again, &finished(EventStatus::Completed))
+        .await
+        .unwrap();
     member.close().await;
     provider.destroy().await.unwrap();
 }

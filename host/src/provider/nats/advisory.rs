@@ -26,7 +26,7 @@ use crate::provider::ProviderError;
 /// The durable consumer every host pulls advisories from.
 const CONSUMER: &str = "eventbroker-dead-letters";
 /// How long an advisory being recorded is held before the server offers it again.
-const ACK_WAIT: Duration = Duration::from_secs(30);
+const ACK_WAIT: Duration = Duration::from_secs(10);
 /// Pause before an advisory whose recording failed is offered again.
 const RETRY_DELAY: Duration = Duration::from_secs(2);
 /// Pause before pulling again after the pull itself failed.

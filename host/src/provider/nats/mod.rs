@@ -13,6 +13,8 @@
 //!   ([`advisory`]);
 //! - ordered ephemeral consumers for live watchers ([`watch`]).
 //!
+//! Events whose delivery is provably abandoned are found by [`sweep`].
+//!
 //! Publish stores the message first, awaiting the server's acknowledgement (a publish whose
 //! acknowledgement timed out is retried with the same message id, which the server
 //! deduplicates, so a retry cannot store the event twice), then creates the state with the
@@ -25,6 +27,7 @@ mod consumer;
 mod record;
 mod store;
 mod subjects;
+mod sweep;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -45,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 use self::consumer::NatsConsumer;
 use self::record::Record;
 use self::store::{StateStore, encode};
+use self::sweep::Evidence;
 use super::{
     Consumer, ConsumerOptions, EventFilter, EventStream, Provider, ProviderError, ProviderFeatures,
     ProviderStats, StatusUpdate,
@@ -292,7 +296,20 @@ impl NatsProvider {
             consumers: Mutex::new(Vec::new()),
         });
         advisory::start(&shared, storage, nats.max_age).await?;
+        sweep::start(&shared);
         Ok(NatsProvider { shared })
+    }
+
+    /// Records every event whose delivery is provably abandoned as `failed` (what every host
+    /// also does once a minute); returns how many. An event is abandoned when it is not
+    /// finished, yet no consumer group will deliver the message of its current run again:
+    /// the message left the stream, or every group settled it (see `docs/providers/nats.md`).
+    ///
+    /// # Errors
+    /// [`ProviderError::Closed`]; backend failures.
+    pub async fn sweep_abandoned(&self) -> Result<usize, ProviderError> {
+        self.shared.check_open()?;
+        sweep::sweep(&self.shared).await
     }
 
     /// Deletes the streams and the state bucket with everything in them (tear-down of tests
@@ -397,42 +414,6 @@ impl Shared {
         }
     }
 
-    /// Whether no consumer group will deliver the current run of `record` again: its message
-    /// has left the stream, or every group's consumer has settled it (acknowledged,
-    /// terminated, or given up after `max_deliver`), as the server's consumer state proves
-    /// (the sequence is under the group's acknowledgement floor, or the group delivered it and
-    /// holds no unacknowledged message at all). `false` whenever that cannot be proven: no
-    /// message recorded (`store` only), no group yet, or a group with messages in flight.
-    async fn abandoned(&self, record: &Record) -> Result<bool, ProviderError> {
-        let Some(seq) = record.seq else {
-            return Ok(false);
-        };
-        let info = self
-            .stream
-            .get_info()
-            .await
-            .map_err(|e| backend(format!("cannot read stream info: {e}")))?;
-        if info.state.messages == 0 || seq < info.state.first_sequence {
-            return Ok(true);
-        }
-        let mut groups = 0;
-        let mut consumers = self.stream.consumers();
-        while let Some(consumer) = consumers.next().await {
-            let consumer =
-                consumer.map_err(|e| backend(format!("cannot read consumer groups: {e}")))?;
-            if consumer.config.durable_name.is_none() {
-                continue;
-            }
-            groups += 1;
-            let settled = seq <= consumer.ack_floor.stream_sequence
-                || (seq <= consumer.delivered.stream_sequence && consumer.num_ack_pending == 0);
-            if !settled {
-                return Ok(false);
-            }
-        }
-        Ok(groups > 0)
-    }
-
     fn live_consumers(&self) -> Vec<Arc<NatsConsumer>> {
         let mut consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
         consumers.retain(|weak| weak.strong_count() > 0);
@@ -525,7 +506,7 @@ impl Provider for NatsProvider {
             .await?
             .ok_or_else(|| ProviderError::NotFound(id.to_owned()))?;
         let status = current.record.event.status;
-        if !status.is_finished() && !shared.abandoned(&current.record).await? {
+        if !status.is_finished() && !Evidence::gather(shared).await?.abandoned(&current.record) {
             return Err(ProviderError::InvalidState {
                 id: id.to_owned(),
                 status,

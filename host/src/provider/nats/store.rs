@@ -229,6 +229,16 @@ impl StateStore {
 
     /// Every stored event (latest state), in the order of their last change.
     pub(crate) async fn scan(&self) -> Result<Vec<Event>, ProviderError> {
+        Ok(self
+            .scan_records()
+            .await?
+            .into_iter()
+            .map(|record| record.event)
+            .collect())
+    }
+
+    /// Every stored record, in the order of their last change.
+    pub(crate) async fn scan_records(&self) -> Result<Vec<Record>, ProviderError> {
         let stream = &self.kv.stream;
         let consumer: consumer::PullConsumer = stream
             .create_consumer(consumer::pull::Config {
@@ -250,8 +260,8 @@ impl StateStore {
         result
     }
 
-    async fn drain(&self, consumer: &consumer::PullConsumer) -> Result<Vec<Event>, ProviderError> {
-        let mut events = Vec::new();
+    async fn drain(&self, consumer: &consumer::PullConsumer) -> Result<Vec<Record>, ProviderError> {
+        let mut records = Vec::new();
         loop {
             let mut batch = consumer
                 .fetch()
@@ -273,14 +283,14 @@ impl StateStore {
                     continue;
                 }
                 match Record::decode(&message.payload) {
-                    Ok(record) => events.push(record.event),
+                    Ok(record) => records.push(record),
                     Err(error) => {
                         tracing::warn!(subject = %message.subject, %error, "skipping an unreadable event state")
                     }
                 }
             }
             if received < SCAN_BATCH {
-                return Ok(events);
+                return Ok(records);
             }
         }
     }
