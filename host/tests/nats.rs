@@ -1308,7 +1308,8 @@ async fn the_sweep_records_abandoned_events_as_failed() {
         .await
         .unwrap();
 
-    assert_eq!(provider.sweep_abandoned().await.unwrap(), 1);
+    // (Each host also sweeps once a minute: this one may have been first.)
+    assert!(provider.sweep_abandoned().await.unwrap() <= 1);
     let swept = provider.get(&lost.id).await.unwrap().unwrap();
     assert_eq!(swept.status, EventStatus::Failed);
     assert!(
