@@ -731,10 +731,16 @@ event_broker:
     assert!(
         refused(|c| {
             c.nats.max_deliver = Some(2);
-            c.nats.backoff = vec![Duration::from_secs(1); 2];
+            c.nats.backoff = vec![Duration::from_secs(60); 2];
         })
         .await
         .contains("backoff")
+    );
+    // The server refuses backoff without max_deliver when the group is created: said at start.
+    let reason = refused(|c| c.nats.backoff = vec![Duration::from_secs(60)]).await;
+    assert!(
+        reason.contains("nats.backoff") && reason.contains("nats.max_deliver"),
+        "{reason}"
     );
 }
 
@@ -1332,5 +1338,51 @@ async fn the_sweep_records_abandoned_events_as_failed() {
         .await
         .unwrap();
     member.close().await;
+    provider.destroy().await.unwrap();
+}
+
+/// With deadlines that fit the lease (`backoff: [1s, 5s]`, `lease: 1500ms`: renewals every
+/// 500 ms), a handler running three times longer than the first deadline runs once: its
+/// in-progress acknowledgements keep the server from redelivering it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_outliving_the_first_backoff_runs_once() {
+    if !services::available("NATS", NATS) {
+        return;
+    }
+    let mut config = config("nats://127.0.0.1:4222");
+    config.lease = Duration::from_millis(1500);
+    config.nats.backoff = vec![Duration::from_secs(1), Duration::from_secs(5)];
+    config.nats.max_deliver = Some(5);
+    config.handler_timeout = Duration::from_secs(30);
+    let provider = std::sync::Arc::new(provider(&config).await);
+    let broker = eventbroker::Broker::new(config.clone(), provider.clone());
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = runs.clone();
+    broker
+        .subscribe(
+            "slow.*",
+            eventbroker::handler_fn(move |_, _| {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    Ok(())
+                }
+            }),
+        )
+        .unwrap();
+    broker.start().await.unwrap();
+    let id = broker.publish_async(event("slow.job")).await.unwrap();
+    let done = wait_for_status(&provider, &id, EventStatus::Completed).await;
+    assert_eq!(done.handlers.len(), 1);
+    broker.stop().await.unwrap();
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let info = group_consumer(&jetstream().await, &config, &config.consumer_group)
+        .await
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.num_redelivered, 0, "{info:?}");
     provider.destroy().await.unwrap();
 }

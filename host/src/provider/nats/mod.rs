@@ -172,17 +172,21 @@ fn validate(broker: &BrokerConfig) -> Result<String, ProviderError> {
             "nats.user and nats.password must be set together",
         ));
     }
-    if let Some(max) = config.max_deliver {
-        if max == 0 {
-            return Err(config_error(
-                "nats.max_deliver must be at least 1 (leave it unset for unlimited)",
-            ));
-        }
-        if !config.backoff.is_empty() && max as usize <= config.backoff.len() {
-            return Err(config_error(
-                "nats.max_deliver must be greater than the number of nats.backoff entries",
-            ));
-        }
+    if config.max_deliver == Some(0) {
+        return Err(config_error(
+            "nats.max_deliver must be at least 1 (leave it unset for unlimited)",
+        ));
+    }
+    if !config.backoff.is_empty()
+        && config
+            .max_deliver
+            .is_none_or(|max| max as usize <= config.backoff.len())
+    {
+        // The server refuses such a consumer when the first host joins the group.
+        return Err(config_error(
+            "nats.backoff needs nats.max_deliver set, and greater than the number of \
+             nats.backoff entries",
+        ));
     }
     if config.tls.cert_file.is_some() != config.tls.key_file.is_some() {
         return Err(config_error(
