@@ -147,6 +147,15 @@ impl Default for BrokerConfig {
     }
 }
 
+impl BrokerConfig {
+    /// How often the worker pool renews the lease of every delivery it holds (queued or
+    /// running): a third of `lease`, at least 50 ms. Acknowledgement deadlines enforced by a
+    /// backend (NATS `ack_wait` and `backoff`) must leave room for it.
+    pub fn lease_renewal_period(&self) -> Duration {
+        (self.lease / 3).max(Duration::from_millis(50))
+    }
+}
+
 /// The host name, or `eventbroker` if it cannot be read.
 pub fn default_instance_id() -> String {
     hostname::get()
@@ -408,6 +417,42 @@ impl NatsConfig {
         self.kv_bucket
             .clone()
             .unwrap_or_else(|| format!("{}_STATE", self.stream_name))
+    }
+
+    /// Checks every acknowledgement deadline the server applies against the broker's lease
+    /// renewal period (`renewal`, see [`BrokerConfig::lease_renewal_period`]): `ack_wait`, and
+    /// each `backoff` entry (the first replaces `ack_wait`, the others are the deadlines of later
+    /// deliveries) must be at least two renewal periods, so that a running handler's
+    /// in-progress acknowledgements always reach the server before its deadline and the event
+    /// is not redelivered while it runs.
+    ///
+    /// # Errors
+    /// The key at fault and a reason that names `event_broker.lease` and the bound.
+    pub fn check_deadlines(&self, renewal: Duration) -> Result<(), (&'static str, String)> {
+        let least = renewal * 2;
+        let explain = |what: String, value: Duration| {
+            format!(
+                "{what}is {value:?}, shorter than twice the lease renewal period \
+                 (event_broker.lease / 3 = {renewal:?}): the server would redeliver the event \
+                 while its handler still runs. Set it to at least {least:?}, or lower \
+                 event_broker.lease to at most {:?}",
+                value * 3 / 2
+            )
+        };
+        if let Some(ack_wait) = self.ack_wait
+            && ack_wait < least
+        {
+            return Err(("event_broker.nats.ack_wait", explain("".into(), ack_wait)));
+        }
+        for (n, delay) in self.backoff.iter().enumerate() {
+            if *delay < least {
+                return Err((
+                    "event_broker.nats.backoff",
+                    explain(format!("entry {n} "), *delay),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -971,6 +1016,12 @@ impl Config {
                     reason: "must be at least 1".into(),
                 });
             }
+        }
+        if broker.provider == ProviderKind::Nats {
+            broker
+                .nats
+                .check_deadlines(broker.lease_renewal_period())
+                .map_err(|(key, reason)| ConfigError::Value { key, reason })?;
         }
         crate::hooks::capture::check_config(&self.capture)
             .map_err(|(key, reason)| ConfigError::Value { key, reason })?;

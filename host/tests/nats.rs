@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use eventbroker::config::{BrokerConfig, NatsStorage, ProviderKind};
 use eventbroker::provider::{
-    ConsumerOptions, EventFilter, NatsProvider, Provider, ProviderError, StatusUpdate,
+    Consumer, ConsumerOptions, Delivery, EventFilter, NatsProvider, Provider, ProviderError,
+    StatusUpdate,
 };
 use eventbroker::{Event, EventSource, EventStatus};
 use futures::StreamExt;
@@ -677,6 +678,7 @@ event_broker:
     ack_wait: 45s
     max_deliver: 10
     backoff: [1s, 5s, 1m]
+  lease: 1500ms
 "#;
     let parsed = Config::from_text(FileFormat::Yaml, text).expect("parses");
     let nats = &parsed.event_broker.nats;
@@ -729,9 +731,658 @@ event_broker:
     assert!(
         refused(|c| {
             c.nats.max_deliver = Some(2);
-            c.nats.backoff = vec![Duration::from_secs(1); 2];
+            c.nats.backoff = vec![Duration::from_secs(60); 2];
         })
         .await
         .contains("backoff")
     );
+    // The server refuses backoff without max_deliver when the group is created: said at start.
+    let reason = refused(|c| c.nats.backoff = vec![Duration::from_secs(60)]).await;
+    assert!(
+        reason.contains("nats.backoff") && reason.contains("nats.max_deliver"),
+        "{reason}"
+    );
+}
+
+// --- Faults: stale deliveries, cut-short writes, lost advisories (issue 13, A4 and A10) ---
+
+/// The next delivery of `consumer`, which must come within the patience.
+async fn fetch_one(consumer: &std::sync::Arc<dyn Consumer>) -> Delivery {
+    let mut batch = tokio::time::timeout(PATIENCE, consumer.fetch(1))
+        .await
+        .expect("a delivery within the patience")
+        .expect("fetch works");
+    assert_eq!(batch.len(), 1);
+    batch.remove(0)
+}
+
+/// A plain JetStream context on the shared server, for looking behind the provider's back.
+async fn jetstream() -> async_nats::jetstream::Context {
+    async_nats::jetstream::new(async_nats::connect(NATS).await.expect("connect"))
+}
+
+/// Messages in the test's event stream.
+async fn stream_messages(js: &async_nats::jetstream::Context, config: &BrokerConfig) -> u64 {
+    js.get_stream(&config.nats.stream_name)
+        .await
+        .expect("stream")
+        .get_info()
+        .await
+        .expect("stream info")
+        .state
+        .messages
+}
+
+/// The durable consumer of `group` (a plain name: used as it is).
+async fn group_consumer(
+    js: &async_nats::jetstream::Context,
+    config: &BrokerConfig,
+    group: &str,
+) -> async_nats::jetstream::consumer::PullConsumer {
+    js.get_stream(&config.nats.stream_name)
+        .await
+        .expect("stream")
+        .get_consumer(group)
+        .await
+        .expect("group consumer")
+}
+
+/// The update `requeue` gets from the broker for a plain re-run.
+fn rerun() -> StatusUpdate {
+    let mut update = finished(EventStatus::Pending);
+    update.completed_at = None;
+    update.error = None;
+    update
+}
+
+/// Waits until event `id` has `status`, and returns it.
+async fn wait_for_status(provider: &NatsProvider, id: &str, status: EventStatus) -> Event {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let current = provider.get(id).await.expect("get works");
+        if let Some(event) = current.as_ref().filter(|e| e.status == status) {
+            return event.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "event {id} never became {status}: {current:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `future` until `reached` says the point of interest was passed, then drops it, as
+/// hyper drops the request future of a client that went away. Returns whether the future
+/// finished first (then nothing was cut short).
+async fn cut_short<F: Future>(future: F, mut reached: impl AsyncFnMut() -> bool) -> bool {
+    let mut future = std::pin::pin!(future);
+    loop {
+        if reached().await {
+            return false;
+        }
+        if futures::poll!(future.as_mut()).is_ready() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Completes every delivery of `consumer` until each of `ids` has been completed once.
+async fn complete_all(consumer: &std::sync::Arc<dyn Consumer>, ids: &HashSet<String>) {
+    let mut done = HashSet::new();
+    while !ids.is_subset(&done) {
+        let delivery = fetch_one(consumer).await;
+        assert!(ids.contains(&delivery.event.id), "unexpected {delivery:?}");
+        consumer
+            .complete(&delivery, &finished(EventStatus::Completed))
+            .await
+            .unwrap();
+        done.insert(delivery.event.id);
+    }
+}
+
+/// Acknowledgement deadlines shorter than two lease renewal periods are refused at start,
+/// naming both keys: the server would redeliver an event while its handler still runs (a
+/// `backoff` entry is the deadline of one delivery; the first replaces `ack_wait`).
+#[tokio::test]
+async fn ack_deadlines_shorter_than_two_lease_renewals_are_refused() {
+    use eventbroker::config::{Config, FileFormat};
+    let load = |nats: &str, lease: &str| {
+        let text =
+            format!("event_broker:\n  provider: nats\n  lease: {lease}\n  nats:\n    {nats}\n");
+        Config::from_text(FileFormat::Yaml, &text).map_err(|e| e.to_string())
+    };
+    let error = load("backoff: [1s, 5s]", "60s").unwrap_err();
+    assert!(
+        error.contains("event_broker.nats.backoff") && error.contains("event_broker.lease"),
+        "{error}"
+    );
+    assert!(error.contains("40s"), "names the bound: {error}");
+    let error = load("ack_wait: 30s", "60s").unwrap_err();
+    assert!(
+        error.contains("event_broker.nats.ack_wait") && error.contains("event_broker.lease"),
+        "{error}"
+    );
+    let error = load("backoff: [1m, 5s]", "60s").unwrap_err();
+    assert!(error.contains("entry 1"), "a later entry counts: {error}");
+    for (nats, lease) in [
+        ("backoff: [1s, 5s]", "1500ms"),
+        ("ack_wait: 40s", "60s"),
+        ("backoff: [40s, 2m]", "60s"),
+    ] {
+        load(nats, lease).unwrap_or_else(|e| panic!("{nats} with lease {lease}: {e}"));
+    }
+    let other = "event_broker:\n  provider: memory\n  nats:\n    backoff: [1s]\n";
+    Config::from_text(FileFormat::Yaml, other).expect("only checked for the NATS provider");
+
+    let mut settings = config("nats://127.0.0.1:1");
+    settings.nats.backoff = vec![Duration::from_secs(1), Duration::from_secs(5)];
+    match NatsProvider::connect(&settings).await {
+        Err(ProviderError::Config { reason, .. }) => assert!(
+            reason.contains("event_broker.nats.backoff") && reason.contains("event_broker.lease"),
+            "{reason}"
+        ),
+        Err(other) => panic!("expected a config error, got {other}"),
+        Ok(_) => panic!("expected a config error"),
+    }
+}
+
+/// A delivery whose deadline passed and that the server handed to another member cannot
+/// record an outcome: its complete, retry and release are refused, before and after the newer
+/// delivery finishes, and neither the state nor the newer delivery changes.
+#[tokio::test]
+async fn a_stale_delivery_cannot_overwrite_or_settle_the_newer_one() {
+    if !services::available("NATS", NATS) {
+        return;
+    }
+    let config = config("nats://127.0.0.1:4222");
+    let provider = provider(&config).await;
+    let lease = Duration::from_secs(1);
+    let stale_member = provider.consume(options("workers", lease)).await.unwrap();
+    let new_member = provider.consume(options("workers", lease)).await.unwrap();
+    let e = event("public.users.update");
+    provider.publish(&e).await.unwrap();
+    let stale = fetch_one(&stale_member).await;
+    // No keep-alive: the deadline passes and the server hands the event to the other member.
+    let newer = fetch_one(&new_member).await;
+    assert_eq!(newer.event.id, e.id);
+    assert_eq!(newer.delivery_count, 2);
+    provider
+        .update_status(&e.id, &StatusUpdate::processing(&newer.event))
+        .await
+        .unwrap();
+    let running = provider.get(&e.id).await.unwrap().unwrap();
+
+    let mut stale_outcome = finished(EventStatus::Failed);
+    stale_outcome.error = Some("written by the stale delivery".into());
+    let attempts = [
+        stale_member.complete(&stale, &stale_outcome).await,
+        stale_member
+            .retry(&stale, &stale_outcome, Duration::ZERO)
+            .await,
+        stale_member.release(&stale).await,
+    ];
+    for refused in attempts {
+        let error = refused.expect_err("a stale delivery is refused");
+        assert!(error.to_string().contains("no longer leased"), "{error}");
+    }
+    assert_eq!(provider.get(&e.id).await.unwrap().unwrap(), running);
+    let js = jetstream().await;
+    let mut group = group_consumer(&js, &config, "workers").await;
+    assert_eq!(
+        group.info().await.unwrap().num_ack_pending,
+        1,
+        "the newer delivery is still out"
+    );
+
+    new_member
+        .complete(&newer, &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+    let error = stale_member
+        .complete(&stale, &stale_outcome)
+        .await
+        .expect_err("still refused once the newer delivery finished");
+    assert!(error.to_string().contains("no longer leased"), "{error}");
+    let stored = provider.get(&e.id).await.unwrap().unwrap();
+    assert_eq!(stored.status, EventStatus::Completed);
+    assert_eq!(stored.error, None);
+    let info = group.info().await.unwrap();
+    assert_eq!(info.num_ack_pending, 0);
+    assert_eq!(info.num_pending, 0);
+    stale_member.close().await;
+    new_member.close().await;
+    provider.destroy().await.unwrap();
+}
+
+/// A member that closes while holding a delivery the server has handed to another member
+/// gives back only what it still owns: a `-NAK` of the newer delivery would make the server
+/// deliver the event a third time while it runs.
+#[tokio::test]
+async fn closing_gives_back_only_deliveries_still_owned() {
+    if !services::available("NATS", NATS) {
+        return;
+    }
+    let config = config("nats://127.0.0.1:4222");
+    let provider = provider(&config).await;
+    let lease = Duration::from_secs(5);
+    let stale_member = provider.consume(options("workers", lease)).await.unwrap();
+    let new_member = provider.consume(options("workers", lease)).await.unwrap();
+    let e = event("public.users.update");
+    provider.publish(&e).await.unwrap();
+    let _stale = fetch_one(&stale_member).await;
+    let newer = fetch_one(&new_member).await;
+    assert_eq!(newer.delivery_count, 2);
+    new_member.keep_alive(&newer).await.unwrap();
+    stale_member.close().await;
+    // Nothing is up for delivery: the newer delivery is in progress.
+    let js = jetstream().await;
+    let group = group_consumer(&js, &config, "workers").await;
+    let available: Vec<_> = group
+        .fetch()
+        .max_messages(1)
+        .messages()
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert!(
+        available.iter().all(Result::is_err),
+        "the newer delivery was given back: {available:?}"
+    );
+    new_member
+        .complete(&newer, &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+    new_member.close().await;
+    provider.destroy().await.unwrap();
+}
+
+/// A publish cut short between its two writes (a client that went away, a host that died)
+/// leaves no state without a message: the event it stored is delivered and processed, also
+/// when only its message was stored.
+#[tokio::test]
+async fn a_publish_cut_short_leaves_nothing_stuck() {
+    if !services::available("NATS", NATS) {
+        return;
+    }
+    let config = config("nats://127.0.0.1:4222");
+    let provider = provider(&config).await;
+    let js = jetstream().await;
+    let kv = js.get_key_value(config.nats.kv_bucket()).await.unwrap();
+    let cut = event("public.users.create");
+    let finished_first = cut_short(provider.publish(&cut), async || {
+        kv.entry(cut.id.as_str()).await.unwrap().is_some()
+            || stream_messages(&js, &config).await > 0
+    })
+    .await;
+    assert!(
+        !finished_first,
+        "the publish was cut short after its first write"
+    );
+
+    // A host that died after storing a message, before writing its state.
+    let orphan = event("public.users.create");
+    let prefix = config.nats.subjects[0].trim_end_matches(".>");
+    let subject = format!("{prefix}.database.{}", orphan.event_type);
+    let message = async_nats::jetstream::message::PublishMessage::build()
+        .payload(serde_json::to_vec(&orphan).unwrap().into())
+        .message_id(&orphan.id);
+    js.send_publish(subject, message)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let consumer = provider
+        .consume(options("workers", Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let ids: HashSet<String> = [cut.id.clone(), orphan.id.clone()].into();
+    complete_all(&consumer, &ids).await;
+    let all = provider.list(&EventFilter::default()).await.unwrap();
+    assert_eq!(all.len(), 2, "{all:?}");
+    for stored in all {
+        assert!(ids.contains(&stored.id));
+        assert_eq!(stored.status, EventStatus::Completed, "{stored:?}");
+    }
+    consumer.close().await;
+    provider.destroy().await.unwrap();
+}
+
+/// A re-run cut short between its two writes still happens: the event is delivered again and
+/// processed, not left `pending` without a message.
+#[tokio::test]
+async fn a_rerun_cut_short_still_runs() {
+    if !services::available("NATS", NATS) {
+        return;
+    }
+    let config = config("nats://127.0.0.1:4222");
+    let provider = provider(&config).await;
+    let consumer = provider
+        .consume(options("workers", Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let e = event("public.users.create");
+    provider.publish(&e).await.unwrap();
+    let first = fetch_one(&consumer).await;
+    consumer
+        .complete(&first, &finished(EventStatus::Failed))
+        .await
+        .unwrap();
+    let js = jetstream().await;
+    let before = stream_messages(&js, &config).await;
+    let finished_first = cut_short(provider.requeue(&e.id, &rerun()), async || {
+        let status = provider.get(&e.id).await.unwrap().map(|e| e.status);
+        status != Some(EventStatus::Failed) || stream_messages(&js, &config).await > before
+    })
+    .await;
+    assert!(
+        !finished_first,
+        "the re-run was cut short after its first write"
+    );
+    let again = fetch_one(&consumer).await;
+    assert_eq!(again.event.id, e.id);
+    assert_eq!(again.event.status, EventStatus::Pending);
+    consumer
+        .complete(&again, &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+    wait_for_status(&provider, &e.id, EventStatus::Completed).await;
+    consumer.close().await;
+    provider.destroy().await.unwrap();
+}
+
+/// The server gives up on an event (`max_deliver`) while no host is connected: its advisory
+/// waits on the server, and the next host to connect records the event as failed, after which
+/// it can be re-run.
+#[tokio::test]
+async fn a_max_deliver_advisory_sent_while_no_host_listens_is_recorded_later() {
+    if !services::available("NATS", NATS) {
+        return;
+    }
+    let mut config = config("nats://127.0.0.1:4222");
+    config.nats.max_deliver = Some(2);
+    let first_host = provider(&config).await;
+    let member = first_host
+        .consume(options("workers", Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let e = event("public.poison.create");
+    first_host.publish(&e).await.unwrap();
+    for _ in 0..2 {
+        let delivery = fetch_one(&member).await;
+        member.release(&delivery).await.unwrap();
+    }
+    member.close().await;
+    first_host.close().await;
+    drop(member);
+    drop(first_host);
+
+    // With no host connected, a bare client pulls: the server notices the exhausted budget,
+    // delivers nothing and publishes the advisory, which the client sees go by.
+    let client = async_nats::connect(NATS).await.unwrap();
+    let mut advisories = client
+        .subscribe(format!(
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*",
+            config.nats.stream_name
+        ))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let group = group_consumer(&js, &config, "workers").await;
+    let pulled: Vec<_> = group
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert!(pulled.iter().all(Result::is_err), "{pulled:?}");
+    tokio::time::timeout(PATIENCE, advisories.next())
+        .await
+        .expect("the server gave up on the event")
+        .expect("an advisory");
+
+    let second_host = provider(&config).await;
+    let dead = wait_for_status(&second_host, &e.id, EventStatus::Failed).await;
+    assert!(
+        dead.error.as_deref().unwrap_or("").contains("max_deliver"),
+        "{dead:?}"
+    );
+    second_host.requeue(&e.id, &rerun()).await.unwrap();
+    let member = second_host
+        .consume(options("workers", Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let again = fetch_one(&member).await;
+    assert_eq!(again.event.id, e.id);
+    member
+        .complete(&again, &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+    wait_for_status(&second_host, &e.id, EventStatus::Completed).await;
+    member.close().await;
+    second_host.destroy().await.unwrap();
+}
+
+/// An event whose message every group has settled while its state never reached a final
+/// status (the outcome was lost) is provably abandoned: `requeue` accepts it and it runs again.
+/// One whose delivery is still in flight is refused.
+#[tokio::test]
+async fn requeue_accepts_an_event_whose_delivery_is_provably_abandoned() {
+    if !services::available("NATS", NATS) {
+        return;
+    }
+    let config = config("nats://127.0.0.1:4222");
+    let provider = provider(&config).await;
+    let member = provider
+        .consume(options("workers", Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let e = event("public.users.create");
+    provider.publish(&e).await.unwrap();
+    let delivery = fetch_one(&member).await;
+    provider
+        .update_status(&e.id, &StatusUpdate::processing(&delivery.event))
+        .await
+        .unwrap();
+    let in_flight = provider.requeue(&e.id, &rerun()).await.unwrap_err();
+    assert!(
+        matches!(in_flight, ProviderError::InvalidState { .. }),
+        "{in_flight}"
+    );
+
+    // The message is acknowledged, but the outcome never written.
+    let acker = async_nats::jetstream::message::Acker::new(
+        jetstream().await,
+        Some(async_nats::Subject::from(delivery.token.clone())),
+    );
+    acker.double_ack().await.unwrap();
+    provider.requeue(&e.id, &rerun()).await.unwrap();
+    let again = fetch_one(&member).await;
+    assert_eq!(again.event.id, e.id);
+    assert_eq!(again.event.status, EventStatus::Pending);
+    member
+        .complete(&again, &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+    wait_for_status(&provider, &e.id, EventStatus::Completed).await;
+    member.close().await;
+    provider.destroy().await.unwrap();
+}
+
+/// A `processing` mark arriving after the event's delivery recorded its final outcome (a
+/// worker that lost its delivery) cannot reopen the event; events stored without a delivery
+/// (sync mode) take any status change.
+#[tokio::test]
+async fn a_late_processing_mark_cannot_reopen_a_finished_event() {
+    if !services::available("NATS", NATS) {
+        return;
+    }
+    let config = config("nats://127.0.0.1:4222");
+    let provider = provider(&config).await;
+    let member = provider
+        .consume(options("workers", Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let e = event("public.users.create");
+    provider.publish(&e).await.unwrap();
+    let delivery = fetch_one(&member).await;
+    member
+        .complete(&delivery, &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+    let late = provider
+        .update_status(&e.id, &StatusUpdate::processing(&delivery.event))
+        .await
+        .unwrap_err();
+    assert!(matches!(late, ProviderError::InvalidState { .. }), "{late}");
+    assert_eq!(
+        provider.get(&e.id).await.unwrap().unwrap().status,
+        EventStatus::Completed
+    );
+
+    let inline = event("public.users.create");
+    provider.store(&inline).await.unwrap();
+    for status in [
+        EventStatus::Completed,
+        EventStatus::Processing,
+        EventStatus::Failed,
+    ] {
+        let mut update = finished(status);
+        update.completed_at = status.is_finished().then(chrono::Utc::now);
+        provider.update_status(&inline.id, &update).await.unwrap();
+    }
+    member.close().await;
+    provider.destroy().await.unwrap();
+}
+
+/// The sweep finds events whose delivery is provably abandoned and records them as failed
+/// with an error saying so, leaving events in flight, finished events and events stored
+/// without a message alone; the failed event can be re-run.
+#[tokio::test]
+async fn the_sweep_records_abandoned_events_as_failed() {
+    if !services::available("NATS", NATS) {
+        return;
+    }
+    let config = config("nats://127.0.0.1:4222");
+    let provider = provider(&config).await;
+    let member = provider
+        .consume(options("workers", Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let (lost, done, in_flight) = (
+        event("public.a.create"),
+        event("public.b.create"),
+        event("public.c.create"),
+    );
+    for e in [&lost, &done, &in_flight] {
+        provider.publish(e).await.unwrap();
+    }
+    let inline = event("public.d.create");
+    provider.store(&inline).await.unwrap();
+    let lost_delivery = fetch_one(&member).await;
+    let done_delivery = fetch_one(&member).await;
+    let held = fetch_one(&member).await;
+    assert_eq!(
+        [&lost_delivery, &done_delivery, &held].map(|d| d.event.id.clone()),
+        [&lost, &done, &in_flight].map(|e| e.id.clone())
+    );
+    provider
+        .update_status(&lost.id, &StatusUpdate::processing(&lost_delivery.event))
+        .await
+        .unwrap();
+    member
+        .complete(&done_delivery, &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+    // Nothing is provably abandoned while a message is in flight in the group.
+    assert_eq!(provider.sweep_abandoned().await.unwrap(), 0);
+    async_nats::jetstream::message::Acker::new(
+        jetstream().await,
+        Some(async_nats::Subject::from(lost_delivery.token.clone())),
+    )
+    .double_ack()
+    .await
+    .unwrap();
+    member
+        .complete(&held, &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+
+    // (Each host also sweeps once a minute: this one may have been first.)
+    assert!(provider.sweep_abandoned().await.unwrap() <= 1);
+    let swept = provider.get(&lost.id).await.unwrap().unwrap();
+    assert_eq!(swept.status, EventStatus::Failed);
+    assert!(
+        swept.error.as_deref().unwrap_or("").contains("abandoned"),
+        "{swept:?}"
+    );
+    for (id, status) in [
+        (&done.id, EventStatus::Completed),
+        (&in_flight.id, EventStatus::Completed),
+        (&inline.id, EventStatus::Pending),
+    ] {
+        assert_eq!(provider.get(id).await.unwrap().unwrap().status, status);
+    }
+    assert_eq!(provider.sweep_abandoned().await.unwrap(), 0, "once");
+    provider.requeue(&lost.id, &rerun()).await.unwrap();
+    let again = fetch_one(&member).await;
+    assert_eq!(again.event.id, lost.id);
+    member
+        .complete(&again, &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+    member.close().await;
+    provider.destroy().await.unwrap();
+}
+
+/// With deadlines that fit the lease (`backoff: [1s, 5s]`, `lease: 1500ms`: renewals every
+/// 500 ms), a handler running three times longer than the first deadline runs once: its
+/// in-progress acknowledgements keep the server from redelivering it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_outliving_the_first_backoff_runs_once() {
+    if !services::available("NATS", NATS) {
+        return;
+    }
+    let mut config = config("nats://127.0.0.1:4222");
+    config.lease = Duration::from_millis(1500);
+    config.nats.backoff = vec![Duration::from_secs(1), Duration::from_secs(5)];
+    config.nats.max_deliver = Some(5);
+    config.handler_timeout = Duration::from_secs(30);
+    let provider = std::sync::Arc::new(provider(&config).await);
+    let broker = eventbroker::Broker::new(config.clone(), provider.clone());
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = runs.clone();
+    broker
+        .subscribe(
+            "slow.*",
+            eventbroker::handler_fn(move |_, _| {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    Ok(())
+                }
+            }),
+        )
+        .unwrap();
+    broker.start().await.unwrap();
+    let id = broker.publish_async(event("slow.job")).await.unwrap();
+    let done = wait_for_status(&provider, &id, EventStatus::Completed).await;
+    assert_eq!(done.handlers.len(), 1);
+    broker.stop().await.unwrap();
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let info = group_consumer(&jetstream().await, &config, &config.consumer_group)
+        .await
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.num_redelivered, 0, "{info:?}");
+    provider.destroy().await.unwrap();
 }

@@ -106,7 +106,7 @@ impl Pool {
         tasks.spawn(keep_leases(
             consumer.clone(),
             held.clone(),
-            config.lease,
+            config.lease_renewal_period(),
             abort.clone(),
         ));
         Ok(Pool {
@@ -308,14 +308,14 @@ async fn process(
     Ok(())
 }
 
-/// Renews the leases of every delivery held locally, three times per lease period.
+/// Renews the leases of every delivery held locally, every `period`
+/// ([`crate::config::BrokerConfig::lease_renewal_period`]).
 async fn keep_leases(
     consumer: Arc<dyn Consumer>,
     held: Arc<Held>,
-    lease: Duration,
+    period: Duration,
     stop: CancellationToken,
 ) {
-    let period = (lease / 3).max(Duration::from_millis(50));
     let mut ticker = tokio::time::interval(period);
     ticker.tick().await;
     loop {

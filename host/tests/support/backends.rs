@@ -185,10 +185,11 @@ impl Drop for Backend {
     }
 }
 
-/// Deletes the stream and bucket of a NATS backend (on a thread of its own: `Drop` may run
+/// Deletes the streams and bucket of a NATS backend (on a thread of its own: `Drop` may run
 /// inside the test's runtime, which cannot be blocked on).
 fn delete_nats_namespace(config: &BrokerConfig) {
     let stream = config.nats.stream_name.clone();
+    let dead_letters = format!("{stream}_DEAD_LETTERS");
     let bucket_stream = format!("KV_{}", config.nats.kv_bucket());
     let url = config.nats.url.clone();
     let deleted = std::thread::spawn(move || {
@@ -206,7 +207,7 @@ fn delete_nats_namespace(config: &BrokerConfig) {
                 return;
             };
             let js = async_nats::jetstream::new(client);
-            for name in [stream, bucket_stream] {
+            for name in [stream, dead_letters, bucket_stream] {
                 let _ = tokio::time::timeout(
                     std::time::Duration::from_secs(5),
                     js.delete_stream(&name),

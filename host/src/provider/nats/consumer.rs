@@ -9,15 +9,22 @@
 //!   by `close` is drained in the background and whatever it still delivers is given back with
 //!   a negative acknowledgement, so nothing waits for `ack_wait`.
 //! - The current state of each delivered event comes from the state store (so retries see the
-//!   handler outcomes of earlier attempts). A first delivery of an event that is already
-//!   finished, and any delivery of a deleted event, is acknowledged and skipped.
-//! - `complete` writes the final state, then acknowledges (`+ACK`, confirmed by the server) or,
-//!   for `failed`, terminates (`+TERM`); `retry` writes the state and sends a delayed `-NAK`;
-//!   `release` writes `pending` and sends `-NAK`; `keep_alive` sends `+WPI` (in progress),
-//!   which restarts the server's `ack_wait` timer.
-//! - `close` (and dropping the consumer) gives every delivery it still holds back with `-NAK`.
+//!   handler outcomes of earlier attempts), and the delivery claims the event in the store
+//!   (compare-and-set, see [`super::record`]): only the owning delivery may record an outcome
+//!   or acknowledge. A message that does not carry the event's current run (an older run, a
+//!   copy), a first delivery of an event that is already finished, and any delivery of a
+//!   deleted event, is acknowledged and skipped.
+//! - A message whose event has no state yet (its publish stopped after storing the message)
+//!   gets its state written from the message; a re-run message whose state was not yet
+//!   switched to the re-run (the re-run stopped after storing the message) switches it.
+//! - `complete` writes the final state and settles the claim, then acknowledges (`+ACK`,
+//!   confirmed by the server) or, for `failed`, terminates (`+TERM`); `retry` writes the state
+//!   and sends a delayed `-NAK`; `release` writes `pending` and sends `-NAK`; each refuses,
+//!   without writing or acknowledging anything, when the delivery no longer owns the event.
+//!   `keep_alive` sends `+WPI` (in progress), which restarts the server's `ack_wait` timer.
+//! - `close` (and dropping the consumer) gives every delivery it still owns back with `-NAK`.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,13 +35,18 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::store::Lookup;
+use super::record::Record;
+use super::store::{Lookup, Versioned};
 use super::{NAME, Shared};
 use crate::event::{Event, EventStatus};
 use crate::provider::{Consumer, Delivery, ProviderError, StatusUpdate};
 
 /// How long one long-poll pull request waits on the server.
 const LONG_POLL: Duration = Duration::from_secs(5);
+/// How often claiming a delivered event is retried when its state changes meanwhile.
+const CLAIM_ATTEMPTS: usize = 16;
+/// The header carrying a message's id (the event id, or the re-run's id).
+const MESSAGE_ID: &str = "Nats-Msg-Id";
 
 fn backend(error: impl std::fmt::Display) -> ProviderError {
     ProviderError::backend(NAME, error)
@@ -45,26 +57,48 @@ pub(crate) struct NatsConsumer {
     shared: Arc<Shared>,
     consumer: PullConsumer,
     group: String,
+    /// The durable consumer's name: the key of this group's claims.
+    durable: String,
     closed: CancellationToken,
     counted: AtomicBool,
-    /// Acknowledgement subjects of deliveries handed out and not yet settled.
-    outstanding: Arc<Mutex<HashSet<String>>>,
+    /// Event ids of deliveries handed out and not yet settled, by acknowledgement subject.
+    outstanding: Arc<Mutex<HashMap<String, String>>>,
+}
+
+/// What a delivered message says about itself.
+struct Arrival {
+    /// The event as published (or as re-run).
+    published: Event,
+    /// The acknowledgement subject: the delivery's token.
+    token: String,
+    /// Stream sequence of the message.
+    seq: u64,
+    /// Deliveries of this message to this group, this one included.
+    delivered: u32,
+    /// For a re-run message, the state revision it re-runs.
+    rerun_of: Option<u64>,
 }
 
 impl NatsConsumer {
-    pub(crate) fn new(shared: Arc<Shared>, consumer: PullConsumer, group: String) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        consumer: PullConsumer,
+        group: String,
+        durable: String,
+    ) -> Self {
         let closed = shared.shutdown.child_token();
         NatsConsumer {
             shared,
             consumer,
             group,
+            durable,
             closed,
             counted: AtomicBool::new(true),
             outstanding: Arc::default(),
         }
     }
 
-    fn outstanding(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    fn outstanding(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
         self.outstanding.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -99,9 +133,21 @@ impl NatsConsumer {
     }
 
     async fn admit_one(&self, message: async_nats::jetstream::Message) -> Option<Delivery> {
-        let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
         // `split` moves the acknowledgement subject into the acker: take it first.
         let token = message.reply.as_ref()?.to_string();
+        let (seq, delivered) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.delivered),
+            Err(error) => {
+                tracing::warn!(subject = %message.subject, %error, "terminating a message without delivery information");
+                let _ = message.ack_with(AckKind::Term).await;
+                return None;
+            }
+        };
+        let message_id = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(MESSAGE_ID))
+            .map(|id| id.as_str().to_owned());
         let (message, acker) = message.split();
         let published: Event = match serde_json::from_slice(&message.payload) {
             Ok(event) => event,
@@ -111,53 +157,129 @@ impl NatsConsumer {
                 return None;
             }
         };
-        let count = u32::try_from(delivered.max(1)).unwrap_or(u32::MAX);
-        match self.shared.store.lookup(&published.id).await {
-            Ok(Lookup::Live(current)) if delivered <= 1 && current.event.status.is_finished() => {
-                let _ = acker.ack().await;
-                None
-            }
-            Ok(Lookup::Live(current)) => {
-                self.outstanding().insert(token.clone());
+        let rerun_of =
+            message_id.and_then(|id| super::subjects::rerun_revision(&id, &published.id));
+        let arrival = Arrival {
+            published,
+            token,
+            seq,
+            delivered: u32::try_from(delivered.max(1)).unwrap_or(u32::MAX),
+            rerun_of,
+        };
+        match self.claim(&arrival).await {
+            Ok(Some(event)) => {
+                self.outstanding()
+                    .insert(arrival.token.clone(), event.id.clone());
                 Some(Delivery {
-                    event: current.event,
-                    token,
-                    delivery_count: count,
+                    event,
+                    token: arrival.token,
+                    delivery_count: arrival.delivered,
                 })
             }
-            Ok(Lookup::TakenBack { revision }) => {
-                // Its publish reported a failure and took the state back, yet the server had
-                // stored the message: the event was accepted after all. Restore its state.
-                match self.shared.store.restore(&published, revision).await {
-                    Ok(_) => {
-                        tracing::info!(event_id = %published.id, "restored the state of an event whose publish seemed to fail");
-                        self.outstanding().insert(token.clone());
-                        Some(Delivery {
-                            event: published,
-                            token,
-                            delivery_count: count,
-                        })
-                    }
-                    Err(_) => {
-                        // Changed meanwhile (published again): look again on redelivery.
-                        let _ = acker.ack_with(AckKind::Nak(None)).await;
-                        None
-                    }
-                }
-            }
-            Ok(Lookup::Absent) => {
-                // Deleted (or expired) meanwhile: nothing to do.
+            Ok(None) => {
                 let _ = acker.ack().await;
                 None
             }
             Err(error) => {
-                tracing::warn!(event_id = %published.id, %error, "cannot read event state; redelivering");
+                tracing::warn!(event_id = %arrival.published.id, %error, "cannot claim event; redelivering");
                 let _ = acker
                     .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                     .await;
                 None
             }
         }
+    }
+
+    /// Decides what a delivered message means for its event and, when the event is to be
+    /// processed, makes this delivery its owner in this group (a compare-and-set, repeated
+    /// when the state changes meanwhile). Returns the event to process, or `None` when there
+    /// is nothing to do (the message is then acknowledged and skipped).
+    async fn claim(&self, arrival: &Arrival) -> Result<Option<Event>, ProviderError> {
+        let store = &self.shared.store;
+        let id = &arrival.published.id;
+        for _ in 0..CLAIM_ATTEMPTS {
+            let (record, written) = match store.lookup(id).await? {
+                Lookup::Missing => {
+                    // Its publish stopped after storing the message: the event was accepted.
+                    let record = self.owned(
+                        Record::new(arrival.published.clone(), Some(arrival.seq)),
+                        arrival,
+                    );
+                    let written = store.create(&record).await.map(drop);
+                    (record, written)
+                }
+                Lookup::Deleted => return Ok(None),
+                Lookup::TakenBack { revision } => {
+                    // An earlier version took the state of a publish back that the server had
+                    // stored after all: the event was accepted. Restore its state.
+                    let record = self.owned(
+                        Record::new(arrival.published.clone(), Some(arrival.seq)),
+                        arrival,
+                    );
+                    let written = store.replace(&record, revision).await.map(drop);
+                    (record, written)
+                }
+                Lookup::Live(current) => {
+                    let Versioned { record, revision } = *current;
+                    let record = if arrival.rerun_of == Some(revision) {
+                        // A re-run whose own switch of the state did not happen: switch it.
+                        Record::new(arrival.published.clone(), Some(arrival.seq))
+                    } else if !record.carried_by(arrival.seq)
+                        || (arrival.delivered <= 1 && record.event.status.is_finished())
+                    {
+                        return Ok(None);
+                    } else {
+                        record
+                    };
+                    let record = self.owned(record, arrival);
+                    let written = store.replace(&record, revision).await.map(drop);
+                    (record, written)
+                }
+            };
+            match written {
+                Ok(()) => return Ok(Some(record.event)),
+                Err(error) => {
+                    tracing::debug!(event_id = %id, %error, "event changed while being claimed; looking again")
+                }
+            }
+        }
+        Err(backend(format!(
+            "event {id} changed {CLAIM_ATTEMPTS} times while being claimed"
+        )))
+    }
+
+    /// `record`, owned by the delivery of `arrival` in this group.
+    fn owned(&self, mut record: Record, arrival: &Arrival) -> Record {
+        record.claim(&self.durable, &arrival.token);
+        record
+    }
+
+    /// Writes the outcome of `delivery` with `change` and settles its claim.
+    ///
+    /// # Errors
+    /// The lease-lost error (nothing written) when another delivery owns the event now;
+    /// [`ProviderError::NotFound`] when it was deleted; backend failures.
+    async fn record_outcome(
+        &self,
+        delivery: &Delivery,
+        mut change: impl FnMut(&mut Event),
+    ) -> Result<(), ProviderError> {
+        let mut lost = false;
+        let written = self
+            .shared
+            .store
+            .modify(&delivery.event.id, |record| {
+                lost = !record.owned_by(&self.durable, &delivery.token);
+                record.settle(&self.durable, &delivery.token)?;
+                change(&mut record.event);
+                Ok(())
+            })
+            .await;
+        if lost {
+            // Another delivery owns it: this one must not acknowledge, even when closing.
+            self.outstanding().remove(&delivery.token);
+        }
+        written.map(drop)
     }
 
     fn acker(&self, delivery: &Delivery) -> Acker {
@@ -189,27 +311,38 @@ impl NatsConsumer {
         })
     }
 
-    /// Gives every unsettled delivery back at once (close and drop).
-    fn hand_back(&self) {
+    /// Stops the consumer (once) and returns the work of giving back, with `-NAK`, every
+    /// delivery it handed out, has not settled and still owns: a `-NAK` for a delivery that
+    /// was handed to someone else would make the server redeliver the newer one while it runs.
+    fn stop(&self) -> Option<impl Future<Output = ()> + Send + 'static> {
         if !self.counted.swap(false, Ordering::AcqRel) {
-            return;
+            return None;
         }
         self.closed.cancel();
         self.shared.counters.consumers_closed();
-        let tokens: Vec<String> = self.outstanding().drain().collect();
-        if tokens.is_empty() {
-            return;
+        let held: Vec<(String, String)> = self.outstanding().drain().collect();
+        if held.is_empty() {
+            return None;
         }
         let context = self.shared.context.clone();
-        let give_back = async move {
-            for token in tokens {
-                let acker = Acker::new(context.clone(), Some(async_nats::Subject::from(token)));
-                let _ = acker.ack_with(AckKind::Nak(None)).await;
-            }
-        };
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(give_back);
-        }
+        let store = self.shared.store.clone();
+        let durable = self.durable.clone();
+        Some(async move {
+            let give_back = held.into_iter().map(|(token, id)| {
+                let (context, store, durable) = (context.clone(), store.clone(), durable.clone());
+                async move {
+                    let owned = matches!(
+                        store.get(&id).await,
+                        Ok(Some(current)) if current.record.owned_by(&durable, &token)
+                    );
+                    if owned {
+                        let acker = Acker::new(context, Some(async_nats::Subject::from(token)));
+                        let _ = acker.ack_with(AckKind::Nak(None)).await;
+                    }
+                }
+            });
+            futures::future::join_all(give_back).await;
+        })
     }
 }
 
@@ -285,12 +418,7 @@ impl Consumer for NatsConsumer {
         update: &StatusUpdate,
     ) -> Result<(), ProviderError> {
         let written = self
-            .shared
-            .store
-            .modify(&delivery.event.id, |event| {
-                update.apply(event);
-                Ok(())
-            })
+            .record_outcome(delivery, |event| update.apply(event))
             .await;
         if let Err(error) = written {
             if matches!(error, ProviderError::NotFound(_)) {
@@ -318,12 +446,7 @@ impl Consumer for NatsConsumer {
         update: &StatusUpdate,
         delay: Duration,
     ) -> Result<(), ProviderError> {
-        self.shared
-            .store
-            .modify(&delivery.event.id, |event| {
-                update.apply(event);
-                Ok(())
-            })
+        self.record_outcome(delivery, |event| update.apply(event))
             .await?;
         let delay = (!delay.is_zero()).then_some(delay);
         self.settle(delivery, AckKind::Nak(delay), false).await?;
@@ -335,14 +458,11 @@ impl Consumer for NatsConsumer {
     }
 
     async fn release(&self, delivery: &Delivery) -> Result<(), ProviderError> {
-        self.shared
-            .store
-            .modify(&delivery.event.id, |event| {
-                event.status = EventStatus::Pending;
-                event.completed_at = None;
-                Ok(())
-            })
-            .await?;
+        self.record_outcome(delivery, |event| {
+            event.status = EventStatus::Pending;
+            event.completed_at = None;
+        })
+        .await?;
         self.settle(delivery, AckKind::Nak(None), false).await?;
         self.shared
             .counters
@@ -364,12 +484,18 @@ impl Consumer for NatsConsumer {
     }
 
     async fn close(&self) {
-        self.hand_back();
+        if let Some(give_back) = self.stop() {
+            give_back.await;
+        }
     }
 }
 
 impl Drop for NatsConsumer {
     fn drop(&mut self) {
-        self.hand_back();
+        if let Some(give_back) = self.stop()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(give_back);
+        }
     }
 }

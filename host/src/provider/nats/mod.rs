@@ -5,20 +5,29 @@
 //! - a stream (`stream_name`, created or updated at start) capturing `subjects`; each event is
 //!   one message on `{prefix}.{source}.{type}` whose `Nats-Msg-Id` is the event id, so the
 //!   server drops a repeated publish within `duplicate_window`;
-//! - a key-value bucket (`kv_bucket`) with each event's current state, keyed by event id,
+//! - a key-value bucket (`kv_bucket`) with each event's [`record::Record`] (current state,
+//!   the stream sequence of its current run, the deliveries that own it), keyed by event id,
 //!   written only by compare-and-set; status changes never go to the event subjects;
 //! - one durable pull consumer per consumer group ([`consumer`]);
+//! - a stream keeping the server's `MAX_DELIVERIES` advisories until a host recorded them
+//!   ([`advisory`]);
 //! - ordered ephemeral consumers for live watchers ([`watch`]).
 //!
-//! Publish writes the state first (an atomic create, which detects duplicates), then the
-//! message, awaiting the server's acknowledgement; if the message cannot be stored the state
-//! is removed again. A publish whose acknowledgement timed out is retried with the same
-//! message id, which the server deduplicates, so a retry cannot store the event twice.
+//! Events whose delivery is provably abandoned are found by [`sweep`].
+//!
+//! Publish stores the message first, awaiting the server's acknowledgement (a publish whose
+//! acknowledgement timed out is retried with the same message id, which the server
+//! deduplicates, so a retry cannot store the event twice), then creates the state with the
+//! message's sequence (an atomic create, which detects duplicates). A state therefore never
+//! exists without its message: a publish cut short after the message leaves a message whose
+//! state the consumer that delivers it writes. Re-runs work the same way.
 
 mod advisory;
 mod consumer;
+mod record;
 mod store;
 mod subjects;
+mod sweep;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -37,7 +46,9 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use self::consumer::NatsConsumer;
+use self::record::Record;
 use self::store::{StateStore, encode};
+use self::sweep::Evidence;
 use super::{
     Consumer, ConsumerOptions, EventFilter, EventStream, Provider, ProviderError, ProviderFeatures,
     ProviderStats, StatusUpdate,
@@ -106,6 +117,15 @@ impl Drop for WatcherGuard {
     }
 }
 
+/// What the server answered to a publish.
+struct Sent {
+    /// Stream sequence of the stored message (of the earlier one, for a duplicate).
+    sequence: u64,
+    /// The server reported the first attempt as a duplicate: a message with this id was
+    /// stored within the duplicate window before this publish.
+    duplicate: bool,
+}
+
 fn config_error(reason: impl Into<String>) -> ProviderError {
     ProviderError::Config {
         provider: NAME,
@@ -118,8 +138,12 @@ fn backend(error: impl std::fmt::Display) -> ProviderError {
 }
 
 /// Checks the settings serde cannot; returns the subject prefix.
-fn validate(config: &NatsConfig) -> Result<String, ProviderError> {
+fn validate(broker: &BrokerConfig) -> Result<String, ProviderError> {
+    let config = &broker.nats;
     let prefix = subjects::prefix_of(&config.subjects)?;
+    config
+        .check_deadlines(broker.lease_renewal_period())
+        .map_err(|(key, reason)| config_error(format!("{key} {reason}")))?;
     let plain = |value: &str| {
         !value.is_empty()
             && value
@@ -148,17 +172,21 @@ fn validate(config: &NatsConfig) -> Result<String, ProviderError> {
             "nats.user and nats.password must be set together",
         ));
     }
-    if let Some(max) = config.max_deliver {
-        if max == 0 {
-            return Err(config_error(
-                "nats.max_deliver must be at least 1 (leave it unset for unlimited)",
-            ));
-        }
-        if !config.backoff.is_empty() && max as usize <= config.backoff.len() {
-            return Err(config_error(
-                "nats.max_deliver must be greater than the number of nats.backoff entries",
-            ));
-        }
+    if config.max_deliver == Some(0) {
+        return Err(config_error(
+            "nats.max_deliver must be at least 1 (leave it unset for unlimited)",
+        ));
+    }
+    if !config.backoff.is_empty()
+        && config
+            .max_deliver
+            .is_none_or(|max| max as usize <= config.backoff.len())
+    {
+        // The server refuses such a consumer when the first host joins the group.
+        return Err(config_error(
+            "nats.backoff needs nats.max_deliver set, and greater than the number of \
+             nats.backoff entries",
+        ));
     }
     if config.tls.cert_file.is_some() != config.tls.key_file.is_some() {
         return Err(config_error(
@@ -214,15 +242,15 @@ async fn connect_client(
 }
 
 impl NatsProvider {
-    /// Connects, creates or updates the stream and the state bucket, and (when `max_deliver`
-    /// is set) starts listening for events that exhausted it.
+    /// Connects, creates or updates the stream, the state bucket and the dead-letter
+    /// advisory stream, and starts recording the events that exhausted `max_deliver`.
     ///
     /// # Errors
     /// [`ProviderError::Config`] for invalid settings; [`ProviderError::Backend`] when the
     /// server is unreachable or refuses the stream or bucket (e.g. a changed `storage`).
     pub async fn connect(config: &BrokerConfig) -> Result<Self, ProviderError> {
         let nats = &config.nats;
-        let prefix = validate(nats)?;
+        let prefix = validate(config)?;
         let client = connect_client(nats, &config.instance_id).await?;
         let context = jetstream::new(client.clone());
         let storage = match nats.storage {
@@ -271,13 +299,24 @@ impl NatsProvider {
             counters: Counters::default(),
             consumers: Mutex::new(Vec::new()),
         });
-        if shared.max_deliver.is_some() {
-            advisory::start(&shared).await?;
-        }
+        advisory::start(&shared, storage, nats.max_age).await?;
+        sweep::start(&shared);
         Ok(NatsProvider { shared })
     }
 
-    /// Deletes the stream and the state bucket with everything in them (tear-down of tests
+    /// Records every event whose delivery is provably abandoned as `failed` (what every host
+    /// also does once a minute); returns how many. An event is abandoned when it is not
+    /// finished, yet no consumer group will deliver the message of its current run again:
+    /// the message left the stream, or every group settled it (see `docs/providers/nats.md`).
+    ///
+    /// # Errors
+    /// [`ProviderError::Closed`]; backend failures.
+    pub async fn sweep_abandoned(&self) -> Result<usize, ProviderError> {
+        self.shared.check_open()?;
+        sweep::sweep(&self.shared).await
+    }
+
+    /// Deletes the streams and the state bucket with everything in them (tear-down of tests
     /// and experiments). The provider is closed first.
     ///
     /// # Errors
@@ -295,6 +334,7 @@ impl NatsProvider {
                     shared.stream_name
                 ))
             })?;
+        advisory::destroy(shared).await?;
         StateStore::destroy(&shared.context, &shared.bucket).await
     }
 }
@@ -309,14 +349,13 @@ impl Shared {
     }
 
     /// Publishes one message and awaits the server's acknowledgement, retrying with the same
-    /// message id when it does not arrive. Returns whether the server reported the first
-    /// attempt as a duplicate.
+    /// message id when it does not arrive.
     async fn send(
         &self,
         subject: String,
         payload: Bytes,
         message_id: &str,
-    ) -> Result<bool, ProviderError> {
+    ) -> Result<Sent, ProviderError> {
         let mut last_error = String::new();
         for attempt in 0..PUBLISH_ATTEMPTS {
             if attempt > 0 {
@@ -331,7 +370,12 @@ impl Shared {
             };
             match ack {
                 // A duplicate on a retry means an earlier attempt was stored.
-                Ok(ack) => return Ok(ack.duplicate && attempt == 0),
+                Ok(ack) => {
+                    return Ok(Sent {
+                        sequence: ack.sequence,
+                        duplicate: ack.duplicate && attempt == 0,
+                    });
+                }
                 Err(error)
                     if matches!(
                         error.kind(),
@@ -353,19 +397,24 @@ impl Shared {
         )))
     }
 
-    /// A publish found a state with this id. If it is exactly this event, untouched, it is
-    /// left over from an earlier attempt whose message may never have been stored (and whose
-    /// clean-up failed, e.g. during an outage): take it over — rewrite it, which also cancels
-    /// a pending clean-up — and return its new revision. Otherwise `None`: a real duplicate.
-    async fn adopt(&self, event: &Event) -> Result<Option<u64>, ProviderError> {
-        match self.store.get(&event.id).await? {
-            Some(current) if current.event == *event => {
-                match self.store.restore(event, current.revision).await {
-                    Ok(revision) => Ok(Some(revision)),
-                    Err(_) => Ok(None),
-                }
-            }
-            _ => Ok(None),
+    /// Creates the state of an event whose message was stored at `seq`. A state already
+    /// written for that message (by a consumer that delivered it first) is fine.
+    ///
+    /// # Errors
+    /// [`ProviderError::Duplicate`] when another event with this id is stored: the message
+    /// just stored does not carry that event's run, so consumers skip it.
+    async fn record_published(&self, event: &Event, seq: u64) -> Result<(), ProviderError> {
+        match self
+            .store
+            .create(&Record::new(event.clone(), Some(seq)))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(ProviderError::Duplicate(id)) => match self.store.get(&id).await? {
+                Some(current) if current.record.seq == Some(seq) => Ok(()),
+                _ => Err(ProviderError::Duplicate(id)),
+            },
+            Err(error) => Err(error),
         }
     }
 
@@ -393,46 +442,31 @@ impl Provider for NatsProvider {
 
     async fn store(&self, event: &Event) -> Result<(), ProviderError> {
         self.shared.check_open()?;
-        self.shared.store.create(event).await.map(|_| ())
+        self.shared
+            .store
+            .create(&Record::new(event.clone(), None))
+            .await
+            .map(drop)
     }
 
     async fn publish(&self, event: &Event) -> Result<(), ProviderError> {
         let shared = &self.shared;
         shared.check_open()?;
         let subject = subjects::event_subject(&shared.prefix, event)?;
-        let payload = encode(event)?;
-        let (revision, adopted) = match shared.store.create(event).await {
-            Ok(revision) => (revision, false),
-            Err(ProviderError::Duplicate(id)) => {
-                let revision = shared
-                    .adopt(event)
-                    .await?
-                    .ok_or(ProviderError::Duplicate(id))?;
-                (revision, true)
-            }
-            Err(error) => return Err(error),
-        };
-        match shared.send(subject, payload, &event.id).await {
-            Ok(false) => {
-                shared.counters.published.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            // The message exists: the state taken over belongs to it.
-            Ok(true) if adopted => Err(ProviderError::Duplicate(event.id.clone())),
-            Ok(true) => {
-                shared.store.undo_create(&event.id, revision).await;
-                Err(ProviderError::Duplicate(event.id.clone()))
-            }
-            Err(error) => {
-                shared.store.undo_create(&event.id, revision).await;
-                Err(error)
-            }
+        let sent = shared.send(subject, encode(event)?, &event.id).await?;
+        if sent.duplicate {
+            // Stored before within the window: by an earlier publish of this id (whose state
+            // exists, or is written by the consumer that delivers its message).
+            return Err(ProviderError::Duplicate(event.id.clone()));
         }
+        shared.record_published(event, sent.sequence).await?;
+        shared.counters.published.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn get(&self, id: &str) -> Result<Option<Event>, ProviderError> {
         self.shared.check_open()?;
-        Ok(self.shared.store.get(id).await?.map(|v| v.event))
+        Ok(self.shared.store.get(id).await?.map(|v| v.record.event))
     }
 
     async fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
@@ -446,12 +480,20 @@ impl Provider for NatsProvider {
         self.shared.check_open()?;
         self.shared
             .store
-            .modify(id, |event| {
-                update.apply(event);
+            .modify(id, |record| {
+                if !update.status.is_finished() && record.settled_final() {
+                    return Err(ProviderError::InvalidState {
+                        id: id.to_owned(),
+                        status: record.event.status,
+                        reason: "its delivery already recorded the final outcome; a late status \
+                                 change from a worker that lost the delivery is refused",
+                    });
+                }
+                update.apply(&mut record.event);
                 Ok(())
             })
             .await
-            .map(|_| ())
+            .map(drop)
     }
 
     async fn delete(&self, id: &str) -> Result<bool, ProviderError> {
@@ -462,41 +504,45 @@ impl Provider for NatsProvider {
     async fn requeue(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
         let shared = &self.shared;
         shared.check_open()?;
-        let mut previous = None;
-        let requeued = shared
+        let current = shared
             .store
-            .modify(id, |event| {
-                if !event.status.is_finished() {
-                    return Err(ProviderError::InvalidState {
-                        id: id.to_owned(),
-                        status: event.status,
-                        reason: "only completed or failed events can be re-run",
-                    });
-                }
-                previous = Some(event.clone());
-                update.apply(event);
-                Ok(())
-            })
-            .await?;
-        // The revision is unique, so the server's duplicate window never drops a re-run.
-        let message_id = format!("{id}:requeue:{}", requeued.revision);
-        let sent = match subjects::event_subject(&shared.prefix, &requeued.event) {
-            Ok(subject) => {
-                shared
-                    .send(subject, encode(&requeued.event)?, &message_id)
-                    .await
-            }
-            Err(error) => Err(error),
-        };
-        if let Err(error) = sent {
-            if let Some(previous) = previous
-                && let Err(undo) = shared.store.restore(&previous, requeued.revision).await
-            {
-                tracing::warn!(event_id = %id, %undo, "could not undo a failed re-run");
-            }
-            return Err(error);
+            .get(id)
+            .await?
+            .ok_or_else(|| ProviderError::NotFound(id.to_owned()))?;
+        let status = current.record.event.status;
+        if !status.is_finished() && !Evidence::gather(shared).await?.abandoned(&current.record) {
+            return Err(ProviderError::InvalidState {
+                id: id.to_owned(),
+                status,
+                reason: "only completed or failed events, and events whose delivery is provably \
+                         abandoned, can be re-run",
+            });
         }
-        Ok(())
+        let mut next = current.record.event;
+        update.apply(&mut next);
+        // The message first, named after the revision it re-runs: a repeat of this re-run is
+        // dropped by the duplicate window, and a re-run cut short after storing it is switched
+        // over by the consumer that delivers it.
+        let subject = subjects::event_subject(&shared.prefix, &next)?;
+        let message_id = subjects::rerun_message_id(id, current.revision);
+        let sent = shared.send(subject, encode(&next)?, &message_id).await?;
+        let record = Record::new(next, Some(sent.sequence));
+        let Err(error) = shared.store.replace(&record, current.revision).await else {
+            return Ok(());
+        };
+        match shared.store.get(id).await {
+            // A consumer delivered the message first and switched the state over.
+            Ok(Some(now)) if now.record.seq == Some(sent.sequence) => Ok(()),
+            Ok(Some(now)) => Err(ProviderError::InvalidState {
+                id: id.to_owned(),
+                status: now.record.event.status,
+                reason: "it changed while being re-run; the re-run was dropped",
+            }),
+            Ok(None) => Err(ProviderError::NotFound(id.to_owned())),
+            // The server cannot be reached: the message is stored, and the consumer that
+            // delivers it switches the state over.
+            Err(_) => Err(error),
+        }
     }
 
     async fn consume(&self, options: ConsumerOptions) -> Result<Arc<dyn Consumer>, ProviderError> {
@@ -520,7 +566,12 @@ impl Provider for NatsProvider {
                 ))
             })?;
         tracing::debug!(group = %options.group, member = %options.name, "joined NATS consumer group");
-        let consumer = Arc::new(NatsConsumer::new(shared.clone(), consumer, options.group));
+        let consumer = Arc::new(NatsConsumer::new(
+            shared.clone(),
+            consumer,
+            options.group,
+            durable,
+        ));
         shared.counters.consumers.fetch_add(1, Ordering::Relaxed);
         shared
             .consumers

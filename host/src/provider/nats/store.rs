@@ -1,5 +1,6 @@
-//! The state store: a JetStream key-value bucket holding each event's current state as its
-//! JSON, keyed by the (encoded) event id.
+//! The state store: a JetStream key-value bucket holding each event's [`Record`] (current
+//! state, the stream sequence of its current run, the deliveries that own it) as JSON, keyed
+//! by the (encoded) event id.
 //!
 //! - `create` is atomic: it fails if a live entry with that id exists (duplicates).
 //! - Every change is a compare-and-set on the entry's revision ([`StateStore::modify`]):
@@ -19,14 +20,13 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use super::NAME;
+use super::record::Record;
 use super::subjects::encode_name;
 use crate::event::Event;
 use crate::provider::ProviderError;
 
 /// How often a compare-and-set is retried under contention before giving up.
 const MAX_CAS_ATTEMPTS: usize = 32;
-/// How long the clean-up of a failed publish keeps trying.
-const UNDO_PATIENCE: Duration = Duration::from_secs(120);
 /// Values fetched per request while scanning.
 const SCAN_BATCH: usize = 1000;
 
@@ -38,17 +38,20 @@ pub(crate) struct StateStore {
 
 /// See [`StateStore::lookup`].
 pub(crate) enum Lookup {
-    /// The event's current state.
+    /// The event's current record.
     Live(Box<Versioned>),
-    /// A publish failed and its state was taken back (a delete marker at `revision`).
+    /// A delete marker at `revision`: written by earlier versions when a publish failed and
+    /// its state was taken back.
     TakenBack { revision: u64 },
-    /// Deleted, expired or never stored.
-    Absent,
+    /// Deleted by a user (a purge marker).
+    Deleted,
+    /// No entry at all: never stored, or expired.
+    Missing,
 }
 
-/// An event state read together with its revision.
+/// A record read together with its revision.
 pub(crate) struct Versioned {
-    pub event: Event,
+    pub record: Record,
     pub revision: u64,
 }
 
@@ -56,11 +59,7 @@ fn backend(error: impl std::fmt::Display) -> ProviderError {
     ProviderError::backend(NAME, error)
 }
 
-fn decode(value: &[u8]) -> Result<Event, ProviderError> {
-    serde_json::from_slice(value)
-        .map_err(|e| backend(format!("stored event state is not valid JSON: {e}")))
-}
-
+/// The JSON of an event as published (the payload of its messages).
 pub(crate) fn encode(event: &Event) -> Result<Bytes, ProviderError> {
     serde_json::to_vec(event)
         .map(Bytes::from)
@@ -111,40 +110,31 @@ impl StateStore {
         Ok(StateStore { kv })
     }
 
-    /// Stores a new event.
+    /// Stores a new record; returns its revision.
     ///
     /// # Errors
     /// [`ProviderError::Duplicate`] when a live entry with this id exists.
-    pub(crate) async fn create(&self, event: &Event) -> Result<u64, ProviderError> {
-        let key = encode_name(&event.id);
-        match self.kv.create(&key, encode(event)?).await {
+    pub(crate) async fn create(&self, record: &Record) -> Result<u64, ProviderError> {
+        let id = &record.event.id;
+        match self.kv.create(encode_name(id), record.encode()?).await {
             Ok(revision) => Ok(revision),
             Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
-                Err(ProviderError::Duplicate(event.id.clone()))
+                Err(ProviderError::Duplicate(id.clone()))
             }
-            Err(e) => Err(backend(format!("cannot store event {}: {e}", event.id))),
+            Err(e) => Err(backend(format!("cannot store event {id}: {e}"))),
         }
     }
 
-    /// The current state of an event, if it exists.
+    /// The current record of an event, if it exists.
     pub(crate) async fn get(&self, id: &str) -> Result<Option<Versioned>, ProviderError> {
-        let entry = self
-            .kv
-            .entry(encode_name(id))
-            .await
-            .map_err(|e| backend(format!("cannot read event {id}: {e}")))?;
-        match entry {
-            Some(entry) if entry.operation == Operation::Put => Ok(Some(Versioned {
-                event: decode(&entry.value)?,
-                revision: entry.revision,
-            })),
+        match self.lookup(id).await? {
+            Lookup::Live(current) => Ok(Some(*current)),
             _ => Ok(None),
         }
     }
 
-    /// What the bucket holds for an id, telling a publish that was taken back (a delete
-    /// marker, written only by [`StateStore::undo_create`]) from a deleted or unknown event
-    /// (a purge marker, or nothing).
+    /// What the bucket holds for an id: a record, a delete marker (a publish of an earlier
+    /// version that was taken back), a purge marker (deleted), or nothing.
     pub(crate) async fn lookup(&self, id: &str) -> Result<Lookup, ProviderError> {
         let entry = self
             .kv
@@ -153,17 +143,18 @@ impl StateStore {
             .map_err(|e| backend(format!("cannot read event {id}: {e}")))?;
         Ok(match entry {
             Some(entry) if entry.operation == Operation::Put => Lookup::Live(Box::new(Versioned {
-                event: decode(&entry.value)?,
+                record: Record::decode(&entry.value)?,
                 revision: entry.revision,
             })),
             Some(entry) if entry.operation == Operation::Delete => Lookup::TakenBack {
                 revision: entry.revision,
             },
-            _ => Lookup::Absent,
+            Some(_) => Lookup::Deleted,
+            None => Lookup::Missing,
         })
     }
 
-    /// Reads the event, lets `change` edit it and writes it back if the revision is still the
+    /// Reads the record, lets `change` edit it and writes it back if the revision is still the
     /// one read; repeats on conflict. `change` may refuse with an error, which is returned.
     ///
     /// # Errors
@@ -175,20 +166,20 @@ impl StateStore {
         mut change: F,
     ) -> Result<Versioned, ProviderError>
     where
-        F: FnMut(&mut Event) -> Result<(), ProviderError>,
+        F: FnMut(&mut Record) -> Result<(), ProviderError>,
     {
         let key = encode_name(id);
         for _ in 0..MAX_CAS_ATTEMPTS {
             let Some(Versioned {
-                mut event,
+                mut record,
                 revision,
             }) = self.get(id).await?
             else {
                 return Err(ProviderError::NotFound(id.to_owned()));
             };
-            change(&mut event)?;
-            match self.kv.update(&key, encode(&event)?, revision).await {
-                Ok(revision) => return Ok(Versioned { event, revision }),
+            change(&mut record)?;
+            match self.kv.update(&key, record.encode()?, revision).await {
+                Ok(revision) => return Ok(Versioned { record, revision }),
                 Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
                 Err(e) => return Err(backend(format!("cannot update event {id}: {e}"))),
             }
@@ -198,44 +189,21 @@ impl StateStore {
         )))
     }
 
-    /// Writes `event` if the entry is still at `revision`; returns the new revision.
-    pub(crate) async fn restore(&self, event: &Event, revision: u64) -> Result<u64, ProviderError> {
+    /// Writes `record` if the entry is still at `revision` (which may be a delete marker);
+    /// returns the new revision.
+    ///
+    /// # Errors
+    /// [`ProviderError::Backend`] when the entry changed since (or the server failed).
+    pub(crate) async fn replace(
+        &self,
+        record: &Record,
+        revision: u64,
+    ) -> Result<u64, ProviderError> {
+        let id = &record.event.id;
         self.kv
-            .update(encode_name(&event.id), encode(event)?, revision)
+            .update(encode_name(id), record.encode()?, revision)
             .await
-            .map_err(|e| backend(format!("cannot restore event {}: {e}", event.id)))
-    }
-
-    /// Removes the state a failed publish created, if it is still at `revision`. When the
-    /// server cannot be reached, keeps trying in the background for a while; a later publish
-    /// of the same event that takes the state over changes its revision and so stops that.
-    pub(crate) async fn undo_create(&self, id: &str, revision: u64) {
-        if self.take_back(id, revision).await.is_ok() {
-            return;
-        }
-        let store = self.clone();
-        let id = id.to_owned();
-        let retry = async move {
-            let deadline = tokio::time::Instant::now() + UNDO_PATIENCE;
-            let mut pause = Duration::from_millis(100);
-            while tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
-                match store.get(&id).await {
-                    Ok(Some(current)) if current.revision == revision => {
-                        if store.take_back(&id, revision).await.is_ok() {
-                            return;
-                        }
-                    }
-                    Ok(_) => return,
-                    Err(_) => {}
-                }
-            }
-            tracing::warn!(event_id = %id, "could not remove the state of an event whose publish failed; it stays pending until published again or deleted");
-        };
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(retry);
-        }
+            .map_err(|e| backend(format!("cannot write event {id}: {e}")))
     }
 
     /// Removes an event and its history; returns whether it existed.
@@ -245,15 +213,6 @@ impl StateStore {
         };
         self.remove(id, Some(current.revision)).await?;
         Ok(true)
-    }
-
-    /// Marks the state a failed publish created as taken back (a delete marker, unlike the
-    /// purge of [`StateStore::delete`]), if it is still at `revision`.
-    async fn take_back(&self, id: &str, revision: u64) -> Result<(), ProviderError> {
-        self.kv
-            .delete_expect_revision(encode_name(id), Some(revision))
-            .await
-            .map_err(|e| backend(format!("cannot take back event {id}: {e}")))
     }
 
     /// Removes the entry of `id`, only if still at `revision` when given.
@@ -270,6 +229,16 @@ impl StateStore {
 
     /// Every stored event (latest state), in the order of their last change.
     pub(crate) async fn scan(&self) -> Result<Vec<Event>, ProviderError> {
+        Ok(self
+            .scan_records()
+            .await?
+            .into_iter()
+            .map(|record| record.event)
+            .collect())
+    }
+
+    /// Every stored record, in the order of their last change.
+    pub(crate) async fn scan_records(&self) -> Result<Vec<Record>, ProviderError> {
         let stream = &self.kv.stream;
         let consumer: consumer::PullConsumer = stream
             .create_consumer(consumer::pull::Config {
@@ -291,8 +260,8 @@ impl StateStore {
         result
     }
 
-    async fn drain(&self, consumer: &consumer::PullConsumer) -> Result<Vec<Event>, ProviderError> {
-        let mut events = Vec::new();
+    async fn drain(&self, consumer: &consumer::PullConsumer) -> Result<Vec<Record>, ProviderError> {
+        let mut records = Vec::new();
         loop {
             let mut batch = consumer
                 .fetch()
@@ -313,15 +282,15 @@ impl StateStore {
                 if deleted || message.payload.is_empty() {
                     continue;
                 }
-                match decode(&message.payload) {
-                    Ok(event) => events.push(event),
+                match Record::decode(&message.payload) {
+                    Ok(record) => records.push(record),
                     Err(error) => {
                         tracing::warn!(subject = %message.subject, %error, "skipping an unreadable event state")
                     }
                 }
             }
             if received < SCAN_BATCH {
-                return Ok(events);
+                return Ok(records);
             }
         }
     }

@@ -6,6 +6,7 @@
 //!   would make an invalid subject or a wildcard).
 //! - A pattern maps to the filter subject `{prefix}.*.{pattern}` (`*` stays `*`, `>` and `**`
 //!   become `>`); the bare `*` (or `>`) maps to `{prefix}.>`.
+//! - A re-run's message id is `{id}:requeue:{revision}`, naming the state revision it re-runs.
 //! - Event ids and group names made only of ASCII letters, digits, `_` and `-` are used as they
 //!   are; any other is written as `=` followed by its hex encoding (`=` never occurs in the
 //!   plain form, so the two cannot collide).
@@ -116,6 +117,21 @@ pub(crate) fn encode_name(name: &str) -> String {
     }
 }
 
+/// The message id of a re-run of event `id` from its state at `revision` (unique per re-run,
+/// so the duplicate window never drops a later re-run, while a repeat of the same one is).
+pub(crate) fn rerun_message_id(id: &str, revision: u64) -> String {
+    format!("{id}:requeue:{revision}")
+}
+
+/// The state revision a message with id `message_id` re-runs, if it is a re-run of `id`.
+pub(crate) fn rerun_revision(message_id: &str, id: &str) -> Option<u64> {
+    message_id
+        .strip_prefix(id)?
+        .strip_prefix(":requeue:")?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +171,16 @@ mod tests {
         assert_eq!(filter("public.>"), "events.*.public.>");
         assert_eq!(filter("public.**"), "events.*.public.>");
         assert_eq!(filter("a.b"), "events.*.a.b");
+    }
+
+    #[test]
+    fn rerun_ids_name_the_event_and_revision() {
+        let id = rerun_message_id("a:requeue:1", 42);
+        assert_eq!(rerun_revision(&id, "a:requeue:1"), Some(42));
+        assert_eq!(rerun_revision(&id, "a"), None);
+        assert_eq!(rerun_revision("a", "a"), None);
+        assert_eq!(rerun_revision("a:requeue:x", "a"), None);
+        assert_eq!(rerun_revision("b:requeue:3", "a"), None);
     }
 
     #[test]

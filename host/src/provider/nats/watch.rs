@@ -15,6 +15,7 @@ use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, push};
 use async_nats::jetstream::kv::Operation;
 use futures::stream::{PollNext, StreamExt};
 
+use super::record::Record;
 use super::{NAME, Shared};
 use crate::event::{Event, EventStatus};
 use crate::pattern::Pattern;
@@ -79,7 +80,7 @@ pub(crate) async fn watch(
         .filter_map(move |entry| {
             let item: Option<WatchItem> = match entry {
                 Ok(entry) if entry.operation == Operation::Put => {
-                    match serde_json::from_slice::<Event>(&entry.value) {
+                    match Record::decode(&entry.value).map(|record| record.event) {
                         Ok(event) if pattern.matches(&event.event_type) && !just_published(&event) => {
                             Some(Ok(event))
                         }
