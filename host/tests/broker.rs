@@ -1151,6 +1151,60 @@ async fn a_publish_cancelled_while_waiting_for_room_does_not_hold_up_stop() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
+/// Issue 13 A15: a handler that publishes a derived event and then fails with `retry` does not
+/// publish the derived event again on the retry: derived ids are stable per (cause, handler,
+/// publish sequence).
+#[tokio::test]
+async fn a_retried_handler_publishes_its_derived_event_once() {
+    let broker = broker_with(config());
+    let ids = Arc::new(Mutex::new(Vec::new()));
+    let seen = ids.clone();
+    broker
+        .subscribe_with(
+            &["order.placed"],
+            Arc::new(handler_fn(move |ctx, _| {
+                let seen = seen.clone();
+                async move {
+                    let id = ctx
+                        .publish(Event::new(EventSource::Internal, "order.derived", ""))
+                        .await
+                        .map_err(|e| Failure::fail(e.to_string()))?;
+                    seen.lock().unwrap().push(id);
+                    if ctx.attempt() == 1 {
+                        return Err(Failure::retry("failed after publishing"));
+                    }
+                    Ok(())
+                }
+            })),
+            SubscribeOptions {
+                name: Some("deriver".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    broker.start().await.unwrap();
+    let cause = broker.publish_async(event("order.placed")).await.unwrap();
+    let done = wait_for_status(&broker, &cause, EventStatus::Completed).await;
+    assert_eq!(done.handlers[0].attempts, 2);
+    let report = broker.stop_within(PATIENCE).await.unwrap();
+    assert!(report.drained, "{report:?}");
+    let ids = ids.lock().unwrap().clone();
+    assert_eq!(ids.len(), 2, "one publish per attempt");
+    assert_eq!(ids[0], ids[1], "both attempts name the same derived event");
+    let derived: Vec<Event> = broker
+        .provider()
+        .list(&eventbroker::EventFilter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event_type == "order.derived")
+        .collect();
+    assert_eq!(derived.len(), 1, "exactly one derived event: {derived:?}");
+    assert_eq!(derived[0].id, ids[0]);
+    assert_eq!(derived[0].metadata["caused_by"], json!(cause));
+    assert_eq!(broker.stats().await.unwrap().published, 2);
+}
+
 /// A sync publish whose broker stops before the event finishes fails with a clear error naming
 /// the event, which keeps its stored state (given back, `pending`).
 #[tokio::test]

@@ -48,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use handler::{
     CAUSATION_DEPTH_KEY, CAUSED_BY_HANDLER_KEY, CAUSED_BY_KEY, EventHandler, FnHandler,
-    HandlerContext, HandlerResult, MAX_CAUSATION_DEPTH, handler_fn,
+    HandlerContext, HandlerResult, MAX_CAUSATION_DEPTH, derived_event_id, handler_fn,
 };
 pub use registry::{SubscribeOptions, SubscriptionId, SubscriptionStats};
 pub use stats::BrokerStats;
