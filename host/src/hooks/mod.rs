@@ -13,6 +13,6 @@ mod registry;
 
 pub use crud::{
     CrudHookOptions, CrudHooks, DEFAULT_QUEUE_CAPACITY, OperationSwitches, REFUSAL_LOG_PERIOD,
-    register_crud_hooks,
+    crud_event, register_crud_hooks,
 };
 pub use registry::{CrudOperation, Hook, HookContext, HookRegistry, UserContext};
