@@ -352,7 +352,7 @@ async fn list_filters_and_paginates_over_every_stored_event() {
         let mut e = event(if n % 3 == 0 { "a.b.c" } else { "x.y" });
         e.user_id = Some(n % 7);
         e.created_at = chrono::Utc::now() + chrono::Duration::milliseconds(n);
-        provider.store(&e).await.unwrap();
+        provider.publish(&e).await.unwrap();
         ids.insert(e.id);
     }
     let all = provider

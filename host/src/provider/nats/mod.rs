@@ -391,11 +391,6 @@ impl Provider for NatsProvider {
         }
     }
 
-    async fn store(&self, event: &Event) -> Result<(), ProviderError> {
-        self.shared.check_open()?;
-        self.shared.store.create(event).await.map(|_| ())
-    }
-
     async fn publish(&self, event: &Event) -> Result<(), ProviderError> {
         let shared = &self.shared;
         shared.check_open()?;
