@@ -89,7 +89,14 @@ async fn baseline(events: u64) -> Duration {
 async fn hooks(events: u64) -> (Duration, Duration) {
     let setup = setup(events).await;
     let registry = HookRegistry::new();
-    let handle = register_crud_hooks(&setup.broker, &registry, CrudHookOptions::default());
+    // Every operation is queued at once: the queue must hold them all.
+    let capacity =
+        std::num::NonZeroUsize::new(events as usize).unwrap_or(std::num::NonZeroUsize::MIN);
+    let handle = register_crud_hooks(
+        &setup.broker,
+        &registry,
+        CrudHookOptions::default().with_queue_capacity(capacity),
+    );
     let user = user();
     let done = setup.done.notified();
     tokio::pin!(done);

@@ -1,4 +1,5 @@
-//! Broker behaviour over the memory provider, through the public API.
+//! Broker behaviour through the public API, over the memory provider (and SQLite and the HTTP
+//! server where a case needs a durable provider or a real client).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -916,4 +917,375 @@ async fn feedback_loops_are_cut_off() {
         stats.published as u32,
         eventbroker::broker::MAX_CAUSATION_DEPTH + 1
     );
+}
+
+/// A handler that signals `started` when an invocation begins and then waits for a permit of
+/// `gate` (or forever, when the gate never opens).
+fn gated(
+    started: Arc<Semaphore>,
+    gate: Arc<Semaphore>,
+    calls: Arc<AtomicUsize>,
+) -> impl eventbroker::EventHandler {
+    handler_fn(move |_, _| {
+        let (started, gate, calls) = (started.clone(), gate.clone(), calls.clone());
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            started.add_permits(1);
+            gate.acquire().await.expect("gate").forget();
+            Ok(())
+        }
+    })
+}
+
+async fn wait_started(started: &Semaphore) {
+    tokio::time::timeout(PATIENCE, started.acquire())
+        .await
+        .expect("the handler started")
+        .expect("semaphore open")
+        .forget();
+}
+
+/// Issue 13 A1: the caller of a sync publish going away mid-handler (an HTTP client giving up)
+/// does not strand the event: its work runs in the worker pool and the event completes.
+#[tokio::test]
+async fn a_dropped_sync_publish_still_completes_its_event() {
+    let broker = broker_with(config());
+    let (started, gate) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+    let calls = Arc::new(AtomicUsize::new(0));
+    broker
+        .subscribe(
+            "slow.op",
+            gated(started.clone(), gate.clone(), calls.clone()),
+        )
+        .unwrap();
+    broker.start().await.unwrap();
+    let mut sync_event = event("slow.op");
+    sync_event.id = "sync-dropped".into();
+    let caller = {
+        let broker = broker.clone();
+        tokio::spawn(async move { broker.publish_sync(sync_event).await })
+    };
+    wait_started(&started).await;
+    caller.abort();
+    assert!(
+        caller.await.unwrap_err().is_cancelled(),
+        "the caller went away"
+    );
+    gate.add_permits(1);
+    let done = wait_for_status(&broker, "sync-dropped", EventStatus::Completed).await;
+    assert_eq!(done.handlers.len(), 1);
+    assert_eq!(done.handlers[0].state, OutcomeState::Succeeded);
+    let report = broker.stop_within(PATIENCE).await.unwrap();
+    assert!(report.drained, "{report:?}");
+    assert_eq!(report.unfinished, 0, "{report:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
+}
+
+/// Issue 13 A1: a host that dies while a sync event's handler runs leaves the event to the
+/// lease/rescue machinery: the next host on the same SQLite file finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_event_of_a_crashed_host_is_finished_by_the_next_host_on_sqlite() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = config();
+    config.provider = eventbroker::ProviderKind::Database;
+    config.database.url = format!("sqlite://{}", dir.path().join("events.db").display());
+    config.database.poll_interval = Duration::from_millis(50);
+    config.database.rescue_interval = Duration::from_millis(100);
+    config.lease = Duration::from_secs(1);
+    let first = config.clone();
+    // The first host runs on a runtime of its own, dropped mid-handler: every task of the
+    // host is dropped where it stands, nothing is given back (as when the process dies).
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let broker = Broker::from_config(first).await.expect("first host");
+            let started = Arc::new(Semaphore::new(0));
+            broker
+                .subscribe(
+                    "slow.op",
+                    gated(
+                        started.clone(),
+                        Arc::new(Semaphore::new(0)),
+                        Arc::new(AtomicUsize::new(0)),
+                    ),
+                )
+                .unwrap();
+            broker.start().await.expect("start");
+            let mut sync_event = event("slow.op");
+            sync_event.id = "sync-crashed".into();
+            tokio::spawn(async move { broker.publish_sync(sync_event).await });
+            wait_started(&started).await;
+        });
+        drop(runtime);
+    })
+    .await
+    .expect("first host ran");
+
+    let second = Broker::from_config(config).await.expect("second host");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    second
+        .subscribe(
+            "slow.op",
+            handler_fn(move |_, _| {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            }),
+        )
+        .unwrap();
+    second.start().await.unwrap();
+    let done = wait_for_status(&second, "sync-crashed", EventStatus::Completed).await;
+    assert_eq!(done.handlers[0].state, OutcomeState::Succeeded);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the next host ran it once");
+    second.stop_within(PATIENCE).await.unwrap();
+}
+
+/// Issue 13 A1 over HTTP: `POST /v1/events?mode=sync` whose client gives up (closes its
+/// connection, as a client timeout does) while the handler runs; the event still completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_sync_publish_whose_client_gives_up_still_completes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = eventbroker::Config::default();
+    config.server.listen = "127.0.0.1:0".into();
+    config.handlers.dir = dir.path().join("handlers");
+    config.handlers.cache_dir = Some(dir.path().join("cache"));
+    config.handlers.watch = false;
+    config.event_broker.instance_id = "test-host".into();
+    std::fs::create_dir_all(&config.handlers.dir).expect("handlers dir");
+    let service = eventbroker::service::Service::start(config)
+        .await
+        .expect("host starts");
+    let (started, gate) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+    let calls = Arc::new(AtomicUsize::new(0));
+    service
+        .broker()
+        .subscribe(
+            "slow.op",
+            gated(started.clone(), gate.clone(), calls.clone()),
+        )
+        .unwrap();
+    let mut client = tokio::net::TcpStream::connect(service.local_addr())
+        .await
+        .expect("connect");
+    let body = json!({"type": "slow.op", "id": "http-sync"}).to_string();
+    let request = format!(
+        "POST /v1/events?mode=sync HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    client
+        .write_all(request.as_bytes())
+        .await
+        .expect("send request");
+    wait_started(&started).await;
+    // The client gives up: it closes its side and waits until the server closed the
+    // connection, i.e. the server noticed and dropped the request.
+    client.shutdown().await.expect("close the client side");
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, client.read_to_end(&mut answer))
+        .await
+        .expect("the server closed the connection")
+        .expect("read");
+    assert!(answer.is_empty(), "no answer was sent: {answer:?}");
+    gate.add_permits(1);
+    let done = wait_for_status(service.broker(), "http-sync", EventStatus::Completed).await;
+    assert_eq!(done.handlers[0].state, OutcomeState::Succeeded);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let report = service.stop().await.expect("stop");
+    assert!(report.drained, "{report:?}");
+}
+
+/// Issue 13 A8: a publish abandoned by its caller while it waits for room in a full queue
+/// leaves no trace in the drain bookkeeping: `stop` drains at once.
+#[tokio::test]
+async fn a_publish_cancelled_while_waiting_for_room_does_not_hold_up_stop() {
+    let broker = broker_with(BrokerConfig {
+        worker_count: 1,
+        buffer_size: 1,
+        publish_timeout: PATIENCE,
+        shutdown_timeout: Duration::from_secs(2),
+        ..config()
+    });
+    let (started, gate) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+    let calls = Arc::new(AtomicUsize::new(0));
+    broker
+        .subscribe(
+            "work.item",
+            gated(started.clone(), gate.clone(), calls.clone()),
+        )
+        .unwrap();
+    broker.start().await.unwrap();
+    let first = broker.publish_async(event("work.item")).await.unwrap();
+    {
+        let waiting = broker.publish_async(event("work.item"));
+        tokio::pin!(waiting);
+        assert!(
+            futures::poll!(waiting.as_mut()).is_pending(),
+            "the second publish waits for room"
+        );
+    } // dropped here: the caller gave up
+    gate.add_permits(1);
+    wait_for_status(&broker, &first, EventStatus::Completed).await;
+    let report = broker.stop().await.unwrap();
+    assert_eq!(
+        report,
+        eventbroker::StopReport {
+            drained: true,
+            released: 0,
+            unfinished: 0
+        }
+    );
+    let stored = broker
+        .provider()
+        .list(&eventbroker::EventFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1, "the abandoned event was never stored");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// Issue 13 A15: a handler that publishes a derived event and then fails with `retry` does not
+/// publish the derived event again on the retry: derived ids are stable per (cause, handler,
+/// publish sequence).
+#[tokio::test]
+async fn a_retried_handler_publishes_its_derived_event_once() {
+    let broker = broker_with(config());
+    let ids = Arc::new(Mutex::new(Vec::new()));
+    let seen = ids.clone();
+    broker
+        .subscribe_with(
+            &["order.placed"],
+            Arc::new(handler_fn(move |ctx, _| {
+                let seen = seen.clone();
+                async move {
+                    let id = ctx
+                        .publish(Event::new(EventSource::Internal, "order.derived", ""))
+                        .await
+                        .map_err(|e| Failure::fail(e.to_string()))?;
+                    seen.lock().unwrap().push(id);
+                    if ctx.attempt() == 1 {
+                        return Err(Failure::retry("failed after publishing"));
+                    }
+                    Ok(())
+                }
+            })),
+            SubscribeOptions {
+                name: Some("deriver".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    broker.start().await.unwrap();
+    let cause = broker.publish_async(event("order.placed")).await.unwrap();
+    let done = wait_for_status(&broker, &cause, EventStatus::Completed).await;
+    assert_eq!(done.handlers[0].attempts, 2);
+    let report = broker.stop_within(PATIENCE).await.unwrap();
+    assert!(report.drained, "{report:?}");
+    let ids = ids.lock().unwrap().clone();
+    assert_eq!(ids.len(), 2, "one publish per attempt");
+    assert_eq!(ids[0], ids[1], "both attempts name the same derived event");
+    let derived: Vec<Event> = broker
+        .provider()
+        .list(&eventbroker::EventFilter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event_type == "order.derived")
+        .collect();
+    assert_eq!(derived.len(), 1, "exactly one derived event: {derived:?}");
+    assert_eq!(derived[0].id, ids[0]);
+    assert_eq!(derived[0].metadata["caused_by"], json!(cause));
+    assert_eq!(broker.stats().await.unwrap().published, 2);
+}
+
+/// A sync publish whose broker stops before the event finishes fails with a clear error naming
+/// the event, which keeps its stored state (given back, `pending`).
+#[tokio::test]
+async fn a_sync_publish_cut_short_by_stop_says_so_and_the_event_stays_pending() {
+    let broker = broker_with(config());
+    let (started, gate) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+    broker
+        .subscribe(
+            "stuck.op",
+            gated(started.clone(), gate, Arc::new(AtomicUsize::new(0))),
+        )
+        .unwrap();
+    broker.start().await.unwrap();
+    let mut sync_event = event("stuck.op");
+    sync_event.id = "cut-short".into();
+    let caller = {
+        let broker = broker.clone();
+        tokio::spawn(async move { broker.publish_sync(sync_event).await })
+    };
+    wait_started(&started).await;
+    let report = broker
+        .stop_within(Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert!(!report.drained && report.released == 1, "{report:?}");
+    let error = caller.await.unwrap().unwrap_err();
+    assert!(
+        matches!(&error, BrokerError::StoppedBeforeFinished(id) if id == "cut-short"),
+        "{error}"
+    );
+    assert!(error.to_string().contains("cut-short"), "{error}");
+    let event = broker.provider().get("cut-short").await.unwrap().unwrap();
+    assert_eq!(event.status, EventStatus::Pending, "given back, not failed");
+}
+
+/// A sync publish learns a final state recorded by another host (here written straight into
+/// the provider while this host's handler still runs) by polling the provider.
+#[tokio::test]
+async fn a_sync_publish_notices_a_final_state_recorded_elsewhere() {
+    let broker = broker_with(config());
+    let (started, gate) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+    broker
+        .subscribe(
+            "shared.op",
+            gated(started.clone(), gate.clone(), Arc::new(AtomicUsize::new(0))),
+        )
+        .unwrap();
+    broker.start().await.unwrap();
+    let mut sync_event = event("shared.op");
+    sync_event.id = "finished-elsewhere".into();
+    let caller = {
+        let broker = broker.clone();
+        tokio::spawn(async move { broker.publish_sync(sync_event).await })
+    };
+    wait_started(&started).await;
+    let stored = broker
+        .provider()
+        .get("finished-elsewhere")
+        .await
+        .unwrap()
+        .unwrap();
+    let elsewhere = eventbroker::provider::StatusUpdate {
+        status: EventStatus::Completed,
+        error: None,
+        retry_count: 0,
+        handlers: Vec::new(),
+        processed_at: stored.processed_at,
+        completed_at: Some(chrono::Utc::now()),
+    };
+    broker
+        .provider()
+        .update_status("finished-elsewhere", &elsewhere)
+        .await
+        .unwrap();
+    let done = tokio::time::timeout(PATIENCE, caller)
+        .await
+        .expect("the sync publish noticed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, EventStatus::Completed);
+    gate.add_permits(1);
+    let report = broker.stop_within(PATIENCE).await.unwrap();
+    assert!(report.drained, "{report:?}");
 }

@@ -353,7 +353,7 @@ async fn list_filters_and_paginates_over_every_stored_event() {
         let mut e = event(if n % 3 == 0 { "a.b.c" } else { "x.y" });
         e.user_id = Some(n % 7);
         e.created_at = chrono::Utc::now() + chrono::Duration::milliseconds(n);
-        provider.store(&e).await.unwrap();
+        provider.publish(&e).await.unwrap();
         ids.insert(e.id);
     }
     let all = provider
@@ -1216,8 +1216,7 @@ async fn requeue_accepts_an_event_whose_delivery_is_provably_abandoned() {
 }
 
 /// A `processing` mark arriving after the event's delivery recorded its final outcome (a
-/// worker that lost its delivery) cannot reopen the event; events stored without a delivery
-/// (sync mode) take any status change.
+/// worker that lost its delivery) cannot reopen the event.
 #[tokio::test]
 async fn a_late_processing_mark_cannot_reopen_a_finished_event() {
     if !services::available("NATS", NATS) {
@@ -1246,24 +1245,13 @@ async fn a_late_processing_mark_cannot_reopen_a_finished_event() {
         EventStatus::Completed
     );
 
-    let inline = event("public.users.create");
-    provider.store(&inline).await.unwrap();
-    for status in [
-        EventStatus::Completed,
-        EventStatus::Processing,
-        EventStatus::Failed,
-    ] {
-        let mut update = finished(status);
-        update.completed_at = status.is_finished().then(chrono::Utc::now);
-        provider.update_status(&inline.id, &update).await.unwrap();
-    }
     member.close().await;
     provider.destroy().await.unwrap();
 }
 
 /// The sweep finds events whose delivery is provably abandoned and records them as failed
-/// with an error saying so, leaving events in flight, finished events and events stored
-/// without a message alone; the failed event can be re-run.
+/// with an error saying so, leaving events in flight and finished events alone; the failed
+/// event can be re-run.
 #[tokio::test]
 async fn the_sweep_records_abandoned_events_as_failed() {
     if !services::available("NATS", NATS) {
@@ -1283,8 +1271,6 @@ async fn the_sweep_records_abandoned_events_as_failed() {
     for e in [&lost, &done, &in_flight] {
         provider.publish(e).await.unwrap();
     }
-    let inline = event("public.d.create");
-    provider.store(&inline).await.unwrap();
     let lost_delivery = fetch_one(&member).await;
     let done_delivery = fetch_one(&member).await;
     let held = fetch_one(&member).await;
@@ -1325,7 +1311,6 @@ async fn the_sweep_records_abandoned_events_as_failed() {
     for (id, status) in [
         (&done.id, EventStatus::Completed),
         (&in_flight.id, EventStatus::Completed),
-        (&inline.id, EventStatus::Pending),
     ] {
         assert_eq!(provider.get(id).await.unwrap().unwrap().status, status);
     }

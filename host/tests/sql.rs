@@ -231,7 +231,7 @@ async fn sqlite_files_are_created_and_reopened() {
     let first = provider::from_config(&config).await.expect("open");
     assert!(path.exists(), "the database file was created");
     let event = Event::new(EventSource::System, "reopen.test", "h");
-    first.store(&event).await.expect("store");
+    first.publish(&event).await.expect("publish");
     first.close().await;
     let second = provider::from_config(&config).await.expect("reopen");
     assert!(second.get(&event.id).await.expect("get").is_some());
@@ -404,13 +404,13 @@ async fn type_patterns_are_exact_in_sql(backend: Backend) {
     ];
     for event_type in types {
         provider
-            .store(&Event::new(
+            .publish(&Event::new(
                 EventSource::System,
                 event_type,
                 instance.clone(),
             ))
             .await
-            .expect("store");
+            .expect("publish");
     }
     let listed = |pattern: &str| {
         let provider = provider.clone();

@@ -1,6 +1,6 @@
-//! The dispatch path of one event attempt, shared by async workers and sync publishes:
-//! run the matching handlers that still need to run, then decide — in this one place — the
-//! event's next status and whether, and when, to retry.
+//! The dispatch path of one event attempt, run by the worker pool for every event (sync
+//! publishes included): run the matching handlers that still need to run, then decide — in
+//! this one place — the event's next status and whether, and when, to retry.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;

@@ -1,6 +1,7 @@
 //! What a handler is: an async trait, a closure adapter, and the context of one invocation.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use tokio::time::Instant;
 
 use super::{Broker, BrokerError, WeakBroker};
 use crate::event::{Event, Failure, FailureKind};
+use crate::provider::ProviderError;
 
 /// The result of one handler invocation: `Ok` or a [`Failure`] saying whether to retry.
 pub type HandlerResult = Result<(), Failure>;
@@ -92,6 +94,8 @@ struct ContextInner {
     causation_depth: u32,
     broker: WeakBroker,
     version: OnceLock<String>,
+    /// Derived events published so far by this invocation (their sequence numbers).
+    published: AtomicU32,
 }
 
 /// How deep a chain of derived events may go (an event published by a handler of an event
@@ -129,6 +133,7 @@ impl HandlerContext {
                 causation_depth,
                 broker,
                 version: OnceLock::new(),
+                published: AtomicU32::new(0),
             }),
         }
     }
@@ -168,8 +173,15 @@ impl HandlerContext {
         self.inner.version.get().cloned()
     }
 
-    /// Publishes a derived event through the broker (always queued, never run inline), tagged
-    /// with this event's id and this handler's name in its metadata.
+    /// Publishes a derived event through the broker (always queued, never awaited), tagged
+    /// with this event's id and this handler's name in its metadata, and returns its id.
+    ///
+    /// The id is not the draft's: it is derived from (this event's id, this handler's name,
+    /// the number of publishes this invocation made before), see [`derived_event_id`]. So an
+    /// invocation that is retried — or re-run — and publishes the same sequence again names the
+    /// same events, and a derived event the provider already holds is not published twice:
+    /// the call returns its id as if it had published it. (A derived event the provider no
+    /// longer holds, e.g. evicted or expired from the memory provider, is published again.)
     ///
     /// # Errors
     /// Validation and publish errors of [`Broker::publish_async`], or
@@ -180,6 +192,8 @@ impl HandlerContext {
         if depth > MAX_CAUSATION_DEPTH {
             return Err(BrokerError::CausationTooDeep(MAX_CAUSATION_DEPTH));
         }
+        let sequence = self.inner.published.fetch_add(1, Ordering::Relaxed);
+        event.id = derived_event_id(&self.inner.event_id, &self.inner.handler, sequence);
         event
             .metadata
             .insert(CAUSED_BY_KEY.into(), self.inner.event_id.clone().into());
@@ -191,7 +205,19 @@ impl HandlerContext {
             .metadata
             .insert(CAUSATION_DEPTH_KEY.into(), depth.into());
         let broker = self.broker()?;
-        broker.publish_async(event).await
+        let id = event.id.clone();
+        match broker.publish_async(event).await {
+            Err(BrokerError::Provider(ProviderError::Duplicate(_))) => {
+                tracing::debug!(
+                    event_id = %id,
+                    caused_by = %self.inner.event_id,
+                    handler = %self.inner.handler,
+                    "derived event already published by an earlier attempt"
+                );
+                Ok(id)
+            }
+            other => other,
+        }
     }
 
     /// The broker running this handler.
@@ -200,5 +226,45 @@ impl HandlerContext {
     /// [`BrokerError::NotRunning`] if it has been dropped.
     pub fn broker(&self) -> Result<Broker, BrokerError> {
         self.inner.broker.upgrade().ok_or(BrokerError::NotRunning)
+    }
+}
+
+/// The id of the derived event that handler `handler`, handling event `caused_by`, publishes
+/// as its `sequence`-th publish (0-based) of an invocation: a name-based UUID (version 5), the
+/// same on every attempt and every host.
+pub fn derived_event_id(caused_by: &str, handler: &str, sequence: u32) -> String {
+    /// The namespace of derived event ids (a fixed, random UUID).
+    const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x5d0c_7a4e_2b1f_4c8e_9a63_0e7f_d2b4_1c95);
+    // Lengths first, so that no two (cause, handler) pairs share a name.
+    let name = format!(
+        "{}:{caused_by}/{}:{handler}/{sequence}",
+        caused_by.len(),
+        handler.len()
+    );
+    uuid::Uuid::new_v5(&NAMESPACE, name.as_bytes()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::derived_event_id;
+
+    #[test]
+    fn derived_ids_are_stable_and_distinct() {
+        let id = derived_event_id("e1", "audit", 0);
+        assert_eq!(id, derived_event_id("e1", "audit", 0));
+        assert_eq!(
+            uuid::Uuid::parse_str(&id)
+                .expect("a uuid")
+                .get_version_num(),
+            5
+        );
+        for other in [
+            derived_event_id("e1", "audit", 1),
+            derived_event_id("e2", "audit", 0),
+            derived_event_id("e1", "audit2", 0),
+            derived_event_id("e1a", "udit", 0),
+        ] {
+            assert_ne!(id, other);
+        }
     }
 }

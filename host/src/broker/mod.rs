@@ -1,32 +1,54 @@
 //! The broker: publish (sync or async), the subscription registry, the worker pool, retries,
 //! dead letters, statuses, stats, and start/stop with drain.
 //!
-//! Data flow of an async event: [`Broker::publish_async`] validates it and hands it to the
+//! Data flow of an event: [`Broker::publish_async`] validates it and hands it to the
 //! provider; the pool's reader pulls it from the provider's consumer group; a worker runs every
 //! matching handler concurrently (`dispatch::run_handlers`); `dispatch::decide` — the one place
 //! that decides — turns the outcomes into `completed`, `failed` (a dead letter) or a retry with
 //! backoff; the consumer records that and acknowledges (or schedules the redelivery).
-//! [`Broker::publish_sync`] runs the same dispatch path inline.
+//!
+//! # Sync mode
+//!
+//! There is one attempt loop, the worker pool's. [`Broker::publish_sync`] publishes exactly as
+//! [`Broker::publish_async`] does and then only waits for the event's final state, so:
+//!
+//! - once `publish_sync` got past validation and queueing (it did not return
+//!   [`BrokerError::Invalid`], [`BrokerError::NotRunning`], [`BrokerError::QueueFull`] or a
+//!   provider error), the event is an ordinary accepted event: leases, keep-alive, retries with
+//!   backoff, dead-lettering, rescue of a dead host's deliveries and redelivery after a restart
+//!   apply to it as to any other, on every provider;
+//! - the caller merely awaits: dropping the future (an HTTP client that gives up) changes
+//!   nothing about the event's processing;
+//! - it returns the event in its final state, `completed` or `failed`, after every retry its
+//!   handlers' policies allow. The wait has no deadline of its own (handler timeouts and retry
+//!   policies bound it); callers that want one wrap the call in a timeout;
+//! - the final state is noticed at once when this broker records it, and by polling
+//!   [`Provider::get`] with backoff (50 ms doubling up to 1 s) when another host of a cluster
+//!   processed the event;
+//! - if the broker stops before the event finishes, the call fails with
+//!   [`BrokerError::StoppedBeforeFinished`]: the event keeps its stored state and is finished
+//!   by whichever host consumes it next (on a durable provider; on the memory provider `stop`
+//!   first drains until the deadline).
 
 mod dispatch;
 mod handler;
+mod outstanding;
 mod registry;
 mod stats;
+mod waiters;
 mod worker;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use chrono::Utc;
-use tokio::sync::{Notify, RwLock};
+use tokio::sync::RwLock;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use handler::{
     CAUSATION_DEPTH_KEY, CAUSED_BY_HANDLER_KEY, CAUSED_BY_KEY, EventHandler, FnHandler,
-    HandlerContext, HandlerResult, MAX_CAUSATION_DEPTH, handler_fn,
+    HandlerContext, HandlerResult, MAX_CAUSATION_DEPTH, derived_event_id, handler_fn,
 };
 pub use registry::{SubscribeOptions, SubscriptionId, SubscriptionStats};
 pub use stats::BrokerStats;
@@ -35,11 +57,18 @@ use crate::config::{BrokerConfig, ProcessingMode};
 use crate::event::{Event, EventStatus, ValidationError};
 use crate::metrics::Metrics;
 use crate::pattern::{Pattern, PatternError};
-use crate::provider::{Provider, ProviderError, StatusUpdate};
-use dispatch::{Decision, decide, run_handlers, status_update};
+use crate::provider::{Provider, ProviderError};
+use dispatch::Decision;
+use outstanding::Outstanding;
 use registry::{Registry, Subscription, SubscriptionCounters};
 use stats::Counters;
+use waiters::{Waiter, Waiters};
 use worker::Pool;
+
+/// First pause of a sync publish polling for a final state recorded by another host.
+const SYNC_POLL_FIRST: Duration = Duration::from_millis(50);
+/// Longest pause between those polls.
+const SYNC_POLL_MAX: Duration = Duration::from_secs(1);
 
 /// An event broker over one provider. Cheap to clone; clones share the broker.
 ///
@@ -93,12 +122,12 @@ pub(crate) struct Inner {
     lifecycle: RwLock<Lifecycle>,
     counters: Counters,
     metrics: Arc<Metrics>,
-    /// Signalled when `counters.outstanding` reaches zero.
-    idle: Notify,
-    /// Sync publishes running handlers inline, so that `stop` can wait for them.
-    inline: TaskTracker,
-    /// Cancelled when `stop` reaches its deadline: inline work gives up.
-    abort_inline: CancellationToken,
+    /// Events accepted by this broker and not finished (drain bookkeeping).
+    outstanding: Outstanding,
+    /// Sync publishes waiting for their events' final states.
+    waiters: Waiters,
+    /// Cancelled when `stop` has drained: sync publishes still waiting give up.
+    stopped: CancellationToken,
 }
 
 enum Lifecycle {
@@ -119,12 +148,13 @@ impl Lifecycle {
     }
 }
 
-/// What [`Broker::publish`] did, depending on the configured mode.
+/// What [`Broker::publish`] or [`Broker::publish_with_mode`] did, depending on the mode.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Published {
     /// Async mode: the event was queued; this is its id.
     Queued(String),
-    /// Sync mode: the handlers ran; this is the event in its final state.
+    /// Sync mode: the event was processed; this is the event in its final state
+    /// (`completed` or `failed`).
     Processed(Box<Event>),
 }
 
@@ -160,9 +190,9 @@ impl Broker {
                 lifecycle: RwLock::new(Lifecycle::Created),
                 counters: Counters::default(),
                 metrics: Arc::new(Metrics::new()),
-                idle: Notify::new(),
-                inline: TaskTracker::new(),
-                abort_inline: CancellationToken::new(),
+                outstanding: Outstanding::default(),
+                waiters: Waiters::default(),
+                stopped: CancellationToken::new(),
             }),
         }
     }
@@ -236,7 +266,8 @@ impl Broker {
     /// queued and in-flight work for up to `timeout`: on a provider that is not shared
     /// (memory) until every event this broker accepted is finished, otherwise until what this
     /// host holds is finished. At the deadline, running handlers are abandoned and their
-    /// deliveries given back for redelivery. Finally the provider is closed.
+    /// deliveries given back for redelivery. Sync publishes still waiting then fail with
+    /// [`BrokerError::StoppedBeforeFinished`]. Finally the provider is closed.
     ///
     /// # Errors
     /// [`BrokerError::NotRunning`] if the broker was never started or is already stopped.
@@ -254,24 +285,12 @@ impl Broker {
         };
         let until_idle = !self.inner.provider.features().shared;
         let report = pool.drain(&self.inner, deadline, until_idle).await;
-        self.inner.inline.close();
-        let inline_done = tokio::time::timeout_at(deadline, self.inner.inline.wait())
-            .await
-            .is_ok();
-        if !inline_done {
-            self.inner.abort_inline.cancel();
-            self.inner.inline.wait().await;
-        }
+        self.inner.stopped.cancel();
         self.inner.provider.close().await;
         *self.inner.lifecycle.write().await = Lifecycle::Stopped;
-        let unfinished = self
-            .inner
-            .counters
-            .outstanding
-            .load(Ordering::Acquire)
-            .max(0);
+        let unfinished = i64::try_from(self.inner.outstanding.len()).unwrap_or(i64::MAX);
         let report = StopReport {
-            drained: report.released == 0 && inline_done && (unfinished == 0 || !until_idle),
+            drained: report.released == 0 && (unfinished == 0 || !until_idle),
             released: report.released,
             unfinished: if until_idle { unfinished } else { 0 },
         };
@@ -395,12 +414,26 @@ impl Broker {
         Ok(subscription.id)
     }
 
-    /// Publishes as the configured mode says.
+    /// Publishes as the configured mode says; see [`Broker::publish_with_mode`].
     ///
     /// # Errors
     /// As [`Broker::publish_async`] or [`Broker::publish_sync`].
     pub async fn publish(&self, event: Event) -> Result<Published, BrokerError> {
-        match self.inner.config.mode {
+        self.publish_with_mode(self.inner.config.mode, event).await
+    }
+
+    /// Publishes in `mode`: [`Broker::publish_async`] for async (returns
+    /// [`Published::Queued`]), [`Broker::publish_sync`] for sync (returns
+    /// [`Published::Processed`]).
+    ///
+    /// # Errors
+    /// As [`Broker::publish_async`] or [`Broker::publish_sync`].
+    pub async fn publish_with_mode(
+        &self,
+        mode: ProcessingMode,
+        event: Event,
+    ) -> Result<Published, BrokerError> {
+        match mode {
             ProcessingMode::Async => self.publish_async(event).await.map(Published::Queued),
             ProcessingMode::Sync => self
                 .publish_sync(event)
@@ -411,114 +444,57 @@ impl Broker {
 
     /// Validates the event and queues it for the worker pool; returns its id. When the queue is
     /// full the call waits up to `publish_timeout` for room, then fails: an event is either
-    /// accepted for processing or refused, never stored and forgotten.
+    /// accepted for processing or refused, never stored and forgotten. A call dropped while it
+    /// waits for room leaves no event behind.
     ///
     /// # Errors
     /// [`BrokerError::Invalid`], [`BrokerError::NotRunning`], [`BrokerError::QueueFull`],
     /// [`BrokerError::Provider`] (e.g. a duplicate id or an unreachable backend).
     pub async fn publish_async(&self, event: Event) -> Result<String, BrokerError> {
         let event = self.prepare(event)?;
+        self.hand_off(&event).await?;
+        Ok(event.id)
+    }
+
+    /// Publishes the event exactly as [`Broker::publish_async`] does, then waits until it is
+    /// finished and returns it in its final state: `completed`, or `failed` with the error
+    /// and per-handler outcomes. Handlers run in the worker pool, retried with backoff as
+    /// their policies say; see the module documentation for what sync mode guarantees.
+    /// Dropping the returned future stops the wait, never the event's processing.
+    ///
+    /// # Errors
+    /// As [`Broker::publish_async`] (the event was not accepted), or
+    /// [`BrokerError::StoppedBeforeFinished`] (it was accepted, and is not finished yet).
+    /// A failing handler is not an error: see the returned event's status.
+    pub async fn publish_sync(&self, event: Event) -> Result<Event, BrokerError> {
+        let event = self.prepare(event)?;
+        // Registered before the hand-off: the final state cannot be recorded unheard.
+        let waiter = self.inner.waiters.register(&event.id);
+        self.hand_off(&event).await?;
+        self.inner.await_final(&event.id, waiter).await
+    }
+
+    /// Hands a prepared event to the provider, counting it as outstanding until it finishes.
+    async fn hand_off(&self, event: &Event) -> Result<(), BrokerError> {
         let lifecycle = self.inner.lifecycle.read().await;
         if !matches!(*lifecycle, Lifecycle::Running(_)) {
             return Err(BrokerError::NotRunning);
         }
-        // Counted before the hand-off so a fast worker cannot finish it first.
-        self.inner
-            .counters
-            .outstanding
-            .fetch_add(1, Ordering::AcqRel);
-        if let Err(error) = self.inner.provider.publish(&event).await {
-            self.inner.finish_outstanding();
-            return Err(match error {
-                ProviderError::Full(reason) => BrokerError::QueueFull(reason),
-                other => BrokerError::Provider(other),
-            });
-        }
-        drop(lifecycle);
-        self.inner.count_published(&event);
-        Ok(event.id)
-    }
-
-    /// Validates and stores the event, runs the matching handlers inline (retrying transient
-    /// failures with backoff in the caller's task), and returns the event in its final state:
-    /// `completed`, or `failed` with the error and per-handler outcomes.
-    ///
-    /// # Errors
-    /// [`BrokerError::Invalid`], [`BrokerError::NotRunning`], [`BrokerError::Provider`].
-    /// A failing handler is not an error: see the returned event's status.
-    pub async fn publish_sync(&self, event: Event) -> Result<Event, BrokerError> {
-        let mut event = self.prepare(event)?;
-        let subscriptions = self.inner.registry.matching(&event.event_type);
-        {
-            let lifecycle = self.inner.lifecycle.read().await;
-            if !matches!(*lifecycle, Lifecycle::Running(_)) {
-                return Err(BrokerError::NotRunning);
-            }
-            event.status = EventStatus::Processing;
-            event.processed_at = Some(Utc::now());
-            self.inner
-                .provider
-                .store(&event)
-                .await
-                .map_err(|e| match e {
-                    ProviderError::Full(reason) => BrokerError::QueueFull(reason),
-                    other => BrokerError::Provider(other),
-                })?;
-        }
-        self.inner.count_published(&event);
-        let _inline = self.inner.inline.token();
-        let weak = self.downgrade();
-        loop {
-            let started = Instant::now();
-            let outcomes = tokio::select! {
-                outcomes = run_handlers(&event, &subscriptions, &weak) => outcomes,
-                _ = self.inner.abort_inline.cancelled() => {
-                    return self.interrupt_sync(event).await;
-                }
-            };
-            let decision = decide(&outcomes, &subscriptions);
-            let update = status_update(&event, outcomes, &decision);
-            self.inner
-                .provider
-                .update_status(&event.id, &update)
-                .await?;
-            update.apply(&mut event);
-            self.inner
-                .record_decision(&event, &decision, started.elapsed(), false);
-            let Decision::Retry { delay, .. } = decision else {
-                return Ok(event);
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = self.inner.abort_inline.cancelled() => {
-                    return self.interrupt_sync(event).await;
-                }
-            }
-            let processing = StatusUpdate::processing(&event);
-            self.inner
-                .provider
-                .update_status(&event.id, &processing)
-                .await?;
-            processing.apply(&mut event);
-        }
-    }
-
-    /// Records a sync event cut short by shutdown as failed (re-runnable), and says so.
-    async fn interrupt_sync(&self, mut event: Event) -> Result<Event, BrokerError> {
-        let update = StatusUpdate {
-            status: EventStatus::Failed,
-            error: Some("interrupted by broker shutdown; re-run it with retry".into()),
-            retry_count: event.retry_count,
-            handlers: event.handlers.clone(),
-            processed_at: event.processed_at,
-            completed_at: Some(Utc::now()),
-        };
+        // Counted before the hand-off so a fast worker cannot finish it first; forgotten
+        // again if the publish fails or is dropped.
+        let accepting = self.inner.outstanding.accepting(&event.id);
         self.inner
             .provider
-            .update_status(&event.id, &update)
-            .await?;
-        update.apply(&mut event);
-        Err(BrokerError::NotRunning)
+            .publish(event)
+            .await
+            .map_err(|error| match error {
+                ProviderError::Full(reason) => BrokerError::QueueFull(reason),
+                other => BrokerError::Provider(other),
+            })?;
+        accepting.handed_off();
+        drop(lifecycle);
+        self.inner.count_published(event);
+        Ok(())
     }
 
     /// Re-runs a finished (normally failed) event: handlers that already succeeded are not run
@@ -538,14 +514,9 @@ impl Broker {
             .await?
             .ok_or_else(|| ProviderError::NotFound(id.to_owned()))?;
         let update = dispatch::rerun_update(&event);
-        self.inner
-            .counters
-            .outstanding
-            .fetch_add(1, Ordering::AcqRel);
-        if let Err(error) = self.inner.provider.requeue(id, &update).await {
-            self.inner.finish_outstanding();
-            return Err(error.into());
-        }
+        let accepting = self.inner.outstanding.accepting(id);
+        self.inner.provider.requeue(id, &update).await?;
+        accepting.handed_off();
         Ok(())
     }
 
@@ -619,16 +590,42 @@ impl Inner {
         );
     }
 
-    fn finish_outstanding(&self) {
-        if self.counters.outstanding.fetch_sub(1, Ordering::AcqRel) <= 1 {
-            self.idle.notify_waiters();
+    /// Waits for event `id` to reach its final state: told by `waiter` when this broker
+    /// records it, found by polling the provider (with backoff) when another host does.
+    async fn await_final(&self, id: &str, mut waiter: Waiter<'_>) -> Result<Event, BrokerError> {
+        let receiver = &mut waiter.receiver;
+        let mut listening = true;
+        let mut pause = SYNC_POLL_FIRST;
+        loop {
+            tokio::select! {
+                biased;
+                received = &mut *receiver, if listening => match received {
+                    Ok(event) => return Ok(event),
+                    // Not expected (a waiter is only removed by its own drop); polling goes on.
+                    Err(_) => listening = false,
+                },
+                _ = self.stopped.cancelled() => {
+                    return Err(BrokerError::StoppedBeforeFinished(id.to_owned()));
+                }
+                _ = tokio::time::sleep(pause) => {
+                    match self.provider.get(id).await {
+                        Ok(Some(event)) if event.status.is_finished() => return Ok(event),
+                        Ok(Some(_)) => {}
+                        Ok(None) => return Err(ProviderError::NotFound(id.to_owned()).into()),
+                        Err(error) => {
+                            tracing::debug!(event_id = %id, %error, "sync publish could not poll its event; waiting on");
+                        }
+                    }
+                    pause = (pause * 2).min(SYNC_POLL_MAX);
+                }
+            }
         }
     }
 
-    /// Counts a decision (the one place broker counters change after an attempt).
-    /// `queued` is true for events that came through the worker pool (async publishes and
-    /// re-runs), whose finish ends their drain bookkeeping.
-    fn record_decision(&self, event: &Event, decision: &Decision, elapsed: Duration, queued: bool) {
+    /// Records a decision: the one place broker counters change after an attempt, drain
+    /// bookkeeping ends and waiting sync publishes learn the final state. `event` carries the
+    /// recorded update.
+    fn record_decision(&self, event: &Event, decision: &Decision, elapsed: Duration) {
         let counters = &self.counters;
         let status = match decision {
             Decision::Retry { .. } => None,
@@ -654,9 +651,8 @@ impl Inner {
         }
         counters.processed.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(event_id = %event.id, ?elapsed, "event finished");
-        if queued {
-            self.finish_outstanding();
-        }
+        self.outstanding.finish(&event.id);
+        self.waiters.finish(event);
     }
 }
 
@@ -672,6 +668,13 @@ pub enum BrokerError {
     /// The broker is not running (not started, stopping or stopped).
     #[error("broker is not running")]
     NotRunning,
+    /// A sync publish's event was accepted, but the broker stopped before it finished. The
+    /// event keeps its stored state; whichever host consumes it next finishes it (after a
+    /// restart, on a durable provider).
+    #[error(
+        "the broker stopped before event {0:?} finished; it was accepted and keeps its stored state (a durable provider redelivers it)"
+    )]
+    StoppedBeforeFinished(String),
     /// `start` on a running broker.
     #[error("broker is already running")]
     AlreadyRunning,
@@ -700,3 +703,6 @@ pub enum BrokerError {
     #[error(transparent)]
     Provider(#[from] ProviderError),
 }
+
+#[cfg(test)]
+mod tests;

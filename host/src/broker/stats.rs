@@ -1,6 +1,6 @@
 //! Broker counters and the stats snapshot.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use serde::Serialize;
 
@@ -18,9 +18,6 @@ pub(crate) struct Counters {
     pub dead_lettered: AtomicU64,
     pub queue_depth: AtomicUsize,
     pub active_workers: AtomicUsize,
-    /// Events accepted by this broker and not yet finished (drain bookkeeping for
-    /// providers that are not shared).
-    pub outstanding: AtomicI64,
 }
 
 impl Counters {

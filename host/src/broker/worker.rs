@@ -131,10 +131,10 @@ impl Pool {
     ) -> DrainReport {
         if until_idle {
             loop {
-                let notified = inner.idle.notified();
+                let notified = inner.outstanding.idle.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                if inner.counters.outstanding.load(Ordering::Acquire) <= 0 {
+                if inner.outstanding.len() == 0 {
                     break;
                 }
                 if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -304,7 +304,8 @@ async fn process(
         Decision::Retry { delay, .. } => consumer.retry(delivery, &update, *delay).await?,
         Decision::Complete | Decision::Fail { .. } => consumer.complete(delivery, &update).await?,
     }
-    inner.record_decision(&event, &decision, started.elapsed(), true);
+    update.apply(&mut event);
+    inner.record_decision(&event, &decision, started.elapsed());
     Ok(())
 }
 

@@ -1,13 +1,17 @@
 //! `register_crud_hooks`: the broker as a CRUD hook. Each enabled operation publishes a
-//! `schema.entity.operation` event with source `database` through a publisher task, in the
-//! order the operations ran, so the CRUD operation is never blocked or failed by the broker.
-//! A publish that fails is logged and counted (here and in
-//! `eventbroker_source_publish_failures_total{source="crud_hooks"}`).
+//! `schema.entity.operation` event with source `database` through a bounded queue and a
+//! publisher task, in the order the operations ran, so the CRUD operation is never blocked or
+//! failed by the broker. A publish that fails, and an event refused because the queue is full,
+//! is counted (here and in `eventbroker_source_publish_failures_total{source="crud_hooks"}`)
+//! and logged (refusals at most once per [`REFUSAL_LOG_PERIOD`], with the number refused).
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, mpsc};
 
@@ -17,6 +21,12 @@ use crate::event::{Event, EventSource};
 
 /// The `source` label of this event source in metrics.
 const METRIC_SOURCE: &str = "crud_hooks";
+
+/// Events the hooks queue for the publisher by default ([`CrudHookOptions::queue_capacity`]).
+pub const DEFAULT_QUEUE_CAPACITY: NonZeroUsize = NonZeroUsize::new(10_000).unwrap();
+
+/// Refusals of a full queue are logged at most once per this period.
+pub const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
 
 /// Which operations publish events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,17 +81,40 @@ impl OperationSwitches {
     }
 }
 
-/// What [`register_crud_hooks`] publishes.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// What [`register_crud_hooks`] publishes, and how many events it queues.
+#[derive(Debug, Clone, PartialEq)]
 pub struct CrudHookOptions {
     /// The switches of entities without their own entry.
     pub operations: OperationSwitches,
     /// Per-entity switches, keyed by `schema.entity` or (for every schema) `entity`; the
     /// `schema.entity` entry wins.
     pub entities: HashMap<String, OperationSwitches>,
+    /// Most events waiting for the publisher at once (default
+    /// [`DEFAULT_QUEUE_CAPACITY`]). When the queue is full — the broker does not keep up —
+    /// further events are refused, never waited for: the CRUD operation goes on, and the
+    /// refusal is counted and logged.
+    pub queue_capacity: NonZeroUsize,
+}
+
+impl Default for CrudHookOptions {
+    /// Create, update and delete on, read off, for every entity; a queue of
+    /// [`DEFAULT_QUEUE_CAPACITY`] events.
+    fn default() -> Self {
+        CrudHookOptions {
+            operations: OperationSwitches::default(),
+            entities: HashMap::new(),
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+        }
+    }
 }
 
 impl CrudHookOptions {
+    /// Sets the queue capacity (builder style).
+    pub fn with_queue_capacity(mut self, capacity: NonZeroUsize) -> Self {
+        self.queue_capacity = capacity;
+        self
+    }
+
     /// Turns read events on or off for entities without their own entry (builder style).
     pub fn with_reads(mut self, read: bool) -> Self {
         self.operations.read = read;
@@ -108,6 +141,7 @@ impl CrudHookOptions {
 struct Counters {
     published: AtomicU64,
     failed: AtomicU64,
+    refused: AtomicU64,
     in_flight: AtomicUsize,
     idle: Notify,
 }
@@ -125,9 +159,15 @@ impl CrudHooks {
         self.counters.published.load(Ordering::Acquire)
     }
 
-    /// Events the broker refused or that could not be published (each was logged).
+    /// Events that were not published: the broker refused them, they could not be handed to
+    /// it, or the queue was full ([`CrudHooks::refused`] of them). Each was logged.
     pub fn failed(&self) -> u64 {
         self.counters.failed.load(Ordering::Acquire)
+    }
+
+    /// Events refused because the queue was full (counted in [`CrudHooks::failed`] too).
+    pub fn refused(&self) -> u64 {
+        self.counters.refused.load(Ordering::Acquire)
     }
 
     /// Publishes started and not yet finished.
@@ -211,10 +251,11 @@ pub fn crud_event(context: &HookContext, instance_id: &str) -> Event {
 /// Registers the broker's hooks in `registry`: after each operation that `options` enables,
 /// a `schema.entity.operation` event (see [`crud_event`]) is queued for a publisher task that
 /// hands the events to [`Broker::publish_async`] one after the other, in the order the
-/// operations ran. The hook returns at once (the queue is unbounded: the CRUD layer never
-/// waits for the broker); a failed publish (broker stopped, queue full for `publish_timeout`,
-/// invalid names, no tokio runtime) is logged with `tracing` and counted, never raised to the
-/// CRUD layer.
+/// operations ran. The hook returns at once: the CRUD layer never waits for the broker. The
+/// queue holds at most `options.queue_capacity` events; when it is full the event is refused
+/// (counted, and logged at most once per [`REFUSAL_LOG_PERIOD`] with the number refused).
+/// A failed publish (broker stopped, broker queue full for `publish_timeout`, invalid names,
+/// no tokio runtime) is logged with `tracing` and counted, never raised to the CRUD layer.
 ///
 /// # Examples
 /// ```
@@ -240,7 +281,11 @@ pub fn register_crud_hooks(
     options: CrudHookOptions,
 ) -> CrudHooks {
     let handle = CrudHooks::default();
-    let publisher = Arc::new(Publisher::new(broker.clone(), handle.clone()));
+    let publisher = Arc::new(Publisher::new(
+        broker.clone(),
+        handle.clone(),
+        options.queue_capacity,
+    ));
     let options = Arc::new(options);
     for operation in CrudOperation::ALL {
         let publisher = publisher.clone();
@@ -260,19 +305,47 @@ pub fn register_crud_hooks(
 struct Publisher {
     broker: Broker,
     handle: CrudHooks,
-    tx: mpsc::UnboundedSender<Event>,
-    rx: Mutex<Option<mpsc::UnboundedReceiver<Event>>>,
+    capacity: NonZeroUsize,
+    tx: mpsc::Sender<Event>,
+    rx: Mutex<Option<mpsc::Receiver<Event>>>,
+    /// Paces the log lines about refusals.
+    refusal_log: DefaultDirectRateLimiter,
+    /// Refusals not yet reported in a log line.
+    unreported: AtomicU64,
 }
 
 impl Publisher {
-    fn new(broker: Broker, handle: CrudHooks) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+    fn new(broker: Broker, handle: CrudHooks, capacity: NonZeroUsize) -> Self {
+        let (tx, rx) = mpsc::channel(capacity.get());
+        let period = Quota::with_period(REFUSAL_LOG_PERIOD)
+            .unwrap_or(Quota::per_minute(std::num::NonZeroU32::MIN));
         Publisher {
             broker,
             handle,
+            capacity,
             tx,
             rx: Mutex::new(Some(rx)),
+            refusal_log: RateLimiter::direct(period),
+            unreported: AtomicU64::new(0),
         }
+    }
+
+    /// Counts an event refused by the full queue, and logs the refusals not reported yet
+    /// when the pace allows.
+    fn refuse(&self, event: &Event) {
+        self.handle.counters.refused.fetch_add(1, Ordering::AcqRel);
+        self.broker.metrics().source_publish_failed(METRIC_SOURCE);
+        self.unreported.fetch_add(1, Ordering::AcqRel);
+        if self.refusal_log.check().is_ok() {
+            let refused = self.unreported.swap(0, Ordering::AcqRel);
+            tracing::warn!(
+                refused,
+                capacity = self.capacity.get(),
+                event_type = %event.event_type,
+                "CRUD hook queue is full (the broker does not keep up): {refused} events refused since the last report; the operations themselves succeeded"
+            );
+        }
+        self.handle.finish(false);
     }
 
     fn enqueue(&self, event: Event) {
@@ -290,10 +363,14 @@ impl Publisher {
             self.handle.finish(false);
             return;
         }
-        if let Err(mpsc::error::SendError(event)) = self.tx.send(event) {
-            tracing::error!(event_id = %event.id, "CRUD hook publisher is gone; event not published");
-            self.broker.metrics().source_publish_failed(METRIC_SOURCE);
-            self.handle.finish(false);
+        match self.tx.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(event)) => self.refuse(&event),
+            Err(mpsc::error::TrySendError::Closed(event)) => {
+                tracing::error!(event_id = %event.id, "CRUD hook publisher is gone; event not published");
+                self.broker.metrics().source_publish_failed(METRIC_SOURCE);
+                self.handle.finish(false);
+            }
         }
     }
 
@@ -314,7 +391,7 @@ impl Publisher {
 }
 
 /// Publishes queued events in order, counting and logging each outcome.
-async fn publish_loop(broker: Broker, handle: CrudHooks, mut rx: mpsc::UnboundedReceiver<Event>) {
+async fn publish_loop(broker: Broker, handle: CrudHooks, mut rx: mpsc::Receiver<Event>) {
     while let Some(event) = rx.recv().await {
         let event_type = event.event_type.clone();
         let event_id = event.id.clone();
@@ -531,6 +608,77 @@ mod tests {
         let metrics = broker.metrics().encode();
         assert!(
             metrics.contains("eventbroker_source_publish_failures_total{source=\"crud_hooks\"} 2"),
+            "{metrics}"
+        );
+    }
+
+    /// Issue 13 A15: the queue is bounded; what does not fit is refused at once (the CRUD
+    /// operation is not blocked), counted on the handle and in the metric.
+    #[tokio::test]
+    async fn a_full_queue_refuses_without_blocking_and_counts() {
+        // A broker that holds one unfinished event; its handler waits for the gate, so the
+        // publisher task gets stuck on the second event, waiting for room.
+        let broker = Broker::new(
+            BrokerConfig {
+                buffer_size: 1,
+                publish_timeout: std::time::Duration::from_secs(120),
+                ..BrokerConfig::default()
+            },
+            Arc::new(MemoryProvider::new(
+                crate::provider::memory::MemoryOptions {
+                    max_pending: 1,
+                    publish_timeout: std::time::Duration::from_secs(120),
+                    ..Default::default()
+                },
+            )),
+        );
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let g = gate.clone();
+        broker
+            .subscribe(
+                "*",
+                handler_fn(move |_, _| {
+                    let g = g.clone();
+                    async move {
+                        g.acquire().await.expect("gate").forget();
+                        Ok(())
+                    }
+                }),
+            )
+            .expect("subscribe");
+        broker.start().await.expect("start");
+        let registry = HookRegistry::new();
+        let hooks = register_crud_hooks(
+            &broker,
+            &registry,
+            CrudHookOptions::default().with_queue_capacity(NonZeroUsize::new(2).unwrap()),
+        );
+        let create = |n: i64| HookContext::created("public", "users", json!({"id": n}), user());
+        registry.run(&create(0));
+        hooks.flush().await;
+        assert_eq!(
+            hooks.published(),
+            1,
+            "the first event holds the broker's only slot"
+        );
+        // Eleven operations with no await in between (a current-thread runtime: the publisher
+        // cannot run meanwhile): two fit in the queue, nine are refused, none blocks.
+        for n in 1..=11 {
+            registry.run(&create(n));
+        }
+        assert_eq!(hooks.refused(), 9);
+        assert_eq!((hooks.failed(), hooks.in_flight()), (9, 2));
+        gate.add_permits(100);
+        hooks.flush().await;
+        assert_eq!(
+            (hooks.published(), hooks.failed(), hooks.refused()),
+            (3, 9, 9)
+        );
+        let report = broker.stop().await.expect("stop");
+        assert!(report.drained, "{report:?}");
+        let metrics = broker.metrics().encode();
+        assert!(
+            metrics.contains("eventbroker_source_publish_failures_total{source=\"crud_hooks\"} 9"),
             "{metrics}"
         );
     }

@@ -11,5 +11,8 @@ pub mod capture;
 mod crud;
 mod registry;
 
-pub use crud::{CrudHookOptions, CrudHooks, OperationSwitches, register_crud_hooks};
+pub use crud::{
+    CrudHookOptions, CrudHooks, DEFAULT_QUEUE_CAPACITY, OperationSwitches, REFUSAL_LOG_PERIOD,
+    crud_event, register_crud_hooks,
+};
 pub use registry::{CrudOperation, Hook, HookContext, HookRegistry, UserContext};

@@ -421,10 +421,6 @@ impl Provider for MemoryProvider {
         }
     }
 
-    async fn store(&self, event: &Event) -> Result<(), ProviderError> {
-        self.inner.insert(event, false).await
-    }
-
     async fn publish(&self, event: &Event) -> Result<(), ProviderError> {
         self.inner.insert(event, true).await?;
         self.inner

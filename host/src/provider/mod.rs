@@ -211,13 +211,6 @@ pub trait Provider: Send + Sync + 'static {
     /// What the backend guarantees.
     fn features(&self) -> ProviderFeatures;
 
-    /// Stores an event without delivering it to consumers (sync mode runs handlers inline).
-    /// Watchers see it.
-    ///
-    /// # Errors
-    /// [`ProviderError::Duplicate`] if the id exists; capacity and backend failures.
-    async fn store(&self, event: &Event) -> Result<(), ProviderError>;
-
     /// Stores an event and makes it deliverable to every consumer group and watcher.
     ///
     /// # Errors

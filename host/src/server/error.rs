@@ -172,6 +172,9 @@ impl From<BrokerError> for ApiError {
             BrokerError::QueueFull(_) => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", message)
             }
+            BrokerError::StoppedBeforeFinished(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unfinished", message)
+            }
             BrokerError::CausationTooDeep(_) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "causation_too_deep",

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use super::auth::{Caller, check_claims};
 use super::cloudevents;
 use super::{ApiBody, ApiError, ApiPath, ApiQuery, AppState};
-use crate::broker::BrokerStats;
+use crate::broker::{BrokerStats, Published};
 use crate::config::ProcessingMode;
 use crate::event::{Event, EventDraft};
 use crate::provider::EventFilter;
@@ -79,8 +79,10 @@ fn read_draft(headers: &HeaderMap, body: &[u8]) -> Result<EventDraft, ApiError> 
 }
 
 /// `POST /v1/events`: 202 `{"id","status":"pending"}` when queued, 200 with the final event in
-/// sync mode. A publisher without a token may not set `user_id` or source `database` or
-/// `internal` (403 `forbidden`).
+/// sync mode (`?mode=sync`, or `event_broker.mode: sync`). A sync request only waits: a
+/// client that gives up does not affect the event's processing (see [`crate::broker`]). A
+/// publisher without a token may not set `user_id` or source `database` or `internal` (403
+/// `forbidden`).
 pub async fn publish(
     State(state): State<AppState>,
     Caller(scope): Caller,
@@ -92,20 +94,15 @@ pub async fn publish(
     check_claims(&draft, scope)?;
     let broker = state.broker();
     let event = draft.into_event(broker.instance_id());
-    match query.mode.unwrap_or(broker.config().mode) {
-        ProcessingMode::Async => {
-            let id = broker.publish_async(event).await?;
-            Ok((
-                StatusCode::ACCEPTED,
-                Json(json!({"id": id, "status": "pending"})),
-            )
-                .into_response())
-        }
-        ProcessingMode::Sync => {
-            let event = broker.publish_sync(event).await?;
-            Ok((StatusCode::OK, Json(event)).into_response())
-        }
-    }
+    let mode = query.mode.unwrap_or(broker.config().mode);
+    Ok(match broker.publish_with_mode(mode, event).await? {
+        Published::Queued(id) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"id": id, "status": "pending"})),
+        )
+            .into_response(),
+        Published::Processed(event) => (StatusCode::OK, Json(event)).into_response(),
+    })
 }
 
 /// `POST /v1/events/batch`: a JSON array of events (or of structured CloudEvents with

@@ -485,6 +485,7 @@ impl Connection {
                     BrokerError::Invalid(_) => "invalid_event",
                     BrokerError::QueueFull(_) => "queue_full",
                     BrokerError::NotRunning => "unavailable",
+                    BrokerError::StoppedBeforeFinished(_) => "unfinished",
                     BrokerError::Provider(ProviderError::Duplicate(_)) => "duplicate",
                     _ => "internal",
                 };

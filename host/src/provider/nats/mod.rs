@@ -440,15 +440,6 @@ impl Provider for NatsProvider {
         }
     }
 
-    async fn store(&self, event: &Event) -> Result<(), ProviderError> {
-        self.shared.check_open()?;
-        self.shared
-            .store
-            .create(&Record::new(event.clone(), None))
-            .await
-            .map(drop)
-    }
-
     async fn publish(&self, event: &Event) -> Result<(), ProviderError> {
         let shared = &self.shared;
         shared.check_open()?;

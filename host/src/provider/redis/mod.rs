@@ -528,10 +528,6 @@ impl Provider for RedisProvider {
         }
     }
 
-    async fn store(&self, event: &Event) -> Result<(), ProviderError> {
-        self.shared.insert(event, false).await
-    }
-
     async fn publish(&self, event: &Event) -> Result<(), ProviderError> {
         self.shared.insert(event, true).await?;
         self.shared

@@ -500,10 +500,6 @@ impl Provider for SqlProvider {
         }
     }
 
-    async fn store(&self, event: &Event) -> Result<(), ProviderError> {
-        self.shared.insert(event, false).await
-    }
-
     async fn publish(&self, event: &Event) -> Result<(), ProviderError> {
         self.shared.insert(event, true).await?;
         self.shared
