@@ -231,12 +231,19 @@ pub(crate) fn status_update(
             event.retry_count,
             Some(now),
         ),
-        Decision::Retry { error, .. } => (
-            EventStatus::Pending,
-            Some(error.clone()),
-            event.retry_count + 1,
-            None,
-        ),
+        Decision::Retry { error, .. } => {
+            // A deferral (every handler left to run found its instances busy) is the host's
+            // capacity, not a retry: it does not count as one.
+            let mut retrying = outcomes
+                .iter()
+                .filter(|o| o.state == OutcomeState::Retrying)
+                .peekable();
+            let deferred_only = retrying.peek().is_some()
+                && retrying
+                    .all(|o| o.last_error.as_ref().map(|f| f.kind) == Some(FailureKind::Busy));
+            let retry_count = event.retry_count + u32::from(!deferred_only);
+            (EventStatus::Pending, Some(error.clone()), retry_count, None)
+        }
     };
     StatusUpdate {
         status,
@@ -380,5 +387,29 @@ mod tests {
         let done = status_update(&event, vec![], &Decision::Complete);
         assert_eq!(done.status, EventStatus::Completed);
         assert!(done.error.is_none());
+    }
+
+    #[test]
+    fn a_deferral_for_busy_instances_is_not_counted_as_a_retry() {
+        let event = Event::new(EventSource::System, "a.b", "h");
+        let outcome = |kind| HandlerOutcome {
+            handler: "a".into(),
+            version: None,
+            state: OutcomeState::Retrying,
+            attempts: 0,
+            last_error: Some(Failure::new(kind, "x")),
+            finished_at: Utc::now(),
+        };
+        let retry = Decision::Retry {
+            error: "x".into(),
+            delay: Duration::ZERO,
+        };
+        let deferred = status_update(&event, vec![outcome(FailureKind::Busy)], &retry);
+        assert_eq!(
+            (deferred.status, deferred.retry_count),
+            (EventStatus::Pending, 0)
+        );
+        let mixed = vec![outcome(FailureKind::Busy), outcome(FailureKind::Timeout)];
+        assert_eq!(status_update(&event, mixed, &retry).retry_count, 1);
     }
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use tokio::sync::{Mutex as AsyncMutex, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -15,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 use super::dispatch::{Decision, decide, run_handlers, status_update};
 use super::{Inner, WeakBroker};
 use crate::provider::{Consumer, ConsumerOptions, Delivery, ProviderError, StatusUpdate};
+
+/// Lease renewals in flight at once.
+const RENEWALS_AT_ONCE: usize = 32;
 
 /// Largest batch fetched from the provider at once.
 const MAX_FETCH: usize = 64;
@@ -324,10 +328,17 @@ async fn keep_leases(
             _ = ticker.tick() => {}
             _ = stop.cancelled() => return,
         }
-        for delivery in held.snapshot() {
-            if let Err(error) = consumer.keep_alive(&delivery).await {
-                tracing::debug!(event_id = %delivery.event.id, %error, "lease renewal failed");
-            }
-        }
+        // Concurrently: renewing one delivery per round trip let leases of deliveries waiting
+        // in the local queue expire under load (and their events run twice, with no crash).
+        futures::stream::iter(held.snapshot())
+            .for_each_concurrent(RENEWALS_AT_ONCE, |delivery| {
+                let consumer = consumer.clone();
+                async move {
+                    if let Err(error) = consumer.keep_alive(&delivery).await {
+                        tracing::debug!(event_id = %delivery.event.id, %error, "lease renewal failed");
+                    }
+                }
+            })
+            .await;
     }
 }
