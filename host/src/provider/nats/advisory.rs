@@ -1,8 +1,8 @@
 //! Dead letters from the server's delivery limit: when `max_deliver` is set, the server stops
 //! redelivering a message after that many deliveries and publishes a `MAX_DELIVERIES`
 //! advisory. Every host listens for it; each reads the message the advisory names and records
-//! its event as `failed` (a compare-and-set, so the first host wins and the others see a
-//! finished event and do nothing). The event can then be listed with the dead letters and
+//! its event as `failed` in the group of the consumer the advisory names (a compare-and-set,
+//! so the first host wins and the others see a finished event and do nothing). The event can then be listed with the dead letters and
 //! re-run.
 //!
 //! Advisories are core NATS messages: one published while no host is connected is missed,
@@ -14,6 +14,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use serde::Deserialize;
 
+use super::subjects::decode_name;
 use super::{NAME, Shared};
 use crate::event::{Event, EventStatus};
 use crate::provider::ProviderError;
@@ -73,19 +74,24 @@ async fn dead_letter(shared: &Shared, advisory: &MaxDeliveries) -> Result<(), Pr
         "delivered {} times to consumer group {:?} without being acknowledged (max_deliver reached)",
         advisory.deliveries, advisory.consumer
     );
+    // The consumer is the group's durable consumer: the dead letter is that group's.
+    let group = decode_name(&advisory.consumer);
     let result = shared
         .store
-        .modify(&published.id, |event| {
-            if event.status.is_finished() {
+        .modify(&published.id, |record| {
+            let current = record.state(&group);
+            if current.is_finished() {
                 return Err(ProviderError::InvalidState {
-                    id: event.id.clone(),
-                    status: event.status,
+                    id: record.event.id.clone(),
+                    status: current.status,
                     reason: "already finished",
                 });
             }
-            event.status = EventStatus::Failed;
-            event.error = Some(reason.clone());
-            event.completed_at = Some(Utc::now());
+            record.change(&group, |state| {
+                state.status = EventStatus::Failed;
+                state.error = Some(reason.clone());
+                state.completed_at = Some(Utc::now());
+            });
             Ok(())
         })
         .await;

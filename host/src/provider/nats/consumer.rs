@@ -8,9 +8,11 @@
 //!   long-polls for one message, then tops the batch up without waiting. A long poll cut short
 //!   by `close` is drained in the background and whatever it still delivers is given back with
 //!   a negative acknowledgement, so nothing waits for `ack_wait`.
-//! - The current state of each delivered event comes from the state store (so retries see the
-//!   handler outcomes of earlier attempts). A first delivery of an event that is already
-//!   finished, and any delivery of a deleted event, is acknowledged and skipped.
+//! - The current state of each delivered event, as the consumer's group sees it, comes from the
+//!   state store (so retries see the group's handler outcomes of earlier attempts). A first
+//!   delivery of an event the group already finished, a re-run addressed to another group
+//!   (header [`GROUP_HEADER`]), and any delivery of a deleted event, are acknowledged and
+//!   skipped.
 //! - `complete` writes the final state, then acknowledges (`+ACK`, confirmed by the server) or,
 //!   for `failed`, terminates (`+TERM`); `retry` writes the state and sends a delayed `-NAK`;
 //!   `release` writes `pending` and sends `-NAK`; `keep_alive` sends `+WPI` (in progress),
@@ -28,13 +30,16 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::store::Lookup;
+use super::store::{Lookup, Record};
 use super::{NAME, Shared};
 use crate::event::{Event, EventStatus};
 use crate::provider::{Consumer, Delivery, ProviderError, StatusUpdate};
 
 /// How long one long-poll pull request waits on the server.
 const LONG_POLL: Duration = Duration::from_secs(5);
+
+/// Header of a message meant for one consumer group only (a re-run of that group's).
+pub(crate) const GROUP_HEADER: &str = "Eventbroker-Group";
 
 fn backend(error: impl std::fmt::Display) -> ProviderError {
     ProviderError::backend(NAME, error)
@@ -103,6 +108,16 @@ impl NatsConsumer {
         // `split` moves the acknowledgement subject into the acker: take it first.
         let token = message.reply.as_ref()?.to_string();
         let (message, acker) = message.split();
+        let for_group = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(GROUP_HEADER))
+            .map(|group| group.as_str().to_owned());
+        if for_group.is_some_and(|group| group != self.group) {
+            // Another group's re-run.
+            let _ = acker.ack().await;
+            return None;
+        }
         let published: Event = match serde_json::from_slice(&message.payload) {
             Ok(event) => event,
             Err(error) => {
@@ -113,14 +128,16 @@ impl NatsConsumer {
         };
         let count = u32::try_from(delivered.max(1)).unwrap_or(u32::MAX);
         match self.shared.store.lookup(&published.id).await {
-            Ok(Lookup::Live(current)) if delivered <= 1 && current.event.status.is_finished() => {
+            Ok(Lookup::Live(current))
+                if delivered <= 1 && current.record.state(&self.group).is_finished() =>
+            {
                 let _ = acker.ack().await;
                 None
             }
             Ok(Lookup::Live(current)) => {
                 self.outstanding().insert(token.clone());
                 Some(Delivery {
-                    event: current.event,
+                    event: current.record.view(&self.group),
                     token,
                     delivery_count: count,
                 })
@@ -128,7 +145,8 @@ impl NatsConsumer {
             Ok(Lookup::TakenBack { revision }) => {
                 // Its publish reported a failure and took the state back, yet the server had
                 // stored the message: the event was accepted after all. Restore its state.
-                match self.shared.store.restore(&published, revision).await {
+                let stored = Record::new(published.clone());
+                match self.shared.store.restore(&stored, revision).await {
                     Ok(_) => {
                         tracing::info!(event_id = %published.id, "restored the state of an event whose publish seemed to fail");
                         self.outstanding().insert(token.clone());
@@ -287,8 +305,8 @@ impl Consumer for NatsConsumer {
         let written = self
             .shared
             .store
-            .modify(&delivery.event.id, |event| {
-                update.apply(event);
+            .modify(&delivery.event.id, |record| {
+                record.change(&self.group, |state| state.apply(update));
                 Ok(())
             })
             .await;
@@ -320,8 +338,8 @@ impl Consumer for NatsConsumer {
     ) -> Result<(), ProviderError> {
         self.shared
             .store
-            .modify(&delivery.event.id, |event| {
-                update.apply(event);
+            .modify(&delivery.event.id, |record| {
+                record.change(&self.group, |state| state.apply(update));
                 Ok(())
             })
             .await?;
@@ -337,9 +355,8 @@ impl Consumer for NatsConsumer {
     async fn release(&self, delivery: &Delivery) -> Result<(), ProviderError> {
         self.shared
             .store
-            .modify(&delivery.event.id, |event| {
-                event.status = EventStatus::Pending;
-                event.completed_at = None;
+            .modify(&delivery.event.id, |record| {
+                record.change(&self.group, |state| state.release());
                 Ok(())
             })
             .await?;

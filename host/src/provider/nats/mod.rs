@@ -5,8 +5,10 @@
 //! - a stream (`stream_name`, created or updated at start) capturing `subjects`; each event is
 //!   one message on `{prefix}.{source}.{type}` whose `Nats-Msg-Id` is the event id, so the
 //!   server drops a repeated publish within `duplicate_window`;
-//! - a key-value bucket (`kv_bucket`) with each event's current state, keyed by event id,
-//!   written only by compare-and-set; status changes never go to the event subjects;
+//! - a key-value bucket (`kv_bucket`) with each event and the processing state of each
+//!   consumer group that changed it, keyed by event id, written only by compare-and-set;
+//!   status changes never go to the event subjects; queries show the own group
+//!   (`event_broker.consumer_group`);
 //! - one durable pull consumer per consumer group ([`consumer`]);
 //! - ordered ephemeral consumers for live watchers ([`watch`]).
 //!
@@ -37,7 +39,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use self::consumer::NatsConsumer;
-use self::store::{StateStore, encode};
+use self::store::{Record, StateStore, encode};
 use super::{
     Consumer, ConsumerOptions, EventFilter, EventStream, Provider, ProviderError, ProviderFeatures,
     ProviderStats, StatusUpdate,
@@ -65,6 +67,8 @@ pub(crate) struct Shared {
     stream_name: String,
     bucket: String,
     prefix: String,
+    /// The provider's own consumer group (`event_broker.consumer_group`).
+    group: String,
     store: StateStore,
     durable: bool,
     ack_wait: Option<Duration>,
@@ -261,6 +265,7 @@ impl NatsProvider {
             stream_name: nats.stream_name.clone(),
             bucket,
             prefix,
+            group: config.consumer_group.clone(),
             store,
             durable: nats.storage == NatsStorage::File,
             ack_wait: nats.ack_wait,
@@ -316,15 +321,19 @@ impl Shared {
         subject: String,
         payload: Bytes,
         message_id: &str,
+        for_group: Option<&str>,
     ) -> Result<bool, ProviderError> {
         let mut last_error = String::new();
         for attempt in 0..PUBLISH_ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
             }
-            let publish = PublishMessage::build()
+            let mut publish = PublishMessage::build()
                 .payload(payload.clone())
                 .message_id(message_id);
+            if let Some(group) = for_group {
+                publish = publish.header(consumer::GROUP_HEADER, group);
+            }
             let ack = match self.context.send_publish(subject.clone(), publish).await {
                 Ok(pending) => pending.await,
                 Err(error) => Err(error),
@@ -358,9 +367,10 @@ impl Shared {
     /// clean-up failed, e.g. during an outage): take it over — rewrite it, which also cancels
     /// a pending clean-up — and return its new revision. Otherwise `None`: a real duplicate.
     async fn adopt(&self, event: &Event) -> Result<Option<u64>, ProviderError> {
+        let stored = Record::new(event.clone());
         match self.store.get(&event.id).await? {
-            Some(current) if current.event == *event => {
-                match self.store.restore(event, current.revision).await {
+            Some(current) if current.record == stored => {
+                match self.store.restore(&stored, current.revision).await {
                     Ok(revision) => Ok(Some(revision)),
                     Err(_) => Ok(None),
                 }
@@ -380,6 +390,10 @@ impl Shared {
 impl Provider for NatsProvider {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn group(&self) -> &str {
+        &self.shared.group
     }
 
     fn features(&self) -> ProviderFeatures {
@@ -412,7 +426,7 @@ impl Provider for NatsProvider {
             }
             Err(error) => return Err(error),
         };
-        match shared.send(subject, payload, &event.id).await {
+        match shared.send(subject, payload, &event.id, None).await {
             Ok(false) => {
                 shared.counters.published.fetch_add(1, Ordering::Relaxed);
                 Ok(())
@@ -432,22 +446,37 @@ impl Provider for NatsProvider {
 
     async fn get(&self, id: &str) -> Result<Option<Event>, ProviderError> {
         self.shared.check_open()?;
-        Ok(self.shared.store.get(id).await?.map(|v| v.event))
+        let group = &self.shared.group;
+        Ok(self
+            .shared
+            .store
+            .get(id)
+            .await?
+            .map(|v| v.record.view(group)))
     }
 
     async fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
         self.shared.check_open()?;
-        let mut events = self.shared.store.scan().await?;
-        events.retain(|event| filter.matches(event));
+        let group = &self.shared.group;
+        let events: Vec<Event> = self
+            .shared
+            .store
+            .scan()
+            .await?
+            .iter()
+            .map(|record| record.view(group))
+            .filter(|event| filter.matches(event))
+            .collect();
         Ok(filter.paginate(events))
     }
 
     async fn update_status(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
         self.shared.check_open()?;
+        let group = &self.shared.group;
         self.shared
             .store
-            .modify(id, |event| {
-                update.apply(event);
+            .modify(id, |record| {
+                record.change(group, |state| state.apply(update));
                 Ok(())
             })
             .await
@@ -462,28 +491,32 @@ impl Provider for NatsProvider {
     async fn requeue(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
         let shared = &self.shared;
         shared.check_open()?;
+        let group = &shared.group;
         let mut previous = None;
         let requeued = shared
             .store
-            .modify(id, |event| {
-                if !event.status.is_finished() {
+            .modify(id, |record| {
+                let current = record.state(group);
+                if !current.is_finished() {
                     return Err(ProviderError::InvalidState {
                         id: id.to_owned(),
-                        status: event.status,
+                        status: current.status,
                         reason: "only completed or failed events can be re-run",
                     });
                 }
-                previous = Some(event.clone());
-                update.apply(event);
+                previous = Some(record.clone());
+                record.change(group, |state| state.apply(update));
                 Ok(())
             })
             .await?;
-        // The revision is unique, so the server's duplicate window never drops a re-run.
+        // The revision is unique, so the server's duplicate window never drops a re-run; the
+        // message is for the own group only (other groups' consumers skip it).
         let message_id = format!("{id}:requeue:{}", requeued.revision);
-        let sent = match subjects::event_subject(&shared.prefix, &requeued.event) {
+        let event = requeued.record.view(group);
+        let sent = match subjects::event_subject(&shared.prefix, &event) {
             Ok(subject) => {
                 shared
-                    .send(subject, encode(&requeued.event)?, &message_id)
+                    .send(subject, encode(&event)?, &message_id, Some(group))
                     .await
             }
             Err(error) => Err(error),
@@ -549,10 +582,10 @@ impl Provider for NatsProvider {
         shared.check_open()?;
         let mut stats = ProviderStats::empty(NAME);
         let events = shared.store.scan().await?;
-        for event in &events {
+        for record in &events {
             *stats
                 .by_status
-                .entry(event.status.as_str().into())
+                .entry(record.state(&shared.group).status.as_str().into())
                 .or_default() += 1;
         }
         let mut backend_stats = BTreeMap::new();

@@ -1,5 +1,7 @@
-//! The state store: a JetStream key-value bucket holding each event's current state as its
-//! JSON, keyed by the (encoded) event id.
+//! The state store: a JetStream key-value bucket holding one [`Record`] per event as JSON,
+//! keyed by the (encoded) event id: the event as published (its state fields are the state
+//! every consumer group starts from) and the state of each group that changed it. Values
+//! written before group states existed are a bare event, read as a record without groups.
 //!
 //! - `create` is atomic: it fails if a live entry with that id exists (duplicates).
 //! - Every change is a compare-and-set on the entry's revision ([`StateStore::modify`]):
@@ -9,6 +11,7 @@
 //!   (`last_per_subject`, no acknowledgements), in batches, without one round trip per key.
 //!   Its cost is proportional to the number of stored events, bounded by `max_age`.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -17,11 +20,12 @@ use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKin
 use async_nats::jetstream::stream::{self, StorageType};
 use bytes::Bytes;
 use futures::StreamExt;
+use serde::{Deserialize, Serialize};
 
 use super::NAME;
 use super::subjects::encode_name;
 use crate::event::Event;
-use crate::provider::ProviderError;
+use crate::provider::{GroupState, ProviderError};
 
 /// How often a compare-and-set is retried under contention before giving up.
 const MAX_CAS_ATTEMPTS: usize = 32;
@@ -46,9 +50,57 @@ pub(crate) enum Lookup {
     Absent,
 }
 
-/// An event state read together with its revision.
-pub(crate) struct Versioned {
+/// What the bucket holds for one event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Record {
+    /// The event as published or stored; its state is every group's starting state.
     pub event: Event,
+    /// The states of the groups that changed it, by group name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<String, GroupState>,
+    /// The group whose state the last write changed (`None`: the event as stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed: Option<String>,
+}
+
+impl Record {
+    /// The record of a newly stored event.
+    pub(crate) fn new(event: Event) -> Self {
+        Record {
+            event,
+            groups: BTreeMap::new(),
+            changed: None,
+        }
+    }
+
+    /// `group`'s state of the event.
+    pub(crate) fn state(&self, group: &str) -> GroupState {
+        self.groups
+            .get(group)
+            .cloned()
+            .unwrap_or_else(|| GroupState::of(&self.event))
+    }
+
+    /// The event as `group` sees it.
+    pub(crate) fn view(&self, group: &str) -> Event {
+        match self.groups.get(group) {
+            Some(state) => state.view(&self.event),
+            None => self.event.clone(),
+        }
+    }
+
+    /// Changes `group`'s state and records that it changed.
+    pub(crate) fn change(&mut self, group: &str, change: impl FnOnce(&mut GroupState)) {
+        let mut state = self.state(group);
+        change(&mut state);
+        self.groups.insert(group.to_owned(), state);
+        self.changed = Some(group.to_owned());
+    }
+}
+
+/// A record read together with its revision.
+pub(crate) struct Versioned {
+    pub record: Record,
     pub revision: u64,
 }
 
@@ -56,9 +108,20 @@ fn backend(error: impl std::fmt::Display) -> ProviderError {
     ProviderError::backend(NAME, error)
 }
 
-fn decode(value: &[u8]) -> Result<Event, ProviderError> {
-    serde_json::from_slice(value)
-        .map_err(|e| backend(format!("stored event state is not valid JSON: {e}")))
+/// Reads a stored value: a record, or a bare event written before group states existed.
+pub(crate) fn decode_record(value: &[u8]) -> Result<Record, ProviderError> {
+    match serde_json::from_slice::<Record>(value) {
+        Ok(record) => Ok(record),
+        Err(_) => serde_json::from_slice::<Event>(value)
+            .map(Record::new)
+            .map_err(|e| backend(format!("stored event state is not valid JSON: {e}"))),
+    }
+}
+
+fn encode_record(record: &Record) -> Result<Bytes, ProviderError> {
+    serde_json::to_vec(record)
+        .map(Bytes::from)
+        .map_err(|e| backend(format!("cannot encode event {}: {e}", record.event.id)))
 }
 
 pub(crate) fn encode(event: &Event) -> Result<Bytes, ProviderError> {
@@ -117,7 +180,11 @@ impl StateStore {
     /// [`ProviderError::Duplicate`] when a live entry with this id exists.
     pub(crate) async fn create(&self, event: &Event) -> Result<u64, ProviderError> {
         let key = encode_name(&event.id);
-        match self.kv.create(&key, encode(event)?).await {
+        match self
+            .kv
+            .create(&key, encode_record(&Record::new(event.clone()))?)
+            .await
+        {
             Ok(revision) => Ok(revision),
             Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
                 Err(ProviderError::Duplicate(event.id.clone()))
@@ -135,7 +202,7 @@ impl StateStore {
             .map_err(|e| backend(format!("cannot read event {id}: {e}")))?;
         match entry {
             Some(entry) if entry.operation == Operation::Put => Ok(Some(Versioned {
-                event: decode(&entry.value)?,
+                record: decode_record(&entry.value)?,
                 revision: entry.revision,
             })),
             _ => Ok(None),
@@ -153,7 +220,7 @@ impl StateStore {
             .map_err(|e| backend(format!("cannot read event {id}: {e}")))?;
         Ok(match entry {
             Some(entry) if entry.operation == Operation::Put => Lookup::Live(Box::new(Versioned {
-                event: decode(&entry.value)?,
+                record: decode_record(&entry.value)?,
                 revision: entry.revision,
             })),
             Some(entry) if entry.operation == Operation::Delete => Lookup::TakenBack {
@@ -163,7 +230,7 @@ impl StateStore {
         })
     }
 
-    /// Reads the event, lets `change` edit it and writes it back if the revision is still the
+    /// Reads the record, lets `change` edit it and writes it back if the revision is still the
     /// one read; repeats on conflict. `change` may refuse with an error, which is returned.
     ///
     /// # Errors
@@ -175,20 +242,24 @@ impl StateStore {
         mut change: F,
     ) -> Result<Versioned, ProviderError>
     where
-        F: FnMut(&mut Event) -> Result<(), ProviderError>,
+        F: FnMut(&mut Record) -> Result<(), ProviderError>,
     {
         let key = encode_name(id);
         for _ in 0..MAX_CAS_ATTEMPTS {
             let Some(Versioned {
-                mut event,
+                mut record,
                 revision,
             }) = self.get(id).await?
             else {
                 return Err(ProviderError::NotFound(id.to_owned()));
             };
-            change(&mut event)?;
-            match self.kv.update(&key, encode(&event)?, revision).await {
-                Ok(revision) => return Ok(Versioned { event, revision }),
+            change(&mut record)?;
+            match self
+                .kv
+                .update(&key, encode_record(&record)?, revision)
+                .await
+            {
+                Ok(revision) => return Ok(Versioned { record, revision }),
                 Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
                 Err(e) => return Err(backend(format!("cannot update event {id}: {e}"))),
             }
@@ -198,12 +269,17 @@ impl StateStore {
         )))
     }
 
-    /// Writes `event` if the entry is still at `revision`; returns the new revision.
-    pub(crate) async fn restore(&self, event: &Event, revision: u64) -> Result<u64, ProviderError> {
+    /// Writes `record` if the entry is still at `revision`; returns the new revision.
+    pub(crate) async fn restore(
+        &self,
+        record: &Record,
+        revision: u64,
+    ) -> Result<u64, ProviderError> {
+        let id = &record.event.id;
         self.kv
-            .update(encode_name(&event.id), encode(event)?, revision)
+            .update(encode_name(id), encode_record(record)?, revision)
             .await
-            .map_err(|e| backend(format!("cannot restore event {}: {e}", event.id)))
+            .map_err(|e| backend(format!("cannot restore event {id}: {e}")))
     }
 
     /// Removes the state a failed publish created, if it is still at `revision`. When the
@@ -268,8 +344,8 @@ impl StateStore {
             .map_err(|e| backend(format!("cannot delete event {id}: {e}")))
     }
 
-    /// Every stored event (latest state), in the order of their last change.
-    pub(crate) async fn scan(&self) -> Result<Vec<Event>, ProviderError> {
+    /// Every stored record (latest value), in the order of their last change.
+    pub(crate) async fn scan(&self) -> Result<Vec<Record>, ProviderError> {
         let stream = &self.kv.stream;
         let consumer: consumer::PullConsumer = stream
             .create_consumer(consumer::pull::Config {
@@ -291,7 +367,7 @@ impl StateStore {
         result
     }
 
-    async fn drain(&self, consumer: &consumer::PullConsumer) -> Result<Vec<Event>, ProviderError> {
+    async fn drain(&self, consumer: &consumer::PullConsumer) -> Result<Vec<Record>, ProviderError> {
         let mut events = Vec::new();
         loop {
             let mut batch = consumer
@@ -313,8 +389,8 @@ impl StateStore {
                 if deleted || message.payload.is_empty() {
                     continue;
                 }
-                match decode(&message.payload) {
-                    Ok(event) => events.push(event),
+                match decode_record(&message.payload) {
+                    Ok(record) => events.push(record),
                     Err(error) => {
                         tracing::warn!(subject = %message.subject, %error, "skipping an unreadable event state")
                     }

@@ -116,6 +116,16 @@ pub(crate) fn encode_name(name: &str) -> String {
     }
 }
 
+/// The name [`encode_name`] encoded (a consumer name back to its group), or the text as it is
+/// when it is not a valid encoding.
+pub(crate) fn decode_name(encoded: &str) -> String {
+    encoded
+        .strip_prefix('=')
+        .and_then(|hex_text| hex::decode(hex_text).ok())
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .unwrap_or_else(|| encoded.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +174,8 @@ mod tests {
         assert_eq!(encode_name("a:b"), "=613a62");
         assert_eq!(encode_name(""), "=");
         assert_ne!(encode_name("x y"), encode_name("x_y"));
+        for name in ["abc-DEF_123", "a.b", "a:b", "", "grüppe 1"] {
+            assert_eq!(decode_name(&encode_name(name)), name);
+        }
     }
 }
