@@ -27,6 +27,8 @@ fn config(url: &str) -> BrokerConfig {
     let mut config = BrokerConfig {
         provider: ProviderKind::Nats,
         instance_id: "nats-test".into(),
+        // The group the tests consume in: `get`, `list` and stats show its state.
+        consumer_group: "workers".into(),
         ..BrokerConfig::default()
     };
     config.nats.url = url.into();
