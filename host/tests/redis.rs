@@ -218,7 +218,11 @@ async fn failed_events_become_dead_letters_and_requeue_moves_them_back() {
     // Pending and not handed out yet: a second re-run is accepted and adds no second entry.
     provider.requeue(&e.id, &pending).await.unwrap();
     let stream = config.redis.stream_name.as_str();
-    assert_eq!(redis_int(&["XLEN", stream]).await, 2, "publish and one re-run");
+    assert_eq!(
+        redis_int(&["XLEN", stream]).await,
+        2,
+        "publish and one re-run"
+    );
     let delivery = fetch_n(consumer.as_ref(), 1).await.remove(0);
     assert_eq!(delivery.event.id, e.id);
     // Held by a live consumer: refused.

@@ -422,3 +422,27 @@ impl StateStore {
             .map_err(|e| backend(format!("cannot delete key-value bucket {bucket:?}: {e}")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventSource, EventStatus};
+
+    #[test]
+    fn records_round_trip_and_a_bare_event_of_an_earlier_version_reads_as_one() {
+        let mut event = Event::new(EventSource::System, "a.b", "h");
+        let mut record = Record::new(event.clone());
+        record.change("g", |state| state.status = EventStatus::Failed);
+        let stored = encode_record(&record).expect("encode");
+        assert_eq!(decode_record(&stored).expect("decode"), record);
+        assert_eq!(record.view("g").status, EventStatus::Failed);
+        assert_eq!(record.view("other").status, EventStatus::Pending);
+        assert_eq!(record.changed.as_deref(), Some("g"));
+
+        event.status = EventStatus::Completed;
+        let legacy = encode(&event).expect("encode");
+        let read = decode_record(&legacy).expect("a bare event");
+        assert_eq!(read, Record::new(event));
+        assert_eq!(read.state("any").status, EventStatus::Completed);
+    }
+}

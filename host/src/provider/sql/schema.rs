@@ -655,3 +655,93 @@ pub fn insert_error(error: sqlx::Error, id: &str) -> ProviderError {
         _ => db_error(error),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use sqlx::any::AnyPoolOptions;
+    use sqlx::{AssertSqlSafe, Row};
+
+    use super::*;
+
+    /// A database at schema version 1 (one state per event, shared by the groups) upgrades to
+    /// per-group states: each group that existed keeps the shared state as its own, and the
+    /// published event starts afresh for groups created later.
+    #[tokio::test]
+    async fn version_1_data_keeps_its_state_for_existing_groups_only() {
+        sqlx::any::install_default_drivers();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("v1.db").display());
+        let pool = AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .expect("connect");
+        let table = "events";
+        let v1: Vec<Migration> = migrations(Dialect::Sqlite, table)
+            .into_iter()
+            .filter(|(version, ..)| *version == 1)
+            .map(|(version, description, sql)| {
+                Migration::new(
+                    version,
+                    description.into(),
+                    MigrationType::Simple,
+                    AssertSqlSafe(sql).into_sql_str(),
+                    false,
+                )
+            })
+            .collect();
+        let mut migrator = Migrator::with_migrations(v1);
+        migrator.dangerous_set_table_name(format!("{table}_migrations"));
+        migrator.run(&pool).await.expect("version 1");
+        for sql in [
+            "INSERT INTO events_groups (name, created_at) VALUES ('old', 0)",
+            "INSERT INTO events (id, source, type, status, payload, created_at, error, \
+             retry_count, handlers, completed_at, published) VALUES ('e1', 'system', 'a.b', \
+             'failed', '{}', 1, 'boom', 2, '[]', 5, 1)",
+            "INSERT INTO events (id, source, type, status, payload, created_at, published) \
+             VALUES ('s1', 'system', 'a.b', 'completed', '{}', 1, 0)",
+        ] {
+            sqlx::query(sql).execute(&pool).await.expect("legacy row");
+        }
+        migrate(&pool, Dialect::Sqlite, table)
+            .await
+            .expect("version 2");
+        let state = |group: &'static str, id: &'static str| {
+            let pool = pool.clone();
+            async move {
+                let row = sqlx::query(AssertSqlSafe(format!(
+                    "SELECT status, error, retry_count FROM ({}) v WHERE id = $1",
+                    format!(
+                        "SELECT {} FROM {}",
+                        view_columns(),
+                        view_from(table, &format!("'{group}'"))
+                    )
+                )))
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .expect("view");
+                let status: String = row.try_get(0).expect("status");
+                let error: Option<String> = row.try_get(1).expect("error");
+                let retries: i64 = row.try_get(2).expect("retry_count");
+                (status, error, retries)
+            }
+        };
+        assert_eq!(
+            state("old", "e1").await,
+            ("failed".into(), Some("boom".into()), 2),
+            "an existing group keeps the shared state"
+        );
+        assert_eq!(
+            state("new", "e1").await,
+            ("pending".into(), None, 0),
+            "a later group starts afresh"
+        );
+        assert_eq!(
+            state("new", "s1").await.0,
+            "completed",
+            "a stored (sync) event keeps its state"
+        );
+        pool.close().await;
+    }
+}
