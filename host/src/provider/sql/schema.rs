@@ -709,13 +709,13 @@ mod tests {
         let state = |group: &'static str, id: &'static str| {
             let pool = pool.clone();
             async move {
+                let view = format!(
+                    "SELECT {} FROM {}",
+                    view_columns(),
+                    view_from(table, &format!("'{group}'"))
+                );
                 let row = sqlx::query(AssertSqlSafe(format!(
-                    "SELECT status, error, retry_count FROM ({}) v WHERE id = $1",
-                    format!(
-                        "SELECT {} FROM {}",
-                        view_columns(),
-                        view_from(table, &format!("'{group}'"))
-                    )
+                    "SELECT status, error, retry_count FROM ({view}) v WHERE id = $1"
                 )))
                 .bind(id)
                 .fetch_one(&pool)
