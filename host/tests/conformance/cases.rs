@@ -1540,10 +1540,6 @@ pub async fn a_retry_or_failure_in_one_group_leaves_the_other_completed(backend:
 /// It is refused while a lease is live, the abandoned lease is revoked (its holder can no
 /// longer acknowledge), and the event is delivered once, at once.
 pub async fn requeue_accepts_an_event_whose_processing_was_abandoned(backend: &Backend) {
-    if backend.name == "nats" {
-        eprintln!("nats: requeue of abandoned events is not claimed yet; skipped");
-        return;
-    }
     let provider = backend.connect().await;
     let rerun = StatusUpdate {
         status: EventStatus::Pending,
