@@ -37,6 +37,9 @@ macro_rules! conformance {
                 a_new_provider_instance_sees_everything_of_a_closed_one,
                 hosts_sharing_the_backend_share_work_and_watch_each_other,
                 ping_answers_until_closed,
+                a_group_created_later_receives_every_event_with_its_own_state,
+                a_retry_or_failure_in_one_group_leaves_the_other_completed,
+                requeue_accepts_an_event_whose_processing_was_abandoned,
             );
         }
     };

@@ -28,6 +28,8 @@ fn config(url: &str) -> BrokerConfig {
     let mut config = BrokerConfig {
         provider: ProviderKind::Nats,
         instance_id: "nats-test".into(),
+        // The group the tests consume in: `get`, `list` and stats show its state.
+        consumer_group: "workers".into(),
         ..BrokerConfig::default()
     };
     config.nats.url = url.into();
@@ -174,31 +176,39 @@ async fn deliveries_carry_the_current_state_and_outcomes_are_recorded() {
     assert_eq!(completed.len(), 19);
 
     // Re-run of the dead letter: delivered again although its first message was terminated.
+    // A second re-run before the first was delivered (nothing holds the event) replaces it:
+    // the event runs once, the first re-run's message is skipped.
     let mut rerun = finished(EventStatus::Pending);
     rerun.completed_at = None;
     rerun.error = None;
     provider.requeue(&retried.event.id, &rerun).await.unwrap();
-    let second_rerun = provider
-        .requeue(&retried.event.id, &rerun)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(second_rerun, ProviderError::InvalidState { .. }),
-        "{second_rerun}"
-    );
-    let rerun_delivery = tokio::time::timeout(PATIENCE, consumer.fetch(8))
-        .await
-        .expect("the re-run arrives")
-        .unwrap();
-    assert_eq!(rerun_delivery.len(), 1);
-    assert_eq!(rerun_delivery[0].event.id, retried.event.id);
-    assert_eq!(rerun_delivery[0].event.status, EventStatus::Pending);
-    consumer
-        .complete(&rerun_delivery[0], &finished(EventStatus::Completed))
-        .await
-        .unwrap();
+    provider.requeue(&retried.event.id, &rerun).await.unwrap();
+    let marker = event("public.orders.create");
+    provider.publish(&marker).await.unwrap();
+    let mut reruns = Vec::new();
+    let mut marker_seen = false;
+    while !marker_seen {
+        let batch = tokio::time::timeout(PATIENCE, consumer.fetch(8))
+            .await
+            .expect("the re-run and the marker arrive")
+            .unwrap();
+        for delivery in batch {
+            if delivery.event.id == marker.id {
+                marker_seen = true;
+            } else {
+                reruns.push(delivery.clone());
+            }
+            consumer
+                .complete(&delivery, &finished(EventStatus::Completed))
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(reruns.len(), 1, "{reruns:?}");
+    assert_eq!(reruns[0].event.id, retried.event.id);
+    assert_eq!(reruns[0].event.status, EventStatus::Pending);
     let stats = provider.stats().await.unwrap();
-    assert_eq!(stats.by_status["completed"], 20);
+    assert_eq!(stats.by_status["completed"], 21);
     consumer.close().await;
     provider.destroy().await.unwrap();
 }
@@ -1090,6 +1100,173 @@ async fn a_rerun_cut_short_still_runs() {
         .unwrap();
     wait_for_status(&provider, &e.id, EventStatus::Completed).await;
     consumer.close().await;
+    provider.destroy().await.unwrap();
+}
+
+/// A re-run in one group cut short between its two writes is switched over by that group's
+/// consumer only: the other group skips the re-run's message, and its state (completed) and its
+/// run stay as they were.
+#[tokio::test]
+async fn a_rerun_cut_short_in_one_group_leaves_the_other_alone() {
+    if !services::available("NATS", NATS) {
+        return;
+    }
+    let config = config("nats://127.0.0.1:4222");
+    let provider = provider(&config).await;
+    let mut other_config = config.clone();
+    other_config.consumer_group = "others".into();
+    let other_host = self::provider(&other_config).await;
+    let lease = Duration::from_secs(30);
+    let workers = provider.consume(options("workers", lease)).await.unwrap();
+    let others = other_host.consume(options("others", lease)).await.unwrap();
+    let e = event("public.users.create");
+    provider.publish(&e).await.unwrap();
+    let in_workers = fetch_one(&workers).await;
+    workers
+        .complete(&in_workers, &finished(EventStatus::Failed))
+        .await
+        .unwrap();
+    let in_others = fetch_one(&others).await;
+    others
+        .complete(&in_others, &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+
+    let others_before = other_host.get(&e.id).await.unwrap().unwrap();
+    let js = jetstream().await;
+    let before = stream_messages(&js, &config).await;
+    let finished_first = cut_short(provider.requeue(&e.id, &rerun()), async || {
+        let status = provider.get(&e.id).await.unwrap().map(|e| e.status);
+        status != Some(EventStatus::Failed) || stream_messages(&js, &config).await > before
+    })
+    .await;
+    assert!(
+        !finished_first,
+        "the re-run was cut short after its first write"
+    );
+    // A marker published after the re-run: the other group reaches it without a copy of the
+    // event.
+    let marker = event("public.users.create");
+    provider.publish(&marker).await.unwrap();
+    let next_in_others = fetch_one(&others).await;
+    assert_eq!(next_in_others.event.id, marker.id, "{next_in_others:?}");
+    others
+        .complete(&next_in_others, &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+    let again = fetch_one(&workers).await;
+    assert_eq!(again.event.id, e.id);
+    assert_eq!(again.event.status, EventStatus::Pending);
+    assert_eq!(again.event.error, None, "the workers' re-run state");
+    workers
+        .complete(&again, &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+    wait_for_status(&provider, &e.id, EventStatus::Completed).await;
+    assert_eq!(
+        other_host.get(&e.id).await.unwrap().unwrap(),
+        others_before,
+        "the other group's state is left alone"
+    );
+    // The other group's run is still the publish: requeueing there re-runs it there only.
+    other_host.requeue(&e.id, &rerun()).await.unwrap();
+    let rerun_in_others = fetch_one(&others).await;
+    assert_eq!(rerun_in_others.event.id, e.id);
+    assert_eq!(
+        provider.get(&e.id).await.unwrap().unwrap().status,
+        EventStatus::Completed,
+        "the workers' state is left alone"
+    );
+    others
+        .complete(&rerun_in_others, &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+    workers.close().await;
+    others.close().await;
+    other_host.close().await;
+    provider.destroy().await.unwrap();
+}
+
+/// A delivery whose holder keeps renewing it (`keep_alive`, as a running worker does) is not
+/// taken by `requeue`, however long it runs; once the renewals stop for a whole lease, the
+/// re-run is accepted, the old holder can no longer renew or record an outcome, and the event
+/// is delivered once more.
+#[tokio::test]
+async fn a_delivery_kept_alive_is_not_taken_by_requeue() {
+    if !services::available("NATS", NATS) {
+        return;
+    }
+    let config = config("nats://127.0.0.1:4222");
+    let provider = provider(&config).await;
+    let lease = Duration::from_secs(3);
+    let holder = provider.consume(options("workers", lease)).await.unwrap();
+    let e = event("public.users.create");
+    provider.publish(&e).await.unwrap();
+    let held = fetch_one(&holder).await;
+    provider
+        .update_status(&e.id, &StatusUpdate::processing(&held.event))
+        .await
+        .unwrap();
+    // Renew for more than two leases, the way a worker renews (every lease/3 and more often).
+    let until = tokio::time::Instant::now() + lease * 2 + Duration::from_secs(1);
+    while tokio::time::Instant::now() < until {
+        holder.keep_alive(&held).await.unwrap();
+        let refused = provider.requeue(&e.id, &rerun()).await.unwrap_err();
+        assert!(
+            matches!(refused, ProviderError::InvalidState { .. }),
+            "{refused}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The holder goes silent: once its claim expires, the re-run is accepted.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while let Err(error) = provider.requeue(&e.id, &rerun()).await {
+        assert!(
+            matches!(error, ProviderError::InvalidState { .. }),
+            "{error}"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never re-runnable: {error}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for refused in [
+        holder.keep_alive(&held).await,
+        holder.complete(&held, &finished(EventStatus::Failed)).await,
+    ] {
+        let error = refused.expect_err("the old holder lost the event");
+        assert!(error.to_string().contains("no longer leased"), "{error}");
+    }
+    let survivor = provider
+        .consume(options("workers", Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let marker = event("public.users.create");
+    provider.publish(&marker).await.unwrap();
+    let mut copies = 0;
+    loop {
+        let delivery = fetch_one(&survivor).await;
+        survivor
+            .complete(&delivery, &finished(EventStatus::Completed))
+            .await
+            .unwrap();
+        if delivery.event.id == marker.id {
+            break;
+        }
+        assert_eq!(delivery.event.id, e.id);
+        copies += 1;
+    }
+    assert_eq!(
+        copies, 1,
+        "the re-run runs once; the old message is skipped"
+    );
+    assert_eq!(
+        provider.get(&e.id).await.unwrap().unwrap().status,
+        EventStatus::Completed
+    );
+    drop(holder);
+    survivor.close().await;
     provider.destroy().await.unwrap();
 }
 

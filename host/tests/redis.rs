@@ -182,7 +182,9 @@ async fn trimming_never_drops_unfinished_entries() {
 
 #[tokio::test]
 async fn failed_events_become_dead_letters_and_requeue_moves_them_back() {
-    let Some(config) = config() else { return };
+    let Some(mut config) = config() else { return };
+    // The provider's own group (whose state `get` and `requeue` concern) is the one consumed.
+    config.redis.consumer_group = "dlq".into();
     let provider = connect(&config).await;
     let consumer = provider
         .consume(options("dlq", Duration::from_secs(60)))
@@ -213,6 +215,17 @@ async fn failed_events_become_dead_letters_and_requeue_moves_them_back() {
     };
     provider.requeue(&e.id, &pending).await.unwrap();
     assert_eq!(redis_int(&["XLEN", &dead]).await, 0, "dead letter removed");
+    // Pending and not handed out yet: a second re-run is accepted and adds no second entry.
+    provider.requeue(&e.id, &pending).await.unwrap();
+    let stream = config.redis.stream_name.as_str();
+    assert_eq!(
+        redis_int(&["XLEN", stream]).await,
+        2,
+        "publish and one re-run"
+    );
+    let delivery = fetch_n(consumer.as_ref(), 1).await.remove(0);
+    assert_eq!(delivery.event.id, e.id);
+    // Held by a live consumer: refused.
     let again = provider.requeue(&e.id, &pending).await.unwrap_err();
     assert!(
         matches!(
@@ -224,8 +237,6 @@ async fn failed_events_become_dead_letters_and_requeue_moves_them_back() {
         ),
         "{again:?}"
     );
-    let delivery = fetch_n(consumer.as_ref(), 1).await.remove(0);
-    assert_eq!(delivery.event.id, e.id);
     consumer
         .complete(&delivery, &finished(EventStatus::Completed, None))
         .await

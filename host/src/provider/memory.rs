@@ -1,13 +1,16 @@
 //! The embedded in-memory provider: the default, for a single host.
 //!
-//! - Bounded: at most `max_events` stored. When full, the least recently used *finished*
-//!   (completed or failed) event is evicted; pending and processing events are never evicted:
-//!   a publish that would need to evict one waits up to `publish_timeout` for room and then
-//!   fails with [`ProviderError::Full`]. At most `max_pending` events may be unfinished at once
-//!   (the broker's `buffer_size`), with the same wait-then-fail rule.
-//! - A cleanup task removes finished events older than `max_age`.
+//! - Bounded: at most `max_events` stored. When full, the least recently used *settled* event
+//!   (finished by every consumer group that exists) is evicted; other events are never
+//!   evicted: a publish that would need to evict one waits up to `publish_timeout` for room and
+//!   then fails with [`ProviderError::Full`]. At most `max_pending` events may be unsettled at
+//!   once (the broker's `buffer_size`), with the same wait-then-fail rule.
+//! - A cleanup task removes settled events older than `max_age`.
 //! - Consumer groups share work with leases: a delivery not acknowledged within its lease is
-//!   redelivered, and a dropped or closed consumer's deliveries are redelivered at once.
+//!   redelivered, and a dropped or closed consumer's deliveries are redelivered at once. Each
+//!   group keeps its own processing state of each event; the provider's own group (from
+//!   `event_broker.consumer_group`) exists from the start, and a group created later starts at
+//!   the oldest event still stored, so it receives every retained event.
 //! - Watchers get a bounded buffer; one that falls behind gets [`ProviderError::Lagged`].
 //!
 //! Nothing survives the process: the provider is not durable.
@@ -19,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use lru::LruCache;
 use tokio::sync::{Notify, broadcast};
@@ -29,11 +32,11 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Consumer, ConsumerOptions, Delivery, EventFilter, EventStream, Provider, ProviderError,
-    ProviderFeatures, ProviderStats, StatusUpdate,
+    Consumer, ConsumerOptions, Delivery, EventFilter, EventStream, GroupState, Provider,
+    ProviderError, ProviderFeatures, ProviderStats, StatusUpdate,
 };
 use crate::config::BrokerConfig;
-use crate::event::{Event, EventStatus};
+use crate::event::Event;
 use crate::pattern::Pattern;
 
 const NAME: &str = "memory";
@@ -41,18 +44,20 @@ const NAME: &str = "memory";
 /// Settings of the memory provider.
 #[derive(Debug, Clone)]
 pub struct MemoryOptions {
-    /// Most events stored at once (finished ones are evicted to make room).
+    /// Most events stored at once (settled ones are evicted to make room).
     pub max_events: usize,
-    /// Most unfinished (pending or processing) events at once.
+    /// Most unsettled events (not yet finished by every consumer group) at once.
     pub max_pending: usize,
     /// How long a publish waits for room before failing with [`ProviderError::Full`].
     pub publish_timeout: Duration,
-    /// Finished events older than this are removed by the cleanup task.
+    /// Settled events older than this are removed by the cleanup task.
     pub max_age: Duration,
     /// How often the cleanup task runs.
     pub cleanup_interval: Duration,
     /// Events buffered per watcher before it is cut off as lagging.
     pub watcher_buffer: usize,
+    /// The provider's own consumer group ([`Provider::group`]); it exists from the start.
+    pub group: String,
 }
 
 impl Default for MemoryOptions {
@@ -64,12 +69,14 @@ impl Default for MemoryOptions {
             max_age: Duration::from_secs(3600),
             cleanup_interval: Duration::from_secs(60),
             watcher_buffer: 1024,
+            group: BrokerConfig::default().consumer_group,
         }
     }
 }
 
 impl MemoryOptions {
-    /// The options a broker config asks for (`memory` section and `buffer_size`).
+    /// The options a broker config asks for (`memory` section, `buffer_size` and
+    /// `consumer_group`).
     pub fn from_config(config: &BrokerConfig) -> Self {
         MemoryOptions {
             max_events: config.memory.max_events.max(1),
@@ -78,6 +85,7 @@ impl MemoryOptions {
             max_age: config.memory.max_age,
             cleanup_interval: config.memory.cleanup_interval,
             watcher_buffer: config.memory.watcher_buffer.max(1),
+            group: config.consumer_group.clone(),
         }
     }
 }
@@ -86,18 +94,28 @@ impl MemoryOptions {
 #[derive(Clone)]
 pub struct MemoryProvider {
     inner: Arc<Inner>,
+    /// The own group of this handle.
+    group: Arc<str>,
 }
 
 struct Inner {
     options: MemoryOptions,
     state: Mutex<State>,
-    /// Signalled whenever room may have appeared (an event finished or was removed).
+    /// Signalled whenever room may have appeared (an event settled or was removed).
     room: Notify,
-    watchers: broadcast::Sender<Event>,
+    watchers: broadcast::Sender<Change>,
     closed: AtomicBool,
     /// Cancelled by `close`: ends watcher streams.
     shutdown: CancellationToken,
     counters: Counters,
+}
+
+/// What watchers receive: an event as stored (`group: None`) or after a change of one
+/// group's state (in that group's state).
+#[derive(Clone)]
+struct Change {
+    group: Option<Arc<str>>,
+    event: Event,
 }
 
 #[derive(Default)]
@@ -110,16 +128,64 @@ struct Counters {
 }
 
 struct Entry {
+    /// The event as stored; its state fields are the state a group starts from.
     event: Event,
     /// Position in the delivery log, for published (not merely stored) events.
     seq: Option<u64>,
+    /// The states of the groups that changed it.
+    states: HashMap<String, GroupState>,
+    /// Every group is done with it (it may be evicted).
+    settled: bool,
+}
+
+impl Entry {
+    fn state(&self, group: &str) -> GroupState {
+        self.states
+            .get(group)
+            .cloned()
+            .unwrap_or_else(|| GroupState::of(&self.event))
+    }
+
+    fn view(&self, group: &str) -> Event {
+        match self.states.get(group) {
+            Some(state) => state.view(&self.event),
+            None => self.event.clone(),
+        }
+    }
+
+    fn finished_in(&self, group: &str) -> bool {
+        self.states
+            .get(group)
+            .map_or(self.event.status.is_finished(), GroupState::is_finished)
+    }
+
+    /// Whether every group is done with it: each state recorded is finished, and each other
+    /// existing group either never receives it (only stored) or starts from a finished state.
+    fn is_settled(&self, groups: &HashMap<String, Group>) -> bool {
+        self.states.values().all(GroupState::is_finished)
+            && groups.keys().all(|group| {
+                self.states.contains_key(group)
+                    || self.seq.is_none()
+                    || self.event.status.is_finished()
+            })
+    }
+
+    /// When the last group finished it (its creation time if none recorded one).
+    fn finished_at(&self) -> DateTime<Utc> {
+        self.states
+            .values()
+            .filter_map(|state| state.completed_at)
+            .chain(self.event.completed_at)
+            .max()
+            .unwrap_or(self.event.created_at)
+    }
 }
 
 struct State {
     events: HashMap<String, Entry>,
-    /// Finished events, least recently used first.
-    finished: LruCache<String, ()>,
-    unfinished: usize,
+    /// Settled events, least recently used first.
+    settled: LruCache<String, ()>,
+    unsettled: usize,
     /// Delivery log: sequence number to event id, in publish order.
     log: BTreeMap<u64, String>,
     next_seq: u64,
@@ -130,14 +196,20 @@ struct State {
 struct Group {
     /// Next log position to hand out.
     cursor: u64,
-    /// Deliveries to repeat, earliest due first: (due, seq, id, deliveries so far).
-    redeliver: BinaryHeap<Reverse<(Instant, u64, String, u32)>>,
+    /// Deliveries to repeat, earliest due first.
+    redeliver: BinaryHeap<Reverse<Redelivery>>,
+    /// The ticket of each event's one valid entry in `redeliver` (older ones are skipped).
+    queued: HashMap<String, u64>,
+    next_ticket: u64,
     /// Deliveries out with consumers, by token.
     leased: HashMap<u64, Lease>,
     /// Delivery counts of events handed out at least once.
     counts: HashMap<String, u32>,
     wake: Arc<Notify>,
 }
+
+/// A queued (re)delivery: (due, seq, id, deliveries so far, ticket).
+type Redelivery = (Instant, u64, String, u32, u64);
 
 struct Lease {
     id: String,
@@ -153,26 +225,47 @@ impl Group {
         Group {
             cursor: start,
             redeliver: BinaryHeap::new(),
+            queued: HashMap::new(),
+            next_ticket: 1,
             leased: HashMap::new(),
             counts: HashMap::new(),
             wake: Arc::new(Notify::new()),
         }
     }
+
+    /// Queues a (re)delivery of `id` due at `due`, replacing any queued before.
+    fn schedule(&mut self, due: Instant, seq: u64, id: String, count: u32) {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.queued.insert(id.clone(), ticket);
+        self.redeliver.push(Reverse((due, seq, id, count, ticket)));
+    }
+
+    /// Whether a consumer holds a lease on `id` that has not expired.
+    fn is_leased(&self, id: &str, now: Instant) -> bool {
+        self.leased
+            .values()
+            .any(|lease| lease.id == id && lease.deadline > now)
+    }
 }
 
 impl MemoryProvider {
-    /// A new, empty provider. Inside a tokio runtime it also starts the cleanup task, which
-    /// stops when the provider is closed or dropped.
+    /// A new, empty provider whose own group (`options.group`) exists from the start. Inside
+    /// a tokio runtime it also starts the cleanup task, which stops when the provider is closed
+    /// or dropped.
     pub fn new(options: MemoryOptions) -> Self {
         let (watchers, _) = broadcast::channel(options.watcher_buffer.max(1));
+        let group: Arc<str> = Arc::from(options.group.as_str());
+        let mut groups = HashMap::new();
+        groups.insert(options.group.clone(), Group::new(1));
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 events: HashMap::new(),
-                finished: LruCache::unbounded(),
-                unfinished: 0,
+                settled: LruCache::unbounded(),
+                unsettled: 0,
                 log: BTreeMap::new(),
                 next_seq: 1,
-                groups: HashMap::new(),
+                groups,
                 next_token: 1,
             }),
             room: Notify::new(),
@@ -185,10 +278,20 @@ impl MemoryProvider {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(cleanup_loop(Arc::downgrade(&inner)));
         }
-        MemoryProvider { inner }
+        MemoryProvider { inner, group }
     }
 
-    /// Removes finished events older than `max_age`; returns how many were removed.
+    /// A handle on the same storage whose own group is `group`: what a host configured with
+    /// that group sees (`get`, `list`, `stats`, `requeue`, watchers). The group is created
+    /// when one of its consumers joins. Closing any handle closes the storage.
+    pub fn in_group(&self, group: &str) -> MemoryProvider {
+        MemoryProvider {
+            inner: self.inner.clone(),
+            group: Arc::from(group),
+        }
+    }
+
+    /// Removes settled events older than `max_age`; returns how many were removed.
     pub fn cleanup(&self) -> usize {
         self.inner.cleanup()
     }
@@ -212,7 +315,7 @@ async fn cleanup_loop(inner: Weak<Inner>) {
         }
         let removed = inner.cleanup();
         if removed > 0 {
-            tracing::debug!(removed, "memory provider removed expired finished events");
+            tracing::debug!(removed, "memory provider removed expired settled events");
         }
     }
 }
@@ -243,10 +346,7 @@ impl Inner {
         let expired: Vec<String> = state
             .events
             .iter()
-            .filter(|(_, entry)| {
-                entry.event.status.is_finished()
-                    && entry.event.completed_at.unwrap_or(entry.event.created_at) < cutoff
-            })
+            .filter(|(_, entry)| entry.settled && entry.finished_at() < cutoff)
             .map(|(id, _)| id.clone())
             .collect();
         for id in &expired {
@@ -260,14 +360,14 @@ impl Inner {
     }
 
     /// Inserts an event, waiting for room up to the publish timeout.
-    async fn insert(&self, event: &Event, deliver: bool) -> Result<(), ProviderError> {
+    async fn insert(&self, event: &Event, deliver: bool, group: &str) -> Result<(), ProviderError> {
         let deadline = Instant::now() + self.options.publish_timeout;
         loop {
             self.check_open()?;
             let notified = self.room.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.try_insert(event, deliver) {
+            match self.try_insert(event, deliver, group) {
                 Ok(()) => return Ok(()),
                 Err(InsertError::Provider(error)) => return Err(error),
                 Err(InsertError::NoRoom(reason)) => {
@@ -282,87 +382,88 @@ impl Inner {
         }
     }
 
-    fn try_insert(&self, event: &Event, deliver: bool) -> Result<(), InsertError> {
+    /// Inserts an event; its own state becomes the state of the inserting handle's `group`.
+    fn try_insert(&self, event: &Event, deliver: bool, group: &str) -> Result<(), InsertError> {
         let mut state = self.lock();
         if state.events.contains_key(&event.id) {
             return Err(InsertError::Provider(ProviderError::Duplicate(
                 event.id.clone(),
             )));
         }
-        let unfinished = !event.status.is_finished();
-        if unfinished && state.unfinished >= self.options.max_pending {
+        let mut entry = Entry {
+            event: event.clone(),
+            seq: deliver.then_some(state.next_seq),
+            states: HashMap::from([(group.to_owned(), GroupState::of(event))]),
+            settled: false,
+        };
+        entry.settled = entry.is_settled(&state.groups);
+        if !entry.settled && state.unsettled >= self.options.max_pending {
             return Err(InsertError::NoRoom(format!(
                 "{} unfinished events, the limit (buffer_size) is {}",
-                state.unfinished, self.options.max_pending
+                state.unsettled, self.options.max_pending
             )));
         }
         while state.events.len() >= self.options.max_events {
-            let Some((oldest, ())) = state.finished.pop_lru() else {
+            let Some((oldest, ())) = state.settled.pop_lru() else {
                 return Err(InsertError::NoRoom(format!(
-                    "{} events stored and none finished to evict (max_events {})",
+                    "{} events stored and none finished by every group to evict (max_events {})",
                     state.events.len(),
                     self.options.max_events
                 )));
             };
             state.remove(&oldest);
         }
-        let seq = deliver.then(|| {
-            let seq = state.next_seq;
+        if let Some(seq) = entry.seq {
             state.next_seq += 1;
             state.log.insert(seq, event.id.clone());
-            seq
-        });
-        if unfinished {
-            state.unfinished += 1;
-        } else {
-            state.finished.put(event.id.clone(), ());
         }
-        state.events.insert(
-            event.id.clone(),
-            Entry {
-                event: event.clone(),
-                seq,
-            },
-        );
+        if entry.settled {
+            state.settled.put(event.id.clone(), ());
+        } else {
+            state.unsettled += 1;
+        }
+        state.events.insert(event.id.clone(), entry);
         if deliver {
             for group in state.groups.values() {
                 group.wake.notify_waiters();
             }
         }
         drop(state);
-        let _ = self.watchers.send(event.clone());
+        let _ = self.watchers.send(Change {
+            group: None,
+            event: event.clone(),
+        });
         Ok(())
     }
 
-    /// Applies a status update to a stored event, keeping the counts and LRU right.
-    /// Returns the updated event for watchers.
-    fn apply(state: &mut State, id: &str, update: &StatusUpdate) -> Result<Event, ProviderError> {
+    /// Applies `change` to the state of `group` of a stored event, keeping the settled count
+    /// and LRU right. Returns the event in the group's new state, and whether it settled.
+    fn change(
+        state: &mut State,
+        id: &str,
+        group: &str,
+        change: impl FnOnce(&mut GroupState),
+    ) -> Result<(Event, bool), ProviderError> {
         let entry = state
             .events
             .get_mut(id)
             .ok_or_else(|| ProviderError::NotFound(id.to_owned()))?;
-        let was_finished = entry.event.status.is_finished();
-        update.apply(&mut entry.event);
-        let event = entry.event.clone();
-        match (was_finished, event.status.is_finished()) {
-            (false, true) => {
-                state.unfinished -= 1;
-                state.finished.put(id.to_owned(), ());
-            }
-            (true, false) => {
-                state.unfinished += 1;
-                state.finished.pop(id);
-            }
-            _ => {}
-        }
-        Ok(event)
+        let mut current = entry.state(group);
+        change(&mut current);
+        entry.states.insert(group.to_owned(), current);
+        let event = entry.view(group);
+        let settled = state.resettle(id);
+        Ok((event, settled))
     }
 
-    fn notify_change(&self, event: Event, finished: bool) {
-        if finished {
+    fn notify_change(&self, group: &str, event: Event, settled: bool) {
+        if settled {
             self.room.notify_waiters();
         }
-        let _ = self.watchers.send(event);
+        let _ = self.watchers.send(Change {
+            group: Some(Arc::from(group)),
+            event,
+        });
     }
 }
 
@@ -374,18 +475,55 @@ enum InsertError {
 impl State {
     fn remove(&mut self, id: &str) -> Option<Event> {
         let entry = self.events.remove(id)?;
-        if entry.event.status.is_finished() {
-            self.finished.pop(id);
+        if entry.settled {
+            self.settled.pop(id);
         } else {
-            self.unfinished -= 1;
+            self.unsettled -= 1;
         }
         if let Some(seq) = entry.seq {
             self.log.remove(&seq);
         }
         for group in self.groups.values_mut() {
             group.counts.remove(id);
+            group.queued.remove(id);
         }
         Some(entry.event)
+    }
+
+    /// Recomputes whether an event is settled; returns whether it is.
+    fn resettle(&mut self, id: &str) -> bool {
+        let Some(entry) = self.events.get_mut(id) else {
+            return false;
+        };
+        let settled = entry.is_settled(&self.groups);
+        if settled != entry.settled {
+            entry.settled = settled;
+            if settled {
+                self.unsettled -= 1;
+                self.settled.put(id.to_owned(), ());
+            } else {
+                self.unsettled += 1;
+                self.settled.pop(id);
+            }
+        }
+        settled
+    }
+
+    /// Creates `group` unless it exists. A new group starts at the oldest event still in the
+    /// log, so it receives every retained event; those are unsettled again until it is done.
+    fn ensure_group(&mut self, group: &str) -> Arc<Notify> {
+        if let Some(existing) = self.groups.get(group) {
+            return existing.wake.clone();
+        }
+        let start = self.log.keys().next().copied().unwrap_or(self.next_seq);
+        let created = Group::new(start);
+        let wake = created.wake.clone();
+        self.groups.insert(group.to_owned(), created);
+        let ids: Vec<String> = self.events.keys().cloned().collect();
+        for id in ids {
+            self.resettle(&id);
+        }
+        wake
     }
 
     /// Moves expired leases of `group` back to the redelivery queue.
@@ -398,9 +536,7 @@ impl State {
             .collect();
         for token in expired {
             if let Some(lease) = group.leased.remove(&token) {
-                group
-                    .redeliver
-                    .push(Reverse((now, lease.seq, lease.id, lease.count)));
+                group.schedule(now, lease.seq, lease.id, lease.count);
             }
         }
     }
@@ -410,6 +546,10 @@ impl State {
 impl Provider for MemoryProvider {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn group(&self) -> &str {
+        &self.group
     }
 
     fn features(&self) -> ProviderFeatures {
@@ -422,7 +562,7 @@ impl Provider for MemoryProvider {
     }
 
     async fn publish(&self, event: &Event) -> Result<(), ProviderError> {
-        self.inner.insert(event, true).await?;
+        self.inner.insert(event, true, &self.group).await?;
         self.inner
             .counters
             .published
@@ -432,11 +572,14 @@ impl Provider for MemoryProvider {
 
     async fn get(&self, id: &str) -> Result<Option<Event>, ProviderError> {
         let mut state = self.inner.lock();
-        let event = state.events.get(id).map(|entry| entry.event.clone());
-        if event.as_ref().is_some_and(|e| e.status.is_finished()) {
-            state.finished.promote(id);
+        let Some(entry) = state.events.get(id) else {
+            return Ok(None);
+        };
+        let event = entry.view(&self.group);
+        if entry.settled {
+            state.settled.promote(id);
         }
-        Ok(event)
+        Ok(Some(event))
     }
 
     async fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
@@ -445,8 +588,8 @@ impl Provider for MemoryProvider {
             state
                 .events
                 .values()
-                .filter(|entry| filter.matches(&entry.event))
-                .map(|entry| entry.event.clone())
+                .map(|entry| entry.view(&self.group))
+                .filter(|event| filter.matches(event))
                 .collect()
         };
         Ok(filter.paginate(matching))
@@ -454,8 +597,9 @@ impl Provider for MemoryProvider {
 
     async fn update_status(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
         self.inner.check_open()?;
-        let event = Inner::apply(&mut self.inner.lock(), id, update)?;
-        self.inner.notify_change(event, update.status.is_finished());
+        let (event, settled) =
+            Inner::change(&mut self.inner.lock(), id, &self.group, |s| s.apply(update))?;
+        self.inner.notify_change(&self.group, event, settled);
         Ok(())
     }
 
@@ -469,37 +613,41 @@ impl Provider for MemoryProvider {
 
     async fn requeue(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
         self.inner.check_open()?;
-        let event = {
+        let now = Instant::now();
+        let group = &*self.group;
+        let (event, settled) = {
             let mut state = self.inner.lock();
+            state.ensure_group(group);
             let entry = state
                 .events
                 .get(id)
                 .ok_or_else(|| ProviderError::NotFound(id.to_owned()))?;
-            if !entry.event.status.is_finished() {
+            let current = entry.state(group);
+            let seq = entry.seq;
+            let Some(queue) = state.groups.get_mut(group) else {
+                return Err(ProviderError::NotFound(id.to_owned()));
+            };
+            if queue.is_leased(id, now) {
                 return Err(ProviderError::InvalidState {
                     id: id.to_owned(),
-                    status: entry.event.status,
-                    reason: "only completed or failed events can be re-run",
+                    status: current.status,
+                    reason: "a consumer of the group holds a live lease on it; retry it once \
+                             it finished or its lease expired",
                 });
             }
-            let old_seq = entry.seq;
-            let event = Inner::apply(&mut state, id, update)?;
-            if let Some(seq) = old_seq {
-                state.log.remove(&seq);
+            // Revoke expired leases: their holders can no longer acknowledge.
+            queue.leased.retain(|_, lease| lease.id != id);
+            queue.counts.remove(id);
+            if seq.is_some_and(|seq| seq >= queue.cursor) {
+                // Not handed out yet: it is deliverable as it is.
+                queue.queued.remove(id);
+            } else {
+                queue.schedule(now, seq.unwrap_or(0), id.to_owned(), 0);
             }
-            let seq = state.next_seq;
-            state.next_seq += 1;
-            state.log.insert(seq, id.to_owned());
-            if let Some(entry) = state.events.get_mut(id) {
-                entry.seq = Some(seq);
-            }
-            for group in state.groups.values_mut() {
-                group.counts.remove(id);
-                group.wake.notify_waiters();
-            }
-            event
+            queue.wake.notify_waiters();
+            Inner::change(&mut state, id, group, |s| s.apply(update))?
         };
-        self.inner.notify_change(event, false);
+        self.inner.notify_change(group, event, settled);
         Ok(())
     }
 
@@ -507,13 +655,7 @@ impl Provider for MemoryProvider {
         self.inner.check_open()?;
         let (id, wake) = {
             let mut state = self.inner.lock();
-            let start = state.log.keys().next().copied().unwrap_or(state.next_seq);
-            let wake = state
-                .groups
-                .entry(options.group.clone())
-                .or_insert_with(|| Group::new(start))
-                .wake
-                .clone();
+            let wake = state.ensure_group(&options.group);
             let id = state.next_token;
             state.next_token += 1;
             (id, wake)
@@ -536,11 +678,17 @@ impl Provider for MemoryProvider {
     async fn stream(&self, pattern: &Pattern) -> Result<EventStream, ProviderError> {
         self.inner.check_open()?;
         let pattern = pattern.clone();
+        let own = self.group.clone();
         let receiver = self.inner.watchers.subscribe();
         let stream = BroadcastStream::new(receiver)
             .filter_map(move |item| {
                 let item = match item {
-                    Ok(event) if pattern.matches(&event.event_type) => Some(Ok(event)),
+                    Ok(Change { group, event })
+                        if pattern.matches(&event.event_type)
+                            && group.as_ref().is_none_or(|group| *group == own) =>
+                    {
+                        Some(Ok(event))
+                    }
                     Ok(_) => None,
                     Err(BroadcastStreamRecvError::Lagged(missed)) => {
                         Some(Err(ProviderError::Lagged(missed)))
@@ -571,7 +719,7 @@ impl Provider for MemoryProvider {
             for entry in state.events.values() {
                 *stats
                     .by_status
-                    .entry(entry.event.status.as_str().into())
+                    .entry(entry.state(&self.group).status.as_str().into())
                     .or_default() += 1;
             }
             stats
@@ -579,9 +727,12 @@ impl Provider for MemoryProvider {
                 .insert("stored".into(), state.events.len().into());
             stats
                 .backend
+                .insert("unsettled".into(), state.unsettled.into());
+            stats
+                .backend
                 .insert("max_events".into(), self.inner.options.max_events.into());
             for (name, group) in &state.groups {
-                let backlog = state.log.range(group.cursor..).count() + group.redeliver.len();
+                let backlog = state.log.range(group.cursor..).count() + group.queued.len();
                 stats
                     .backend
                     .insert(format!("group.{name}.backlog"), backlog.into());
@@ -672,15 +823,20 @@ impl MemoryConsumer {
                 Some(Reverse((due, ..))) if *due <= now => {}
                 _ => break,
             }
-            let Some(Reverse((_, seq, id, count))) = group.redeliver.pop() else {
+            let Some(Reverse((_, seq, id, count, ticket))) = group.redeliver.pop() else {
                 break;
             };
-            // Skip events deleted or requeued (new log position) meanwhile.
-            let Some(entry) = events.get(&id).filter(|e| e.seq == Some(seq)) else {
+            // Skip entries replaced by a later one (a requeue) and deleted events.
+            if group.queued.get(&id) != Some(&ticket) {
+                continue;
+            }
+            group.queued.remove(&id);
+            let Some(entry) = events.get(&id) else {
                 continue;
             };
-            let delivery = lease(group, id, seq, count + 1, &entry.event);
-            group.counts.insert(entry.event.id.clone(), count + 1);
+            let event = entry.view(&self.group);
+            let delivery = lease(group, id, seq, count + 1, &event);
+            group.counts.insert(event.id.clone(), count + 1);
             out.push(delivery);
         }
         while out.len() < max {
@@ -691,12 +847,12 @@ impl MemoryConsumer {
             let Some(entry) = events.get(id) else {
                 continue;
             };
-            if entry.event.status.is_finished() {
+            if entry.finished_in(&self.group) {
                 continue;
             }
             let count = group.counts.get(id).copied().unwrap_or(0) + 1;
             group.counts.insert(id.clone(), count);
-            let delivery = lease(group, id.clone(), seq, count, &entry.event);
+            let delivery = lease(group, id.clone(), seq, count, &entry.view(&self.group));
             out.push(delivery);
         }
         let next_due = group
@@ -727,9 +883,7 @@ impl MemoryConsumer {
                 .collect();
             for token in mine {
                 if let Some(lease) = group.leased.remove(&token) {
-                    group
-                        .redeliver
-                        .push(Reverse((now, lease.seq, lease.id, lease.count)));
+                    group.schedule(now, lease.seq, lease.id, lease.count);
                 }
             }
             group.wake.notify_waiters();
@@ -765,9 +919,7 @@ impl MemoryConsumer {
     fn requeue_lease(&self, lease: Lease, due: Instant) {
         let mut state = self.provider.lock();
         if let Some(group) = state.groups.get_mut(&self.group) {
-            group
-                .redeliver
-                .push(Reverse((due, lease.seq, lease.id, lease.count)));
+            group.schedule(due, lease.seq, lease.id, lease.count);
             group.wake.notify_waiters();
         }
         self.provider
@@ -821,19 +973,18 @@ impl Consumer for MemoryConsumer {
         update: &StatusUpdate,
     ) -> Result<(), ProviderError> {
         let lease = self.take_lease(delivery)?;
-        let event = {
+        let (event, settled) = {
             let mut state = self.provider.lock();
             if let Some(group) = state.groups.get_mut(&self.group) {
                 group.counts.remove(&lease.id);
             }
-            Inner::apply(&mut state, &lease.id, update)?
+            Inner::change(&mut state, &lease.id, &self.group, |s| s.apply(update))?
         };
         self.provider
             .counters
             .acknowledged
             .fetch_add(1, Ordering::Relaxed);
-        self.provider
-            .notify_change(event, update.status.is_finished());
+        self.provider.notify_change(&self.group, event, settled);
         Ok(())
     }
 
@@ -844,9 +995,12 @@ impl Consumer for MemoryConsumer {
         delay: Duration,
     ) -> Result<(), ProviderError> {
         let lease = self.take_lease(delivery)?;
-        let event = Inner::apply(&mut self.provider.lock(), &lease.id, update)?;
+        let (event, settled) =
+            Inner::change(&mut self.provider.lock(), &lease.id, &self.group, |s| {
+                s.apply(update)
+            })?;
         self.requeue_lease(lease, Instant::now() + delay);
-        self.provider.notify_change(event, false);
+        self.provider.notify_change(&self.group, event, settled);
         Ok(())
     }
 
@@ -854,25 +1008,14 @@ impl Consumer for MemoryConsumer {
         let mut lease = self.take_lease(delivery)?;
         // A released delivery was not attempted: do not count it.
         lease.count = lease.count.saturating_sub(1);
-        let event = {
-            let mut state = self.provider.lock();
-            let current = state
-                .events
-                .get(&lease.id)
-                .map(|entry| entry.event.clone())
-                .ok_or_else(|| ProviderError::NotFound(lease.id.clone()))?;
-            let update = StatusUpdate {
-                status: EventStatus::Pending,
-                error: current.error,
-                retry_count: current.retry_count,
-                handlers: current.handlers,
-                processed_at: current.processed_at,
-                completed_at: None,
-            };
-            Inner::apply(&mut state, &lease.id, &update)?
-        };
+        let (event, settled) = Inner::change(
+            &mut self.provider.lock(),
+            &lease.id,
+            &self.group,
+            GroupState::release,
+        )?;
         self.requeue_lease(lease, Instant::now());
-        self.provider.notify_change(event, false);
+        self.provider.notify_change(&self.group, event, settled);
         Ok(())
     }
 
@@ -899,5 +1042,86 @@ impl Consumer for MemoryConsumer {
 impl Drop for MemoryConsumer {
     fn drop(&mut self) {
         self.hand_back();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventSource, EventStatus};
+
+    fn options(group: &str) -> ConsumerOptions {
+        ConsumerOptions {
+            group: group.into(),
+            name: format!("{group}-consumer"),
+            lease: Duration::from_secs(60),
+        }
+    }
+
+    fn done() -> StatusUpdate {
+        StatusUpdate {
+            status: EventStatus::Completed,
+            error: None,
+            retry_count: 0,
+            handlers: Vec::new(),
+            processed_at: Some(Utc::now()),
+            completed_at: Some(Utc::now()),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_event_is_evicted_only_once_every_group_finished_it() {
+        let provider = MemoryProvider::new(MemoryOptions {
+            max_events: 2,
+            publish_timeout: Duration::from_millis(50),
+            group: "a".into(),
+            ..MemoryOptions::default()
+        });
+        let in_b = provider.in_group("b");
+        let consumer_a = provider.consume(options("a")).await.expect("consume");
+        let consumer_b = in_b.consume(options("b")).await.expect("consume");
+        let events: Vec<Event> = (0..3)
+            .map(|_| Event::new(EventSource::System, "evict.test", "h"))
+            .collect();
+        for event in &events[..2] {
+            provider.publish(event).await.expect("publish");
+        }
+        for delivery in consumer_a.fetch(2).await.expect("fetch") {
+            consumer_a
+                .complete(&delivery, &done())
+                .await
+                .expect("complete");
+        }
+        assert!(
+            matches!(
+                provider.publish(&events[2]).await,
+                Err(ProviderError::Full(_))
+            ),
+            "events group b has not finished are not evicted"
+        );
+        let first = consumer_b.fetch(1).await.expect("fetch").remove(0);
+        assert_eq!(first.event.id, events[0].id);
+        assert_eq!(
+            first.event.status,
+            EventStatus::Pending,
+            "group b sees its own state"
+        );
+        consumer_b
+            .complete(&first, &done())
+            .await
+            .expect("complete");
+        provider
+            .publish(&events[2])
+            .await
+            .expect("room after group b finished one");
+        assert!(provider.get(&events[0].id).await.expect("get").is_none());
+        let kept = in_b.get(&events[1].id).await.expect("get").expect("kept");
+        assert_eq!(kept.status, EventStatus::Pending, "group b's view");
+        let kept = provider
+            .get(&events[1].id)
+            .await
+            .expect("get")
+            .expect("kept");
+        assert_eq!(kept.status, EventStatus::Completed, "group a's view");
     }
 }

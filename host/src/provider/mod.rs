@@ -4,12 +4,20 @@
 //! [`Consumer`]s (at least once, acknowledged only after the broker finished with an event) and
 //! to fan-out watchers ([`Provider::stream`]). One module per backend; [`from_config`] is the
 //! one place that maps a configured provider name to a constructor.
+//!
+//! Every consumer group receives every event and keeps its own processing state of it
+//! ([`GroupState`]: status, error, retry count, handler outcomes, times). A consumer reads and
+//! writes its own group's state; the provider's queries (`get`, `list`, `stats`, watchers) and
+//! writes outside a delivery (`update_status`, `requeue`) concern the provider's own group
+//! ([`Provider::group`]: the configured `event_broker.consumer_group`, for Redis
+//! `redis.consumer_group`), the group this host's workers join.
 
 mod filter;
 pub mod memory;
 pub mod nats;
 pub mod redis;
 pub mod sql;
+mod state;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -30,6 +38,7 @@ pub use filter::{EventFilter, SortOrder};
 pub use memory::MemoryProvider;
 pub use nats::NatsProvider;
 pub use sql::{SqlOptions, SqlProvider};
+pub use state::GroupState;
 
 /// What a backend guarantees; the conformance suite tests exactly what is claimed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -38,7 +47,8 @@ pub struct ProviderFeatures {
     pub durable: bool,
     /// Several hosts sharing the backend share work and see each other's events.
     pub shared: bool,
-    /// Several consumer groups each receive every event.
+    /// Several consumer groups each receive every event and keep their own processing state
+    /// of it.
     pub consumer_groups: bool,
     /// A single consumer receives events in publish order (before any redelivery).
     pub ordered: bool,
@@ -125,7 +135,8 @@ impl ProviderStats {
 /// How a consumer joins its group.
 #[derive(Debug, Clone)]
 pub struct ConsumerOptions {
-    /// Consumer group: consumers of one group share the work; each group sees every event.
+    /// Consumer group: consumers of one group share the work; each group receives every event
+    /// and keeps its own processing state of it.
     pub group: String,
     /// This consumer's name, unique within the group (host instance id plus a suffix).
     pub name: String,
@@ -137,7 +148,8 @@ pub struct ConsumerOptions {
 /// One event handed to one consumer, to be acknowledged exactly once.
 #[derive(Debug, Clone)]
 pub struct Delivery {
-    /// The event, with the per-handler outcomes of earlier attempts.
+    /// The event in its group's state, with the per-handler outcomes of the group's earlier
+    /// attempts.
     pub event: Event,
     /// Backend-specific handle for acknowledgement.
     pub token: String,
@@ -156,8 +168,8 @@ pub trait Consumer: Send + Sync {
     /// A backend failure; the caller may call `fetch` again after a pause.
     async fn fetch(&self, max: usize) -> Result<Vec<Delivery>, ProviderError>;
 
-    /// Records the final state (`completed` or `failed`) and acknowledges the delivery,
-    /// atomically where the backend allows.
+    /// Records the final state (`completed` or `failed`) of the consumer's group and
+    /// acknowledges the delivery, atomically where the backend allows.
     ///
     /// # Errors
     /// A backend failure; the delivery will then be redelivered after its lease.
@@ -167,8 +179,8 @@ pub trait Consumer: Send + Sync {
         update: &StatusUpdate,
     ) -> Result<(), ProviderError>;
 
-    /// Records the update (normally `pending` with the retry count and outcomes) and makes
-    /// the event deliverable again after `delay`.
+    /// Records the update of the consumer's group (normally `pending` with the retry count and
+    /// outcomes) and makes the event deliverable to the group again after `delay`.
     ///
     /// # Errors
     /// A backend failure; the delivery will then be redelivered after its lease.
@@ -180,7 +192,7 @@ pub trait Consumer: Send + Sync {
     ) -> Result<(), ProviderError>;
 
     /// Gives the delivery back unprocessed (shutdown): it is redelivered as soon as possible
-    /// and its status returns to `pending`.
+    /// and its status in the consumer's group returns to `pending`.
     ///
     /// # Errors
     /// A backend failure; the delivery will then be redelivered after its lease.
@@ -208,6 +220,11 @@ pub trait Provider: Send + Sync + 'static {
     /// Backend name as used in config.
     fn name(&self) -> &'static str;
 
+    /// The provider's own consumer group: the group whose processing state `get`, `list`,
+    /// `stats`, `update_status`, `requeue` and watchers show or change (the configured
+    /// `event_broker.consumer_group`; Redis: `redis.consumer_group`).
+    fn group(&self) -> &str;
+
     /// What the backend guarantees.
     fn features(&self) -> ProviderFeatures;
 
@@ -218,19 +235,21 @@ pub trait Provider: Send + Sync + 'static {
     /// cannot take more work; backend failures.
     async fn publish(&self, event: &Event) -> Result<(), ProviderError>;
 
-    /// One event by id.
+    /// One event by id, in the state of the provider's own group ([`Provider::group`]).
     ///
     /// # Errors
     /// Backend failures; a missing event is `Ok(None)`.
     async fn get(&self, id: &str) -> Result<Option<Event>, ProviderError>;
 
-    /// Events matching the filter, ordered and paginated as it says.
+    /// Events matching the filter (its `status` is the own group's status), in the own group's
+    /// state, ordered and paginated as the filter says.
     ///
     /// # Errors
     /// Backend failures.
     async fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError>;
 
-    /// Writes a status change (outside of a delivery, e.g. sync mode).
+    /// Writes a status change of the own group (outside of a delivery, e.g. sync mode). Other
+    /// groups' states are left alone.
     ///
     /// # Errors
     /// [`ProviderError::NotFound`] if no such event; backend failures.
@@ -242,13 +261,21 @@ pub trait Provider: Send + Sync + 'static {
     /// Backend failures.
     async fn delete(&self, id: &str) -> Result<bool, ProviderError>;
 
-    /// Makes a finished (normally failed) event deliverable again, as if newly published,
-    /// after applying `update` (status `pending`, per-handler outcomes prepared by the broker
-    /// so that handlers that succeeded are not re-run). Checking that the event is finished
-    /// and requeueing it happen atomically.
+    /// Makes an event deliverable again to the own group at once, after applying `update` to
+    /// that group's state (status `pending`, per-handler outcomes prepared by the broker so
+    /// that handlers that succeeded are not re-run). Other groups are not affected.
+    ///
+    /// Accepted when the own group finished the event, and also when its processing is provably
+    /// abandoned: `pending` or `processing` with no live lease (the lease expired and the
+    /// delivery was not taken again, or there is no delivery at all). The check and the requeue
+    /// are atomic, and an expired lease is revoked, so a requeue never makes a second delivery
+    /// run next to a live one. (NATS: a delivery's lease is its claim, renewed by
+    /// `keep_alive`; events stored without a message, in sync mode, are accepted once
+    /// finished only.)
     ///
     /// # Errors
-    /// [`ProviderError::NotFound`]; [`ProviderError::InvalidState`] if it is not finished.
+    /// [`ProviderError::NotFound`]; [`ProviderError::InvalidState`] if a consumer of the own
+    /// group holds a live lease on it.
     async fn requeue(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError>;
 
     /// Joins a consumer group.
@@ -257,7 +284,8 @@ pub trait Provider: Send + Sync + 'static {
     /// Backend failures, or [`ProviderError::Closed`].
     async fn consume(&self, options: ConsumerOptions) -> Result<Arc<dyn Consumer>, ProviderError>;
 
-    /// A live fan-out stream of events matching `pattern`. A watcher that falls too far
+    /// A live fan-out stream of events matching `pattern`: each as published and again at each
+    /// change of the own group's state (in that state). A watcher that falls too far
     /// behind receives [`ProviderError::Lagged`] and its stream ends: events are never
     /// dropped silently.
     ///
@@ -265,7 +293,8 @@ pub trait Provider: Send + Sync + 'static {
     /// Backend failures, or [`ProviderError::Closed`].
     async fn stream(&self, pattern: &Pattern) -> Result<EventStream, ProviderError>;
 
-    /// Counters and gauges. May cost a scan of stored events on some backends; use
+    /// Counters and gauges; `by_status` counts the own group's states. May cost a scan of
+    /// stored events on some backends; use
     /// [`Provider::ping`] to check reachability.
     ///
     /// # Errors

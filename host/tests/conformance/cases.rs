@@ -19,7 +19,7 @@ use eventbroker::provider::{
 use futures::StreamExt;
 use serde_json::json;
 
-use super::support::backends::Backend;
+use super::support::backends::{Backend, OWN_GROUP};
 use super::support::{PATIENCE, unique_suffix, wait_for};
 
 /// The lease of consumers whose deliveries are acknowledged promptly.
@@ -158,7 +158,7 @@ pub async fn publish_then_consume_keeps_every_field(backend: &Backend) {
     publish_all(&provider, &events).await;
 
     let consumer = provider
-        .consume(options("g", LONG_LEASE))
+        .consume(options(OWN_GROUP, LONG_LEASE))
         .await
         .expect("consume");
     let deliveries = fetch_n(&consumer, events.len()).await;
@@ -272,7 +272,7 @@ pub async fn negative_acknowledgement_redelivers(backend: &Backend) {
     let event = simple_event("nack.test");
     provider.publish(&event).await.expect("publish");
     let consumer = provider
-        .consume(options("g", LONG_LEASE))
+        .consume(options(OWN_GROUP, LONG_LEASE))
         .await
         .expect("consume");
     let first = fetch_n(&consumer, 1).await.remove(0);
@@ -302,7 +302,7 @@ pub async fn retry_redelivers_after_its_delay_with_the_update(backend: &Backend)
     let event = simple_event("retry.test");
     provider.publish(&event).await.expect("publish");
     let consumer = provider
-        .consume(options("g", LONG_LEASE))
+        .consume(options(OWN_GROUP, LONG_LEASE))
         .await
         .expect("consume");
     let first = fetch_n(&consumer, 1).await.remove(0);
@@ -352,14 +352,14 @@ pub async fn unacknowledged_delivery_is_redelivered_after_its_lease(backend: &Ba
     provider.publish(&event).await.expect("publish");
     // The first consumer takes the event and then "crashes": it never acknowledges it.
     let crashed = provider
-        .consume(options("g", SHORT_LEASE))
+        .consume(options(OWN_GROUP, SHORT_LEASE))
         .await
         .expect("consume");
     let first = fetch_n(&crashed, 1).await.remove(0);
     assert_eq!(first.event.id, event.id);
 
     let survivor = provider
-        .consume(options("g", SHORT_LEASE))
+        .consume(options(OWN_GROUP, SHORT_LEASE))
         .await
         .expect("consume");
     let second = fetch_within(&survivor, PATIENCE)
@@ -391,12 +391,12 @@ pub async fn keep_alive_holds_the_lease(backend: &Backend) {
     provider.publish(&event).await.expect("publish");
     let lease = Duration::from_secs(2);
     let holder = provider
-        .consume(options("g", lease))
+        .consume(options(OWN_GROUP, lease))
         .await
         .expect("consume");
     let held = fetch_n(&holder, 1).await.remove(0);
     let other = provider
-        .consume(options("g", lease))
+        .consume(options(OWN_GROUP, lease))
         .await
         .expect("consume");
 
@@ -442,7 +442,7 @@ pub async fn closing_and_reopening_consumers_loses_nothing(backend: &Backend) {
         );
         // Each round: take a few, finish some, leave the rest unacknowledged, close.
         let consumer = provider
-            .consume(options("g", SHORT_LEASE))
+            .consume(options(OWN_GROUP, SHORT_LEASE))
             .await
             .expect("consume");
         let batch = tokio::time::timeout(Duration::from_secs(5), consumer.fetch(7))
@@ -806,7 +806,7 @@ pub async fn concurrent_publishers_while_consuming_skip_nothing(backend: &Backen
     const PER_PUBLISHER: usize = 50;
     let provider = backend.connect().await;
     let consumer = provider
-        .consume(options("g", LONG_LEASE))
+        .consume(options(OWN_GROUP, LONG_LEASE))
         .await
         .expect("consume");
     let received = Arc::new(std::sync::Mutex::new(BTreeMap::<String, u32>::new()));
@@ -876,7 +876,7 @@ pub async fn requeue_makes_a_finished_event_deliverable_again(backend: &Backend)
     let event = simple_event("requeue.test");
     provider.publish(&event).await.expect("publish");
     let consumer = provider
-        .consume(options("g", LONG_LEASE))
+        .consume(options(OWN_GROUP, LONG_LEASE))
         .await
         .expect("consume");
     let first = fetch_n(&consumer, 1).await.remove(0);
@@ -942,7 +942,7 @@ pub async fn close_is_idempotent_and_ends_streams_and_consumers(backend: &Backen
         .await
         .expect("stream");
     let consumer = provider
-        .consume(options("g", LONG_LEASE))
+        .consume(options(OWN_GROUP, LONG_LEASE))
         .await
         .expect("consume");
     let pending_fetch = {
@@ -1036,7 +1036,7 @@ pub async fn a_new_provider_instance_sees_everything_of_a_closed_one(backend: &B
     let events: Vec<Event> = (0..30).map(|n| full_event("restart.test", n)).collect();
     publish_all(&first, &events).await;
     let consumer = first
-        .consume(options("g", SHORT_LEASE))
+        .consume(options(OWN_GROUP, SHORT_LEASE))
         .await
         .expect("consume");
     // Finish ten, hold five unacknowledged as the host "dies".
@@ -1057,7 +1057,7 @@ pub async fn a_new_provider_instance_sees_everything_of_a_closed_one(backend: &B
         assert_same_event(&stored, event);
     }
     let consumer = second
-        .consume(options("g", SHORT_LEASE))
+        .consume(options(OWN_GROUP, SHORT_LEASE))
         .await
         .expect("consume");
     let rest = fetch_n(&consumer, events.len() - done.len()).await;
@@ -1093,11 +1093,11 @@ pub async fn hosts_sharing_the_backend_share_work_and_watch_each_other(backend: 
         .await
         .expect("stream");
     let consumer_a = host_a
-        .consume(options("g", LONG_LEASE))
+        .consume(options(OWN_GROUP, LONG_LEASE))
         .await
         .expect("consume");
     let consumer_b = host_b
-        .consume(options("g", LONG_LEASE))
+        .consume(options(OWN_GROUP, LONG_LEASE))
         .await
         .expect("consume");
     let events: Vec<Event> = (0..40)
@@ -1168,4 +1168,472 @@ pub async fn ping_answers_until_closed(backend: &Backend) {
         matches!(provider.ping().await, Err(ProviderError::Closed)),
         "a closed provider says so"
     );
+}
+
+/// The update a handler named `handler` produces in a group: `completed` with it succeeded, or
+/// `failed` with its error.
+fn outcome_of(handler: &str, status: EventStatus, error: &str) -> StatusUpdate {
+    let failed = status == EventStatus::Failed;
+    StatusUpdate {
+        status,
+        error: failed.then(|| error.to_owned()),
+        retry_count: 0,
+        handlers: vec![HandlerOutcome {
+            handler: handler.to_owned(),
+            version: None,
+            state: if failed {
+                OutcomeState::Failed
+            } else {
+                OutcomeState::Succeeded
+            },
+            attempts: 1,
+            last_error: failed.then(|| Failure::new(FailureKind::Fail, error)),
+            finished_at: now_micros(),
+        }],
+        processed_at: Some(now_micros()),
+        completed_at: Some(now_micros()),
+    }
+}
+
+/// Asserts `event` is in the state `update` left it in.
+fn assert_state(event: &Event, update: &StatusUpdate, what: &str) {
+    assert_eq!(
+        event.status, update.status,
+        "{what}: status of {}",
+        event.id
+    );
+    assert_eq!(event.error, update.error, "{what}: error of {}", event.id);
+    assert_eq!(event.retry_count, update.retry_count, "{what}: retries");
+    assert_eq!(event.handlers, update.handlers, "{what}: handler outcomes");
+    assert_eq!(
+        event.completed_at, update.completed_at,
+        "{what}: completed_at"
+    );
+}
+
+/// Reads `watcher` until it shows `until` (an event id) in `status`, returning every item
+/// seen before it.
+async fn watch_until(
+    watcher: &mut eventbroker::provider::EventStream,
+    until: &str,
+    status: EventStatus,
+) -> Vec<Event> {
+    let mut seen = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let event = watcher
+                .next()
+                .await
+                .expect("the stream stays open")
+                .expect("no error");
+            if event.id == until && event.status == status {
+                return;
+            }
+            seen.push(event);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {until} to be {status}"));
+    seen
+}
+
+/// A group created after another group finished the events still receives every one of them,
+/// with a state of its own: the same handler name runs again in it, and what either group
+/// records (`get`, `list` by status, `stats`, watchers) never changes the other's view.
+pub async fn a_group_created_later_receives_every_event_with_its_own_state(backend: &Backend) {
+    const N: usize = 6;
+    let host_a = backend.connect_in_group("group-a").await;
+    if !host_a.features().consumer_groups {
+        eprintln!("{}: no consumer groups claimed; skipped", backend.name);
+        host_a.close().await;
+        return;
+    }
+    let consumer_a = host_a
+        .consume(options("group-a", LONG_LEASE))
+        .await
+        .expect("consume");
+    let events: Vec<Event> = (0..N).map(|n| full_event("groups.late", n)).collect();
+    publish_all(&host_a, &events).await;
+    let marker = simple_event("groups.marker");
+    host_a.publish(&marker).await.expect("publish");
+    let mut done_in_a = HashMap::new();
+    for delivery in fetch_n(&consumer_a, N + 1).await {
+        let update = outcome_of("same-handler", EventStatus::Completed, "");
+        consumer_a
+            .complete(&delivery, &update)
+            .await
+            .expect("complete");
+        done_in_a.insert(delivery.event.id.clone(), update);
+    }
+    for event in &events {
+        let seen = host_a.get(&event.id).await.expect("get").expect("stored");
+        assert_state(&seen, &done_in_a[&event.id], "group-a after finishing");
+    }
+
+    // A host of a new group starts afterwards.
+    let host_b = backend.connect_in_group("group-b").await;
+    let mut watch_a = host_a
+        .stream(&Pattern::new("groups.>").expect("pattern"))
+        .await
+        .expect("stream");
+    let mut watch_b = host_b
+        .stream(&Pattern::new("groups.>").expect("pattern"))
+        .await
+        .expect("stream");
+    let consumer_b = host_b
+        .consume(options("group-b", LONG_LEASE))
+        .await
+        .expect("consume");
+    let mut got_b: Vec<Delivery> = fetch_n(&consumer_b, N + 1).await;
+    got_b.retain(|d| d.event.id != marker.id);
+    let ids: BTreeSet<String> = got_b.iter().map(|d| d.event.id.clone()).collect();
+    let want: BTreeSet<String> = events.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids, want, "the late group receives every event");
+    for delivery in &got_b {
+        let fresh = &delivery.event;
+        assert_ne!(fresh.status, EventStatus::Completed, "group-b starts fresh");
+        assert_eq!(fresh.error, None, "group-b starts without an error");
+        assert_eq!(fresh.retry_count, 0, "group-b starts without retries");
+        assert!(
+            fresh.handlers.is_empty(),
+            "group-b does not see group-a's handler outcomes: {:?}",
+            fresh.handlers
+        );
+        assert_eq!(fresh.completed_at, None);
+        let seen = host_b.get(&fresh.id).await.expect("get").expect("stored");
+        assert!(!seen.status.is_finished(), "group-b's view is unfinished");
+    }
+
+    // Group-b's handler of the same name runs: it succeeds for some, fails for others.
+    let mut done_in_b = HashMap::new();
+    for (n, delivery) in got_b.iter().enumerate() {
+        let status = if n % 2 == 0 {
+            EventStatus::Completed
+        } else {
+            EventStatus::Failed
+        };
+        let update = outcome_of("same-handler", status, "group-b cannot");
+        consumer_b
+            .complete(delivery, &update)
+            .await
+            .expect("complete");
+        done_in_b.insert(delivery.event.id.clone(), update);
+    }
+    for event in &events {
+        let in_a = host_a.get(&event.id).await.expect("get").expect("stored");
+        assert_state(
+            &in_a,
+            &done_in_a[&event.id],
+            "group-a after group-b finished",
+        );
+        assert_same_event(&in_a, event);
+        let in_b = host_b.get(&event.id).await.expect("get").expect("stored");
+        assert_state(&in_b, &done_in_b[&event.id], "group-b");
+        assert_same_event(&in_b, event);
+    }
+    let failed_in_b: BTreeSet<String> = done_in_b
+        .iter()
+        .filter(|(_, u)| u.status == EventStatus::Failed)
+        .map(|(id, _)| id.clone())
+        .collect();
+    let listed = |provider: Arc<dyn Provider>| async move {
+        provider
+            .list(&EventFilter {
+                status: Some(EventStatus::Failed),
+                type_pattern: Some(Pattern::new("groups.late").expect("pattern")),
+                ..EventFilter::default()
+            })
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|e| e.id)
+            .collect::<BTreeSet<_>>()
+    };
+    assert_eq!(
+        listed(host_b.clone()).await,
+        failed_in_b,
+        "group-b's dead letters"
+    );
+    assert!(
+        listed(host_a.clone()).await.is_empty(),
+        "group-a has no dead letters"
+    );
+    let stats_a = host_a.stats().await.expect("stats");
+    let stats_b = host_b.stats().await.expect("stats");
+    assert_eq!(stats_a.by_status["completed"], N as u64 + 1, "{stats_a:?}");
+    assert_eq!(stats_a.by_status["failed"], 0, "{stats_a:?}");
+    assert_eq!(
+        stats_b.by_status["failed"],
+        failed_in_b.len() as u64,
+        "{stats_b:?}"
+    );
+    assert_eq!(
+        stats_b.by_status["completed"],
+        (N - failed_in_b.len()) as u64,
+        "{stats_b:?}"
+    );
+
+    // Watchers show their own group: group-b's watcher saw group-b's outcomes; group-a's saw
+    // none of them before group-a's next change (a re-run of the marker).
+    let last_b = got_b.last().expect("deliveries").event.id.clone();
+    let before = watch_until(&mut watch_b, &last_b, done_in_b[&last_b].status).await;
+    for event in before.iter().filter(|e| want.contains(&e.id)) {
+        assert!(
+            !event.status.is_finished() || event.handlers == done_in_b[&event.id].handlers,
+            "group-b's watcher showed another group's state: {event:?}"
+        );
+    }
+    host_a
+        .requeue(
+            &marker.id,
+            &outcome_of("same-handler", EventStatus::Pending, ""),
+        )
+        .await
+        .expect("requeue");
+    let before = watch_until(&mut watch_a, &marker.id, EventStatus::Pending).await;
+    for event in before.iter().filter(|e| want.contains(&e.id)) {
+        assert_state(event, &done_in_a[&event.id], "group-a's watcher");
+    }
+    let again = fetch_n(&consumer_a, 1).await.remove(0);
+    assert_eq!(
+        again.event.id, marker.id,
+        "group-a's re-run goes to group-a"
+    );
+    consumer_a
+        .complete(&again, &completed(&again.event))
+        .await
+        .expect("complete");
+    host_a.close().await;
+    host_b.close().await;
+}
+
+/// The same event retried, failed and re-run in one group stays completed in the other, and a
+/// failure in the other leaves the first one's completion alone.
+pub async fn a_retry_or_failure_in_one_group_leaves_the_other_completed(backend: &Backend) {
+    let host_a = backend.connect_in_group("group-a").await;
+    if !host_a.features().consumer_groups {
+        eprintln!("{}: no consumer groups claimed; skipped", backend.name);
+        host_a.close().await;
+        return;
+    }
+    let host_b = backend.connect_in_group("group-b").await;
+    let consumer_a = host_a
+        .consume(options("group-a", LONG_LEASE))
+        .await
+        .expect("consume");
+    let consumer_b = host_b
+        .consume(options("group-b", LONG_LEASE))
+        .await
+        .expect("consume");
+    let first = simple_event("groups.retry.first");
+    let second = simple_event("groups.retry.second");
+    publish_all(&host_a, &[first.clone(), second.clone()]).await;
+    let by_id = |deliveries: Vec<Delivery>| -> HashMap<String, Delivery> {
+        deliveries
+            .into_iter()
+            .map(|d| (d.event.id.clone(), d))
+            .collect()
+    };
+    let in_a = by_id(fetch_n(&consumer_a, 2).await);
+    let in_b = by_id(fetch_n(&consumer_b, 2).await);
+
+    // First event: completed in group-a; retried, failed and re-run in group-b.
+    let a_done = outcome_of("h", EventStatus::Completed, "");
+    consumer_a
+        .complete(&in_a[&first.id], &a_done)
+        .await
+        .expect("complete");
+    let retry = StatusUpdate {
+        status: EventStatus::Pending,
+        error: Some("transient".into()),
+        retry_count: 1,
+        handlers: outcome_of("h", EventStatus::Failed, "transient").handlers,
+        processed_at: Some(now_micros()),
+        completed_at: None,
+    };
+    consumer_b
+        .retry(&in_b[&first.id], &retry, Duration::ZERO)
+        .await
+        .expect("retry");
+    let seen_a = host_a.get(&first.id).await.expect("get").expect("stored");
+    assert_state(&seen_a, &a_done, "group-a while group-b retries");
+    let seen_b = host_b.get(&first.id).await.expect("get").expect("stored");
+    assert_state(&seen_b, &retry, "group-b retrying");
+    let again = fetch_within(&consumer_b, PATIENCE)
+        .await
+        .expect("group-b's retry is redelivered to group-b");
+    assert_eq!(again.event.id, first.id);
+    assert_eq!(
+        again.event.retry_count, 1,
+        "the redelivery carries group-b's state"
+    );
+    let b_failed = StatusUpdate {
+        retry_count: 1,
+        ..outcome_of("h", EventStatus::Failed, "gave up")
+    };
+    consumer_b
+        .complete(&again, &b_failed)
+        .await
+        .expect("complete");
+    let seen_a = host_a.get(&first.id).await.expect("get").expect("stored");
+    assert_state(&seen_a, &a_done, "group-a after group-b failed");
+    host_b
+        .requeue(&first.id, &outcome_of("h", EventStatus::Pending, ""))
+        .await
+        .expect("group-b re-runs its dead letter");
+    let rerun = fetch_within(&consumer_b, PATIENCE)
+        .await
+        .expect("group-b's re-run is delivered to group-b");
+    assert_eq!(rerun.event.id, first.id);
+    let seen_a = host_a.get(&first.id).await.expect("get").expect("stored");
+    assert_state(&seen_a, &a_done, "group-a while group-b re-runs");
+    let b_done = outcome_of("h", EventStatus::Completed, "");
+    consumer_b
+        .complete(&rerun, &b_done)
+        .await
+        .expect("complete");
+
+    // Second event: failed in group-a, completed in group-b.
+    let a_failed = outcome_of("h", EventStatus::Failed, "group-a cannot");
+    consumer_a
+        .complete(&in_a[&second.id], &a_failed)
+        .await
+        .expect("complete");
+    consumer_b
+        .complete(&in_b[&second.id], &b_done)
+        .await
+        .expect("complete");
+    for (host, id, want, what) in [
+        (&host_a, &first.id, &a_done, "group-a, first"),
+        (&host_b, &first.id, &b_done, "group-b, first"),
+        (&host_a, &second.id, &a_failed, "group-a, second"),
+        (&host_b, &second.id, &b_done, "group-b, second"),
+    ] {
+        let seen = host.get(id).await.expect("get").expect("stored");
+        assert_state(&seen, want, what);
+    }
+    // Group-a's re-run of its failure leaves group-b's completion alone.
+    host_a
+        .requeue(&second.id, &outcome_of("h", EventStatus::Pending, ""))
+        .await
+        .expect("requeue");
+    let rerun = fetch_within(&consumer_a, PATIENCE)
+        .await
+        .expect("group-a's re-run is delivered to group-a");
+    assert_eq!(rerun.event.id, second.id);
+    let seen_b = host_b.get(&second.id).await.expect("get").expect("stored");
+    assert_state(&seen_b, &b_done, "group-b while group-a re-runs");
+    consumer_a
+        .complete(&rerun, &a_done)
+        .await
+        .expect("complete");
+    host_a.close().await;
+    host_b.close().await;
+}
+
+/// `requeue` (HTTP retry) also takes an event of the own group whose processing is provably
+/// abandoned: its lease expired and no consumer took it again, or it was never handed out.
+/// It is refused while a lease is live, the abandoned lease is revoked (its holder can no
+/// longer acknowledge), and the event is delivered once, at once.
+pub async fn requeue_accepts_an_event_whose_processing_was_abandoned(backend: &Backend) {
+    let provider = backend.connect().await;
+    let rerun = StatusUpdate {
+        status: EventStatus::Pending,
+        error: None,
+        retry_count: 0,
+        handlers: Vec::new(),
+        processed_at: None,
+        completed_at: None,
+    };
+    let held = simple_event("abandoned.lease");
+    let never = simple_event("abandoned.never");
+    publish_all(&provider, &[held.clone(), never.clone()]).await;
+
+    // A consumer takes the first event, marks it processing, then dies without a word.
+    let dying = provider
+        .consume(options(OWN_GROUP, SHORT_LEASE))
+        .await
+        .expect("consume");
+    let taken = fetch_n(&dying, 1).await.remove(0);
+    assert_eq!(taken.event.id, held.id);
+    provider
+        .update_status(&held.id, &StatusUpdate::processing(&taken.event))
+        .await
+        .expect("processing");
+    assert!(
+        matches!(
+            provider.requeue(&held.id, &rerun).await,
+            Err(ProviderError::InvalidState { .. })
+        ),
+        "a live lease is not taken away"
+    );
+    // The second event was never handed out, yet it is marked processing (as the old sync
+    // path left events).
+    let stored = provider.get(&never.id).await.expect("get").expect("stored");
+    provider
+        .update_status(&never.id, &StatusUpdate::processing(&stored))
+        .await
+        .expect("processing");
+    provider
+        .requeue(&never.id, &rerun)
+        .await
+        .expect("an event nobody holds is re-run");
+    assert_eq!(
+        status_of(&provider, &never.id).await,
+        Some(EventStatus::Pending)
+    );
+    wait_for("the expired lease to make the event re-runnable", || {
+        let provider = provider.clone();
+        let id = held.id.clone();
+        let rerun = rerun.clone();
+        async move {
+            match provider.requeue(&id, &rerun).await {
+                Ok(()) => Some(()),
+                Err(ProviderError::InvalidState { .. }) => None,
+                Err(error) => panic!("requeue failed: {error}"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        dying
+            .complete(&taken, &completed(&taken.event))
+            .await
+            .is_err(),
+        "the abandoned delivery's holder can no longer acknowledge it"
+    );
+    assert_eq!(
+        status_of(&provider, &held.id).await,
+        Some(EventStatus::Pending)
+    );
+
+    // Both are delivered once: a marker published last arrives after them, with no copy of
+    // either in between.
+    let marker = simple_event("abandoned.marker");
+    provider.publish(&marker).await.expect("publish");
+    let survivor = provider
+        .consume(options(OWN_GROUP, LONG_LEASE))
+        .await
+        .expect("consume");
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    tokio::time::timeout(PATIENCE, async {
+        while !counts.contains_key(&marker.id) {
+            for delivery in survivor.fetch(8).await.expect("fetch") {
+                survivor
+                    .complete(&delivery, &completed(&delivery.event))
+                    .await
+                    .expect("complete");
+                *counts.entry(delivery.event.id.clone()).or_default() += 1;
+            }
+        }
+    })
+    .await
+    .expect("the marker arrives");
+    assert_eq!(counts.get(&held.id), Some(&1), "{counts:?}");
+    assert_eq!(counts.get(&never.id), Some(&1), "{counts:?}");
+    for id in [&held.id, &never.id] {
+        assert_eq!(status_of(&provider, id).await, Some(EventStatus::Completed));
+    }
+    drop(dying);
+    provider.close().await;
 }

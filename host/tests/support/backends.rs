@@ -8,6 +8,10 @@ use std::sync::Arc;
 use eventbroker::config::{BrokerConfig, ProviderKind};
 use eventbroker::provider::{self, MemoryProvider, Provider, memory::MemoryOptions};
 
+/// The own consumer group ([`Provider::group`]) of every backend's providers: the group whose
+/// state `get`, `list` and `stats` show.
+pub const OWN_GROUP: &str = "g";
+
 /// A backend under test: a broker config naming one isolated namespace of one provider.
 pub struct Backend {
     /// Backend name, for messages.
@@ -15,7 +19,7 @@ pub struct Backend {
     /// The config [`Backend::connect`] builds providers from.
     pub config: BrokerConfig,
     /// The memory provider's single instance (memory cannot be opened twice).
-    single: Option<Arc<dyn Provider>>,
+    single: Option<MemoryProvider>,
 }
 
 impl Backend {
@@ -32,22 +36,42 @@ impl Backend {
     /// on the same storage, except for the memory backend, which has only one.
     pub async fn connect(&self) -> Arc<dyn Provider> {
         if let Some(single) = &self.single {
-            return single.clone();
+            return Arc::new(single.clone());
         }
         match provider::from_config(&self.config).await {
             Ok(provider) => provider,
             Err(error) => panic!("{}: cannot open the provider: {error}", self.name),
         }
     }
+
+    /// A provider on this backend's namespace whose own group is `group`: a host configured
+    /// with `event_broker.consumer_group` (and, for Redis, `redis.consumer_group`) `group`.
+    /// The memory backend gives a handle on its single instance.
+    pub async fn connect_in_group(&self, group: &str) -> Arc<dyn Provider> {
+        if let Some(single) = &self.single {
+            return Arc::new(single.in_group(group));
+        }
+        let mut config = self.config.clone();
+        config.consumer_group = group.to_owned();
+        config.redis.consumer_group = group.to_owned();
+        match provider::from_config(&config).await {
+            Ok(provider) => provider,
+            Err(error) => panic!("{}: cannot open the provider: {error}", self.name),
+        }
+    }
 }
 
-/// The base config of every backend: a host id and defaults.
+/// The base config of every backend: a host id, [`OWN_GROUP`] as the own consumer group,
+/// and defaults.
 pub fn base_config(provider: ProviderKind) -> BrokerConfig {
-    BrokerConfig {
+    let mut config = BrokerConfig {
         provider,
         instance_id: format!("test-{}", super::unique_suffix()),
+        consumer_group: OWN_GROUP.into(),
         ..BrokerConfig::default()
-    }
+    };
+    config.redis.consumer_group = OWN_GROUP.into();
+    config
 }
 
 /// The embedded memory provider (always available).
@@ -55,8 +79,7 @@ pub async fn memory() -> Option<Backend> {
     let mut config = base_config(ProviderKind::Memory);
     config.memory.max_events = 100_000;
     config.buffer_size = 100_000;
-    let provider: Arc<dyn Provider> =
-        Arc::new(MemoryProvider::new(MemoryOptions::from_config(&config)));
+    let provider = MemoryProvider::new(MemoryOptions::from_config(&config));
     Some(Backend {
         name: "memory",
         config,
@@ -149,6 +172,9 @@ pub async fn redis() -> Option<Backend> {
     // Short reads and claim checks, so that closes and lease expiries show quickly.
     config.redis.block_time = std::time::Duration::from_millis(200);
     config.redis.claim_interval = std::time::Duration::from_millis(100);
+    // Requeue counts a Redis delivery idle this long as abandoned (the suite's leases are
+    // short).
+    config.lease = std::time::Duration::from_secs(2);
     Some(Backend::from_config("redis", config))
 }
 

@@ -4,10 +4,11 @@
 //! provider's own (`{stream_name}_DEAD_LETTERS`, work-queue retention, same storage and
 //! `max_age` as the events) captures them: an advisory published while no host is connected
 //! waits there. Every host pulls from one durable consumer on it; the host that receives an
-//! advisory records its event as `failed` (a compare-and-set, only while the event is not
-//! finished and the advisory is about the message of its current run) and then acknowledges
-//! the advisory, which removes it. If recording fails, the advisory is given back and tried
-//! again. The event can then be listed with the dead letters and re-run.
+//! advisory records its event as `failed` in the group of the consumer the advisory names (a
+//! compare-and-set, only while the group has not finished the event and the advisory is about
+//! the message of the group's current run) and then acknowledges the advisory, which removes
+//! it. If recording fails, the advisory is given back and tried again. The event can then be
+//! listed with the group's dead letters and re-run.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use serde::Deserialize;
 
+use super::subjects::decode_name;
 use super::{NAME, Shared};
 use crate::event::{Event, EventStatus};
 use crate::provider::ProviderError;
@@ -173,8 +175,9 @@ async fn record_advisories(shared: std::sync::Weak<Shared>, consumer: PullConsum
     }
 }
 
-/// Records the event of the message an advisory names as `failed`, unless it is finished or
-/// has been re-run since (the message no longer carries its current run).
+/// Records the event of the message an advisory names as `failed` in the advisory's group,
+/// unless the group finished it or has re-run it since (the message no longer carries the
+/// group's current run).
 async fn dead_letter(shared: &Shared, advisory: &MaxDeliveries) -> Result<(), ProviderError> {
     let message = match shared.stream.get_raw_message(advisory.stream_seq).await {
         Ok(message) => message,
@@ -191,30 +194,35 @@ async fn dead_letter(shared: &Shared, advisory: &MaxDeliveries) -> Result<(), Pr
             return Ok(());
         }
     };
+    // The consumer is the group's durable consumer: the dead letter is that group's.
+    let group = decode_name(&advisory.consumer);
     let reason = format!(
-        "delivered {} times to consumer group {:?} without being acknowledged (max_deliver reached)",
-        advisory.deliveries, advisory.consumer
+        "delivered {} times to consumer group {group:?} without being acknowledged (max_deliver reached)",
+        advisory.deliveries
     );
     let result = shared
         .store
         .modify(&published.id, |record| {
-            if record.event.status.is_finished() || !record.carried_by(advisory.stream_seq) {
+            let current = record.state(&group);
+            if current.is_finished() || !record.carried_by(&group, advisory.stream_seq) {
                 return Err(ProviderError::InvalidState {
                     id: record.event.id.clone(),
-                    status: record.event.status,
+                    status: current.status,
                     reason: "already finished or re-run",
                 });
             }
-            record.claims.remove(&advisory.consumer);
-            record.event.status = EventStatus::Failed;
-            record.event.error = Some(reason.clone());
-            record.event.completed_at = Some(Utc::now());
+            record.revoke(&group);
+            record.change(&group, |state| {
+                state.status = EventStatus::Failed;
+                state.error = Some(reason.clone());
+                state.completed_at = Some(Utc::now());
+            });
             Ok(())
         })
         .await;
     match result {
         Ok(_) => {
-            tracing::warn!(event_id = %published.id, %reason, "event recorded as failed");
+            tracing::warn!(event_id = %published.id, %group, %reason, "event recorded as failed");
             Ok(())
         }
         Err(ProviderError::InvalidState { .. } | ProviderError::NotFound(_)) => Ok(()),

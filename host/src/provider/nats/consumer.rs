@@ -8,20 +8,23 @@
 //!   long-polls for one message, then tops the batch up without waiting. A long poll cut short
 //!   by `close` is drained in the background and whatever it still delivers is given back with
 //!   a negative acknowledgement, so nothing waits for `ack_wait`.
-//! - The current state of each delivered event comes from the state store (so retries see the
-//!   handler outcomes of earlier attempts), and the delivery claims the event in the store
-//!   (compare-and-set, see [`super::record`]): only the owning delivery may record an outcome
-//!   or acknowledge. A message that does not carry the event's current run (an older run, a
-//!   copy), a first delivery of an event that is already finished, and any delivery of a
-//!   deleted event, is acknowledged and skipped.
+//! - The current state of each delivered event, as the consumer's group sees it, comes from the
+//!   state store (so retries see the group's handler outcomes of earlier attempts), and the
+//!   delivery claims the event in its group (compare-and-set, see [`super::record`]): only the
+//!   owning delivery may record an outcome or acknowledge. A re-run meant for another group
+//!   (header [`GROUP_HEADER`]), a message that does not carry the group's current run (an older
+//!   run, a copy), a first delivery of an event the group already finished, and any delivery of
+//!   a deleted event, are acknowledged and skipped.
 //! - A message whose event has no state yet (its publish stopped after storing the message)
-//!   gets its state written from the message; a re-run message whose state was not yet
-//!   switched to the re-run (the re-run stopped after storing the message) switches it.
+//!   gets its state written from the message; a re-run message made from the group's state as
+//!   it still is (the re-run stopped after storing the message) switches the group to it.
 //! - `complete` writes the final state and settles the claim, then acknowledges (`+ACK`,
 //!   confirmed by the server) or, for `failed`, terminates (`+TERM`); `retry` writes the state
 //!   and sends a delayed `-NAK`; `release` writes `pending` and sends `-NAK`; each refuses,
 //!   without writing or acknowledging anything, when the delivery no longer owns the event.
-//!   `keep_alive` sends `+WPI` (in progress), which restarts the server's `ack_wait` timer.
+//!   `keep_alive` extends the claim (so `requeue` sees the owner alive) and sends `+WPI` (in
+//!   progress), which restarts the server's `ack_wait` timer; a delivery that no longer owns
+//!   the event gets the lease-lost error and sends nothing.
 //! - `close` (and dropping the consumer) gives every delivery it still owns back with `-NAK`.
 
 use std::collections::HashMap;
@@ -32,14 +35,16 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_trait::async_trait;
+use chrono::Utc;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::record::Record;
+use super::record::{Claim, Record};
 use super::store::{Lookup, Versioned};
+use super::subjects::{Rerun, rerun_of};
 use super::{NAME, Shared};
 use crate::event::{Event, EventStatus};
-use crate::provider::{Consumer, Delivery, ProviderError, StatusUpdate};
+use crate::provider::{Consumer, Delivery, GroupState, ProviderError, StatusUpdate};
 
 /// How long one long-poll pull request waits on the server.
 const LONG_POLL: Duration = Duration::from_secs(5);
@@ -47,6 +52,8 @@ const LONG_POLL: Duration = Duration::from_secs(5);
 const CLAIM_ATTEMPTS: usize = 16;
 /// The header carrying a message's id (the event id, or the re-run's id).
 const MESSAGE_ID: &str = "Nats-Msg-Id";
+/// Header of a message meant for one consumer group only (a re-run of that group's).
+pub(crate) const GROUP_HEADER: &str = "Eventbroker-Group";
 
 fn backend(error: impl std::fmt::Display) -> ProviderError {
     ProviderError::backend(NAME, error)
@@ -57,8 +64,10 @@ pub(crate) struct NatsConsumer {
     shared: Arc<Shared>,
     consumer: PullConsumer,
     group: String,
-    /// The durable consumer's name: the key of this group's claims.
+    /// The durable consumer's name (the encoded group name).
     durable: String,
+    /// How long a claim stays alive without a renewal (the lease the group was joined with).
+    lease: chrono::Duration,
     closed: CancellationToken,
     counted: AtomicBool,
     /// Event ids of deliveries handed out and not yet settled, by acknowledgement subject.
@@ -75,8 +84,8 @@ struct Arrival {
     seq: u64,
     /// Deliveries of this message to this group, this one included.
     delivered: u32,
-    /// For a re-run message, the state revision it re-runs.
-    rerun_of: Option<u64>,
+    /// For a re-run message, the group state it re-runs.
+    rerun: Option<Rerun>,
 }
 
 impl NatsConsumer {
@@ -85,6 +94,7 @@ impl NatsConsumer {
         consumer: PullConsumer,
         group: String,
         durable: String,
+        lease: Duration,
     ) -> Self {
         let closed = shared.shutdown.child_token();
         NatsConsumer {
@@ -92,6 +102,7 @@ impl NatsConsumer {
             consumer,
             group,
             durable,
+            lease: chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX),
             closed,
             counted: AtomicBool::new(true),
             outstanding: Arc::default(),
@@ -143,12 +154,21 @@ impl NatsConsumer {
                 return None;
             }
         };
-        let message_id = message
-            .headers
-            .as_ref()
-            .and_then(|headers| headers.get(MESSAGE_ID))
-            .map(|id| id.as_str().to_owned());
+        let header = |name: &str| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get(name))
+                .map(|value| value.as_str().to_owned())
+        };
+        let message_id = header(MESSAGE_ID);
+        let for_group = header(GROUP_HEADER);
         let (message, acker) = message.split();
+        if for_group.is_some_and(|group| group != self.group) {
+            // Another group's re-run.
+            let _ = acker.ack().await;
+            return None;
+        }
         let published: Event = match serde_json::from_slice(&message.payload) {
             Ok(event) => event,
             Err(error) => {
@@ -157,14 +177,21 @@ impl NatsConsumer {
                 return None;
             }
         };
-        let rerun_of =
-            message_id.and_then(|id| super::subjects::rerun_revision(&id, &published.id));
+        let rerun = message_id.and_then(|id| rerun_of(&id, &published.id));
+        if rerun
+            .as_ref()
+            .is_some_and(|rerun| rerun.group != self.durable)
+        {
+            // Another group's re-run, without the header.
+            let _ = acker.ack().await;
+            return None;
+        }
         let arrival = Arrival {
             published,
             token,
             seq,
             delivered: u32::try_from(delivered.max(1)).unwrap_or(u32::MAX),
-            rerun_of,
+            rerun,
         };
         match self.claim(&arrival).await {
             Ok(Some(event)) => {
@@ -190,15 +217,20 @@ impl NatsConsumer {
         }
     }
 
-    /// Decides what a delivered message means for its event and, when the event is to be
-    /// processed, makes this delivery its owner in this group (a compare-and-set, repeated
-    /// when the state changes meanwhile). Returns the event to process, or `None` when there
-    /// is nothing to do (the message is then acknowledged and skipped).
+    /// Decides what a delivered message means for its event in this group and, when the event
+    /// is to be processed, makes this delivery its owner in the group (a compare-and-set,
+    /// repeated when the state changes meanwhile). Returns the event as the group sees it, or
+    /// `None` when there is nothing to do (the message is then acknowledged and skipped).
     async fn claim(&self, arrival: &Arrival) -> Result<Option<Event>, ProviderError> {
         let store = &self.shared.store;
         let id = &arrival.published.id;
+        let group = &self.group;
         for _ in 0..CLAIM_ATTEMPTS {
             let (record, written) = match store.lookup(id).await? {
+                Lookup::Missing | Lookup::TakenBack { .. } if arrival.rerun.is_some() => {
+                    // A re-run of an event whose record is gone (expired): nothing to re-run.
+                    return Ok(None);
+                }
                 Lookup::Missing => {
                     // Its publish stopped after storing the message: the event was accepted.
                     let record = self.owned(
@@ -220,24 +252,32 @@ impl NatsConsumer {
                     (record, written)
                 }
                 Lookup::Live(current) => {
-                    let Versioned { record, revision } = *current;
-                    let record = if arrival.rerun_of == Some(revision) {
-                        // A re-run whose own switch of the state did not happen: switch it.
-                        Record::new(arrival.published.clone(), Some(arrival.seq))
-                    } else if !record.carried_by(arrival.seq)
-                        || (arrival.delivered <= 1 && record.event.status.is_finished())
+                    let Versioned {
+                        mut record,
+                        revision,
+                    } = *current;
+                    let switch = arrival
+                        .rerun
+                        .as_ref()
+                        .is_some_and(|rerun| rerun.version == record.version(group));
+                    if switch {
+                        // A re-run made from the group's state as it still is, whose own switch
+                        // did not happen: switch the group to it.
+                        record.rerun(group, GroupState::of(&arrival.published), arrival.seq);
+                    } else if !record.carried_by(group, arrival.seq)
+                        || (arrival.delivered <= 1 && record.state(group).is_finished())
                     {
                         return Ok(None);
                     } else {
-                        record
-                    };
+                        record.changed = None;
+                    }
                     let record = self.owned(record, arrival);
                     let written = store.replace(&record, revision).await.map(drop);
                     (record, written)
                 }
             };
             match written {
-                Ok(()) => return Ok(Some(record.event)),
+                Ok(()) => return Ok(Some(record.view(group))),
                 Err(error) => {
                     tracing::debug!(event_id = %id, %error, "event changed while being claimed; looking again")
                 }
@@ -248,9 +288,22 @@ impl NatsConsumer {
         )))
     }
 
+    /// Until when a claim taken or renewed now stays alive.
+    fn expiry(&self) -> chrono::DateTime<Utc> {
+        Utc::now()
+            .checked_add_signed(self.lease)
+            .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC)
+    }
+
     /// `record`, owned by the delivery of `arrival` in this group.
     fn owned(&self, mut record: Record, arrival: &Arrival) -> Record {
-        record.claim(&self.durable, &arrival.token);
+        record.claim(
+            &self.group,
+            Claim {
+                delivery: arrival.token.clone(),
+                expires: self.expiry(),
+            },
+        );
         record
     }
 
@@ -262,16 +315,16 @@ impl NatsConsumer {
     async fn record_outcome(
         &self,
         delivery: &Delivery,
-        mut change: impl FnMut(&mut Event),
+        mut change: impl FnMut(&mut GroupState),
     ) -> Result<(), ProviderError> {
         let mut lost = false;
         let written = self
             .shared
             .store
             .modify(&delivery.event.id, |record| {
-                lost = !record.owned_by(&self.durable, &delivery.token);
-                record.settle(&self.durable, &delivery.token)?;
-                change(&mut record.event);
+                lost = !record.owned_by(&self.group, &delivery.token);
+                record.settle(&self.group, &delivery.token)?;
+                record.change(&self.group, &mut change);
                 Ok(())
             })
             .await;
@@ -326,14 +379,14 @@ impl NatsConsumer {
         }
         let context = self.shared.context.clone();
         let store = self.shared.store.clone();
-        let durable = self.durable.clone();
+        let group = self.group.clone();
         Some(async move {
             let give_back = held.into_iter().map(|(token, id)| {
-                let (context, store, durable) = (context.clone(), store.clone(), durable.clone());
+                let (context, store, group) = (context.clone(), store.clone(), group.clone());
                 async move {
                     let owned = matches!(
                         store.get(&id).await,
-                        Ok(Some(current)) if current.record.owned_by(&durable, &token)
+                        Ok(Some(current)) if current.record.owned_by(&group, &token)
                     );
                     if owned {
                         let acker = Acker::new(context, Some(async_nats::Subject::from(token)));
@@ -418,7 +471,7 @@ impl Consumer for NatsConsumer {
         update: &StatusUpdate,
     ) -> Result<(), ProviderError> {
         let written = self
-            .record_outcome(delivery, |event| update.apply(event))
+            .record_outcome(delivery, |state| state.apply(update))
             .await;
         if let Err(error) = written {
             if matches!(error, ProviderError::NotFound(_)) {
@@ -446,7 +499,7 @@ impl Consumer for NatsConsumer {
         update: &StatusUpdate,
         delay: Duration,
     ) -> Result<(), ProviderError> {
-        self.record_outcome(delivery, |event| update.apply(event))
+        self.record_outcome(delivery, |state| state.apply(update))
             .await?;
         let delay = (!delay.is_zero()).then_some(delay);
         self.settle(delivery, AckKind::Nak(delay), false).await?;
@@ -458,11 +511,7 @@ impl Consumer for NatsConsumer {
     }
 
     async fn release(&self, delivery: &Delivery) -> Result<(), ProviderError> {
-        self.record_outcome(delivery, |event| {
-            event.status = EventStatus::Pending;
-            event.completed_at = None;
-        })
-        .await?;
+        self.record_outcome(delivery, GroupState::release).await?;
         self.settle(delivery, AckKind::Nak(None), false).await?;
         self.shared
             .counters
@@ -472,6 +521,22 @@ impl Consumer for NatsConsumer {
     }
 
     async fn keep_alive(&self, delivery: &Delivery) -> Result<(), ProviderError> {
+        let expires = self.expiry();
+        let mut lost = false;
+        let renewed = self
+            .shared
+            .store
+            .modify(&delivery.event.id, |record| {
+                lost = !record.owned_by(&self.group, &delivery.token);
+                record.renew(&self.group, &delivery.token, expires)
+            })
+            .await;
+        if lost {
+            // Another delivery owns it (or it was re-run): extending this one on the server
+            // would extend the newer delivery of the same message.
+            self.outstanding().remove(&delivery.token);
+            return renewed.map(drop);
+        }
         self.acker(delivery)
             .ack_with(AckKind::Progress)
             .await
@@ -480,7 +545,8 @@ impl Consumer for NatsConsumer {
                     "cannot extend the lease of event {}: {e}",
                     delivery.event.id
                 ))
-            })
+            })?;
+        renewed.map(drop)
     }
 
     async fn close(&self) {

@@ -5,9 +5,11 @@
 //! - a stream (`stream_name`, created or updated at start) capturing `subjects`; each event is
 //!   one message on `{prefix}.{source}.{type}` whose `Nats-Msg-Id` is the event id, so the
 //!   server drops a repeated publish within `duplicate_window`;
-//! - a key-value bucket (`kv_bucket`) with each event's [`record::Record`] (current state,
-//!   the stream sequence of its current run, the deliveries that own it), keyed by event id,
-//!   written only by compare-and-set; status changes never go to the event subjects;
+//! - a key-value bucket (`kv_bucket`) with each event's [`record::Record`] (the event as
+//!   published and the sequence of its message; per consumer group that touched it, the
+//!   group's processing state, the sequence of the group's re-run and the delivery that owns
+//!   it), keyed by event id, written only by compare-and-set; status changes never go to the
+//!   event subjects; queries show the own group (`event_broker.consumer_group`);
 //! - one durable pull consumer per consumer group ([`consumer`]);
 //! - a stream keeping the server's `MAX_DELIVERIES` advisories until a host recorded them
 //!   ([`advisory`]);
@@ -20,7 +22,9 @@
 //! deduplicates, so a retry cannot store the event twice), then creates the state with the
 //! message's sequence (an atomic create, which detects duplicates). A state therefore never
 //! exists without its message: a publish cut short after the message leaves a message whose
-//! state the consumer that delivers it writes. Re-runs work the same way.
+//! state the consumer that delivers it writes. Re-runs work the same way, one group at a time:
+//! a re-run message carries the header [`consumer::GROUP_HEADER`] naming its group, and only
+//! that group's state switches to it.
 
 mod advisory;
 mod consumer;
@@ -76,6 +80,8 @@ pub(crate) struct Shared {
     stream_name: String,
     bucket: String,
     prefix: String,
+    /// The provider's own consumer group (`event_broker.consumer_group`).
+    group: String,
     store: StateStore,
     durable: bool,
     ack_wait: Option<Duration>,
@@ -289,6 +295,7 @@ impl NatsProvider {
             stream_name: nats.stream_name.clone(),
             bucket,
             prefix,
+            group: config.consumer_group.clone(),
             store,
             durable: nats.storage == NatsStorage::File,
             ack_wait: nats.ack_wait,
@@ -348,22 +355,26 @@ impl Shared {
         }
     }
 
-    /// Publishes one message and awaits the server's acknowledgement, retrying with the same
-    /// message id when it does not arrive.
+    /// Publishes one message (for one group only when `for_group` is set) and awaits the
+    /// server's acknowledgement, retrying with the same message id when it does not arrive.
     async fn send(
         &self,
         subject: String,
         payload: Bytes,
         message_id: &str,
+        for_group: Option<&str>,
     ) -> Result<Sent, ProviderError> {
         let mut last_error = String::new();
         for attempt in 0..PUBLISH_ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
             }
-            let publish = PublishMessage::build()
+            let mut publish = PublishMessage::build()
                 .payload(payload.clone())
                 .message_id(message_id);
+            if let Some(group) = for_group {
+                publish = publish.header(consumer::GROUP_HEADER, group);
+            }
             let ack = match self.context.send_publish(subject.clone(), publish).await {
                 Ok(pending) => pending.await,
                 Err(error) => Err(error),
@@ -418,6 +429,31 @@ impl Shared {
         }
     }
 
+    /// Checks that the own group may re-run the event whose record is `record`: the group
+    /// finished it, or nothing processes it in the group — no delivery owns it (none was handed
+    /// out, or the owner stopped renewing its claim for a whole lease) or the server proves its
+    /// delivery abandoned ([`sweep`]). Events stored without a message (sync mode) are re-run
+    /// only once finished.
+    ///
+    /// # Errors
+    /// [`ProviderError::InvalidState`] otherwise; backend failures.
+    async fn check_rerunnable(&self, id: &str, record: &Record) -> Result<(), ProviderError> {
+        let group = &self.group;
+        let state = record.state(group);
+        if state.is_finished()
+            || (record.run(group).is_some() && !record.held(group, chrono::Utc::now()))
+            || Evidence::gather(self).await?.abandoned(record, group)
+        {
+            return Ok(());
+        }
+        Err(ProviderError::InvalidState {
+            id: id.to_owned(),
+            status: state.status,
+            reason: "only finished events, and events nothing processes in the group (no live \
+                     delivery owns them, or their delivery is provably abandoned), can be re-run",
+        })
+    }
+
     fn live_consumers(&self) -> Vec<Arc<NatsConsumer>> {
         let mut consumers = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
         consumers.retain(|weak| weak.strong_count() > 0);
@@ -429,6 +465,10 @@ impl Shared {
 impl Provider for NatsProvider {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn group(&self) -> &str {
+        &self.shared.group
     }
 
     fn features(&self) -> ProviderFeatures {
@@ -444,7 +484,9 @@ impl Provider for NatsProvider {
         let shared = &self.shared;
         shared.check_open()?;
         let subject = subjects::event_subject(&shared.prefix, event)?;
-        let sent = shared.send(subject, encode(event)?, &event.id).await?;
+        let sent = shared
+            .send(subject, encode(event)?, &event.id, None)
+            .await?;
         if sent.duplicate {
             // Stored before within the window: by an earlier publish of this id (whose state
             // exists, or is written by the consumer that delivers its message).
@@ -457,30 +499,45 @@ impl Provider for NatsProvider {
 
     async fn get(&self, id: &str) -> Result<Option<Event>, ProviderError> {
         self.shared.check_open()?;
-        Ok(self.shared.store.get(id).await?.map(|v| v.record.event))
+        let group = &self.shared.group;
+        Ok(self
+            .shared
+            .store
+            .get(id)
+            .await?
+            .map(|v| v.record.view(group)))
     }
 
     async fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
         self.shared.check_open()?;
-        let mut events = self.shared.store.scan().await?;
-        events.retain(|event| filter.matches(event));
+        let group = &self.shared.group;
+        let events: Vec<Event> = self
+            .shared
+            .store
+            .scan()
+            .await?
+            .iter()
+            .map(|record| record.view(group))
+            .filter(|event| filter.matches(event))
+            .collect();
         Ok(filter.paginate(events))
     }
 
     async fn update_status(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
         self.shared.check_open()?;
+        let group = &self.shared.group;
         self.shared
             .store
             .modify(id, |record| {
-                if !update.status.is_finished() && record.settled_final() {
+                if !update.status.is_finished() && record.settled_final(group) {
                     return Err(ProviderError::InvalidState {
                         id: id.to_owned(),
-                        status: record.event.status,
+                        status: record.state(group).status,
                         reason: "its delivery already recorded the final outcome; a late status \
                                  change from a worker that lost the delivery is refused",
                     });
                 }
-                update.apply(&mut record.event);
+                record.change(group, |state| state.apply(update));
                 Ok(())
             })
             .await
@@ -495,44 +552,52 @@ impl Provider for NatsProvider {
     async fn requeue(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
         let shared = &self.shared;
         shared.check_open()?;
+        let group = &shared.group;
         let current = shared
             .store
             .get(id)
             .await?
             .ok_or_else(|| ProviderError::NotFound(id.to_owned()))?;
-        let status = current.record.event.status;
-        if !status.is_finished() && !Evidence::gather(shared).await?.abandoned(&current.record) {
-            return Err(ProviderError::InvalidState {
-                id: id.to_owned(),
-                status,
-                reason: "only completed or failed events, and events whose delivery is provably \
-                         abandoned, can be re-run",
-            });
-        }
-        let mut next = current.record.event;
-        update.apply(&mut next);
-        // The message first, named after the revision it re-runs: a repeat of this re-run is
-        // dropped by the duplicate window, and a re-run cut short after storing it is switched
-        // over by the consumer that delivers it.
+        shared.check_rerunnable(id, &current.record).await?;
+        let version = current.record.version(group);
+        let mut state = current.record.state(group);
+        state.apply(update);
+        let next = state.view(&current.record.event);
+        // The message first, for the own group only, named after the version of the group's
+        // state it re-runs: a repeat of this re-run is dropped by the duplicate window, and a
+        // re-run cut short after storing it is switched over by the group's consumer that
+        // delivers it.
         let subject = subjects::event_subject(&shared.prefix, &next)?;
-        let message_id = subjects::rerun_message_id(id, current.revision);
-        let sent = shared.send(subject, encode(&next)?, &message_id).await?;
-        let record = Record::new(next, Some(sent.sequence));
-        let Err(error) = shared.store.replace(&record, current.revision).await else {
-            return Ok(());
-        };
-        match shared.store.get(id).await {
-            // A consumer delivered the message first and switched the state over.
-            Ok(Some(now)) if now.record.seq == Some(sent.sequence) => Ok(()),
-            Ok(Some(now)) => Err(ProviderError::InvalidState {
-                id: id.to_owned(),
-                status: now.record.event.status,
-                reason: "it changed while being re-run; the re-run was dropped",
-            }),
-            Ok(None) => Err(ProviderError::NotFound(id.to_owned())),
-            // The server cannot be reached: the message is stored, and the consumer that
-            // delivers it switches the state over.
-            Err(_) => Err(error),
+        let message_id = subjects::rerun_message_id(id, group, version);
+        let sent = shared
+            .send(subject, encode(&next)?, &message_id, Some(group))
+            .await?;
+        let mut switched = false;
+        let written = shared
+            .store
+            .modify(id, |record| {
+                if record.run(group) == Some(sent.sequence) {
+                    // A consumer delivered the message first and switched the group over.
+                    switched = true;
+                    return Err(ProviderError::NotFound(id.to_owned()));
+                }
+                if record.version(group) != version {
+                    return Err(ProviderError::InvalidState {
+                        id: id.to_owned(),
+                        status: record.state(group).status,
+                        reason: "it changed while being re-run; the re-run was dropped",
+                    });
+                }
+                record.rerun(group, state.clone(), sent.sequence);
+                Ok(())
+            })
+            .await;
+        match written {
+            Ok(_) => Ok(()),
+            Err(_) if switched => Ok(()),
+            // When the server cannot be reached, the message is stored and the consumer that
+            // delivers it switches the group over.
+            Err(error) => Err(error),
         }
     }
 
@@ -562,6 +627,7 @@ impl Provider for NatsProvider {
             consumer,
             options.group,
             durable,
+            options.lease,
         ));
         shared.counters.consumers.fetch_add(1, Ordering::Relaxed);
         shared
@@ -591,10 +657,10 @@ impl Provider for NatsProvider {
         shared.check_open()?;
         let mut stats = ProviderStats::empty(NAME);
         let events = shared.store.scan().await?;
-        for event in &events {
+        for record in &events {
             *stats
                 .by_status
-                .entry(event.status.as_str().into())
+                .entry(record.state(&shared.group).status.as_str().into())
                 .or_default() += 1;
         }
         let mut backend_stats = BTreeMap::new();

@@ -1,40 +1,86 @@
-//! What the state bucket holds for one event: its current state plus the bookkeeping that ties
-//! the state to the stream, so that no stale message or stale worker can change it.
+//! What the state bucket holds for one event: the event as published, and per consumer group
+//! its processing state plus the bookkeeping that ties that state to the stream, so that no
+//! stale message or stale worker can change it.
 //!
-//! - `seq` is the stream sequence of the message that carries the event's current run (its
-//!   publish, or its latest re-run). A message with another sequence for the same event (an
-//!   older run, or a copy stored again after the duplicate window) is stale and skipped.
-//! - `claims` holds, per consumer group (by durable consumer name), the token of the delivery
-//!   that owns the event in that group. A delivery claims the event when it is handed out, and
-//!   only the owning delivery may record an outcome, which settles (removes) its claim: a
-//!   worker whose delivery was redelivered to someone else cannot overwrite the newer outcome
-//!   or acknowledge the newer delivery.
+//! - `event` is the event as published (or stored); its state fields are the state every group
+//!   starts from ([`GroupState::of`]).
+//! - `seq` is the stream sequence of the event's published message. Each group runs the event
+//!   from that message until the group re-runs it: a re-run is a message of its own, whose
+//!   sequence the group's entry records (`groups.{g}.seq`). A message with another sequence for
+//!   the same event (an older run, another group's re-run, a copy stored again after the
+//!   duplicate window) is stale for the group and skipped.
+//! - `groups` holds, per group that touched the event, its [`GroupState`], the sequence of its
+//!   re-run, a `version` counting the writes of the group's entry (a re-run names the version it
+//!   was made from, see [`super::subjects::rerun_message_id`]), and the [`Claim`] of the delivery
+//!   that owns the event in the group. A delivery claims the event when it is handed out, and
+//!   only the owning delivery may record an outcome, which settles (removes) its claim: a worker
+//!   whose delivery was redelivered to someone else cannot overwrite the newer outcome or
+//!   acknowledge the newer delivery.
+//! - `changed` names the group whose state the last write changed, for watchers; `None` when the
+//!   write changed no group's state (the event's creation, a claim, a renewal).
 //!
-//! Stored as `{"event": {..}, "seq": N, "claims": {..}}`. States written before this format
-//! (the bare event) are still read, as records without a sequence or claims.
+//! Stored as `{"event": {..}, "seq": N, "groups": {"g": {"status": .., "seq": N, "version": N,
+//! "claim": {..}}}, "changed": "g"}`. States written before this format (the bare event) are
+//! still read, as records without a sequence or groups.
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::NAME;
 use crate::event::Event;
-use crate::provider::ProviderError;
+use crate::provider::{GroupState, ProviderError};
 
 /// One event's entry in the state bucket.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Record {
-    /// The event's current state.
+    /// The event as published or stored; its state is every group's starting state.
     pub event: Event,
-    /// Stream sequence of the message carrying the current run; `None` for events written
+    /// Stream sequence of the message that published the event; `None` for events written
     /// with `store` only (sync mode), which have no message, and for states written before
     /// sequences were recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
-    /// Delivery token of the delivery that owns the event, by durable consumer name.
+    /// The entries of the groups that touched the event, by group name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub claims: BTreeMap<String, String>,
+    pub groups: BTreeMap<String, GroupRecord>,
+    /// The group whose state the last write changed (`None`: no group's state changed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed: Option<String>,
+}
+
+/// One group's entry of an event.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct GroupRecord {
+    /// The group's processing state.
+    #[serde(flatten)]
+    pub state: GroupState,
+    /// Stream sequence of the group's latest re-run message; `None`: the group runs the
+    /// published message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// How many times the entry was written.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub version: u64,
+    /// The delivery that owns the event in the group, if one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<Claim>,
+}
+
+/// The ownership of an event by one delivery of one group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Claim {
+    /// The delivery's token (its acknowledgement subject).
+    pub delivery: String,
+    /// Until when the owner is known to be alive: the time of the claim or of its latest
+    /// renewal plus the lease of the group's consumer (the owning host's clock).
+    pub expires: DateTime<Utc>,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// A delivery tried to record an outcome for an event that another delivery owns now.
@@ -43,54 +89,160 @@ pub(crate) fn lease_lost(id: &str) -> ProviderError {
         NAME,
         format!(
             "delivery of event {id} is no longer leased (its acknowledgement deadline passed and \
-             it was handed to another consumer); its outcome is not recorded"
+             it was handed to another consumer, or it was re-run); its outcome is not recorded"
         ),
     )
 }
 
 impl Record {
-    /// A record of `event`, carried by the message at `seq` (if any), owned by no delivery.
+    /// A record of `event`, published by the message at `seq` (if any), touched by no group.
     pub(crate) fn new(event: Event, seq: Option<u64>) -> Self {
         Record {
             event,
             seq,
-            claims: BTreeMap::new(),
+            groups: BTreeMap::new(),
+            changed: None,
         }
     }
 
-    /// Whether the message at stream sequence `seq` carries the current run. Records without
-    /// a sequence accept any message.
-    pub(crate) fn carried_by(&self, seq: u64) -> bool {
-        self.seq.is_none_or(|current| current == seq)
+    /// `group`'s state of the event.
+    pub(crate) fn state(&self, group: &str) -> GroupState {
+        self.groups
+            .get(group)
+            .map_or_else(|| GroupState::of(&self.event), |entry| entry.state.clone())
     }
 
-    /// Makes delivery `token` the owner of the event in `group`, replacing an older owner.
-    pub(crate) fn claim(&mut self, group: &str, token: &str) {
-        self.claims.insert(group.to_owned(), token.to_owned());
+    /// The event as `group` sees it.
+    pub(crate) fn view(&self, group: &str) -> Event {
+        match self.groups.get(group) {
+            Some(entry) => entry.state.view(&self.event),
+            None => self.event.clone(),
+        }
     }
 
-    /// Whether delivery `token` owns the event in `group`.
-    pub(crate) fn owned_by(&self, group: &str, token: &str) -> bool {
-        self.claims.get(group).is_some_and(|owner| owner == token)
+    /// How many times `group`'s entry was written (0: never).
+    pub(crate) fn version(&self, group: &str) -> u64 {
+        self.groups.get(group).map_or(0, |entry| entry.version)
     }
 
-    /// Ends the ownership of delivery `token` in `group`.
+    /// Stream sequence of the message carrying `group`'s current run: its latest re-run, or
+    /// the publish.
+    pub(crate) fn run(&self, group: &str) -> Option<u64> {
+        self.groups
+            .get(group)
+            .and_then(|entry| entry.seq)
+            .or(self.seq)
+    }
+
+    /// Whether the message at stream sequence `seq` carries `group`'s current run. Records
+    /// without any sequence accept any message.
+    pub(crate) fn carried_by(&self, group: &str, seq: u64) -> bool {
+        self.run(group).is_none_or(|current| current == seq)
+    }
+
+    /// `group`'s entry for writing (created from the event's state), counted as one write.
+    fn entry_mut(&mut self, group: &str) -> &mut GroupRecord {
+        let event = &self.event;
+        let entry = self
+            .groups
+            .entry(group.to_owned())
+            .or_insert_with(|| GroupRecord {
+                state: GroupState::of(event),
+                ..GroupRecord::default()
+            });
+        entry.version += 1;
+        entry
+    }
+
+    /// Changes `group`'s state and records that it changed.
+    pub(crate) fn change(&mut self, group: &str, change: impl FnOnce(&mut GroupState)) {
+        change(&mut self.entry_mut(group).state);
+        self.changed = Some(group.to_owned());
+    }
+
+    /// Makes `claim` the owner of the event in `group`, replacing an older owner. Changes no
+    /// state: the caller says in `changed` whether its write changed one.
+    pub(crate) fn claim(&mut self, group: &str, claim: Claim) {
+        self.entry_mut(group).claim = Some(claim);
+    }
+
+    /// Whether `delivery` owns the event in `group`.
+    pub(crate) fn owned_by(&self, group: &str, delivery: &str) -> bool {
+        self.groups
+            .get(group)
+            .and_then(|entry| entry.claim.as_ref())
+            .is_some_and(|claim| claim.delivery == delivery)
+    }
+
+    /// Whether a delivery owns the event in `group` and was alive at `now` (its claim has not
+    /// expired).
+    pub(crate) fn held(&self, group: &str, now: DateTime<Utc>) -> bool {
+        self.groups
+            .get(group)
+            .and_then(|entry| entry.claim.as_ref())
+            .is_some_and(|claim| claim.expires > now)
+    }
+
+    /// Extends the claim of `delivery` in `group` until `expires`; changes no state.
     ///
     /// # Errors
     /// The lease-lost error when another delivery (or none) owns the event.
-    pub(crate) fn settle(&mut self, group: &str, token: &str) -> Result<(), ProviderError> {
-        if !self.owned_by(group, token) {
+    pub(crate) fn renew(
+        &mut self,
+        group: &str,
+        delivery: &str,
+        expires: DateTime<Utc>,
+    ) -> Result<(), ProviderError> {
+        if !self.owned_by(group, delivery) {
             return Err(lease_lost(&self.event.id));
         }
-        self.claims.remove(group);
+        if let Some(claim) = self.entry_mut(group).claim.as_mut() {
+            claim.expires = expires;
+        }
+        self.changed = None;
         Ok(())
     }
 
-    /// Whether every delivery of the current run has recorded its outcome and it was final:
-    /// changing such a state back to `pending` or `processing` outside of a delivery can only
-    /// be a late write from a worker that lost its delivery.
-    pub(crate) fn settled_final(&self) -> bool {
-        self.seq.is_some() && self.claims.is_empty() && self.event.status.is_finished()
+    /// Ends the ownership of `delivery` in `group`.
+    ///
+    /// # Errors
+    /// The lease-lost error when another delivery (or none) owns the event.
+    pub(crate) fn settle(&mut self, group: &str, delivery: &str) -> Result<(), ProviderError> {
+        if !self.owned_by(group, delivery) {
+            return Err(lease_lost(&self.event.id));
+        }
+        self.entry_mut(group).claim = None;
+        Ok(())
+    }
+
+    /// Takes the event away from whichever delivery owns it in `group` (the sweep, a dead
+    /// letter): that delivery can no longer record an outcome.
+    pub(crate) fn revoke(&mut self, group: &str) {
+        if let Some(entry) = self.groups.get_mut(group) {
+            entry.claim = None;
+        }
+    }
+
+    /// Switches `group` to a re-run carried by the message at `seq`, in `state`, owned by no
+    /// delivery.
+    pub(crate) fn rerun(&mut self, group: &str, state: GroupState, seq: u64) {
+        let entry = self.entry_mut(group);
+        entry.state = state;
+        entry.seq = Some(seq);
+        entry.claim = None;
+        self.changed = Some(group.to_owned());
+    }
+
+    /// Whether every delivery of `group`'s current run has recorded its outcome and it was
+    /// final: changing such a state back to `pending` or `processing` outside of a delivery
+    /// can only be a late write from a worker that lost its delivery.
+    pub(crate) fn settled_final(&self, group: &str) -> bool {
+        self.run(group).is_some()
+            && self
+                .groups
+                .get(group)
+                .is_none_or(|entry| entry.claim.is_none())
+            && self.state(group).is_finished()
     }
 
     /// The JSON stored in the bucket.
@@ -125,46 +277,120 @@ mod tests {
         Event::new(EventSource::System, "a.b", "test")
     }
 
+    fn claim(delivery: &str) -> Claim {
+        Claim {
+            delivery: delivery.into(),
+            expires: Utc::now() + chrono::Duration::seconds(60),
+        }
+    }
+
     #[test]
-    fn records_round_trip_and_bare_events_still_read() {
+    fn records_round_trip_and_earlier_values_still_read() {
         let mut record = Record::new(event(), Some(7));
-        record.claim("workers", "$JS.ACK.S.workers.1.7.9.0.0");
+        record.change("g", |state| state.status = EventStatus::Failed);
+        record.claim("workers", claim("$JS.ACK.S.workers.1.7.9.0.0"));
+        record.rerun("other", GroupState::default(), 9);
         let decoded = Record::decode(&record.encode().unwrap()).unwrap();
         assert_eq!(decoded, record);
-        let bare = serde_json::to_vec(&record.event).unwrap();
-        assert_eq!(
-            Record::decode(&bare).unwrap(),
-            Record::new(record.event.clone(), None)
-        );
+        assert_eq!(decoded.view("g").status, EventStatus::Failed);
+        assert_eq!(decoded.view("workers").status, EventStatus::Pending);
+        assert_eq!(decoded.view("unknown").status, EventStatus::Pending);
+
+        // A bare event (the first format).
+        let mut finished = event();
+        finished.status = EventStatus::Completed;
+        let bare = serde_json::to_vec(&finished).unwrap();
+        let read = Record::decode(&bare).unwrap();
+        assert_eq!(read, Record::new(finished.clone(), None));
+        assert_eq!(read.state("any").status, EventStatus::Completed);
+
+        // Group states without stream bookkeeping (a format of the development history).
+        let states = serde_json::json!({
+            "event": finished,
+            "groups": {"g": {"status": "failed", "error": "boom", "retry_count": 2}},
+            "changed": "g"
+        });
+        let read = Record::decode(&serde_json::to_vec(&states).unwrap()).unwrap();
+        assert_eq!(read.state("g").status, EventStatus::Failed);
+        assert_eq!(read.state("g").retry_count, 2);
+        assert_eq!(read.version("g"), 0);
+        assert_eq!(read.run("g"), None);
+
         let error = Record::decode(b"{\"nope\": 1}").unwrap_err();
         assert!(error.to_string().contains("not valid JSON"), "{error}");
     }
 
     #[test]
-    fn only_the_owning_delivery_settles() {
+    fn only_the_owning_delivery_settles_or_renews() {
         let mut record = Record::new(event(), Some(3));
-        record.claim("g", "old");
-        record.claim("g", "new");
-        record.claim("other", "x");
+        record.claim("g", claim("old"));
+        record.claim("g", claim("new"));
+        record.claim("other", claim("x"));
         let error = record.settle("g", "old").unwrap_err();
         assert!(error.to_string().contains("no longer leased"), "{error}");
+        assert!(record.renew("g", "old", Utc::now()).is_err());
+        record.renew("g", "new", Utc::now()).unwrap();
         record.settle("g", "new").unwrap();
         assert!(record.settle("g", "new").is_err(), "settles once");
         assert!(record.owned_by("other", "x"));
-        assert!(record.carried_by(3) && !record.carried_by(4));
-        assert!(Record::new(event(), None).carried_by(4));
+        record.revoke("other");
+        assert!(!record.owned_by("other", "x"));
     }
 
     #[test]
-    fn settled_final_needs_a_message_no_owner_and_a_final_status() {
+    fn each_group_runs_the_publish_until_it_re_runs() {
+        let mut record = Record::new(event(), Some(3));
+        assert!(record.carried_by("g", 3) && !record.carried_by("g", 4));
+        let before = record.version("g");
+        record.claim("g", claim("d"));
+        record.rerun("g", GroupState::default(), 8);
+        assert!(record.version("g") > before);
+        assert!(record.carried_by("g", 8) && !record.carried_by("g", 3));
+        assert!(!record.owned_by("g", "d"), "a re-run has no owner yet");
+        assert!(record.carried_by("h", 3) && !record.carried_by("h", 8));
+        assert!(Record::new(event(), None).carried_by("g", 4));
+    }
+
+    #[test]
+    fn a_claim_is_held_until_it_expires() {
         let mut record = Record::new(event(), Some(1));
-        assert!(!record.settled_final());
-        record.event.status = EventStatus::Completed;
-        assert!(record.settled_final());
-        record.claim("g", "t");
-        assert!(!record.settled_final());
+        let now = Utc::now();
+        assert!(!record.held("g", now));
+        record.claim(
+            "g",
+            Claim {
+                delivery: "d".into(),
+                expires: now + chrono::Duration::seconds(1),
+            },
+        );
+        assert!(record.held("g", now));
+        assert!(!record.held("g", now + chrono::Duration::seconds(2)));
+        assert!(!record.held("h", now));
+    }
+
+    #[test]
+    fn settled_final_needs_a_message_no_owner_and_a_final_status_in_the_group() {
+        let mut record = Record::new(event(), Some(1));
+        assert!(!record.settled_final("g"));
+        record.change("g", |state| state.status = EventStatus::Completed);
+        assert!(record.settled_final("g"));
+        assert!(!record.settled_final("h"), "another group has not finished");
+        record.claim("g", claim("t"));
+        assert!(!record.settled_final("g"));
         let mut stored_only = Record::new(event(), None);
-        stored_only.event.status = EventStatus::Failed;
-        assert!(!stored_only.settled_final());
+        stored_only.change("g", |state| state.status = EventStatus::Failed);
+        assert!(!stored_only.settled_final("g"));
+    }
+
+    #[test]
+    fn changed_names_the_group_whose_state_changed() {
+        let mut record = Record::new(event(), Some(1));
+        record.change("g", |state| state.status = EventStatus::Processing);
+        assert_eq!(record.changed.as_deref(), Some("g"));
+        record.claim("g", claim("d"));
+        record.renew("g", "d", Utc::now()).unwrap();
+        assert_eq!(record.changed, None, "a renewal changes no state");
+        record.rerun("h", GroupState::default(), 2);
+        assert_eq!(record.changed.as_deref(), Some("h"));
     }
 }

@@ -1,6 +1,6 @@
-//! The state store: a JetStream key-value bucket holding each event's [`Record`] (current
-//! state, the stream sequence of its current run, the deliveries that own it) as JSON, keyed
-//! by the (encoded) event id.
+//! The state store: a JetStream key-value bucket holding each event's [`Record`] (the event as
+//! published, and per consumer group its state, its current run and the delivery that owns it)
+//! as JSON, keyed by the (encoded) event id.
 //!
 //! - `create` is atomic: it fails if a live entry with that id exists (duplicates).
 //! - Every change is a compare-and-set on the entry's revision ([`StateStore::modify`]):
@@ -227,18 +227,8 @@ impl StateStore {
             .map_err(|e| backend(format!("cannot delete event {id}: {e}")))
     }
 
-    /// Every stored event (latest state), in the order of their last change.
-    pub(crate) async fn scan(&self) -> Result<Vec<Event>, ProviderError> {
-        Ok(self
-            .scan_records()
-            .await?
-            .into_iter()
-            .map(|record| record.event)
-            .collect())
-    }
-
     /// Every stored record, in the order of their last change.
-    pub(crate) async fn scan_records(&self) -> Result<Vec<Record>, ProviderError> {
+    pub(crate) async fn scan(&self) -> Result<Vec<Record>, ProviderError> {
         let stream = &self.kv.stream;
         let consumer: consumer::PullConsumer = stream
             .create_consumer(consumer::pull::Config {

@@ -6,7 +6,8 @@
 //!   would make an invalid subject or a wildcard).
 //! - A pattern maps to the filter subject `{prefix}.*.{pattern}` (`*` stays `*`, `>` and `**`
 //!   become `>`); the bare `*` (or `>`) maps to `{prefix}.>`.
-//! - A re-run's message id is `{id}:requeue:{revision}`, naming the state revision it re-runs.
+//! - A re-run's message id is `{id}:requeue:{group}:{version}`, naming the (encoded) group it
+//!   re-runs the event in and the version of that group's state it re-runs.
 //! - Event ids and group names made only of ASCII letters, digits, `_` and `-` are used as they
 //!   are; any other is written as `=` followed by its hex encoding (`=` never occurs in the
 //!   plain form, so the two cannot collide).
@@ -117,19 +118,46 @@ pub(crate) fn encode_name(name: &str) -> String {
     }
 }
 
-/// The message id of a re-run of event `id` from its state at `revision` (unique per re-run,
-/// so the duplicate window never drops a later re-run, while a repeat of the same one is).
-pub(crate) fn rerun_message_id(id: &str, revision: u64) -> String {
-    format!("{id}:requeue:{revision}")
+/// The name [`encode_name`] encoded (a consumer name back to its group), or the text as it is
+/// when it is not a valid encoding.
+pub(crate) fn decode_name(encoded: &str) -> String {
+    encoded
+        .strip_prefix('=')
+        .and_then(|hex_text| hex::decode(hex_text).ok())
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .unwrap_or_else(|| encoded.to_owned())
 }
 
-/// The state revision a message with id `message_id` re-runs, if it is a re-run of `id`.
-pub(crate) fn rerun_revision(message_id: &str, id: &str) -> Option<u64> {
-    message_id
+/// What a re-run's message id names: the group it re-runs the event in, and the version of that
+/// group's state it re-runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Rerun {
+    /// The group, encoded with [`encode_name`] (its durable consumer's name).
+    pub group: String,
+    /// The version of the group's state the re-run was made from.
+    pub version: u64,
+}
+
+/// The message id of a re-run of event `id` in `group` from the group's state at `version`
+/// (unique per re-run, so the duplicate window never drops a later re-run, while a repeat of
+/// the same one is).
+pub(crate) fn rerun_message_id(id: &str, group: &str, version: u64) -> String {
+    format!("{id}:requeue:{}:{version}", encode_name(group))
+}
+
+/// The re-run a message with id `message_id` carries, if it is a re-run of `id`.
+pub(crate) fn rerun_of(message_id: &str, id: &str) -> Option<Rerun> {
+    let (group, version) = message_id
         .strip_prefix(id)?
         .strip_prefix(":requeue:")?
-        .parse()
-        .ok()
+        .rsplit_once(':')?;
+    if group.contains(':') {
+        return None;
+    }
+    Some(Rerun {
+        group: group.to_owned(),
+        version: version.parse().ok()?,
+    })
 }
 
 #[cfg(test)]
@@ -174,13 +202,27 @@ mod tests {
     }
 
     #[test]
-    fn rerun_ids_name_the_event_and_revision() {
-        let id = rerun_message_id("a:requeue:1", 42);
-        assert_eq!(rerun_revision(&id, "a:requeue:1"), Some(42));
-        assert_eq!(rerun_revision(&id, "a"), None);
-        assert_eq!(rerun_revision("a", "a"), None);
-        assert_eq!(rerun_revision("a:requeue:x", "a"), None);
-        assert_eq!(rerun_revision("b:requeue:3", "a"), None);
+    fn rerun_ids_name_the_event_group_and_version() {
+        let id = rerun_message_id("a:requeue:1", "group a", 42);
+        let rerun = Rerun {
+            group: encode_name("group a"),
+            version: 42,
+        };
+        assert_eq!(rerun_of(&id, "a:requeue:1"), Some(rerun));
+        assert_eq!(rerun_of(&id, "a"), None);
+        assert_eq!(rerun_of("a", "a"), None);
+        assert_eq!(rerun_of("a:requeue:g:x", "a"), None);
+        assert_eq!(
+            rerun_of("a:requeue:3", "a"),
+            None,
+            "an id of an earlier version"
+        );
+        assert_eq!(rerun_of("b:requeue:g:3", "a"), None);
+        assert_ne!(
+            rerun_message_id("a", "g1", 1),
+            rerun_message_id("a", "g2", 1),
+            "each group's re-runs have their own ids"
+        );
     }
 
     #[test]
@@ -190,5 +232,8 @@ mod tests {
         assert_eq!(encode_name("a:b"), "=613a62");
         assert_eq!(encode_name(""), "=");
         assert_ne!(encode_name("x y"), encode_name("x_y"));
+        for name in ["abc-DEF_123", "a.b", "a:b", "", "grüppe 1"] {
+            assert_eq!(decode_name(&encode_name(name)), name);
+        }
     }
 }

@@ -1,20 +1,23 @@
-//! Events whose delivery is provably abandoned: not finished, yet no consumer group will ever
-//! deliver the message of their current run again. The write order and the dead-letter
-//! stream keep this from happening in normal operation; what is left (a message that expired
-//! with `max_age` while its state lived on, a message settled behind the provider's back, an
-//! advisory lost before the dead-letter stream existed) is found here.
+//! Events whose delivery is provably abandoned in a consumer group: not finished in the group,
+//! yet the group will never deliver the message of its current run (the publish, or the group's
+//! latest re-run) again. The write order and the dead-letter stream keep this from happening in
+//! normal operation; what is left (a message that expired with `max_age` while its state lived
+//! on, a message settled behind the provider's back, an advisory lost before the dead-letter
+//! stream existed) is found here.
 //!
-//! The proof comes from the server: the message has left the stream, or every durable
-//! consumer (group) on the stream has settled it — its sequence is at or under the group's
-//! acknowledgement floor, or the group delivered it and holds no unacknowledged message at all.
-//! Anything that cannot be proven (no group yet, a group with messages in flight, an event
+//! The proof comes from the server: the message has left the stream, or the group's durable
+//! consumer has settled it — its sequence is at or under the group's acknowledgement floor, or
+//! the group delivered it and holds no unacknowledged message at all. Anything that cannot be
+//! proven (a group without a durable consumer yet, a group with messages in flight, an event
 //! stored without a message) is not abandoned.
 //!
 //! `requeue` accepts abandoned events; every host also sweeps the bucket every
-//! [`SWEEP_INTERVAL`] and records the abandoned ones as `failed` with an error saying so (a
-//! compare-and-set on the revision it read, so an event that moves meanwhile is left alone),
-//! from where they can be re-run.
+//! [`SWEEP_INTERVAL`] and records the abandoned ones as `failed` in each group that abandoned
+//! them (among the groups with a durable consumer on the stream), with an error saying so (a
+//! compare-and-set that re-checks the proof on the record as it is by then, so an event that
+//! moves meanwhile is left alone), from where they can be re-run.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -22,6 +25,7 @@ use chrono::Utc;
 use futures::StreamExt;
 
 use super::record::Record;
+use super::subjects::{decode_name, encode_name};
 use super::{NAME, Shared};
 use crate::event::EventStatus;
 use crate::provider::ProviderError;
@@ -30,7 +34,7 @@ use crate::provider::ProviderError;
 pub(crate) const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The error recorded on an event found abandoned.
-const ABANDONED: &str = "abandoned: the message of this run was settled by every consumer group \
+const ABANDONED: &str = "abandoned: the message of this run was settled by the consumer group \
                          (or left the stream) without a final outcome being recorded; re-run it \
                          with retry";
 
@@ -49,7 +53,8 @@ struct GroupProgress {
 pub(crate) struct Evidence {
     /// The lowest sequence still in the stream; `None` when the stream is empty.
     first: Option<u64>,
-    groups: Vec<GroupProgress>,
+    /// Each group's progress, by durable consumer name.
+    groups: BTreeMap<String, GroupProgress>,
 }
 
 impl Evidence {
@@ -64,90 +69,102 @@ impl Evidence {
             .await
             .map_err(|e| backend(format!("cannot read stream info: {e}")))?;
         let first = (info.state.messages > 0).then_some(info.state.first_sequence);
-        let mut groups = Vec::new();
+        let mut groups = BTreeMap::new();
         let mut consumers = shared.stream.consumers();
         while let Some(consumer) = consumers.next().await {
             let consumer =
                 consumer.map_err(|e| backend(format!("cannot read consumer groups: {e}")))?;
-            if consumer.config.durable_name.is_some() {
-                groups.push(GroupProgress {
-                    ack_floor: consumer.ack_floor.stream_sequence,
-                    delivered: consumer.delivered.stream_sequence,
-                    unacknowledged: consumer.num_ack_pending,
-                });
+            if let Some(durable) = consumer.config.durable_name {
+                groups.insert(
+                    durable,
+                    GroupProgress {
+                        ack_floor: consumer.ack_floor.stream_sequence,
+                        delivered: consumer.delivered.stream_sequence,
+                        unacknowledged: consumer.num_ack_pending,
+                    },
+                );
             }
         }
         Ok(Evidence { first, groups })
     }
 
-    /// Whether no group will deliver the current run of `record` again (see the module
-    /// documentation); `false` for finished events.
-    pub(crate) fn abandoned(&self, record: &Record) -> bool {
-        let Some(seq) = record.seq else {
+    /// Whether `group` will not deliver its current run of `record` again (see the module
+    /// documentation); `false` for events the group finished.
+    pub(crate) fn abandoned(&self, record: &Record, group: &str) -> bool {
+        let Some(seq) = record.run(group) else {
             return false;
         };
-        if record.event.status.is_finished() {
+        if record.state(group).is_finished() {
             return false;
         }
         if self.first.is_none_or(|first| seq < first) {
             return true;
         }
-        !self.groups.is_empty()
-            && self.groups.iter().all(|group| {
-                seq <= group.ack_floor || (seq <= group.delivered && group.unacknowledged == 0)
+        self.groups
+            .get(&encode_name(group))
+            .is_some_and(|progress| {
+                seq <= progress.ack_floor
+                    || (seq <= progress.delivered && progress.unacknowledged == 0)
             })
+    }
+
+    /// The groups with a durable consumer on the stream.
+    fn group_names(&self) -> impl Iterator<Item = String> + '_ {
+        self.groups.keys().map(|durable| decode_name(durable))
     }
 }
 
-/// Records every abandoned event as failed; returns how many.
+/// Records every event abandoned in a group as failed in that group; returns how many
+/// (event, group) pairs.
 ///
 /// # Errors
 /// Backend failures reading the bucket or the server's state.
 pub(crate) async fn sweep(shared: &Shared) -> Result<usize, ProviderError> {
-    let candidates: Vec<Record> = shared
-        .store
-        .scan_records()
-        .await?
-        .into_iter()
-        .filter(|record| record.seq.is_some() && !record.event.status.is_finished())
-        .collect();
-    if candidates.is_empty() {
+    let records = shared.store.scan().await?;
+    if records.is_empty() {
         return Ok(0);
     }
     // The compare-and-set re-checks each record as it is by then: an outcome recorded
     // meanwhile (always written before its message is settled) makes it finished, and a
-    // re-run changes its sequence.
+    // re-run changes the group's run.
     let evidence = Evidence::gather(shared).await?;
+    let groups: Vec<String> = evidence.group_names().collect();
     let mut failed = 0;
-    for candidate in candidates
-        .iter()
-        .filter(|record| evidence.abandoned(record))
-    {
-        let id = &candidate.event.id;
-        let result = shared
-            .store
-            .modify(id, |record| {
-                if record.seq != candidate.seq || !evidence.abandoned(record) {
-                    return Err(ProviderError::InvalidState {
-                        id: id.clone(),
-                        status: record.event.status,
-                        reason: "it moved on while being swept",
+    for candidate in &records {
+        for group in groups
+            .iter()
+            .filter(|group| evidence.abandoned(candidate, group))
+        {
+            let id = &candidate.event.id;
+            let result = shared
+                .store
+                .modify(id, |record| {
+                    if record.run(group) != candidate.run(group)
+                        || !evidence.abandoned(record, group)
+                    {
+                        return Err(ProviderError::InvalidState {
+                            id: id.clone(),
+                            status: record.state(group).status,
+                            reason: "it moved on while being swept",
+                        });
+                    }
+                    record.revoke(group);
+                    record.change(group, |state| {
+                        state.status = EventStatus::Failed;
+                        state.error = Some(ABANDONED.into());
+                        state.completed_at = Some(Utc::now());
                     });
+                    Ok(())
+                })
+                .await;
+            match result {
+                Ok(_) => {
+                    tracing::warn!(event_id = %id, %group, "recorded an abandoned event as failed");
+                    failed += 1;
                 }
-                record.claims.clear();
-                record.event.status = EventStatus::Failed;
-                record.event.error = Some(ABANDONED.into());
-                record.event.completed_at = Some(Utc::now());
-                Ok(())
-            })
-            .await;
-        match result {
-            Ok(_) => {
-                tracing::warn!(event_id = %id, "recorded an abandoned event as failed");
-                failed += 1;
+                Err(ProviderError::InvalidState { .. } | ProviderError::NotFound(_)) => {}
+                Err(error) => return Err(error),
             }
-            Err(ProviderError::InvalidState { .. } | ProviderError::NotFound(_)) => {}
-            Err(error) => return Err(error),
         }
     }
     Ok(failed)
@@ -181,9 +198,9 @@ mod tests {
     use crate::event::{Event, EventSource};
 
     fn record(status: EventStatus, seq: Option<u64>) -> Record {
-        let mut event = Event::new(EventSource::System, "a.b", "test");
-        event.status = status;
-        Record::new(event, seq)
+        let mut record = Record::new(Event::new(EventSource::System, "a.b", "test"), seq);
+        record.change("g", |state| state.status = status);
+        record
     }
 
     fn group(ack_floor: u64, delivered: u64, unacknowledged: usize) -> GroupProgress {
@@ -195,22 +212,36 @@ mod tests {
     }
 
     #[test]
-    fn only_what_the_server_proves_settled_is_abandoned() {
-        let evidence = |first, groups| Evidence { first, groups };
+    fn only_what_the_server_proves_settled_in_the_group_is_abandoned() {
+        let evidence = |first, groups: Vec<(&str, GroupProgress)>| Evidence {
+            first,
+            groups: groups
+                .into_iter()
+                .map(|(name, progress)| (encode_name(name), progress))
+                .collect(),
+        };
         let processing = record(EventStatus::Processing, Some(5));
-        // Every group acknowledged up to it, or delivered it and holds nothing.
-        assert!(evidence(Some(1), vec![group(5, 9, 3), group(0, 7, 0)]).abandoned(&processing));
-        // One group still may deliver it, or holds messages in flight.
-        assert!(!evidence(Some(1), vec![group(5, 9, 0), group(4, 4, 0)]).abandoned(&processing));
-        assert!(!evidence(Some(1), vec![group(4, 9, 1)]).abandoned(&processing));
-        // No group yet: one joining later delivers it.
-        assert!(!evidence(Some(1), Vec::new()).abandoned(&processing));
+        // The group acknowledged up to it, or delivered it and holds nothing.
+        assert!(evidence(Some(1), vec![("g", group(5, 9, 3))]).abandoned(&processing, "g"));
+        assert!(evidence(Some(1), vec![("g", group(0, 7, 0))]).abandoned(&processing, "g"));
+        // Another group's progress proves nothing for this one.
+        assert!(!evidence(Some(1), vec![("h", group(9, 9, 0))]).abandoned(&processing, "g"));
+        // The group still may deliver it, or holds messages in flight.
+        assert!(!evidence(Some(1), vec![("g", group(4, 4, 0))]).abandoned(&processing, "g"));
+        assert!(!evidence(Some(1), vec![("g", group(4, 9, 1))]).abandoned(&processing, "g"));
+        // No durable consumer for the group yet: one joining later delivers it.
+        assert!(!evidence(Some(1), Vec::new()).abandoned(&processing, "g"));
         // Gone from the stream.
-        assert!(evidence(Some(6), vec![group(0, 0, 1)]).abandoned(&processing));
-        assert!(evidence(None, Vec::new()).abandoned(&processing));
-        // Finished, or stored without a message: never.
-        let all_settled = evidence(Some(1), vec![group(9, 9, 0)]);
-        assert!(!all_settled.abandoned(&record(EventStatus::Failed, Some(5))));
-        assert!(!all_settled.abandoned(&record(EventStatus::Pending, None)));
+        assert!(evidence(Some(6), vec![("g", group(0, 0, 1))]).abandoned(&processing, "g"));
+        assert!(evidence(None, Vec::new()).abandoned(&processing, "g"));
+        // Finished in the group, or stored without a message: never.
+        let all_settled = evidence(Some(1), vec![("g", group(9, 9, 0))]);
+        assert!(!all_settled.abandoned(&record(EventStatus::Failed, Some(5)), "g"));
+        assert!(!all_settled.abandoned(&record(EventStatus::Pending, None), "g"));
+        // A group's re-run is its own run: the publish being settled proves nothing about it.
+        let mut rerun = record(EventStatus::Failed, Some(5));
+        rerun.rerun("g", crate::provider::GroupState::default(), 12);
+        assert!(!all_settled.abandoned(&rerun, "g"));
+        assert!(evidence(Some(1), vec![("g", group(12, 12, 0))]).abandoned(&rerun, "g"));
     }
 }

@@ -2,10 +2,11 @@
 //!
 //! A watcher merges two ordered ephemeral consumers, both starting at "now":
 //! - one on the event stream with the pattern's filter subject, so the server only sends
-//!   matching publishes (and re-runs);
+//!   matching publishes (and re-runs; other groups' re-runs are skipped here);
 //! - one on the state bucket (a key-value watch), filtered here by the pattern, for every
-//!   status change. Entries still in their just-published state are skipped there because the
-//!   first consumer already reported them.
+//!   change of the provider's own group's state (the record's `changed`; other groups' changes,
+//!   claims and renewals are skipped). A record that no group touched yet is shown unless it is
+//!   still in its just-published state, which the first consumer already reported.
 //!
 //! Ordered consumers are flow-controlled by the server and recreated on gaps, so a slow watcher
 //! falls behind without losing events and never needs a lag report. When both sources have
@@ -15,6 +16,7 @@ use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, push};
 use async_nats::jetstream::kv::Operation;
 use futures::stream::{PollNext, StreamExt};
 
+use super::consumer::GROUP_HEADER;
 use super::record::Record;
 use super::{NAME, Shared};
 use crate::event::{Event, EventStatus};
@@ -45,6 +47,7 @@ pub(crate) async fn watch(
         .get_stream(&shared.stream_name)
         .await
         .map_err(|e| backend(format!("cannot open stream {:?}: {e}", shared.stream_name)))?;
+    let own_published = shared.group.clone();
     let published = stream
         .create_consumer(push::OrderedConfig {
             deliver_subject: shared.client.new_inbox(),
@@ -59,8 +62,18 @@ pub(crate) async fn watch(
         .messages()
         .await
         .map_err(|e| backend(format!("cannot open a watcher: {e}")))?
-        .filter_map(|message| {
+        .filter_map(move |message| {
             let item: Option<WatchItem> = match message {
+                // Another group's re-run is not shown.
+                Ok(message)
+                    if message
+                        .headers
+                        .as_ref()
+                        .and_then(|headers| headers.get(GROUP_HEADER))
+                        .is_some_and(|group| group.as_str() != own_published) =>
+                {
+                    None
+                }
                 Ok(message) => match serde_json::from_slice::<Event>(&message.payload) {
                     Ok(event) => Some(Ok(event)),
                     Err(error) => {
@@ -73,6 +86,7 @@ pub(crate) async fn watch(
             futures::future::ready(item)
         });
     let pattern = pattern.clone();
+    let own = shared.group.clone();
     let changes = shared
         .store
         .watch()
@@ -80,10 +94,16 @@ pub(crate) async fn watch(
         .filter_map(move |entry| {
             let item: Option<WatchItem> = match entry {
                 Ok(entry) if entry.operation == Operation::Put => {
-                    match Record::decode(&entry.value).map(|record| record.event) {
-                        Ok(event) if pattern.matches(&event.event_type) && !just_published(&event) => {
-                            Some(Ok(event))
+                    let shown = Record::decode(&entry.value).map(|record| match &record.changed {
+                        Some(group) if *group == own => Some(record.view(&own)),
+                        Some(_) => None,
+                        None if record.groups.is_empty() => {
+                            Some(record.event).filter(|event| !just_published(event))
                         }
+                        None => None,
+                    });
+                    match shown {
+                        Ok(Some(event)) if pattern.matches(&event.event_type) => Some(Ok(event)),
                         Ok(_) => None,
                         Err(error) => {
                             tracing::warn!(key = %entry.key, %error, "watcher skipped an unreadable event state");

@@ -326,8 +326,8 @@ impl ConsumerInner {
         self.resolve(entries::read_reply(&reply), false).await
     }
 
-    /// Turns entries into deliveries: loads their events, acknowledges entries that are not
-    /// for this group or whose event is gone.
+    /// Turns entries into deliveries: loads their events as this group sees them,
+    /// acknowledges entries that are not for this group or whose event is gone.
     async fn resolve(
         &self,
         found: Vec<Entry>,
@@ -350,7 +350,7 @@ impl ConsumerInner {
             .iter()
             .filter_map(|e| e.field("id").map(str::to_owned))
             .collect();
-        let events = self.shared.load(&ids).await?;
+        let events = self.shared.load(&ids, &self.group).await?;
         let counts = if redelivered && !wanted.is_empty() {
             self.delivery_counts(&wanted).await?
         } else {

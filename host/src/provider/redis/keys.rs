@@ -20,6 +20,10 @@ pub(crate) struct Keys {
     pub trim: String,
     /// Pub/sub channel of watchers (`{p}:watch`).
     pub watch: String,
+    /// Set of the consumer groups whose state indexes writes maintain (`{p}:groups`).
+    pub groups: String,
+    /// Set of the groups whose state index covers every stored event (`{p}:groups:indexed`).
+    pub groups_indexed: String,
 }
 
 impl Keys {
@@ -32,6 +36,8 @@ impl Keys {
             instances: format!("{stream}:instances"),
             trim: format!("{stream}:trim"),
             watch: format!("{stream}:watch"),
+            groups: format!("{stream}:groups"),
+            groups_indexed: format!("{stream}:groups:indexed"),
         }
     }
 
@@ -40,9 +46,15 @@ impl Keys {
         format!("{}:ev:{id}", self.stream)
     }
 
-    /// Index of events in one status.
+    /// Index of events in one status, as written before group states existed (kept only to
+    /// be cleaned up).
     pub(crate) fn by_status(&self, status: EventStatus) -> String {
         format!("{}:idx:status:{}", self.stream, status.as_str())
+    }
+
+    /// Index of the events one consumer group sees in one status (`{p}:gs:{group}:{status}`).
+    pub(crate) fn group_status(&self, group: &str, status: EventStatus) -> String {
+        format!("{}:gs:{group}:{}", self.stream, status.as_str())
     }
 
     /// Index of events from one source.
@@ -68,5 +80,9 @@ mod tests {
         assert_eq!(keys.by_source(EventSource::System), "s:idx:source:system");
         assert_eq!(keys.by_instance("h1"), "s:idx:instance:h1");
         assert_eq!(keys.dead, "s:dead");
+        assert_eq!(
+            keys.group_status("g", EventStatus::Pending),
+            "s:gs:g:pending"
+        );
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! - trimming: keep about `max_len` stream entries, never trimming an entry that some group
 //!   has not read or not acknowledged (the bound is stored for `XADD … MINID ~` too);
-//! - retention: remove finished events (hash and index entries) `retention` after they
-//!   finished;
+//! - retention: remove settled events (finished by every consumer group; hash and index
+//!   entries) `retention` after the last group finished them;
 //! - idle consumers: delete consumers that hold nothing and have been idle for
 //!   `consumer_idle_timeout`.
 
@@ -72,7 +72,8 @@ pub(crate) async fn pass(shared: &Arc<Shared>) -> Result<(), ProviderError> {
             .await
             .map_err(backend)?;
         for id in &expired {
-            shared.prune(id).await?;
+            // An event a group has not finished (one created since) leaves the index instead.
+            shared.prune(id, true).await?;
         }
         if expired.len() < CLEANUP_CHUNK {
             break;

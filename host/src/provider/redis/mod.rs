@@ -6,6 +6,8 @@
 //!   together, and an existing id is rejected ([`ProviderError::Duplicate`]).
 //! - Consumers use `XREADGROUP` (bounded `BLOCK`), take over idle entries with `XAUTOCLAIM`,
 //!   and every outcome (status, acknowledgement, redelivery, dead letter) is one script.
+//! - Each consumer group keeps its own state of each event (hash fields and status index per
+//!   group); queries show the configured `redis.consumer_group`.
 //! - Watchers get events from a pub/sub channel, independent of the consumer groups.
 //! - Every command has a timeout; reconnection is automatic.
 
@@ -57,6 +59,9 @@ pub struct RedisOptions {
     pub group: String,
     /// The broker-level group name that is mapped to [`RedisOptions::group`].
     pub broker_group: String,
+    /// The broker's lease: with no `claim_idle`, how long a delivery may stay idle before
+    /// it counts as abandoned (by `requeue`).
+    pub lease: Duration,
     /// Approximate stream length bound (never trimming unfinished entries).
     pub max_len: u64,
     /// Longest `BLOCK` of a read.
@@ -123,6 +128,7 @@ impl RedisOptions {
             stream: redis.stream_name.clone(),
             group: redis.consumer_group.clone(),
             broker_group: config.consumer_group.clone(),
+            lease: config.lease,
             max_len: redis.max_len.max(1),
             block_time: redis.block_time.max(Duration::from_millis(1)),
             batch_size: redis.batch_size.max(1),
@@ -185,7 +191,8 @@ pub(crate) fn script_error(error: RedisError, id: &str) -> ProviderError {
                 .detail()
                 .and_then(|s| s.trim().parse().ok())
                 .unwrap_or(EventStatus::Processing),
-            reason: "only completed or failed events can be re-run",
+            reason: "a consumer of the group holds a live lease on it; retry it once it \
+                     finished or its lease expired",
         },
         _ => backend(error),
     }
@@ -242,7 +249,8 @@ impl Shared {
         }
     }
 
-    /// Creates `group` from the beginning of the stream (creating the stream) unless it exists.
+    /// Creates `group` from the beginning of the stream (creating the stream) unless it exists,
+    /// and makes sure its state index (`{p}:gs:{group}:…`) covers every stored event.
     pub(crate) async fn ensure_group(&self, group: &str) -> Result<(), ProviderError> {
         let result: Result<(), RedisError> = redis::cmd("XGROUP")
             .arg("CREATE")
@@ -253,10 +261,59 @@ impl Shared {
             .query_async(&mut self.conn())
             .await;
         match result {
-            Ok(()) => Ok(()),
-            Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
-            Err(error) => Err(backend(error)),
+            Ok(()) => {}
+            Err(error) if error.code() == Some("BUSYGROUP") => {}
+            Err(error) => return Err(backend(error)),
         }
+        self.index_group(group).await
+    }
+
+    /// Adds `group` to the groups whose state index writes maintain, then indexes the events
+    /// stored before (once per group; an interrupted pass is redone at the next start).
+    async fn index_group(&self, group: &str) -> Result<(), ProviderError> {
+        let mut conn = self.conn();
+        let (_, indexed): (i64, bool) = redis::pipe()
+            .cmd("SADD")
+            .arg(&self.keys.groups)
+            .arg(group)
+            .cmd("SISMEMBER")
+            .arg(&self.keys.groups_indexed)
+            .arg(group)
+            .query_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        if indexed {
+            return Ok(());
+        }
+        let mut first = 0usize;
+        loop {
+            let indexed: usize = self
+                .scripts
+                .index_group
+                .arg(&self.keys.stream)
+                .arg(group)
+                .arg(first)
+                .arg(LIST_CHUNK)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(backend)?;
+            first += indexed;
+            if indexed < LIST_CHUNK {
+                break;
+            }
+        }
+        let _: i64 = redis::cmd("SADD")
+            .arg(&self.keys.groups_indexed)
+            .arg(group)
+            .query_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    /// How long a delivery may stay idle before `requeue` counts it as abandoned.
+    fn abandoned_after(&self) -> Duration {
+        self.options.claim_idle.unwrap_or(self.options.lease)
     }
 
     /// Runs the outcome script; returns the resulting status (`None` if the event is gone).
@@ -284,6 +341,7 @@ impl Shared {
             .arg(self.options.max_len)
             .arg(&self.keys.watch)
             .arg(now_ms())
+            .arg(u64::try_from(self.abandoned_after().as_millis()).unwrap_or(u64::MAX))
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| script_error(e, t.id))?;
@@ -293,12 +351,14 @@ impl Shared {
         })
     }
 
-    /// Deletes an event and its index entries; returns whether the hash existed.
-    pub(crate) async fn prune(&self, id: &str) -> Result<bool, ProviderError> {
+    /// Deletes an event and its index entries (with `settled_only`, only if every group
+    /// finished it); returns whether the hash existed and was deleted.
+    pub(crate) async fn prune(&self, id: &str, settled_only: bool) -> Result<bool, ProviderError> {
         let mut invocation = self.scripts.prune.prepare_invoke();
         invocation
             .arg(&self.keys.stream)
             .arg(id)
+            .arg(if settled_only { "1" } else { "0" })
             .arg(&self.keys.all)
             .arg(&self.keys.finished);
         for status in EventStatus::ALL {
@@ -314,8 +374,13 @@ impl Shared {
         Ok(existed == 1)
     }
 
-    /// Events by id (in the given order), skipping ids whose hash is gone.
-    pub(crate) async fn load(&self, ids: &[String]) -> Result<Vec<Option<Event>>, ProviderError> {
+    /// Events by id (in the given order) as `group` sees them, `None` for ids whose hash is
+    /// gone.
+    pub(crate) async fn load(
+        &self,
+        ids: &[String],
+        group: &str,
+    ) -> Result<Vec<Option<Event>>, ProviderError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -325,15 +390,30 @@ impl Shared {
                 .arg(self.keys.event(id))
                 .arg("event")
                 .arg("status")
-                .arg("state");
+                .arg("state")
+                .arg(format!("status:{group}"))
+                .arg(format!("state:{group}"));
         }
-        let rows: Vec<(Option<String>, Option<String>, Option<String>)> =
-            pipe.query_async(&mut self.conn()).await.map_err(backend)?;
+        type Row = (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
+        let rows: Vec<Row> = pipe.query_async(&mut self.conn()).await.map_err(backend)?;
         rows.into_iter()
-            .map(|(event, status, state)| match event {
-                Some(event) => store::decode(&event, status.as_deref(), state.as_deref()).map(Some),
-                None => Ok(None),
-            })
+            .map(
+                |(event, status, state, group_status, group_state)| match event {
+                    Some(event) => store::decode(
+                        &event,
+                        group_status.or(status).as_deref(),
+                        group_state.or(state).as_deref(),
+                    )
+                    .map(Some),
+                    None => Ok(None),
+                },
+            )
             .collect()
     }
 
@@ -352,7 +432,6 @@ impl Shared {
             .key(self.keys.event(&event.id))
             .key(&self.keys.stream)
             .key(&self.keys.all)
-            .key(self.keys.by_status(event.status))
             .key(self.keys.by_source(event.source))
             .key(self.keys.by_instance(&event.instance_id))
             .key(&self.keys.instances)
@@ -365,7 +444,6 @@ impl Shared {
             .arg(score(event.created_at))
             .arg(if deliver { "1" } else { "0" })
             .arg(finished)
-            .arg(self.options.retention.as_secs().max(1))
             .arg(&self.keys.watch)
             .arg(event.source.as_str())
             .arg(&event.instance_id)
@@ -387,7 +465,9 @@ impl Shared {
             || filter.created_after.is_some()
             || filter.created_before.is_some();
         let picked = [
-            filter.status.map(|s| self.keys.by_status(s)),
+            filter
+                .status
+                .map(|s| self.keys.group_status(&self.options.group, s)),
             filter.source.map(|s| self.keys.by_source(s)),
             filter
                 .instance_id
@@ -432,11 +512,11 @@ impl Shared {
             cmd.arg("LIMIT").arg(position).arg(chunk);
             let ids: Vec<String> = cmd.query_async(&mut self.conn()).await.map_err(backend)?;
             position += ids.len();
-            let events = self.load(&ids).await?;
+            let events = self.load(&ids, &self.options.group).await?;
             for (id, event) in ids.iter().zip(events) {
                 let Some(event) = event else {
                     // Expired or deleted without its index entries: tidy up.
-                    self.prune(id).await?;
+                    self.prune(id, false).await?;
                     continue;
                 };
                 if !filter.matches(&event) {
@@ -519,6 +599,10 @@ impl Provider for RedisProvider {
         NAME
     }
 
+    fn group(&self) -> &str {
+        &self.shared.options.group
+    }
+
     fn features(&self) -> ProviderFeatures {
         ProviderFeatures {
             durable: true,
@@ -540,7 +624,7 @@ impl Provider for RedisProvider {
     async fn get(&self, id: &str) -> Result<Option<Event>, ProviderError> {
         Ok(self
             .shared
-            .load(&[id.to_owned()])
+            .load(&[id.to_owned()], &self.shared.options.group)
             .await?
             .into_iter()
             .next()
@@ -554,6 +638,7 @@ impl Provider for RedisProvider {
     async fn update_status(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
         self.shared.check_open()?;
         let mut t = Transition::new(id, "update");
+        t.group = &self.shared.options.group;
         t.status = Some(update.status);
         t.state = Some(to_json(&StoredState::of_update(update))?);
         t.finished_at = update.completed_at;
@@ -561,12 +646,13 @@ impl Provider for RedisProvider {
     }
 
     async fn delete(&self, id: &str) -> Result<bool, ProviderError> {
-        self.shared.prune(id).await
+        self.shared.prune(id, false).await
     }
 
     async fn requeue(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
         self.shared.check_open()?;
         let mut t = Transition::new(id, "requeue");
+        t.group = &self.shared.options.group;
         t.status = Some(update.status);
         t.state = Some(to_json(&StoredState::of_update(update))?);
         t.finished_at = update.completed_at;
@@ -600,7 +686,8 @@ impl Provider for RedisProvider {
         let keys = &self.shared.keys;
         let mut pipe = redis::pipe();
         for status in EventStatus::ALL {
-            pipe.cmd("ZCARD").arg(keys.by_status(status));
+            pipe.cmd("ZCARD")
+                .arg(keys.group_status(&self.shared.options.group, status));
         }
         pipe.cmd("XLEN").arg(&keys.stream);
         pipe.cmd("XLEN").arg(&keys.dead);

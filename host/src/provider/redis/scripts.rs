@@ -9,46 +9,84 @@
 
 use redis::Script;
 
+/// Lua helpers shared by the scripts that read group states: `finished(status)`,
+/// `status_in(h, g)` (the group's status, or the event's own one when the group has none) and
+/// `settled(p, h)` (every group of `p:groups` finished the event).
+const HELPERS: &str = r#"
+local function finished(s) return s == 'completed' or s == 'failed' end
+local function status_in(h, g)
+  return redis.call('HGET', h, 'status:' .. g) or redis.call('HGET', h, 'status')
+end
+local function settled(p, h)
+  for _, g in ipairs(redis.call('SMEMBERS', p .. ':groups')) do
+    if not finished(status_in(h, g)) then return false end
+  end
+  return true
+end
+local STATUSES = {'pending', 'processing', 'completed', 'failed'}
+local function index_status(p, g, id, status, score)
+  for _, s in ipairs(STATUSES) do redis.call('ZREM', p .. ':gs:' .. g .. ':' .. s, id) end
+  redis.call('ZADD', p .. ':gs:' .. g .. ':' .. status, score, id)
+end
+local function parse_id(id)
+  local d = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, d - 1)), tonumber(string.sub(id, d + 1))
+end
+local function less(a, b)
+  local am, as = parse_id(a)
+  local bm, bs = parse_id(b)
+  return am < bm or (am == bm and as < bs)
+end
+"#;
+
 /// Stores a new event (hash + indexes) and, when `deliver` is set, appends it to the stream.
+/// The event's own status is its status in every group (`p:gs:{group}:{status}` of each group
+/// of `p:groups`) until a group changes it.
 ///
-/// KEYS: hash, stream, idx:all, idx:status:S, idx:source:S, idx:instance:I, instances,
-/// idx:finished, trim. ARGV: id, event json, status, state json, created score, deliver (0/1),
-/// finished score or "", expire seconds, watch channel, source, instance.
+/// KEYS: hash, stream, idx:all, idx:source:S, idx:instance:I, instances, idx:finished, trim.
+/// ARGV: id, event json, status, state json, created score, deliver (0/1), finished score or
+/// "", watch channel, source, instance.
 const STORE: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return redis.error_reply('DUPLICATE event ' .. ARGV[1] .. ' exists')
 end
+local p = KEYS[2]
 redis.call('HSET', KEYS[1], 'event', ARGV[2], 'status', ARGV[3], 'state', ARGV[4],
-  'source', ARGV[10], 'instance', ARGV[11])
+  'source', ARGV[9], 'instance', ARGV[10])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
 redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
-redis.call('ZADD', KEYS[6], ARGV[5], ARGV[1])
-redis.call('SADD', KEYS[7], ARGV[11])
+redis.call('SADD', KEYS[6], ARGV[10])
+for _, g in ipairs(redis.call('SMEMBERS', p .. ':groups')) do
+  redis.call('ZADD', p .. ':gs:' .. g .. ':' .. ARGV[3], ARGV[5], ARGV[1])
+end
 if ARGV[7] ~= '' then
-  redis.call('ZADD', KEYS[8], ARGV[7], ARGV[1])
-  redis.call('EXPIRE', KEYS[1], ARGV[8])
+  redis.call('ZADD', KEYS[7], ARGV[7], ARGV[1])
 end
 if ARGV[6] == '1' then
-  local bound = redis.call('GET', KEYS[9])
+  local bound = redis.call('GET', KEYS[8])
+  local entry
   if bound then
-    redis.call('XADD', KEYS[2], 'MINID', '~', bound, '*', 'id', ARGV[1])
+    entry = redis.call('XADD', p, 'MINID', '~', bound, '*', 'id', ARGV[1])
   else
-    redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
+    entry = redis.call('XADD', p, '*', 'id', ARGV[1])
   end
+  redis.call('HSET', KEYS[1], 'entry', entry)
 end
-redis.call('PUBLISH', ARGV[9],
+redis.call('PUBLISH', ARGV[8],
   '{"event":' .. ARGV[2] .. ',"status":"' .. ARGV[3] .. '","state":' .. ARGV[4] .. '}')
 return 1
 "#;
 
-/// Applies one status transition, with whatever acknowledgement and redelivery it implies.
+/// Applies one status transition of one group, with whatever acknowledgement and redelivery
+/// it implies.
 ///
 /// ARGV: 1 stream (prefix of every key), 2 event id, 3 mode (`update`, `complete`, `retry`,
 /// `release`, `requeue`), 4 group, 5 consumer, 6 stream entry id, 7 new status, 8 state json
-/// (or "" to keep), 9 finished score, 10 expire seconds, 11 redelivery due (unix ms; 0 = now),
+/// (or "" to keep), 9 finished score, 10 (unused), 11 redelivery due (unix ms; 0 = now),
 /// 12 deliveries so far (carried to the redelivered entry), 13 dead-letter error,
-/// 14 dead-letter stream max length, 15 watch channel, 16 now (unix ms).
+/// 14 dead-letter stream max length, 15 watch channel, 16 now (unix ms), 17 idle time (ms)
+/// after which a delivery's lease counts as abandoned (requeue).
 ///
 /// Returns `{'ok', status}`, or `{'gone'}` when the event was deleted (the entry is still
 /// acknowledged).
@@ -70,57 +108,86 @@ if redis.call('EXISTS', h) == 0 then
   end
   return redis.error_reply('NOTFOUND no event ' .. id)
 end
-local old = redis.call('HGET', h, 'status')
-local finished_old = old == 'completed' or old == 'failed'
-if mode == 'requeue' and not finished_old then
-  return redis.error_reply('INVALIDSTATE ' .. old)
+local old = status_in(h, group)
+local unread = false
+if mode == 'requeue' then
+  -- Only the group's latest entry of the event can be pending in the group.
+  local current = redis.call('HGET', h, 'entry:' .. group) or redis.call('HGET', h, 'entry')
+  if current then
+    local pend = redis.call('XPENDING', p, group, current, current, 1)
+    if #pend > 0 then
+      if tonumber(pend[1][3]) < tonumber(ARGV[17]) then
+        return redis.error_reply('INVALIDSTATE ' .. old)
+      end
+      -- Abandoned: revoke the lease, so its holder can no longer acknowledge or extend it.
+      redis.call('XACK', p, group, current)
+    else
+      for _, g in ipairs(redis.call('XINFO', 'GROUPS', p)) do
+        local name, last
+        for i = 1, #g, 2 do
+          if g[i] == 'name' then name = g[i + 1]
+          elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+        end
+        if name == group and less(last, current) then unread = true end
+      end
+    end
+  end
+  local delayed = redis.call('HGET', h, 'delayed:' .. group)
+  if delayed then
+    redis.call('ZREM', p .. ':delayed:' .. group, delayed)
+    redis.call('HDEL', h, 'delayed:' .. group)
+  end
 end
 local new = ARGV[7]
 if mode == 'release' then
-  if finished_old then new = old else new = 'pending' end
+  if finished(old) then new = old else new = 'pending' end
 end
-if new ~= old then
-  local score = redis.call('ZSCORE', p .. ':idx:all', id) or '0'
-  redis.call('ZREM', p .. ':idx:status:' .. old, id)
-  redis.call('ZADD', p .. ':idx:status:' .. new, score, id)
-end
-redis.call('HSET', h, 'status', new)
+local score = redis.call('ZSCORE', p .. ':idx:all', id) or '0'
+index_status(p, group, id, new, score)
+redis.call('HSET', h, 'status:' .. group, new)
 if ARGV[8] ~= '' then
-  redis.call('HSET', h, 'state', ARGV[8])
+  redis.call('HSET', h, 'state:' .. group, ARGV[8])
 end
-if new == 'completed' or new == 'failed' then
+if settled(p, h) then
   redis.call('ZADD', p .. ':idx:finished', ARGV[9], id)
-  redis.call('EXPIRE', h, ARGV[10])
 else
   redis.call('ZREM', p .. ':idx:finished', id)
-  redis.call('PERSIST', h)
 end
+redis.call('PERSIST', h)
 if leased then
   redis.call('XACK', p, group, entry)
 end
 if mode == 'complete' and new == 'failed' then
   local dead = redis.call('XADD', p .. ':dead', 'MAXLEN', '~', ARGV[14], '*',
     'id', id, 'group', group, 'error', ARGV[13])
-  redis.call('HSET', h, 'dead', dead)
+  redis.call('HSET', h, 'dead:' .. group, dead)
 end
 if mode == 'retry' or mode == 'release' then
   if tonumber(ARGV[11]) <= tonumber(ARGV[16]) then
-    redis.call('XADD', p, '*', 'id', id, 'group', group, 'n', ARGV[12])
+    local again = redis.call('XADD', p, '*', 'id', id, 'group', group, 'n', ARGV[12])
+    redis.call('HSET', h, 'entry:' .. group, again)
   else
-    redis.call('ZADD', p .. ':delayed:' .. group, ARGV[11], ARGV[12] .. ':' .. id)
+    local member = ARGV[12] .. ':' .. id
+    redis.call('ZADD', p .. ':delayed:' .. group, ARGV[11], member)
+    redis.call('HSET', h, 'delayed:' .. group, member)
   end
 end
 if mode == 'requeue' then
-  local dead = redis.call('HGET', h, 'dead')
-  if dead then
-    redis.call('XDEL', p .. ':dead', dead)
-    redis.call('HDEL', h, 'dead')
+  for _, field in ipairs({'dead:' .. group, 'dead'}) do
+    local dead = redis.call('HGET', h, field)
+    if dead then
+      redis.call('XDEL', p .. ':dead', dead)
+      redis.call('HDEL', h, field)
+    end
   end
-  redis.call('XADD', p, '*', 'id', id)
+  if not unread then
+    local again = redis.call('XADD', p, '*', 'id', id, 'group', group)
+    redis.call('HSET', h, 'entry:' .. group, again)
+  end
 end
-local state = redis.call('HGET', h, 'state') or 'null'
+local state = redis.call('HGET', h, 'state:' .. group) or redis.call('HGET', h, 'state') or 'null'
 redis.call('PUBLISH', ARGV[15], '{"event":' .. redis.call('HGET', h, 'event') ..
-  ',"status":"' .. new .. '","state":' .. state .. '}')
+  ',"status":"' .. new .. '","state":' .. state .. ',"group":' .. cjson.encode(group) .. '}')
 return {'ok', new}
 "#;
 
@@ -136,13 +203,44 @@ for _, m in ipairs(due) do
   local sep = string.find(m, ':', 1, true)
   local n = string.sub(m, 1, sep - 1)
   local id = string.sub(m, sep + 1)
-  if redis.call('EXISTS', p .. ':ev:' .. id) == 1 then
-    redis.call('XADD', p, '*', 'id', id, 'group', group, 'n', n)
+  local h = p .. ':ev:' .. id
+  if redis.call('EXISTS', h) == 1 then
+    local again = redis.call('XADD', p, '*', 'id', id, 'group', group, 'n', n)
+    redis.call('HSET', h, 'entry:' .. group, again)
+    if redis.call('HGET', h, 'delayed:' .. group) == m then
+      redis.call('HDEL', h, 'delayed:' .. group)
+    end
   end
 end
 local nxt = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
 if #nxt > 0 then return nxt[2] end
 return false
+"#;
+
+/// Indexes the states of a group (`p:gs:{group}:{status}`) for a page of stored events, in
+/// `idx:all` order: done once for each group, after it was added to `p:groups` (from then
+/// on, every write keeps its index). Events the group has not finished are no longer
+/// settled.
+///
+/// ARGV: stream, group, first rank, page size. Returns how many ids the page had.
+const INDEX_GROUP: &str = r#"
+local p, group = ARGV[1], ARGV[2]
+local first = tonumber(ARGV[3])
+local page = redis.call('ZRANGE', p .. ':idx:all', first, first + tonumber(ARGV[4]) - 1,
+  'WITHSCORES')
+for i = 1, #page, 2 do
+  local id, score = page[i], page[i + 1]
+  local h = p .. ':ev:' .. id
+  if redis.call('EXISTS', h) == 1 then
+    local status = status_in(h, group)
+    index_status(p, group, id, status, score)
+    if not finished(status) then
+      redis.call('ZREM', p .. ':idx:finished', id)
+      redis.call('PERSIST', h)
+    end
+  end
+end
+return #page / 2
 "#;
 
 /// Resets the idle time of an entry, only if this consumer still holds it.
@@ -155,18 +253,32 @@ redis.call('XCLAIM', ARGV[1], ARGV[2], ARGV[3], 0, ARGV[4], 'JUSTID')
 return 1
 "#;
 
-/// Deletes an event and its index entries (also when the hash already expired).
+/// Deletes an event and its index entries (also when the hash already expired); with the
+/// settled flag, only if every group finished it (otherwise it leaves the finished index
+/// until it settles).
 ///
-/// ARGV: stream, id, then every status/source/all/finished index key. Returns 1 if the hash
-/// existed.
+/// ARGV: stream, id, settled flag (1/0), then every status/source/all/finished index key.
+/// Returns 1 if the hash existed, 0 if not, -1 if it was kept because a group has not
+/// finished it.
 const PRUNE: &str = r#"
 local p, id = ARGV[1], ARGV[2]
 local h = p .. ':ev:' .. id
 local existed = redis.call('EXISTS', h)
+if existed == 1 and ARGV[3] == '1' and not settled(p, h) then
+  redis.call('ZREM', p .. ':idx:finished', id)
+  return -1
+end
 local inst = redis.call('HGET', h, 'instance')
-local dead = redis.call('HGET', h, 'dead')
+for _, field in ipairs(redis.call('HKEYS', h)) do
+  if field == 'dead' or string.sub(field, 1, 5) == 'dead:' then
+    redis.call('XDEL', p .. ':dead', redis.call('HGET', h, field))
+  end
+end
 redis.call('DEL', h)
-for i = 3, #ARGV do redis.call('ZREM', ARGV[i], id) end
+for i = 4, #ARGV do redis.call('ZREM', ARGV[i], id) end
+for _, g in ipairs(redis.call('SMEMBERS', p .. ':groups')) do
+  for _, s in ipairs(STATUSES) do redis.call('ZREM', p .. ':gs:' .. g .. ':' .. s, id) end
+end
 if inst then
   redis.call('ZREM', p .. ':idx:instance:' .. inst, id)
 else
@@ -174,7 +286,6 @@ else
     redis.call('ZREM', p .. ':idx:instance:' .. i, id)
   end
 end
-if dead then redis.call('XDEL', p .. ':dead', dead) end
 return existed
 "#;
 
@@ -261,6 +372,7 @@ pub(crate) struct Scripts {
     pub store: Script,
     pub outcome: Script,
     pub move_due: Script,
+    pub index_group: Script,
     pub keep_alive: Script,
     pub prune: Script,
     pub trim: Script,
@@ -271,10 +383,11 @@ impl Scripts {
     pub(crate) fn new() -> Self {
         Scripts {
             store: Script::new(STORE),
-            outcome: Script::new(OUTCOME),
+            outcome: Script::new(&format!("{HELPERS}{OUTCOME}")),
             move_due: Script::new(MOVE_DUE),
+            index_group: Script::new(&format!("{HELPERS}{INDEX_GROUP}")),
             keep_alive: Script::new(KEEP_ALIVE),
-            prune: Script::new(PRUNE),
+            prune: Script::new(&format!("{HELPERS}{PRUNE}")),
             trim: Script::new(TRIM),
             delete_idle_consumers: Script::new(DELETE_IDLE_CONSUMERS),
         }

@@ -1,15 +1,19 @@
 //! How events are stored: one hash per event and sorted-set indexes.
 //!
-//! The hash `{p}:ev:{id}` holds `event` (the event's JSON as published), `status`, `state`
-//! (JSON of the fields the broker changes: error, retry count, handler outcomes, processing
-//! and completion times), `source`, `instance` and, for dead letters, `dead` (the entry id in
-//! the dead-letter stream). `get` is one `HMGET`; the scripts change `status` and `state`
-//! without parsing the event, so payloads are stored byte for byte as serialized.
+//! The hash `{p}:ev:{id}` holds `event` (the event's JSON as published), `status` and `state`
+//! (the state it was stored with: every group's starting state), `source`, `instance`,
+//! `entry` (its stream entry), and per consumer group `g` that changed it: `status:{g}`,
+//! `state:{g}` (JSON of the fields the broker changes: error, retry count, handler outcomes,
+//! processing and completion times), `entry:{g}` (the group's latest stream entry of it),
+//! `delayed:{g}` (its delayed redelivery) and `dead:{g}` (its dead letter). `get` is one
+//! `HMGET`; the scripts change the group fields without parsing the event, so payloads are
+//! stored byte for byte as serialized.
 //!
 //! Indexes (sorted sets scored by creation time in microseconds, ties ordered by id): every
-//! event, by status, by source, by instance; plus finished events by completion time for the
-//! retention cleanup. `list` walks the most selective index that applies, inside the creation
-//! time range, and filters the rest in the host.
+//! event, by source, by instance, by status per group (`{p}:gs:{g}:{status}`); plus settled
+//! events (finished by every group) by completion time for the retention cleanup. `list`
+//! walks the most selective index that applies, inside the creation time range, and filters
+//! the rest in the host.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -78,7 +82,8 @@ pub(crate) fn score(time: DateTime<Utc>) -> i64 {
     time.timestamp_micros()
 }
 
-/// Rebuilds an event from the hash fields `event`, `status`, `state`.
+/// Rebuilds an event from the hash fields `event`, `status`, `state` (the group's fields when
+/// it has them, the event's own otherwise).
 pub(crate) fn decode(
     event: &str,
     status: Option<&str>,
@@ -105,10 +110,14 @@ struct WatchMessage {
     event: Event,
     status: EventStatus,
     state: Option<StoredState>,
+    /// The group whose state changed (`None`: the event as stored).
+    #[serde(default)]
+    group: Option<String>,
 }
 
-/// Decodes a watcher message into the event as it is after the change.
-pub(crate) fn decode_watch(message: &str) -> Result<Event, ProviderError> {
+/// Decodes a watcher message into the event as it is after the change, and the group whose
+/// state changed (`None` for a publish).
+pub(crate) fn decode_watch(message: &str) -> Result<(Event, Option<String>), ProviderError> {
     let message: WatchMessage = serde_json::from_str(message)
         .map_err(|e| ProviderError::backend(NAME, format!("watch message: {e}")))?;
     let mut event = message.event;
@@ -116,7 +125,7 @@ pub(crate) fn decode_watch(message: &str) -> Result<Event, ProviderError> {
     if let Some(state) = message.state {
         state.apply(&mut event);
     }
-    Ok(event)
+    Ok((event, message.group))
 }
 
 #[cfg(test)]
@@ -149,6 +158,12 @@ mod tests {
         assert_eq!(back, expected);
 
         let message = format!(r#"{{"event":{json},"status":"failed","state":{state}}}"#);
-        assert_eq!(decode_watch(&message).unwrap(), expected);
+        assert_eq!(decode_watch(&message).unwrap(), (expected.clone(), None));
+        let message =
+            format!(r#"{{"event":{json},"status":"failed","state":{state},"group":"g 1"}}"#);
+        assert_eq!(
+            decode_watch(&message).unwrap(),
+            (expected, Some("g 1".to_owned()))
+        );
     }
 }

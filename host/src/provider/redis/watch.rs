@@ -1,6 +1,7 @@
 //! Live watchers: every change of an event is published (by the same script that makes it)
-//! on the pub/sub channel `{stream}:watch`; each watcher holds its own subscription, so a
-//! watcher on any host sees the events of every host, independently of the consumer groups.
+//! on the pub/sub channel `{stream}:watch`, with the group whose state changed; each watcher
+//! holds its own subscription, so a watcher on any host sees the events of every host: each
+//! publish and each change of the provider's own group's state (others' are skipped).
 //!
 //! Pub/sub does not buffer for absent subscribers: a watcher whose connection is lost (or
 //! that Redis disconnects for reading too slowly) gets an error item and its stream ends, so
@@ -42,10 +43,17 @@ pub(crate) async fn open(
         .map_err(backend)?;
     shared.counters.watchers.fetch_add(1, Ordering::Relaxed);
     let registered = Registered(shared.clone());
+    let own = shared.options.group.clone();
     let messages = pubsub.into_on_message().filter_map(move |message| {
         let item = match message.get_payload::<String>() {
             Ok(payload) => match decode_watch(&payload) {
-                Ok(event) if pattern.matches(&event.event_type) => Some(Ok(event)),
+                // A publish, or a change of the own group's state: other groups' are not shown.
+                Ok((event, group))
+                    if pattern.matches(&event.event_type)
+                        && group.as_deref().is_none_or(|group| group == own) =>
+                {
+                    Some(Ok(event))
+                }
                 Ok(_) => None,
                 Err(error) => {
                     tracing::warn!(%error, "ignoring an undecodable watch message");

@@ -38,10 +38,12 @@ pub enum Op {
         /// Visibility time of its deliveries (Unix microseconds).
         now: i64,
     },
-    /// Status update of event `id`.
+    /// Status update of event `id` in consumer group `group`.
     UpdateStatus {
         /// Event id.
         id: String,
+        /// The group whose state changes.
+        group: String,
         /// The update.
         values: UpdateValues,
     },
@@ -167,14 +169,14 @@ async fn execute(shared: &Shared, conn: &mut AnyConnection, op: &Op) -> Result<b
             }
             Ok(true)
         }
-        (Dialect::Postgres, Op::UpdateStatus { id, values }) => Ok(values
-            .bind(query(&q.update_status).bind(id.clone()))
+        (Dialect::Postgres, Op::UpdateStatus { id, group, values }) => Ok(values
+            .bind(query(&q.update_status).bind(id.clone()).bind(group.clone()))
             .bind(q.channel.clone())
             .fetch_optional(&mut *conn)
             .await?
             .is_some()),
-        (Dialect::Sqlite, Op::UpdateStatus { id, values }) => Ok(values
-            .bind(query(&q.update_status).bind(id.clone()))
+        (Dialect::Sqlite, Op::UpdateStatus { id, group, values }) => Ok(values
+            .bind(query(&q.update_status).bind(id.clone()).bind(group.clone()))
             .execute(&mut *conn)
             .await?
             .rows_affected()
@@ -205,7 +207,11 @@ async fn execute(shared: &Shared, conn: &mut AnyConnection, op: &Op) -> Result<b
                 return Ok(false);
             }
             values
-                .bind(query(&q.update_by_seq).bind(key.seq))
+                .bind(
+                    query(&q.upsert_by_seq)
+                        .bind(key.group.clone())
+                        .bind(key.seq),
+                )
                 .execute(&mut *conn)
                 .await?;
             Ok(true)
@@ -219,7 +225,11 @@ async fn execute(shared: &Shared, conn: &mut AnyConnection, op: &Op) -> Result<b
                 return Ok(false);
             }
             values
-                .bind(query(&q.update_by_seq).bind(key.seq))
+                .bind(
+                    query(&q.upsert_by_seq)
+                        .bind(key.group.clone())
+                        .bind(key.seq),
+                )
                 .execute(&mut *conn)
                 .await?;
             Ok(true)
@@ -233,6 +243,7 @@ async fn execute(shared: &Shared, conn: &mut AnyConnection, op: &Op) -> Result<b
                 return Ok(false);
             }
             query(&q.release_event)
+                .bind(key.group.clone())
                 .bind(key.seq)
                 .execute(&mut *conn)
                 .await?;

@@ -9,7 +9,8 @@
 //!
 //! Acknowledgements match the lease token, so a consumer whose lease expired (and whose
 //! delivery went to someone else) cannot acknowledge it. Every acknowledgement writes the
-//! event's new state and the delivery's in one transaction.
+//! group's new state of the event (`T_states`) and the delivery's in one transaction; a
+//! delivery carries the event as its group sees it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -128,7 +129,8 @@ impl SqlConsumer {
                 let mut query = sqlx::query(AssertSqlSafe(Queries::events_by_seq(
                     &shared.table,
                     counts.len(),
-                )));
+                )))
+                .bind(self.group.clone());
                 for (seq, _) in &counts {
                     query = query.bind(*seq);
                 }

@@ -1,4 +1,5 @@
-//! `list`: every [`EventFilter`] field as SQL, ordering and pagination in the database.
+//! `list`: every [`EventFilter`] field as SQL, ordering and pagination in the database, over
+//! the events as the provider's own group sees them (its status, outcomes and times).
 //!
 //! The type pattern is translated exactly for valid event types (segments of letters, digits,
 //! `_` and `-`, none empty): literal segments and `*` become a `LIKE` (PostgreSQL) or `GLOB`
@@ -10,6 +11,7 @@ use sqlx::AssertSqlSafe;
 
 use super::dialect::Dialect;
 use super::row::{AnyQuery, EVENT_COLUMNS, decode_event, nanos};
+use super::schema::{view_columns, view_from};
 use super::{Shared, db_error};
 use crate::event::Event;
 use crate::pattern::{Pattern, Segment};
@@ -86,10 +88,11 @@ fn pattern_conditions(dialect: Dialect, pattern: &Pattern, clause: &mut Clause) 
     }
 }
 
-fn build(dialect: Dialect, filter: &EventFilter) -> Result<Clause, ProviderError> {
+/// The clause over the view of `group` (bound as `$1`, see [`list`]).
+fn build(dialect: Dialect, group: &str, filter: &EventFilter) -> Result<Clause, ProviderError> {
     let mut clause = Clause {
         sql: "WHERE 1 = 1".into(),
-        values: Vec::new(),
+        values: vec![Value::Text(group.to_owned())],
     };
     let text = |value: &str| Value::Text(value.to_owned());
     if let Some(source) = filter.source {
@@ -153,10 +156,13 @@ pub async fn list(shared: &Shared, filter: &EventFilter) -> Result<Vec<Event>, P
     if filter.effective_limit() == 0 {
         return Ok(Vec::new());
     }
-    let clause = build(shared.dialect, filter)?;
+    let clause = build(shared.dialect, &shared.options.group, filter)?;
+    // The own group's view of every event, under the event column names.
     let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM {} {}",
-        shared.table, clause.sql
+        "SELECT {EVENT_COLUMNS} FROM (SELECT {} FROM {}) v {}",
+        view_columns(),
+        view_from(&shared.table, "$1"),
+        clause.sql
     );
     let mut query: AnyQuery<'_> = sqlx::query(AssertSqlSafe(sql));
     for value in clause.values {
@@ -219,7 +225,7 @@ mod tests {
              &limit=5&offset=2&order=asc",
         )
         .unwrap();
-        let clause = build(Dialect::Sqlite, &filter).unwrap();
+        let clause = build(Dialect::Sqlite, "g", &filter).unwrap();
         for column in [
             "source",
             "status",
@@ -238,12 +244,13 @@ mod tests {
         assert!(
             clause
                 .sql
-                .ends_with("ORDER BY created_at ASC, id ASC LIMIT $13 OFFSET $14"),
+                .ends_with("ORDER BY created_at ASC, id ASC LIMIT $14 OFFSET $15"),
             "{}",
             clause.sql
         );
-        assert_eq!(clause.values.len(), 14);
-        assert_eq!(clause.values[12], Value::Int(5));
-        assert_eq!(clause.values[13], Value::Int(2));
+        assert_eq!(clause.values.len(), 15);
+        assert_eq!(clause.values[0], Value::Text("g".into()));
+        assert_eq!(clause.values[13], Value::Int(5));
+        assert_eq!(clause.values[14], Value::Int(2));
     }
 }

@@ -7,7 +7,9 @@
 //!   own transaction; consumers claim rows by lease ([`consumer`]). Nothing is skipped when
 //!   publishers commit out of order, each group receives every event, and a host that dies
 //!   mid-event loses nothing: its leases expire and the deliveries are claimed again (a rescuer
-//!   also returns the events' status to `pending`).
+//!   also returns the group's status of the events to `pending`).
+//! - State: each group keeps its own processing state of each event in `T_states`; queries
+//!   show the provider's own group (`event_broker.consumer_group`).
 //! - Wake-ups: PostgreSQL `LISTEN/NOTIFY`, SQLite polling plus in-process signals, the poll
 //!   interval as fallback ([`watch`]).
 //! - Watchers see the events of every host sharing the database ([`watch`]).
@@ -70,10 +72,12 @@ pub struct SqlOptions {
     pub rescue_interval: Duration,
     /// Events buffered per watcher before it is cut off as lagging.
     pub watcher_buffer: usize,
+    /// The provider's own consumer group ([`Provider::group`]).
+    pub group: String,
 }
 
 impl SqlOptions {
-    /// The options of a `database` config section.
+    /// The options of a `database` config section, with the default consumer group.
     pub fn from_database_config(config: &DatabaseConfig) -> Self {
         SqlOptions {
             url: config.url.clone(),
@@ -84,12 +88,16 @@ impl SqlOptions {
             batch_size: config.batch_size.max(1),
             rescue_interval: config.rescue_interval.max(Duration::from_millis(10)),
             watcher_buffer: config.watcher_buffer.max(1),
+            group: BrokerConfig::default().consumer_group,
         }
     }
 
-    /// The options a broker config asks for.
+    /// The options a broker config asks for (`database` section and `consumer_group`).
     pub fn from_config(config: &BrokerConfig) -> Self {
-        Self::from_database_config(&config.database)
+        SqlOptions {
+            group: config.consumer_group.clone(),
+            ..Self::from_database_config(&config.database)
+        }
     }
 }
 
@@ -161,6 +169,11 @@ impl Shared {
 
     fn writer(&self) -> &AnyPool {
         &self.writer
+    }
+
+    /// The provider's own consumer group.
+    fn group(&self) -> &str {
+        &self.options.group
     }
 
     fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -491,6 +504,10 @@ impl Provider for SqlProvider {
         NAME
     }
 
+    fn group(&self) -> &str {
+        self.shared.group()
+    }
+
     fn features(&self) -> ProviderFeatures {
         ProviderFeatures {
             durable: true,
@@ -513,6 +530,7 @@ impl Provider for SqlProvider {
         self.shared.check_open()?;
         let row = sqlx::query(AssertSqlSafe(self.shared.q.get.clone()))
             .bind(id.to_owned())
+            .bind(self.shared.group().to_owned())
             .fetch_optional(&self.shared.pool)
             .await
             .map_err(db_error)?;
@@ -529,6 +547,7 @@ impl Provider for SqlProvider {
         shared.check_open()?;
         let op = batch::Op::UpdateStatus {
             id: id.to_owned(),
+            group: shared.group().to_owned(),
             values: UpdateValues::new(update)?,
         };
         let found = batch::submit(&shared.submitter, op).await?;
@@ -559,11 +578,13 @@ impl Provider for SqlProvider {
                     return Ok(false);
                 };
                 let seq: i64 = row.try_get(0).map_err(db_error)?;
-                sqlx::query(AssertSqlSafe(shared.q.delete_deliveries.clone()))
-                    .bind(seq)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
+                for sql in [&shared.q.delete_deliveries, &shared.q.delete_states] {
+                    sqlx::query(AssertSqlSafe(sql.clone()))
+                        .bind(seq)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
+                }
                 tx.commit().await.map_err(db_error)?;
                 Ok(true)
             }
@@ -573,67 +594,74 @@ impl Provider for SqlProvider {
     async fn requeue(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
         let shared = &self.shared;
         shared.check_open()?;
+        let group = shared.group().to_owned();
         let values = UpdateValues::new(update)?;
         let now = now_micros();
+        // One transaction: lock the event row, then the group's delivery row (PostgreSQL:
+        // `FOR UPDATE`, so a claim in flight is waited for and seen), then read the group's
+        // status; SQLite's write transaction serializes all of it anyway.
         let mut tx = shared.begin_write().await?;
-        let requeued = match shared.dialect {
-            Dialect::Postgres => {
-                tx.execute(
-                    sqlx::query(AssertSqlSafe(shared.q.lock_shared.clone()))
-                        .bind(shared.q.lock_name.clone()),
-                )
+        let seq: Option<i64> = sqlx::query_scalar(AssertSqlSafe(shared.q.lock_event.clone()))
+            .bind(id.to_owned())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        let Some(seq) = seq else {
+            return Err(ProviderError::NotFound(id.to_owned()));
+        };
+        let delivery = sqlx::query(AssertSqlSafe(shared.q.delivery_of.clone()))
+            .bind(group.clone())
+            .bind(seq)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        let live = match delivery {
+            Some(row) => {
+                let token: Option<String> = row.try_get(0).map_err(db_error)?;
+                let visible_at: i64 = row.try_get(1).map_err(db_error)?;
+                token.is_some() && visible_at > now
+            }
+            None => false,
+        };
+        if live {
+            let status: String = sqlx::query_scalar(AssertSqlSafe(shared.q.status_by_seq.clone()))
+                .bind(group.clone())
+                .bind(seq)
+                .fetch_one(&mut *tx)
                 .await
                 .map_err(db_error)?;
-                let query =
-                    sqlx::query(AssertSqlSafe(shared.q.requeue.clone())).bind(id.to_owned());
-                values
-                    .bind(query)
-                    .bind(now)
-                    .bind(shared.q.channel.clone())
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db_error)?
-                    .is_some()
-            }
-            Dialect::Sqlite => {
-                let query =
-                    sqlx::query(AssertSqlSafe(shared.q.requeue.clone())).bind(id.to_owned());
-                let row = values
-                    .bind(query)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
-                match row {
-                    Some(row) => {
-                        let seq: i64 = row.try_get(0).map_err(db_error)?;
-                        sqlx::query(AssertSqlSafe(shared.q.requeue_deliveries.clone()))
-                            .bind(seq)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(db_error)?;
-                        true
-                    }
-                    None => false,
-                }
-            }
-        };
-        if !requeued {
-            let status: Option<String> =
-                sqlx::query_scalar(AssertSqlSafe(shared.q.status_of.clone()))
-                    .bind(id.to_owned())
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
-            drop(tx);
-            return Err(match status {
-                None => ProviderError::NotFound(id.to_owned()),
-                Some(status) => ProviderError::InvalidState {
-                    id: id.to_owned(),
-                    status: status.parse().unwrap_or(EventStatus::Pending),
-                    reason: "only completed or failed events can be re-run",
-                },
+            return Err(ProviderError::InvalidState {
+                id: id.to_owned(),
+                status: status.parse().unwrap_or(EventStatus::Processing),
+                reason: "a consumer of the group holds a live lease on it; retry it once it \
+                         finished or its lease expired",
             });
+        }
+        // Replacing the delivery row revokes an expired lease: its holder's token no longer
+        // matches, so it can neither acknowledge nor extend it.
+        values
+            .bind(
+                sqlx::query(AssertSqlSafe(shared.q.upsert_by_seq.clone()))
+                    .bind(group.clone())
+                    .bind(seq),
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        sqlx::query(AssertSqlSafe(shared.q.requeue_delivery.clone()))
+            .bind(group.clone())
+            .bind(seq)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        if shared.dialect == Dialect::Postgres {
+            sqlx::query(AssertSqlSafe(shared.q.notify.clone()))
+                .bind(shared.q.channel.clone())
+                .bind(watch::state_notification(true, id, &group))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
         }
         tx.commit().await.map_err(db_error)?;
         shared.signal(true).await;
@@ -680,6 +708,7 @@ impl Provider for SqlProvider {
         shared.check_open()?;
         let mut stats = ProviderStats::empty(NAME);
         let rows = sqlx::query(AssertSqlSafe(shared.q.count_by_status.clone()))
+            .bind(shared.group().to_owned())
             .fetch_all(&shared.pool)
             .await
             .map_err(db_error)?;

@@ -21,21 +21,6 @@ pub const EVENT_COLUMNS: &str = "id, source, type, status, payload, user_id, ses
 /// Number of columns in [`EVENT_COLUMNS`].
 pub const EVENT_COLUMN_COUNT: usize = 18;
 
-/// `SET` assignments for a [`StatusUpdate`] whose values start at placeholder `$first`.
-pub fn update_assignments(first: usize) -> String {
-    let p = |offset: usize| first + offset;
-    format!(
-        "status = ${}, error = ${}, retry_count = ${}, handlers = ${}, \
-         processed_at = COALESCE(${}, processed_at), completed_at = ${}",
-        p(0),
-        p(1),
-        p(2),
-        p(3),
-        p(4),
-        p(5)
-    )
-}
-
 /// `$first, $first+1, …` for `count` placeholders.
 pub fn placeholders(first: usize, count: usize) -> String {
     (first..first + count)
@@ -173,7 +158,8 @@ impl UpdateValues {
         })
     }
 
-    /// Binds the six values in [`update_assignments`] order.
+    /// Binds the six values: status, error, retry count, handler outcomes, processing time,
+    /// completion time.
     pub fn bind<'q>(&self, query: AnyQuery<'q>) -> AnyQuery<'q> {
         query
             .bind(self.status)
@@ -240,12 +226,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn placeholders_and_assignments() {
+    fn placeholders_and_columns() {
         assert_eq!(placeholders(3, 3), "$3, $4, $5");
         assert_eq!(placeholders(1, 0), "");
-        let set = update_assignments(4);
-        assert!(set.starts_with("status = $4,"), "{set}");
-        assert!(set.ends_with("completed_at = $9"), "{set}");
         assert_eq!(EVENT_COLUMNS.split(',').count(), EVENT_COLUMN_COUNT);
     }
 

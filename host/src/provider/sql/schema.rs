@@ -1,11 +1,17 @@
 //! The provider's tables, their versioned migrations, and every SQL statement it runs.
 //!
-//! Three tables per configured name `T` (validated by [`super::dialect::validate_identifier`],
+//! Four tables per configured name `T` (validated by [`super::dialect::validate_identifier`],
 //! the only text ever interpolated into SQL; values always go through placeholders):
 //! - `T`: one row per event. `seq` is an internal ascending key (claim order), timestamps are
 //!   Unix nanoseconds, JSON is stored as text. `published` tells published events (delivered
-//!   to consumer groups) from merely stored ones (sync mode). SQLite adds `changed`, a
-//!   change sequence assigned inside the single-writer transaction, which watchers poll.
+//!   to consumer groups) from merely stored ones (sync mode). Its state columns (status,
+//!   error, retry count, handler outcomes, times) are the state the event was stored with,
+//!   the starting state of every group. SQLite adds `changed`, a change sequence assigned
+//!   inside the single-writer transaction, which watchers poll.
+//! - `T_states`: one row per (group, event) whose state the group changed: the group's own
+//!   status, error, retry count, handler outcomes and times (SQLite: and `changed`, from the
+//!   same sequence as `T.changed`). A group reads an event joined with its state row, the
+//!   event row's state standing in when there is none.
 //! - `T_groups`: the consumer groups that ever consumed.
 //! - `T_deliveries`: one row per (group, event) not yet acknowledged by that group.
 //!   `visible_at` (Unix microseconds) is when it may be claimed: the publish time, a retry's
@@ -21,7 +27,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AssertSqlSafe, SqlSafeStr};
 
 use super::dialect::Dialect;
-use super::row::{EVENT_COLUMN_COUNT, EVENT_COLUMNS, placeholders, update_assignments};
+use super::row::{EVENT_COLUMN_COUNT, EVENT_COLUMNS, placeholders};
 use super::{NAME, db_error};
 use crate::provider::ProviderError;
 
@@ -95,7 +101,137 @@ CREATE INDEX IF NOT EXISTS {t}_deliveries_leased_idx ON {t}_deliveries (visible_
     WHERE lease_token IS NOT NULL;
 "
     );
-    vec![(1, "events, consumer groups and deliveries", v1)]
+    let state_changed = match dialect {
+        Dialect::Postgres => String::new(),
+        Dialect::Sqlite => format!(",\n    changed {int} NOT NULL DEFAULT 0"),
+    };
+    let state_changed_index = match dialect {
+        Dialect::Postgres => String::new(),
+        Dialect::Sqlite => {
+            format!("CREATE INDEX IF NOT EXISTS {t}_states_changed_idx ON {t}_states (changed);\n")
+        }
+    };
+    // Version 1 kept one state per event, shared by every group: each existing group keeps
+    // it as its own, and published events start fresh for groups created from now on.
+    let v2 = format!(
+        "CREATE TABLE IF NOT EXISTS {t}_states (
+    grp TEXT NOT NULL,
+    seq {int} NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT,
+    retry_count {int} NOT NULL DEFAULT 0,
+    handlers TEXT NOT NULL DEFAULT '[]',
+    processed_at {int},
+    completed_at {int}{state_changed},
+    PRIMARY KEY (grp, seq)
+){without_rowid};
+CREATE INDEX IF NOT EXISTS {t}_states_seq_idx ON {t}_states (seq);
+CREATE INDEX IF NOT EXISTS {t}_states_status_idx ON {t}_states (grp, status);
+{state_changed_index}INSERT INTO {t}_states
+    (grp, seq, status, error, retry_count, handlers, processed_at, completed_at)
+    SELECT g.name, e.seq, e.status, e.error, e.retry_count, e.handlers, e.processed_at,
+        e.completed_at
+    FROM {t} e CROSS JOIN {t}_groups g WHERE e.published = 1;
+UPDATE {t} SET status = 'pending', error = NULL, retry_count = 0, handlers = '[]',
+    processed_at = NULL, completed_at = NULL
+    WHERE published = 1;
+"
+    );
+    vec![
+        (1, "events, consumer groups and deliveries", v1),
+        (2, "per-group event states", v2),
+    ]
+}
+
+/// The columns whose values are per group ([`crate::provider::GroupState`]).
+const STATE_COLUMNS: [&str; 6] = [
+    "status",
+    "processed_at",
+    "completed_at",
+    "error",
+    "retry_count",
+    "handlers",
+];
+
+/// The event columns as one group sees them, in `EVENT_COLUMNS` order and under those names,
+/// over `T e LEFT JOIN T_states s` ([`view_from`]).
+pub fn view_columns() -> String {
+    EVENT_COLUMNS
+        .split(", ")
+        .map(|column| {
+            if STATE_COLUMNS.contains(&column) {
+                format!("CASE WHEN s.seq IS NULL THEN e.{column} ELSE s.{column} END AS {column}")
+            } else {
+                format!("e.{column} AS {column}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `T e LEFT JOIN T_states s` for the group given by the SQL expression `group`.
+pub fn view_from(t: &str, group: &str) -> String {
+    format!("{t} e LEFT JOIN {t}_states s ON s.grp = {group} AND s.seq = e.seq")
+}
+
+/// An upsert of the state of group `group` (an SQL expression) for the event `e` selected by
+/// `from` (a `FROM … WHERE …` clause naming it `e`), with the six update values from
+/// placeholder `$first` in [`super::row::UpdateValues::bind`] order. A missing processing time keeps the
+/// one recorded (or the event row's). SQLite also assigns the next change sequence.
+fn upsert_state(dialect: Dialect, t: &str, group: &str, from: &str, first: usize) -> String {
+    let p = |offset: usize| format!("${}", first + offset);
+    let (column, value, set) = match dialect {
+        Dialect::Postgres => (String::new(), String::new(), String::new()),
+        Dialect::Sqlite => (
+            ", changed".to_owned(),
+            format!(", {}", sqlite_bump(t)),
+            ", changed = excluded.changed".to_owned(),
+        ),
+    };
+    format!(
+        "INSERT INTO {t}_states AS cur \
+         (grp, seq, status, error, retry_count, handlers, processed_at, completed_at{column}) \
+         SELECT {group}, e.seq, {}, {}, {}, {}, COALESCE({}, e.processed_at), {}{value} {from} \
+         ON CONFLICT (grp, seq) DO UPDATE SET status = excluded.status, \
+         error = excluded.error, retry_count = excluded.retry_count, \
+         handlers = excluded.handlers, processed_at = COALESCE({}, cur.processed_at), \
+         completed_at = excluded.completed_at{set}",
+        p(0),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(4),
+    )
+}
+
+/// An upsert setting the state of group `group` of the event `e` selected by `from` back to
+/// `pending` (not completed), keeping its other fields.
+fn release_state(dialect: Dialect, t: &str, group: &str, from: &str) -> String {
+    let (column, value, set) = match dialect {
+        Dialect::Postgres => (String::new(), String::new(), String::new()),
+        Dialect::Sqlite => (
+            ", changed".to_owned(),
+            format!(", {}", sqlite_bump(t)),
+            ", changed = excluded.changed".to_owned(),
+        ),
+    };
+    format!(
+        "INSERT INTO {t}_states AS cur \
+         (grp, seq, status, error, retry_count, handlers, processed_at, completed_at{column}) \
+         SELECT {group}, e.seq, 'pending', e.error, e.retry_count, e.handlers, e.processed_at, \
+         NULL{value} {from} \
+         ON CONFLICT (grp, seq) DO UPDATE SET status = 'pending', completed_at = NULL{set}"
+    )
+}
+
+/// SQLite: the next change sequence, shared by `T` and `T_states`.
+fn sqlite_bump(t: &str) -> String {
+    format!(
+        "(SELECT MAX(m) + 1 FROM (SELECT COALESCE(MAX(changed), 0) AS m FROM {t} \
+         UNION ALL SELECT COALESCE(MAX(changed), 0) FROM {t}_states))"
+    )
 }
 
 /// Creates or upgrades the schema: versioned migrations recorded in `T_migrations`
@@ -141,46 +277,53 @@ pub struct Queries {
     pub publish_deliveries: String,
     /// Inserts a stored (not published) event: $1..$18 (PostgreSQL $19 channel).
     pub store: String,
-    /// One event by id ($1).
+    /// One event by id ($1) as group $2 sees it.
     pub get: String,
-    /// Status update by id: $1 id, $2..$7 update (PostgreSQL $8 channel).
+    /// Status update of group $2 by event id $1, update $3..$8 (PostgreSQL $9 channel).
     pub update_status: String,
-    /// Deletes an event (PostgreSQL: and its deliveries) by id ($1); returns seq.
+    /// Deletes an event (PostgreSQL: and its states and deliveries) by id ($1); returns seq.
     pub delete_event: String,
     /// SQLite: deletes the deliveries of an event ($1 seq).
     pub delete_deliveries: String,
-    /// Requeues a finished event: $1 id, $2..$7 update; PostgreSQL also upserts deliveries
-    /// ($8 visible_at) and notifies ($9 channel). Returns seq.
-    pub requeue: String,
-    /// SQLite: upserts deliveries for every group ($1 seq, $2 visible_at).
-    pub requeue_deliveries: String,
-    /// The status of an event by id ($1).
-    pub status_of: String,
+    /// SQLite: deletes the group states of an event ($1 seq).
+    pub delete_states: String,
+    /// Requeue: the seq of event $1, locked on PostgreSQL.
+    pub lock_event: String,
+    /// Requeue: lease token and `visible_at` of the delivery of group $1, seq $2 (locked on
+    /// PostgreSQL).
+    pub delivery_of: String,
+    /// Requeue: the status group $1 sees for the event with seq $2.
+    pub status_by_seq: String,
+    /// The state of group $1 for the event with seq $2 from update $3..$8 (also used by
+    /// complete and retry on SQLite).
+    pub upsert_by_seq: String,
+    /// Requeue: the delivery of group $1, seq $2 visible at $3, unleased, counted afresh.
+    pub requeue_delivery: String,
+    /// A notification ($1 channel, $2 payload; PostgreSQL).
+    pub notify: String,
     /// Whether a group exists ($1).
     pub group_exists: String,
     /// Creates a group ($1 name, $2 created_at) unless it exists.
     pub insert_group: String,
-    /// Deliveries of every unfinished published event for a new group ($1 group,
-    /// $2 visible_at).
+    /// Deliveries of every published event group $1 has not finished, for the new group $1
+    /// ($2 visible_at).
     pub backfill: String,
     /// Claims up to $3 visible deliveries of group $1 at time $2: sets visible_at $4 (lease
     /// end), lease token $5, consumer $6. PostgreSQL returns seq, delivery_count and the
-    /// event columns; SQLite returns seq, delivery_count.
+    /// event columns as the group sees them; SQLite returns seq, delivery_count.
     pub claim: String,
     /// The earliest `visible_at` of group $1.
     pub next_due: String,
     /// Acknowledges: $1 group, $2 seq, $3 token, $4..$9 update (PostgreSQL $10 channel).
     /// SQLite: deletes the delivery only.
     pub complete: String,
-    /// SQLite: applies $2..$7 to the event with seq $1 (also used by retry).
-    pub update_by_seq: String,
     /// Retry: $1 group, $2 seq, $3 token, $4 visible_at, $5..$10 update (PostgreSQL $11
     /// channel). SQLite: updates the delivery only.
     pub retry: String,
     /// Release: $1 group, $2 seq, $3 token, $4 visible_at (PostgreSQL $5 channel).
     /// SQLite: updates the delivery only.
     pub release: String,
-    /// SQLite: status back to pending for the event with seq $1.
+    /// SQLite: the state of group $1 back to pending for the event with seq $2.
     pub release_event: String,
     /// Extends a lease: $1 group, $2 seq, $3 token, $4 new visible_at.
     pub keep_alive: String,
@@ -188,18 +331,19 @@ pub struct Queries {
     pub hand_back: String,
     /// A bare wake-up notification ($1 channel, PostgreSQL).
     pub wake: String,
-    /// Expired leases back to pending, at time $1. PostgreSQL: one statement returning the
-    /// number of leases cleared. SQLite: resets event statuses only.
+    /// Expired leases back to pending (in their group's state), at time $1. PostgreSQL: one
+    /// statement returning the number of leases cleared. SQLite: resets states only.
     pub rescue: String,
     /// SQLite: clears expired leases at time $1.
     pub rescue_leases: String,
-    /// Event counts by status.
+    /// Event counts by the status group $1 sees.
     pub count_by_status: String,
     /// Per group: backlog and leased deliveries at time $1.
     pub group_stats: String,
     /// SQLite: the newest change sequence.
     pub max_changed: String,
-    /// SQLite: changes after ($1 changed, $2 seq), at most $3: changed, seq, event columns.
+    /// SQLite: changes of events and of group $4's states after ($1 changed, $2 seq), at most
+    /// $3: changed, seq, event columns as group $4 sees them.
     pub changes: String,
 }
 
@@ -208,26 +352,24 @@ impl Queries {
     pub fn new(dialect: Dialect, t: &str) -> Self {
         let d = format!("{t}_deliveries");
         let g = format!("{t}_groups");
+        let st = format!("{t}_states");
         let values = placeholders(1, EVENT_COLUMN_COUNT);
         let next = EVENT_COLUMN_COUNT + 1;
-        let qualified_columns = EVENT_COLUMNS
-            .split(", ")
-            .map(|c| format!("e.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let bump = format!("changed = (SELECT COALESCE(MAX(changed), 0) + 1 FROM {t})");
+        let view = view_columns();
+        let bump = sqlite_bump(t);
         let lock_shared =
             "SELECT 1 FROM pg_advisory_xact_lock_shared(hashtextextended($1, 0))".to_owned();
         let lock_exclusive =
             "SELECT 1 FROM pg_advisory_xact_lock(hashtextextended($1, 0))".to_owned();
-        let common_get = format!("SELECT {EVENT_COLUMNS} FROM {t} WHERE id = $1");
+        let get = format!("SELECT {view} FROM {} WHERE e.id = $1", view_from(t, "$2"));
         let insert_group = format!(
             "INSERT INTO {g} (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING"
         );
         let backfill = format!(
             "INSERT INTO {d} (grp, seq, visible_at, delivery_count) \
-             SELECT $1, seq, $2, 0 FROM {t} \
-             WHERE published = 1 AND status IN ('pending', 'processing') \
+             SELECT $1, e.seq, $2, 0 FROM {t} e WHERE e.published = 1 \
+             AND NOT EXISTS (SELECT 1 FROM {st} s WHERE s.grp = $1 AND s.seq = e.seq \
+             AND s.status IN ('completed', 'failed')) \
              ON CONFLICT (grp, seq) DO NOTHING"
         );
         let keep_alive = format!(
@@ -238,16 +380,38 @@ impl Queries {
              WHERE grp = $1 AND consumer = $2"
         );
         let next_due = format!("SELECT MIN(visible_at) FROM {d} WHERE grp = $1");
-        let count_by_status = format!("SELECT status, COUNT(*) FROM {t} GROUP BY status");
+        let count_by_status = format!(
+            "SELECT CASE WHEN s.seq IS NULL THEN e.status ELSE s.status END, COUNT(*) \
+             FROM {} GROUP BY 1",
+            view_from(t, "$1")
+        );
         let group_stats = format!(
             "SELECT g.name, COUNT(d.seq), \
              COALESCE(SUM(CASE WHEN d.lease_token IS NOT NULL AND d.visible_at > $1 \
              THEN 1 ELSE 0 END), 0) \
              FROM {g} g LEFT JOIN {d} d ON d.grp = g.name GROUP BY g.name"
         );
-        let status_of = format!("SELECT status FROM {t} WHERE id = $1");
         let group_exists = format!("SELECT 1 FROM {g} WHERE name = $1");
         let lease_clear = "lease_token = NULL, consumer = NULL";
+        let lock = match dialect {
+            Dialect::Postgres => " FOR UPDATE",
+            Dialect::Sqlite => "",
+        };
+        let lock_event = format!("SELECT seq FROM {t} WHERE id = $1{lock}");
+        let delivery_of =
+            format!("SELECT lease_token, visible_at FROM {d} WHERE grp = $1 AND seq = $2{lock}");
+        let status_by_seq = format!(
+            "SELECT CASE WHEN s.seq IS NULL THEN e.status ELSE s.status END FROM {} \
+             WHERE e.seq = $2",
+            view_from(t, "$1")
+        );
+        let upsert_by_seq =
+            upsert_state(dialect, t, "$1", &format!("FROM {t} e WHERE e.seq = $2"), 3);
+        let requeue_delivery = format!(
+            "INSERT INTO {d} (grp, seq, visible_at, delivery_count) VALUES ($1, $2, $3, 0) \
+             ON CONFLICT (grp, seq) DO UPDATE SET visible_at = excluded.visible_at, \
+             {lease_clear}, delivery_count = 0"
+        );
         match dialect {
             Dialect::Postgres => Queries {
                 channel: format!("{t}_events"),
@@ -268,30 +432,26 @@ impl Queries {
                      VALUES ({values}, 0) RETURNING seq, id) \
                      SELECT ins.seq FROM ins, LATERAL pg_notify(${next}, 'c' || ins.id) n"
                 ),
-                get: common_get,
+                get,
                 update_status: format!(
-                    "WITH u AS (UPDATE {t} SET {} WHERE id = $1 RETURNING id) \
-                     SELECT 1 FROM u, LATERAL pg_notify($8, 'c' || u.id) n",
-                    update_assignments(2)
+                    "WITH u AS ({} RETURNING seq) \
+                     SELECT 1 FROM u, LATERAL pg_notify($9, 'C' || $1 || '/' || $2) n",
+                    upsert_state(dialect, t, "$2", &format!("FROM {t} e WHERE e.id = $1"), 3)
                 ),
                 delete_event: format!(
                     "WITH e AS (DELETE FROM {t} WHERE id = $1 RETURNING seq), \
-                     dl AS (DELETE FROM {d} WHERE seq IN (SELECT seq FROM e)) \
+                     dl AS (DELETE FROM {d} WHERE seq IN (SELECT seq FROM e)), \
+                     gs AS (DELETE FROM {st} WHERE seq IN (SELECT seq FROM e)) \
                      SELECT seq FROM e"
                 ),
                 delete_deliveries: String::new(),
-                requeue: format!(
-                    "WITH u AS (UPDATE {t} SET {}, published = 1 WHERE id = $1 \
-                     AND status IN ('completed', 'failed') RETURNING seq, id), \
-                     dl AS (INSERT INTO {d} (grp, seq, visible_at, delivery_count) \
-                     SELECT g.name, u.seq, $8, 0 FROM u CROSS JOIN {g} g \
-                     ON CONFLICT (grp, seq) DO UPDATE SET visible_at = EXCLUDED.visible_at, \
-                     {lease_clear}, delivery_count = 0) \
-                     SELECT u.seq FROM u, LATERAL pg_notify($9, 'p' || u.id) n",
-                    update_assignments(2)
-                ),
-                requeue_deliveries: String::new(),
-                status_of,
+                delete_states: String::new(),
+                lock_event,
+                delivery_of,
+                status_by_seq,
+                upsert_by_seq,
+                requeue_delivery,
+                notify: "SELECT 1 FROM pg_notify($1, $2) n".to_owned(),
                 group_exists,
                 insert_group,
                 backfill,
@@ -302,32 +462,52 @@ impl Queries {
                      delivery_count = dl.delivery_count + 1 FROM c \
                      WHERE dl.grp = c.grp AND dl.seq = c.seq \
                      RETURNING dl.seq, dl.delivery_count) \
-                     SELECT u.seq, u.delivery_count, {qualified_columns} \
-                     FROM u JOIN {t} e ON e.seq = u.seq ORDER BY u.seq"
+                     SELECT u.seq, u.delivery_count, {view} \
+                     FROM u JOIN {t} e ON e.seq = u.seq \
+                     LEFT JOIN {st} s ON s.grp = $1 AND s.seq = e.seq ORDER BY u.seq"
                 ),
                 next_due,
                 complete: format!(
                     "WITH dl AS (DELETE FROM {d} WHERE grp = $1 AND seq = $2 AND lease_token = $3 \
                      RETURNING seq), \
-                     u AS (UPDATE {t} e SET {} FROM dl WHERE e.seq = dl.seq RETURNING e.id) \
-                     SELECT 1 FROM u, LATERAL pg_notify($10, 'c' || u.id) n",
-                    update_assignments(4)
+                     u AS ({} RETURNING seq) \
+                     SELECT 1 FROM u JOIN {t} e ON e.seq = u.seq \
+                     CROSS JOIN LATERAL pg_notify($10, 'C' || e.id || '/' || $1) n",
+                    upsert_state(
+                        dialect,
+                        t,
+                        "$1",
+                        &format!("FROM dl JOIN {t} e ON e.seq = dl.seq WHERE true"),
+                        4
+                    )
                 ),
-                update_by_seq: String::new(),
                 retry: format!(
                     "WITH dl AS (UPDATE {d} SET visible_at = $4, {lease_clear} \
                      WHERE grp = $1 AND seq = $2 AND lease_token = $3 RETURNING seq), \
-                     u AS (UPDATE {t} e SET {} FROM dl WHERE e.seq = dl.seq RETURNING e.id) \
-                     SELECT 1 FROM u, LATERAL pg_notify($11, 'p' || u.id) n",
-                    update_assignments(5)
+                     u AS ({} RETURNING seq) \
+                     SELECT 1 FROM u JOIN {t} e ON e.seq = u.seq \
+                     CROSS JOIN LATERAL pg_notify($11, 'P' || e.id || '/' || $1) n",
+                    upsert_state(
+                        dialect,
+                        t,
+                        "$1",
+                        &format!("FROM dl JOIN {t} e ON e.seq = dl.seq WHERE true"),
+                        5
+                    )
                 ),
                 release: format!(
                     "WITH dl AS (UPDATE {d} SET visible_at = $4, {lease_clear}, \
                      delivery_count = GREATEST(delivery_count - 1, 0) \
                      WHERE grp = $1 AND seq = $2 AND lease_token = $3 RETURNING seq), \
-                     u AS (UPDATE {t} e SET status = 'pending', completed_at = NULL \
-                     FROM dl WHERE e.seq = dl.seq RETURNING e.id) \
-                     SELECT 1 FROM u, LATERAL pg_notify($5, 'p' || u.id) n"
+                     u AS ({} RETURNING seq) \
+                     SELECT 1 FROM u JOIN {t} e ON e.seq = u.seq \
+                     CROSS JOIN LATERAL pg_notify($5, 'P' || e.id || '/' || $1) n",
+                    release_state(
+                        dialect,
+                        t,
+                        "$1",
+                        &format!("FROM dl JOIN {t} e ON e.seq = dl.seq WHERE true")
+                    )
                 ),
                 release_event: String::new(),
                 keep_alive,
@@ -335,10 +515,10 @@ impl Queries {
                 wake: "SELECT 1 FROM pg_notify($1, 'w') n".to_owned(),
                 rescue: format!(
                     "WITH x AS (UPDATE {d} SET {lease_clear} \
-                     WHERE lease_token IS NOT NULL AND visible_at <= $1 RETURNING seq), \
-                     u AS (UPDATE {t} e SET status = 'pending' \
-                     FROM (SELECT DISTINCT seq FROM x) s \
-                     WHERE e.seq = s.seq AND e.status = 'processing' RETURNING e.id) \
+                     WHERE lease_token IS NOT NULL AND visible_at <= $1 RETURNING grp, seq), \
+                     u AS (UPDATE {st} s SET status = 'pending' FROM x \
+                     WHERE s.grp = x.grp AND s.seq = x.seq AND s.status = 'processing' \
+                     RETURNING s.seq) \
                      SELECT (SELECT COUNT(*) FROM x), (SELECT COUNT(*) FROM u)"
                 ),
                 rescue_leases: String::new(),
@@ -354,8 +534,7 @@ impl Queries {
                 lock_exclusive,
                 publish: format!(
                     "INSERT INTO {t} ({EVENT_COLUMNS}, published, changed) \
-                     VALUES ({values}, 1, (SELECT COALESCE(MAX(changed), 0) + 1 FROM {t})) \
-                     RETURNING seq"
+                     VALUES ({values}, 1, {bump}) RETURNING seq"
                 ),
                 publish_deliveries: format!(
                     "INSERT INTO {d} (grp, seq, visible_at, delivery_count) \
@@ -363,28 +542,25 @@ impl Queries {
                 ),
                 store: format!(
                     "INSERT INTO {t} ({EVENT_COLUMNS}, published, changed) \
-                     VALUES ({values}, 0, (SELECT COALESCE(MAX(changed), 0) + 1 FROM {t})) \
-                     RETURNING seq"
+                     VALUES ({values}, 0, {bump}) RETURNING seq"
                 ),
-                get: common_get,
-                update_status: format!(
-                    "UPDATE {t} SET {}, {bump} WHERE id = $1",
-                    update_assignments(2)
+                get,
+                update_status: upsert_state(
+                    dialect,
+                    t,
+                    "$2",
+                    &format!("FROM {t} e WHERE e.id = $1"),
+                    3,
                 ),
                 delete_event: format!("DELETE FROM {t} WHERE id = $1 RETURNING seq"),
                 delete_deliveries: format!("DELETE FROM {d} WHERE seq = $1"),
-                requeue: format!(
-                    "UPDATE {t} SET {}, published = 1, {bump} WHERE id = $1 \
-                     AND status IN ('completed', 'failed') RETURNING seq",
-                    update_assignments(2)
-                ),
-                requeue_deliveries: format!(
-                    "INSERT INTO {d} (grp, seq, visible_at, delivery_count) \
-                     SELECT name, $1, $2, 0 FROM {g} WHERE true \
-                     ON CONFLICT (grp, seq) DO UPDATE SET visible_at = excluded.visible_at, \
-                     {lease_clear}, delivery_count = 0"
-                ),
-                status_of,
+                delete_states: format!("DELETE FROM {st} WHERE seq = $1"),
+                lock_event,
+                delivery_of,
+                status_by_seq,
+                upsert_by_seq,
+                requeue_delivery,
+                notify: String::new(),
                 group_exists,
                 insert_group,
                 backfill,
@@ -399,10 +575,6 @@ impl Queries {
                 complete: format!(
                     "DELETE FROM {d} WHERE grp = $1 AND seq = $2 AND lease_token = $3"
                 ),
-                update_by_seq: format!(
-                    "UPDATE {t} SET {}, {bump} WHERE seq = $1",
-                    update_assignments(2)
-                ),
                 retry: format!(
                     "UPDATE {d} SET visible_at = $4, {lease_clear} \
                      WHERE grp = $1 AND seq = $2 AND lease_token = $3"
@@ -412,16 +584,20 @@ impl Queries {
                      delivery_count = MAX(delivery_count - 1, 0) \
                      WHERE grp = $1 AND seq = $2 AND lease_token = $3"
                 ),
-                release_event: format!(
-                    "UPDATE {t} SET status = 'pending', completed_at = NULL, {bump} WHERE seq = $1"
+                release_event: release_state(
+                    dialect,
+                    t,
+                    "$1",
+                    &format!("FROM {t} e WHERE e.seq = $2"),
                 ),
                 keep_alive,
                 hand_back,
                 wake: String::new(),
                 rescue: format!(
-                    "UPDATE {t} SET status = 'pending', {bump} WHERE status = 'processing' \
-                     AND seq IN (SELECT seq FROM {d} \
-                     WHERE lease_token IS NOT NULL AND visible_at <= $1)"
+                    "UPDATE {st} SET status = 'pending', changed = {bump} \
+                     WHERE status = 'processing' AND EXISTS (SELECT 1 FROM {d} d \
+                     WHERE d.grp = {st}.grp AND d.seq = {st}.seq \
+                     AND d.lease_token IS NOT NULL AND d.visible_at <= $1)"
                 ),
                 rescue_leases: format!(
                     "UPDATE {d} SET {lease_clear} \
@@ -429,30 +605,43 @@ impl Queries {
                 ),
                 count_by_status,
                 group_stats,
-                max_changed: format!("SELECT COALESCE(MAX(changed), 0) FROM {t}"),
+                max_changed: format!(
+                    "SELECT MAX(m) FROM (SELECT COALESCE(MAX(changed), 0) AS m FROM {t} \
+                     UNION ALL SELECT COALESCE(MAX(changed), 0) FROM {st})"
+                ),
                 changes: format!(
-                    "SELECT changed, seq, {EVENT_COLUMNS} FROM {t} \
-                     WHERE changed > $1 OR (changed = $1 AND seq > $2) \
-                     ORDER BY changed, seq LIMIT $3"
+                    "SELECT changed, seq, {EVENT_COLUMNS} FROM (\
+                     SELECT e.changed AS changed, e.seq AS seq, {view} FROM {} \
+                     WHERE e.changed > $1 OR (e.changed = $1 AND e.seq > $2) \
+                     UNION ALL \
+                     SELECT s.changed, s.seq, {view} FROM {st} s JOIN {t} e ON e.seq = s.seq \
+                     WHERE s.grp = $4 AND (s.changed > $1 OR (s.changed = $1 AND s.seq > $2))\
+                     ) ORDER BY changed, seq LIMIT $3",
+                    view_from(t, "$4")
                 ),
             },
         }
     }
 
-    /// `SELECT` of the event columns for the events with the given `count` seqs
-    /// (`$1..$count`), with seq first.
+    /// `SELECT` of seq and the event columns as group `$1` sees them, for the events with the
+    /// given `count` seqs (`$2..`).
     pub fn events_by_seq(t: &str, count: usize) -> String {
         format!(
-            "SELECT seq, {EVENT_COLUMNS} FROM {t} WHERE seq IN ({})",
-            placeholders(1, count)
+            "SELECT e.seq, {} FROM {} WHERE e.seq IN ({})",
+            view_columns(),
+            view_from(t, "$1"),
+            placeholders(2, count)
         )
     }
 
-    /// `SELECT` of the event columns for the events with the given `count` ids.
+    /// `SELECT` of the event columns as group `$1` sees them, for the events with the given
+    /// `count` ids (`$2..`).
     pub fn events_by_id(t: &str, count: usize) -> String {
         format!(
-            "SELECT {EVENT_COLUMNS} FROM {t} WHERE id IN ({})",
-            placeholders(1, count)
+            "SELECT {} FROM {} WHERE e.id IN ({})",
+            view_columns(),
+            view_from(t, "$1"),
+            placeholders(2, count)
         )
     }
 }
@@ -464,5 +653,95 @@ pub fn insert_error(error: sqlx::Error, id: &str) -> ProviderError {
             ProviderError::Duplicate(id.to_owned())
         }
         _ => db_error(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::any::AnyPoolOptions;
+    use sqlx::{AssertSqlSafe, Row};
+
+    use super::*;
+
+    /// A database at schema version 1 (one state per event, shared by the groups) upgrades to
+    /// per-group states: each group that existed keeps the shared state as its own, and the
+    /// published event starts afresh for groups created later.
+    #[tokio::test]
+    async fn version_1_data_keeps_its_state_for_existing_groups_only() {
+        sqlx::any::install_default_drivers();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("v1.db").display());
+        let pool = AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .expect("connect");
+        let table = "events";
+        let v1: Vec<Migration> = migrations(Dialect::Sqlite, table)
+            .into_iter()
+            .filter(|(version, ..)| *version == 1)
+            .map(|(version, description, sql)| {
+                Migration::new(
+                    version,
+                    description.into(),
+                    MigrationType::Simple,
+                    AssertSqlSafe(sql).into_sql_str(),
+                    false,
+                )
+            })
+            .collect();
+        let mut migrator = Migrator::with_migrations(v1);
+        migrator.dangerous_set_table_name(format!("{table}_migrations"));
+        migrator.run(&pool).await.expect("version 1");
+        for sql in [
+            "INSERT INTO events_groups (name, created_at) VALUES ('old', 0)",
+            "INSERT INTO events (id, source, type, status, payload, created_at, error, \
+             retry_count, handlers, completed_at, published) VALUES ('e1', 'system', 'a.b', \
+             'failed', '{}', 1, 'boom', 2, '[]', 5, 1)",
+            "INSERT INTO events (id, source, type, status, payload, created_at, published) \
+             VALUES ('s1', 'system', 'a.b', 'completed', '{}', 1, 0)",
+        ] {
+            sqlx::query(sql).execute(&pool).await.expect("legacy row");
+        }
+        migrate(&pool, Dialect::Sqlite, table)
+            .await
+            .expect("version 2");
+        let state = |group: &'static str, id: &'static str| {
+            let pool = pool.clone();
+            async move {
+                let view = format!(
+                    "SELECT {} FROM {}",
+                    view_columns(),
+                    view_from(table, &format!("'{group}'"))
+                );
+                let row = sqlx::query(AssertSqlSafe(format!(
+                    "SELECT status, error, retry_count FROM ({view}) v WHERE id = $1"
+                )))
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .expect("view");
+                let status: String = row.try_get(0).expect("status");
+                let error: Option<String> = row.try_get(1).expect("error");
+                let retries: i64 = row.try_get(2).expect("retry_count");
+                (status, error, retries)
+            }
+        };
+        assert_eq!(
+            state("old", "e1").await,
+            ("failed".into(), Some("boom".into()), 2),
+            "an existing group keeps the shared state"
+        );
+        assert_eq!(
+            state("new", "e1").await,
+            ("pending".into(), None, 0),
+            "a later group starts afresh"
+        );
+        assert_eq!(
+            state("new", "s1").await.0,
+            "completed",
+            "a stored (sync) event keeps its state"
+        );
+        pool.close().await;
     }
 }

@@ -4,9 +4,11 @@
 //!   signal it directly; on PostgreSQL every host's listener signals it on `NOTIFY`; SQLite
 //!   signals every provider instance on the same file in this process.
 //! - Watchers read a broadcast channel fed by one task per provider: on PostgreSQL the
-//!   listener, which fetches each notified event by id; on SQLite a poller that reads rows by
-//!   their change sequence (`changed`), woken early by local writes. Either way a watcher sees
-//!   the events written by every host sharing the database.
+//!   listener, which fetches each notified event by id; on SQLite a poller that reads event
+//!   rows and the own group's state rows by their change sequence (`changed`), woken early by
+//!   local writes. Either way a watcher sees the events written by every host sharing the
+//!   database, each publish and each change of the provider's own group's state, in that
+//!   group's state; other groups' changes are not shown.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -136,14 +138,52 @@ pub fn watcher_stream(
     Box::pin(stream)
 }
 
-/// A parsed notification payload: `p<id>` (deliverable and changed), `c<id>` (changed),
-/// `w` (wake consumers only).
-fn parse_notification(payload: &str) -> (bool, Option<&str>) {
+/// A parsed notification payload: `p<id>` (published: deliverable and changed), `c<id>`
+/// (stored), `P<id>/<group>` (the group's state changed and the event is deliverable to it
+/// again), `C<id>/<group>` (the group's state changed), `w` (wake consumers only).
+#[derive(Debug, PartialEq)]
+struct Notification<'a> {
+    /// Consumers should look for work.
+    work: bool,
+    /// The event that changed, if any.
+    id: Option<&'a str>,
+    /// The group whose state changed (`None`: the event itself, seen by every group).
+    group: Option<&'a str>,
+}
+
+fn parse_notification(payload: &str) -> Notification<'_> {
     match payload.split_at_checked(1) {
-        Some(("p", id)) => (true, Some(id)),
-        Some(("c", id)) => (false, Some(id)),
-        _ => (true, None),
+        Some(("p", id)) => Notification {
+            work: true,
+            id: Some(id),
+            group: None,
+        },
+        Some(("c", id)) => Notification {
+            work: false,
+            id: Some(id),
+            group: None,
+        },
+        Some((kind @ ("P" | "C"), rest)) => {
+            // Event ids never contain '/'; group names may.
+            let (id, group) = rest.split_once('/').unwrap_or((rest, ""));
+            Notification {
+                work: kind == "P",
+                id: Some(id),
+                group: Some(group),
+            }
+        }
+        _ => Notification {
+            work: true,
+            id: None,
+            group: None,
+        },
     }
+}
+
+/// The payload announcing a change of `group`'s state of event `id` (`deliverable`: the
+/// event became deliverable to the group again).
+pub fn state_notification(deliverable: bool, id: &str, group: &str) -> String {
+    format!("{}{id}/{group}", if deliverable { 'P' } else { 'C' })
 }
 
 /// PostgreSQL: receives notifications until `shutdown`, waking consumers and feeding
@@ -166,10 +206,17 @@ pub async fn pg_listener(
                 let mut wake = false;
                 let mut ids: Vec<String> = Vec::new();
                 let mut next = Some(first);
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
                 while let Some(notification) = next.take() {
-                    let (work, id) = parse_notification(notification.payload());
-                    wake |= work;
-                    if let Some(id) = id {
+                    let parsed = parse_notification(notification.payload());
+                    wake |= parsed.work;
+                    // Watchers show the own group: other groups' state changes are not theirs.
+                    let own = parsed
+                        .group
+                        .is_none_or(|group| group == shared.options.group);
+                    if let (Some(id), true) = (parsed.id, own) {
                         ids.push(id.to_owned());
                     }
                     if ids.len() < 10 * FETCH_CHUNK {
@@ -179,9 +226,6 @@ pub async fn pg_listener(
                 if wake {
                     hub.wake.notify_waiters();
                 }
-                let Some(shared) = shared.upgrade() else {
-                    return;
-                };
                 if shared.watchers.receiver_count() > 0
                     && !ids.is_empty()
                     && let Err(error) = publish_by_id(&shared, ids).await
@@ -225,7 +269,7 @@ async fn publish_by_id(shared: &Shared, mut ids: Vec<String>) -> Result<(), Prov
     ids.reverse();
     for chunk in ids.chunks(FETCH_CHUNK) {
         let sql = Queries::events_by_id(&shared.table, chunk.len());
-        let mut query = sqlx::query(AssertSqlSafe(sql));
+        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(shared.options.group.clone());
         for id in chunk {
             query = query.bind(id.clone());
         }
@@ -305,6 +349,7 @@ async fn poll_changes(
                 .bind(changed)
                 .bind(seq)
                 .bind(POLL_PAGE)
+                .bind(shared.options.group.clone())
                 .fetch_all(&shared.pool)
                 .await
                 .map_err(db_error)?;
@@ -330,9 +375,20 @@ mod tests {
 
     #[test]
     fn notifications_parse() {
-        assert_eq!(parse_notification("pabc"), (true, Some("abc")));
-        assert_eq!(parse_notification("cabc"), (false, Some("abc")));
-        assert_eq!(parse_notification("w"), (true, None));
-        assert_eq!(parse_notification(""), (true, None));
+        let parsed = |work, id, group| Notification { work, id, group };
+        assert_eq!(parse_notification("pabc"), parsed(true, Some("abc"), None));
+        assert_eq!(parse_notification("cabc"), parsed(false, Some("abc"), None));
+        assert_eq!(parse_notification("w"), parsed(true, None, None));
+        assert_eq!(parse_notification(""), parsed(true, None, None));
+        let payload = state_notification(true, "e:1", "a/b c");
+        assert_eq!(
+            parse_notification(&payload),
+            parsed(true, Some("e:1"), Some("a/b c"))
+        );
+        let payload = state_notification(false, "e1", "g");
+        assert_eq!(
+            parse_notification(&payload),
+            parsed(false, Some("e1"), Some("g"))
+        );
     }
 }
