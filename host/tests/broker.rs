@@ -1289,3 +1289,169 @@ async fn a_sync_publish_notices_a_final_state_recorded_elsewhere() {
     let report = broker.stop_within(PATIENCE).await.unwrap();
     assert!(report.drained, "{report:?}");
 }
+
+/// A memory provider whose lease renewals each take `renewal` (a slow backend round trip).
+struct SlowRenewals {
+    inner: Arc<MemoryProvider>,
+    renewal: Duration,
+}
+
+struct SlowRenewingConsumer {
+    inner: Arc<dyn eventbroker::Consumer>,
+    renewal: Duration,
+}
+
+#[async_trait::async_trait]
+impl eventbroker::Consumer for SlowRenewingConsumer {
+    async fn fetch(
+        &self,
+        max: usize,
+    ) -> Result<Vec<eventbroker::Delivery>, eventbroker::ProviderError> {
+        self.inner.fetch(max).await
+    }
+    async fn complete(
+        &self,
+        delivery: &eventbroker::Delivery,
+        update: &eventbroker::provider::StatusUpdate,
+    ) -> Result<(), eventbroker::ProviderError> {
+        self.inner.complete(delivery, update).await
+    }
+    async fn retry(
+        &self,
+        delivery: &eventbroker::Delivery,
+        update: &eventbroker::provider::StatusUpdate,
+        delay: Duration,
+    ) -> Result<(), eventbroker::ProviderError> {
+        self.inner.retry(delivery, update, delay).await
+    }
+    async fn release(
+        &self,
+        delivery: &eventbroker::Delivery,
+    ) -> Result<(), eventbroker::ProviderError> {
+        self.inner.release(delivery).await
+    }
+    async fn keep_alive(
+        &self,
+        delivery: &eventbroker::Delivery,
+    ) -> Result<(), eventbroker::ProviderError> {
+        tokio::time::sleep(self.renewal).await;
+        self.inner.keep_alive(delivery).await
+    }
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
+
+#[async_trait::async_trait]
+impl eventbroker::Provider for SlowRenewals {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn group(&self) -> &str {
+        self.inner.group()
+    }
+    fn features(&self) -> eventbroker::provider::ProviderFeatures {
+        self.inner.features()
+    }
+    async fn publish(&self, event: &Event) -> Result<(), eventbroker::ProviderError> {
+        self.inner.publish(event).await
+    }
+    async fn get(&self, id: &str) -> Result<Option<Event>, eventbroker::ProviderError> {
+        self.inner.get(id).await
+    }
+    async fn list(
+        &self,
+        filter: &eventbroker::EventFilter,
+    ) -> Result<Vec<Event>, eventbroker::ProviderError> {
+        self.inner.list(filter).await
+    }
+    async fn update_status(
+        &self,
+        id: &str,
+        update: &eventbroker::provider::StatusUpdate,
+    ) -> Result<(), eventbroker::ProviderError> {
+        self.inner.update_status(id, update).await
+    }
+    async fn delete(&self, id: &str) -> Result<bool, eventbroker::ProviderError> {
+        self.inner.delete(id).await
+    }
+    async fn requeue(
+        &self,
+        id: &str,
+        update: &eventbroker::provider::StatusUpdate,
+    ) -> Result<(), eventbroker::ProviderError> {
+        self.inner.requeue(id, update).await
+    }
+    async fn consume(
+        &self,
+        options: eventbroker::provider::ConsumerOptions,
+    ) -> Result<Arc<dyn eventbroker::Consumer>, eventbroker::ProviderError> {
+        Ok(Arc::new(SlowRenewingConsumer {
+            inner: self.inner.consume(options).await?,
+            renewal: self.renewal,
+        }))
+    }
+    async fn stream(
+        &self,
+        pattern: &eventbroker::Pattern,
+    ) -> Result<eventbroker::provider::EventStream, eventbroker::ProviderError> {
+        self.inner.stream(pattern).await
+    }
+    async fn stats(&self) -> Result<eventbroker::ProviderStats, eventbroker::ProviderError> {
+        self.inner.stats().await
+    }
+    async fn ping(&self) -> Result<(), eventbroker::ProviderError> {
+        self.inner.ping().await
+    }
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
+
+/// Every delivery a host holds (running or waiting in its local queue) keeps its lease while
+/// renewals are slow round trips: none expires and runs a second time without a crash. (Renewed
+/// one at a time, 24 held deliveries × 300 ms outlast a 1.5 s lease.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_deliveries_keep_their_leases_when_renewals_are_slow() {
+    let config = BrokerConfig {
+        worker_count: 12,
+        lease: Duration::from_millis(1500),
+        ..config()
+    };
+    let provider = Arc::new(SlowRenewals {
+        inner: Arc::new(MemoryProvider::new(MemoryOptions::from_config(&config))),
+        renewal: Duration::from_millis(300),
+    });
+    let broker = Broker::new(config, provider);
+    let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let seen = runs.clone();
+    broker
+        .subscribe(
+            "work.*",
+            handler_fn(move |_ctx, event| {
+                let seen = seen.clone();
+                async move {
+                    *seen.lock().unwrap().entry(event.id.clone()).or_default() += 1;
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    Ok(())
+                }
+            }),
+        )
+        .unwrap();
+    broker.start().await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..36 {
+        ids.push(broker.publish_async(event("work.item")).await.unwrap());
+    }
+    for id in &ids {
+        wait_for_status(&broker, id, EventStatus::Completed).await;
+    }
+    let runs = runs.lock().unwrap().clone();
+    let repeated: Vec<_> = runs.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(
+        repeated.is_empty(),
+        "events run more than once: {repeated:?}"
+    );
+    assert_eq!(runs.len(), ids.len());
+    broker.stop().await.unwrap();
+}
