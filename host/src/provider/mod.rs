@@ -10,6 +10,7 @@ pub mod memory;
 pub mod nats;
 pub mod redis;
 pub mod sql;
+mod watch_buffer;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -264,9 +265,10 @@ pub trait Provider: Send + Sync + 'static {
     /// Backend failures, or [`ProviderError::Closed`].
     async fn consume(&self, options: ConsumerOptions) -> Result<Arc<dyn Consumer>, ProviderError>;
 
-    /// A live fan-out stream of events matching `pattern`. A watcher that falls too far
-    /// behind receives [`ProviderError::Lagged`] and its stream ends: events are never
-    /// dropped silently.
+    /// A live fan-out stream of events matching `pattern`. A watcher holds at most the
+    /// backend's `watcher_buffer` undelivered events: one that falls further behind is cut at
+    /// once (its backend subscription is released), receives what was buffered, then
+    /// [`ProviderError::Lagged`], and its stream ends. Events are never dropped silently.
     ///
     /// # Errors
     /// Backend failures, or [`ProviderError::Closed`].
