@@ -101,7 +101,8 @@ pub struct ProviderStats {
     pub acknowledged: u64,
     /// Deliveries given back for redelivery.
     pub redelivered: u64,
-    /// Open watchers ([`Provider::stream`]).
+    /// Open watchers ([`Provider::stream`]) still subscribed to the backend: a watcher cut
+    /// for falling behind stops counting at once, before its reader drains it.
     pub subscribers: u64,
     /// Open consumers.
     pub consumers: u64,
