@@ -334,10 +334,10 @@ impl Failure {
                 "no answer within write_timeout ({:?})",
                 shared.options.write_timeout
             ),
-            Cause::CircuitOpen => match shared.circuit.check() {
-                Err(error) => error.to_string(),
-                Ok(()) => "database unreachable".to_owned(),
-            },
+            Cause::CircuitOpen => shared
+                .circuit
+                .reason()
+                .unwrap_or_else(|| "database unreachable".to_owned()),
         }
     }
 
@@ -421,7 +421,12 @@ async fn replay(
     deadline: Instant,
     unknown: bool,
 ) -> Result<bool, ProviderError> {
-    shared.circuit.check()?;
+    if let Some(reason) = shared.circuit.reason() {
+        return Err(ProviderError::backend(
+            NAME,
+            format!("{reason}{}", unknown_note(unknown)),
+        ));
+    }
     if Instant::now() >= deadline {
         return Err(ProviderError::backend(
             NAME,

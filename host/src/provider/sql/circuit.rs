@@ -51,22 +51,26 @@ impl Circuit {
         self.outage.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// While the circuit is open, why writes fail: the outage's duration and cause.
+    pub fn reason(&self) -> Option<String> {
+        self.lock().as_ref().map(|outage| {
+            format!(
+                "database unreachable for {:.1}s ({}); writes fail at once until it answers \
+                 again",
+                outage.since.elapsed().as_secs_f64(),
+                outage.cause
+            )
+        })
+    }
+
     /// `Ok` while the circuit is closed; while it is open, the error every write fails with.
     ///
     /// # Errors
-    /// [`ProviderError::Backend`] naming the outage's duration and cause.
+    /// [`ProviderError::Backend`] with [`Circuit::reason`].
     pub fn check(&self) -> Result<(), ProviderError> {
-        match &*self.lock() {
+        match self.reason() {
             None => Ok(()),
-            Some(outage) => Err(ProviderError::backend(
-                NAME,
-                format!(
-                    "database unreachable for {:.1}s ({}); writes fail at once until it \
-                     answers again",
-                    outage.since.elapsed().as_secs_f64(),
-                    outage.cause
-                ),
-            )),
+            Some(reason) => Err(ProviderError::backend(NAME, reason)),
         }
     }
 
