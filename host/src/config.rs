@@ -297,6 +297,8 @@ pub struct RedisConfig {
     /// Timeout of every command (and of connecting).
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// Events buffered per live watcher (SSE/WebSocket) before it is cut off as too slow.
+    pub watcher_buffer: usize,
 }
 
 impl Default for RedisConfig {
@@ -319,6 +321,7 @@ impl Default for RedisConfig {
             retention: Duration::from_secs(24 * 3600),
             maintenance_interval: Duration::from_secs(10),
             command_timeout: Duration::from_secs(5),
+            watcher_buffer: 1024,
         }
     }
 }
@@ -387,6 +390,9 @@ pub struct NatsConfig {
     /// `ack_wait`).
     #[serde(with = "duration_list")]
     pub backoff: Vec<Duration>,
+    /// Events buffered per live watcher (SSE/WebSocket) before it is cut off as too slow.
+    /// Default 1024.
+    pub watcher_buffer: usize,
 }
 
 impl Default for NatsConfig {
@@ -407,6 +413,7 @@ impl Default for NatsConfig {
             ack_wait: None,
             max_deliver: None,
             backoff: Vec::new(),
+            watcher_buffer: 1024,
         }
     }
 }
@@ -522,6 +529,11 @@ pub struct DatabaseConfig {
     pub rescue_interval: Duration,
     /// Events buffered per live watcher before it is cut off as too slow. Default 1024.
     pub watcher_buffer: usize,
+    /// Longest time one group-commit batch of writes may take, including re-running its
+    /// writes one by one after a failure; writes still unfinished then fail. A database
+    /// found unreachable makes every write fail at once until it answers again. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 impl Default for DatabaseConfig {
@@ -535,6 +547,7 @@ impl Default for DatabaseConfig {
             batch_size: 64,
             rescue_interval: Duration::from_secs(10),
             watcher_buffer: 1024,
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -952,6 +965,22 @@ impl Config {
             ("event_broker.worker_count", broker.worker_count),
             ("event_broker.buffer_size", broker.buffer_size),
             ("event_broker.memory.max_events", broker.memory.max_events),
+            (
+                "event_broker.memory.watcher_buffer",
+                broker.memory.watcher_buffer,
+            ),
+            (
+                "event_broker.database.watcher_buffer",
+                broker.database.watcher_buffer,
+            ),
+            (
+                "event_broker.redis.watcher_buffer",
+                broker.redis.watcher_buffer,
+            ),
+            (
+                "event_broker.nats.watcher_buffer",
+                broker.nats.watcher_buffer,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -984,6 +1013,12 @@ impl Config {
             return Err(ConfigError::Value {
                 key: "event_broker.retry_policy.initial_delay",
                 reason: "must not exceed retry_policy.max_delay".into(),
+            });
+        }
+        if broker.database.write_timeout.is_zero() {
+            return Err(ConfigError::Value {
+                key: "event_broker.database.write_timeout",
+                reason: "must be more than 0".into(),
             });
         }
         let websocket = &self.server.websocket;
@@ -1376,6 +1411,38 @@ mod tests {
             .to_string();
             assert!(err.contains("initial_delay"), "{err}");
             assert!(FileFormat::of(Path::new("c.ini")).is_err());
+        });
+    }
+
+    #[test]
+    fn watcher_buffers_and_the_write_timeout_are_validated_by_key() {
+        with_isolated_env(|| {
+            for provider in ["memory", "database", "redis", "nats"] {
+                let text = format!("event_broker:\n  {provider}:\n    watcher_buffer: 0\n");
+                let err = Config::from_text(FileFormat::Yaml, &text)
+                    .unwrap_err()
+                    .to_string();
+                let key = format!("event_broker.{provider}.watcher_buffer");
+                assert!(err.contains(&key), "{err}");
+            }
+            let err = Config::from_text(
+                FileFormat::Yaml,
+                "event_broker:\n  database:\n    write_timeout: 0s\n",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("event_broker.database.write_timeout"), "{err}");
+            let config = Config::from_text(
+                FileFormat::Yaml,
+                "event_broker:\n  redis:\n    watcher_buffer: 16\n  database:\n    \
+                 write_timeout: 3s\n",
+            )
+            .expect("valid");
+            assert_eq!(config.event_broker.redis.watcher_buffer, 16);
+            assert_eq!(
+                config.event_broker.database.write_timeout,
+                Duration::from_secs(3)
+            );
         });
     }
 

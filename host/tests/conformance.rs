@@ -27,6 +27,7 @@ macro_rules! conformance {
                 closing_and_reopening_consumers_loses_nothing,
                 every_consumer_group_receives_every_event,
                 watchers_receive_only_matching_types,
+                a_stalled_watcher_is_cut_and_holds_a_bounded_buffer,
                 store_get_update_delete,
                 list_filters_order_and_paginate,
                 concurrent_publishers_while_consuming_skip_nothing,

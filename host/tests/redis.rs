@@ -8,8 +8,9 @@
 #[path = "../../tests/src/services.rs"]
 mod services;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+#[path = "support/proxy.rs"]
+mod proxy;
+
 use std::time::Duration;
 
 use eventbroker::config::{BrokerConfig, ProviderKind};
@@ -19,9 +20,7 @@ use eventbroker::provider::{
 };
 use eventbroker::{Event, EventSource, EventStatus};
 use futures::StreamExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
-use tokio::task::JoinSet;
+use proxy::Proxy;
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -392,56 +391,6 @@ async fn watchers_see_events_of_other_instances() {
     cleanup(&config).await;
 }
 
-/// A TCP proxy to Redis whose connections can be cut, to simulate an outage.
-struct Proxy {
-    port: u16,
-    up: Arc<AtomicBool>,
-    connections: Arc<Mutex<JoinSet<()>>>,
-}
-
-impl Proxy {
-    async fn start(target: String) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let up = Arc::new(AtomicBool::new(true));
-        let connections = Arc::new(Mutex::new(JoinSet::new()));
-        let (up2, conns2) = (up.clone(), connections.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                // Checked under the lock `cut` takes, so no connection outlives a cut.
-                let mut connections = conns2.lock().await;
-                if !up2.load(Ordering::Acquire) {
-                    drop(inbound);
-                    continue;
-                }
-                let target = target.clone();
-                connections.spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        });
-        Proxy {
-            port,
-            up,
-            connections,
-        }
-    }
-
-    async fn cut(&self) {
-        self.up.store(false, Ordering::Release);
-        self.connections.lock().await.abort_all();
-    }
-
-    fn restore(&self) {
-        self.up.store(true, Ordering::Release);
-    }
-}
-
 #[tokio::test]
 async fn nothing_is_lost_when_the_connection_to_redis_is_cut() {
     let Some(mut config) = config() else { return };
@@ -464,7 +413,7 @@ async fn nothing_is_lost_when_the_connection_to_redis_is_cut() {
     // During the outage publishing fails with an error (never silently).
     let during = event("a.b");
     assert!(provider.publish(&during).await.is_err());
-    proxy.restore();
+    proxy.restore().await;
     // After the outage: publish again (a publish whose reply was lost may have landed).
     let after = event("a.b");
     let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -575,4 +524,141 @@ async fn idle_consumers_are_deleted_only_when_they_hold_nothing() {
     assert!(consumers(&stream, "idle").await.is_empty());
     provider.close().await;
     cleanup(&config).await;
+}
+
+/// Reads from `socket` until `needle` has been seen; returns everything read.
+async fn read_until(socket: &mut tokio::net::TcpStream, needle: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    tokio::time::timeout(PATIENCE, async {
+        while !String::from_utf8_lossy(&seen).contains(needle) {
+            let read = socket.read(&mut buffer).await.expect("read");
+            assert!(read > 0, "connection closed before {needle:?}");
+            seen.extend_from_slice(&buffer[..read]);
+        }
+    })
+    .await
+    .expect("the host answers");
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// One `/v1/stream` client stops reading while 200 events of 200 KB are published on Redis:
+/// the host holds at most `watcher_buffer` of them for it. Its watcher is cut (the provider
+/// reports no subscriber left), and when the client reads again it gets what was buffered,
+/// `event: error` saying it fell behind, and the end of the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_sse_client_is_cut_and_holds_a_bounded_buffer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PUBLISHED: usize = 200;
+    let Some(broker) = config() else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = eventbroker::config::Config::default();
+    config.server.listen = "127.0.0.1:0".into();
+    config.handlers.dir = dir.path().join("handlers");
+    config.handlers.cache_dir = Some(dir.path().join("cache"));
+    config.handlers.pool.instances = 4;
+    std::fs::create_dir_all(&config.handlers.dir).expect("handlers dir");
+    config.event_broker = broker.clone();
+    config.event_broker.redis.watcher_buffer = 8;
+    let service = eventbroker::service::Service::start(config)
+        .await
+        .expect("host starts");
+    let addr = service.local_addr();
+    let http = &reqwest::Client::new();
+    let subscribers = move || async move {
+        let stats: serde_json::Value = http
+            .get(format!("http://{addr}/v1/stats"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        stats["provider"]["subscribers"].as_u64()
+    };
+
+    // The client: a small receive buffer, the request, the response head, then no reading.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(16 * 1024).expect("buffer size");
+    let mut client = socket.connect(addr).await.expect("connect");
+    client
+        .write_all(
+            format!(
+                "GET /v1/stream?pattern=sse.* HTTP/1.1\r\nHost: {addr}\r\n\
+                 Accept: text/event-stream\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("request");
+    let head = read_until(&mut client, "\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    wait_until(
+        || async { (subscribers().await? == 1).then_some(()) },
+        "the watcher",
+    )
+    .await;
+
+    let blob = "x".repeat(200 * 1024);
+    for n in 0..PUBLISHED {
+        let response = http
+            .post(format!("http://{addr}/v1/events"))
+            .json(&serde_json::json!({"type": format!("sse.n{n}"), "payload": {"blob": blob}}))
+            .send()
+            .await
+            .expect("publish");
+        assert_eq!(response.status(), 202, "{:?}", response.text().await);
+    }
+    wait_until(
+        || async { (subscribers().await? == 0).then_some(()) },
+        "the stalled client's watcher to be cut",
+    )
+    .await;
+
+    // Reading again: what was buffered on the way, the lag report, the end.
+    let mut rest = Vec::new();
+    tokio::time::timeout(PATIENCE, client.read_to_end(&mut rest))
+        .await
+        .expect("the response ends")
+        .expect("read");
+    let rest = String::from_utf8_lossy(&rest);
+    let events = rest.matches("\nevent: pending").count()
+        + rest.matches("\nevent: processing").count()
+        + rest.matches("\nevent: completed").count();
+    eprintln!(
+        "stalled SSE client: {PUBLISHED} events of 200 KB published; after it was cut it \
+         received {events} event messages ({} bytes) buffered on the way, then the end",
+        rest.len()
+    );
+    let error = rest
+        .split("event: error")
+        .nth(1)
+        .expect("the stream reports why it ends");
+    assert!(error.contains("fell behind"), "{error}");
+    assert!(
+        events < PUBLISHED,
+        "a stalled client must not be sent everything: {events} of {PUBLISHED} events buffered"
+    );
+    service.stop().await.expect("stop");
+    cleanup(&broker).await;
+}
+
+/// Polls `check` until it returns `Some`, panicking after [`PATIENCE`] naming `what`.
+async fn wait_until<T, F, Fut>(mut check: F, what: &str) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {PATIENCE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

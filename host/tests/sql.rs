@@ -9,10 +9,11 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventbroker::config::ProviderKind;
-use eventbroker::provider::{self, ConsumerOptions, ProviderError, StatusUpdate};
+use eventbroker::config::{BrokerConfig, ProviderKind};
+use eventbroker::provider::{self, ConsumerOptions, EventFilter, ProviderError, StatusUpdate};
 use eventbroker::{Broker, Event, EventSource, EventStatus, handler_fn};
 use support::backends::{self, Backend};
+use support::proxy::Proxy;
 use support::{PATIENCE, unique_suffix, wait_for};
 
 /// A broker whose handler never finishes is stopped (its deliveries are given back); a new
@@ -471,4 +472,339 @@ async fn postgres_type_patterns_are_exact_in_sql() {
     if let Some(backend) = backends::postgres().await {
         type_patterns_are_exact_in_sql(backend).await;
     }
+}
+
+/// `url` rewritten to reach its server through a local proxy port, without TLS (so the proxy
+/// can see the protocol), and the server's `host:port` (the proxy's target).
+fn through_proxy(url: &str, port: u16) -> (String, String) {
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (user, server) = match authority.rsplit_once('@') {
+        Some((user, server)) => (format!("{user}@"), server),
+        None => (String::new(), authority),
+    };
+    let target = if server.contains(':') {
+        server.to_owned()
+    } else {
+        format!("{server}:5432")
+    };
+    let separator = if path.contains('?') { '&' } else { '?' };
+    (
+        format!("{scheme}://{user}127.0.0.1:{port}/{path}{separator}sslmode=disable"),
+        target,
+    )
+}
+
+/// A PostgreSQL backend whose provider connects through a [`Proxy`].
+async fn postgres_behind_a_proxy() -> Option<(Backend, BrokerConfig, Proxy)> {
+    let backend = backends::postgres().await?;
+    let (_, target) = through_proxy(&backend.config.database.url, 0);
+    let proxy = Proxy::start(target).await;
+    let mut config = backend.config.clone();
+    config.database.url = through_proxy(&backend.config.database.url, proxy.port).0;
+    Some((backend, config, proxy))
+}
+
+/// PostgreSQL commits a batch of publishes but its answer to `COMMIT` is lost with the
+/// connection, so the provider cannot know whether they were applied. The replay finds the
+/// very same events stored and reports each publish as done (not as a duplicate, not as a
+/// failure), and each event is stored once. A different event under a taken id is still a
+/// duplicate, as is publishing the same event again when no commit answer was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_publish_whose_commit_answer_was_lost_is_not_a_duplicate() {
+    let Some((backend, config, proxy)) = postgres_behind_a_proxy().await else {
+        return;
+    };
+    let provider = provider::from_config(&config).await.expect("provider");
+    let events: Vec<Event> = (0..8)
+        .map(|n| {
+            Event::new(EventSource::System, "lost.commit", "h")
+                .with_payload(serde_json::json!({"n": n}))
+        })
+        .collect();
+    // PostgreSQL's completion of COMMIT (CommandComplete, tag `COMMIT`).
+    proxy.lose_reply_containing(b"COMMIT\0");
+    let results = futures::future::join_all(events.iter().map(|e| provider.publish(e))).await;
+    assert!(!proxy.armed(), "an answer to COMMIT was lost");
+    for (event, result) in events.iter().zip(results) {
+        result.unwrap_or_else(|error| {
+            panic!(
+                "publish of {} (applied before its commit answer was lost) failed: {error}",
+                event.id
+            )
+        });
+    }
+    let observer = backend.connect().await;
+    let listed = observer
+        .list(&EventFilter {
+            type_pattern: Some(eventbroker::pattern::Pattern::new("lost.commit").expect("pattern")),
+            ..EventFilter::default()
+        })
+        .await
+        .expect("list");
+    let mut stored: Vec<&str> = listed.iter().map(|e| e.id.as_str()).collect();
+    let mut published: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    stored.sort_unstable();
+    published.sort_unstable();
+    assert_eq!(stored, published, "each stored once");
+
+    let event = &events[0];
+    let mut impostor = event.clone();
+    impostor.payload = serde_json::json!({"n": 2});
+    for (what, again) in [("a different event", &impostor), ("the same event", event)] {
+        match provider.publish(again).await {
+            Err(ProviderError::Duplicate(id)) => assert_eq!(id, event.id),
+            other => panic!("{what} under a taken id must be a duplicate, got {other:?}"),
+        }
+    }
+    provider.close().await;
+    observer.close().await;
+}
+
+/// Latencies of one phase of the outage test.
+#[derive(Default)]
+struct Phase {
+    accepted: Vec<Duration>,
+    refused: Vec<(Duration, String)>,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+impl Phase {
+    fn report(&self, name: &str) {
+        let mut all: Vec<Duration> = self
+            .accepted
+            .iter()
+            .copied()
+            .chain(self.refused.iter().map(|(d, _)| *d))
+            .collect();
+        all.sort();
+        eprintln!(
+            "{name:>8}: {:>5} accepted, {:>5} refused; latency p50 {:>9.1?} p99 {:>9.1?} max {:>9.1?}",
+            self.accepted.len(),
+            self.refused.len(),
+            percentile(&all, 0.5),
+            percentile(&all, 0.99),
+            all.last().copied().unwrap_or_default(),
+        );
+    }
+}
+
+/// PostgreSQL becomes unreachable for 30 s (its port closed, as when the server is stopped)
+/// while four publishers and a broker run. Publishes during the outage fail with an error
+/// that says the database is unreachable (most at once, through the open circuit) instead of
+/// waiting for connection timeouts; after it, publishing works again; every accepted event
+/// is completed and nothing is left pending or processing. Prints the publish latencies of
+/// each phase and how many events ran more than once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_outage_fails_writes_fast_and_loses_nothing() {
+    const OUTAGE: Duration = Duration::from_secs(30);
+    const PUBLISHERS: usize = 4;
+    let Some((backend, mut config, proxy)) = postgres_behind_a_proxy().await else {
+        return;
+    };
+    config.lease = Duration::from_secs(5);
+    config.worker_count = 8;
+    let broker = Broker::new(
+        config.clone(),
+        provider::from_config(&config).await.expect("provider"),
+    );
+    let runs = Arc::new(Mutex::new(BTreeMap::<String, u32>::new()));
+    let counter = runs.clone();
+    broker
+        .subscribe(
+            "outage.>",
+            handler_fn(move |_, event: Event| {
+                let counter = counter.clone();
+                async move {
+                    *counter.lock().expect("lock").entry(event.id).or_default() += 1;
+                    Ok(())
+                }
+            }),
+        )
+        .expect("subscribe");
+    broker.start().await.expect("start");
+
+    // 0: before, 1: during the outage, 2: after, 3: stop.
+    let phase = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut publishers = Vec::new();
+    for p in 0..PUBLISHERS {
+        let (broker, phase) = (broker.clone(), phase.clone());
+        publishers.push(tokio::spawn(async move {
+            let mut phases: [Phase; 3] = Default::default();
+            let mut accepted = Vec::new();
+            let mut n = 0;
+            loop {
+                let now = phase.load(std::sync::atomic::Ordering::Acquire);
+                if now > 2 {
+                    break;
+                }
+                n += 1;
+                let event = Event::new(EventSource::System, format!("outage.p{p}.n{n}"), "h");
+                let started = tokio::time::Instant::now();
+                let result = tokio::time::timeout(PATIENCE, broker.publish_async(event)).await;
+                let took = started.elapsed();
+                // Attributed to the phase it started in (an outage publish may end after it).
+                match result {
+                    Ok(Ok(id)) => {
+                        phases[now].accepted.push(took);
+                        accepted.push(id);
+                    }
+                    Ok(Err(error)) => phases[now].refused.push((took, error.to_string())),
+                    Err(_) => panic!("a publish hung for {PATIENCE:?} (phase {now})"),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (phases, accepted)
+        }));
+    }
+    let advance = |to: usize| phase.store(to, std::sync::atomic::Ordering::Release);
+    wait_for("events to be accepted before the outage", || {
+        let broker = broker.clone();
+        async move { (broker.stats().await.ok()?.published >= 100).then_some(()) }
+    })
+    .await;
+    proxy.stop().await;
+    advance(1);
+    tokio::time::sleep(OUTAGE).await;
+    proxy.restore().await;
+    advance(2);
+    let resumed = broker.stats().await.expect("stats").published;
+    wait_for("publishing to work again after the outage", || {
+        let broker = broker.clone();
+        async move { (broker.stats().await.ok()?.published >= resumed + 200).then_some(()) }
+    })
+    .await;
+    advance(3);
+
+    let mut phases: [Phase; 3] = Default::default();
+    let mut accepted = Vec::new();
+    for publisher in publishers {
+        let (done, ids) = publisher.await.expect("publisher");
+        for (total, part) in phases.iter_mut().zip(done) {
+            total.accepted.extend(part.accepted);
+            total.refused.extend(part.refused);
+        }
+        accepted.extend(ids);
+    }
+    eprintln!("publish latency around a {OUTAGE:?} PostgreSQL outage ({PUBLISHERS} publishers):");
+    for (phase, name) in phases.iter().zip(["before", "during", "after"]) {
+        phase.report(name);
+    }
+
+    // During the outage every publish was refused with a clear error, most of them through the
+    // open circuit (without waiting on the database).
+    let during = &phases[1];
+    assert!(
+        !during.refused.is_empty(),
+        "publishes were attempted during the outage"
+    );
+    for (_, error) in &during.refused {
+        assert!(
+            error.contains("unreachable") || error.contains("write_timeout"),
+            "an outage error says what is wrong: {error}"
+        );
+    }
+    let fast = during
+        .refused
+        .iter()
+        .filter(|(_, e)| e.contains("fail at once"))
+        .count();
+    eprintln!(
+        "  during the outage {fast} of {} refusals came from the open circuit",
+        during.refused.len()
+    );
+    assert!(fast > 0, "the circuit opened during the outage");
+
+    // Nothing accepted is lost; nothing stored is left unfinished.
+    let observer = backend.connect().await;
+    for id in &accepted {
+        wait_for(&format!("accepted event {id} to complete"), || {
+            let (observer, id) = (observer.clone(), id.clone());
+            async move {
+                let event = observer.get(&id).await.ok()??;
+                (event.status == EventStatus::Completed).then_some(())
+            }
+        })
+        .await;
+    }
+    wait_for("no stored event to be left pending or processing", || {
+        let observer = observer.clone();
+        async move {
+            let stats = observer.stats().await.ok()?;
+            let open = stats.by_status.get("pending").copied().unwrap_or(0)
+                + stats.by_status.get("processing").copied().unwrap_or(0);
+            (open == 0).then_some(())
+        }
+    })
+    .await;
+    broker.stop().await.expect("stop");
+    let runs = runs.lock().expect("lock").clone();
+    for id in &accepted {
+        assert!(runs.get(id).is_some_and(|&n| n >= 1), "{id} was handled");
+    }
+    let repeated = runs.values().filter(|&&n| n > 1).count();
+    eprintln!(
+        "  {} events accepted, all completed; {repeated} ran more than once (their outcome \
+         could not be recorded during the outage)",
+        accepted.len()
+    );
+    observer.close().await;
+}
+
+/// A write that cannot get the SQLite write lock (another process holds it) fails with an
+/// error naming `write_timeout` once that deadline passes, instead of waiting for the lock
+/// (up to the busy timeout, for every write of the batch in turn); once the lock is free,
+/// writes succeed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_blocked_past_write_timeout_fails_with_a_clear_error() {
+    use sqlx::Connection;
+    let Some(backend) = backends::sqlite().await else {
+        return;
+    };
+    let mut config = backend.config.clone();
+    config.database.write_timeout = Duration::from_millis(300);
+    let provider = provider::from_config(&config).await.expect("provider");
+    let mut holder = sqlx::SqliteConnection::connect(&config.database.url)
+        .await
+        .expect("second connection");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .expect("take the write lock");
+    let publishes = (0..4).map(|n| {
+        let provider = provider.clone();
+        async move {
+            let event = Event::new(EventSource::System, format!("blocked.n{n}"), "h");
+            tokio::time::timeout(PATIENCE, provider.publish(&event)).await
+        }
+    });
+    for result in futures::future::join_all(publishes).await {
+        let error = result
+            .expect("a blocked write ends at its deadline")
+            .expect_err("the write lock is held elsewhere");
+        assert!(error.to_string().contains("write_timeout"), "{error}");
+    }
+    sqlx::query("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .expect("release the lock");
+    let event = Event::new(EventSource::System, "blocked.after", "h");
+    wait_for("writes to succeed once the lock is free", || {
+        let (provider, event) = (provider.clone(), event.clone());
+        async move {
+            match provider.publish(&event).await {
+                Ok(()) | Err(ProviderError::Duplicate(_)) => Some(()),
+                Err(_) => None,
+            }
+        }
+    })
+    .await;
+    provider.close().await;
 }

@@ -705,7 +705,10 @@ impl Provider for MemoryProvider {
                 futures::future::ready(Some(item))
             })
             .take_until(self.inner.shutdown.clone().cancelled_owned());
-        Ok(Box::pin(stream))
+        Ok(super::watch_buffer::bounded(
+            Box::pin(stream),
+            self.inner.options.watcher_buffer,
+        ))
     }
 
     async fn ping(&self) -> Result<(), ProviderError> {

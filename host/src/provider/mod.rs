@@ -18,6 +18,7 @@ pub mod nats;
 pub mod redis;
 pub mod sql;
 mod state;
+mod watch_buffer;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -110,7 +111,8 @@ pub struct ProviderStats {
     pub acknowledged: u64,
     /// Deliveries given back for redelivery.
     pub redelivered: u64,
-    /// Open watchers ([`Provider::stream`]).
+    /// Open watchers ([`Provider::stream`]) still subscribed to the backend: a watcher cut
+    /// for falling behind stops counting at once, before its reader drains it.
     pub subscribers: u64,
     /// Open consumers.
     pub consumers: u64,
@@ -285,9 +287,10 @@ pub trait Provider: Send + Sync + 'static {
     async fn consume(&self, options: ConsumerOptions) -> Result<Arc<dyn Consumer>, ProviderError>;
 
     /// A live fan-out stream of events matching `pattern`: each as published and again at each
-    /// change of the own group's state (in that state). A watcher that falls too far
-    /// behind receives [`ProviderError::Lagged`] and its stream ends: events are never
-    /// dropped silently.
+    /// change of the own group's state (in that state). A watcher holds at most the backend's
+    /// `watcher_buffer` undelivered events: one that falls further behind is cut at once (its
+    /// backend subscription is released), receives what was buffered, then
+    /// [`ProviderError::Lagged`], and its stream ends. Events are never dropped silently.
     ///
     /// # Errors
     /// Backend failures, or [`ProviderError::Closed`].

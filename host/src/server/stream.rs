@@ -2,6 +2,10 @@
 //! status changes. Each message has `event: <status>`, `id: <event id>` and the event as JSON
 //! `data`. A watcher too slow to keep up receives `event: error` with the reason and the stream
 //! ends (reconnect to continue); it is never silently skipped ahead.
+//!
+//! Memory held for a client that stops reading is bounded: the provider's watcher holds at
+//! most `watcher_buffer` events and cuts itself when it would hold more, and hyper writes the
+//! response through a bounded buffer, polling the stream only as the socket drains.
 
 use std::convert::Infallible;
 

@@ -561,6 +561,66 @@ pub async fn watchers_receive_only_matching_types(backend: &Backend) {
     provider.close().await;
 }
 
+/// A watcher that is never read holds at most `watcher_buffer` events, however many large
+/// events are published: once it would hold more it is cut (its backend subscription is
+/// released, so `subscribers` drops), and reading it then yields at most the buffered events,
+/// `Lagged`, and the end of the stream.
+pub async fn a_stalled_watcher_is_cut_and_holds_a_bounded_buffer(backend: &Backend) {
+    const BUFFER: usize = 8;
+    const PUBLISHED: usize = BUFFER * 6;
+    let mut config = backend.config.clone();
+    config.memory.watcher_buffer = BUFFER;
+    config.database.watcher_buffer = BUFFER;
+    config.redis.watcher_buffer = BUFFER;
+    config.nats.watcher_buffer = BUFFER;
+    let provider = eventbroker::provider::from_config(&config)
+        .await
+        .expect("provider");
+    let before = provider.stats().await.expect("stats").subscribers;
+    let mut stalled = provider
+        .stream(&Pattern::new("stall.*").expect("pattern"))
+        .await
+        .expect("stream");
+    assert_eq!(
+        provider.stats().await.expect("stats").subscribers,
+        before + 1
+    );
+    let payload = json!({"blob": "x".repeat(100 * 1024)});
+    for n in 0..PUBLISHED {
+        let event = simple_event(&format!("stall.n{n}")).with_payload(payload.clone());
+        provider.publish(&event).await.expect("publish");
+    }
+    wait_for("the stalled watcher to be cut", || async {
+        let subscribers = provider.stats().await.ok()?.subscribers;
+        (subscribers == before).then_some(())
+    })
+    .await;
+    let mut buffered = 0;
+    let end = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match stalled.next().await {
+                Some(Ok(_)) => buffered += 1,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the cut watcher ends");
+    assert!(
+        buffered <= BUFFER,
+        "a stalled watcher held {buffered} events, more than watcher_buffer ({BUFFER})"
+    );
+    assert!(
+        matches!(end, Some(Err(ProviderError::Lagged(_)))),
+        "the watcher ends with Lagged, got {end:?}"
+    );
+    assert!(
+        stalled.next().await.is_none(),
+        "nothing after the lag report"
+    );
+    provider.close().await;
+}
+
 pub async fn store_get_update_delete(backend: &Backend) {
     let provider = backend.connect().await;
     let event = full_event("crud.test", 1);

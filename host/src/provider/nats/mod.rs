@@ -85,6 +85,8 @@ pub(crate) struct Shared {
     store: StateStore,
     durable: bool,
     ack_wait: Option<Duration>,
+    /// Events buffered per watcher before it is cut off as lagging.
+    watcher_buffer: usize,
     max_deliver: Option<u32>,
     backoff: Vec<Duration>,
     closed: AtomicBool,
@@ -299,6 +301,7 @@ impl NatsProvider {
             store,
             durable: nats.storage == NatsStorage::File,
             ack_wait: nats.ack_wait,
+            watcher_buffer: nats.watcher_buffer.max(1),
             max_deliver: nats.max_deliver,
             backoff: nats.backoff.clone(),
             closed: AtomicBool::new(false),

@@ -8,9 +8,12 @@
 //!   claims and renewals are skipped). A record that no group touched yet is shown unless it is
 //!   still in its just-published state, which the first consumer already reported.
 //!
-//! Ordered consumers are flow-controlled by the server and recreated on gaps, so a slow watcher
-//! falls behind without losing events and never needs a lag report. When both sources have
-//! something ready, the publish is yielded first.
+//! Ordered consumers are recreated on gaps, but the client queues what the server pushes for
+//! a reader that does not poll (up to 64 Ki messages per subscription, whatever their size).
+//! So both are drained continuously into a buffer of `watcher_buffer` events ([`bounded`]): a
+//! watcher that falls further behind is cut with [`ProviderError::Lagged`] and its
+//! subscriptions are dropped (the server removes the ephemeral consumers). When both sources
+//! have something ready, the publish is yielded first.
 
 use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, push};
 use async_nats::jetstream::kv::Operation;
@@ -21,6 +24,7 @@ use super::record::Record;
 use super::{NAME, Shared};
 use crate::event::{Event, EventStatus};
 use crate::pattern::Pattern;
+use crate::provider::watch_buffer::bounded;
 use crate::provider::{EventStream, ProviderError, WatchItem};
 
 fn backend(error: impl std::fmt::Display) -> ProviderError {
@@ -128,8 +132,9 @@ pub(crate) async fn watch(
             })
             .take_until(shared.shutdown.clone().cancelled_owned());
     let guard = shared.counters.watcher_opened();
-    Ok(Box::pin(merged.map(move |item| {
+    let stream = merged.map(move |item| {
         let _ = &guard;
         item
-    })))
+    });
+    Ok(bounded(Box::pin(stream), shared.watcher_buffer))
 }

@@ -80,6 +80,8 @@ pub struct RedisOptions {
     pub maintenance_interval: Duration,
     /// Timeout of every command and of connecting.
     pub command_timeout: Duration,
+    /// Events buffered per watcher before it is cut off as lagging.
+    pub watcher_buffer: usize,
 }
 
 impl RedisOptions {
@@ -138,6 +140,7 @@ impl RedisOptions {
             retention: redis.retention.max(Duration::from_secs(1)),
             maintenance_interval: redis.maintenance_interval.max(Duration::from_millis(100)),
             command_timeout: redis.command_timeout.max(Duration::from_millis(100)),
+            watcher_buffer: redis.watcher_buffer.max(1),
         })
     }
 }

@@ -6,6 +6,11 @@
 //! Pub/sub does not buffer for absent subscribers: a watcher whose connection is lost (or
 //! that Redis disconnects for reading too slowly) gets an error item and its stream ends, so
 //! it knows to reconnect instead of silently missing events.
+//!
+//! The Redis client queues received messages without limit, so the subscription is drained
+//! continuously into a buffer of `watcher_buffer` events ([`bounded`]): a watcher that falls
+//! further behind is cut with [`ProviderError::Lagged`] and its subscription closed, instead of
+//! growing the host's memory.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -15,6 +20,7 @@ use futures::StreamExt;
 use super::store::decode_watch;
 use super::{NAME, Shared, backend};
 use crate::pattern::Pattern;
+use crate::provider::watch_buffer::bounded;
 use crate::provider::{EventStream, ProviderError, WatchItem};
 
 /// Decrements the watcher count when the stream is dropped.
@@ -80,5 +86,5 @@ pub(crate) async fn open(
             item
         })
         .take_until(shared.shutdown.clone().cancelled_owned());
-    Ok(Box::pin(stream))
+    Ok(bounded(Box::pin(stream), shared.options.watcher_buffer))
 }

@@ -17,6 +17,7 @@
 //! `docs/providers/database.md` describes the design, its trade-offs and tuning.
 
 mod batch;
+mod circuit;
 mod consumer;
 pub mod dialect;
 mod list;
@@ -74,6 +75,8 @@ pub struct SqlOptions {
     pub watcher_buffer: usize,
     /// The provider's own consumer group ([`Provider::group`]).
     pub group: String,
+    /// Deadline of one group-commit batch, its replay included ([`batch`]).
+    pub write_timeout: Duration,
 }
 
 impl SqlOptions {
@@ -89,6 +92,7 @@ impl SqlOptions {
             rescue_interval: config.rescue_interval.max(Duration::from_millis(10)),
             watcher_buffer: config.watcher_buffer.max(1),
             group: BrokerConfig::default().consumer_group,
+            write_timeout: config.write_timeout.max(Duration::from_millis(1)),
         }
     }
 
@@ -152,6 +156,8 @@ pub(crate) struct Shared {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Frequent writes go through the group-commit writers ([`batch`]).
     submitter: batch::Submitter,
+    /// Open while the database is unreachable: writes fail at once ([`circuit`]).
+    circuit: circuit::Circuit,
 }
 
 impl Shared {
@@ -414,6 +420,7 @@ impl SqlProvider {
             groups: Mutex::new(HashSet::new()),
             tasks: Mutex::new(Vec::new()),
             submitter,
+            circuit: circuit::Circuit::default(),
             options,
         });
         let mut tasks = Vec::new();
@@ -687,10 +694,14 @@ impl Provider for SqlProvider {
 
     async fn stream(&self, pattern: &Pattern) -> Result<EventStream, ProviderError> {
         self.shared.check_open()?;
-        Ok(watch::watcher_stream(
+        let stream = watch::watcher_stream(
             self.shared.watchers.subscribe(),
             pattern,
             self.shared.shutdown.clone(),
+        );
+        Ok(super::watch_buffer::bounded(
+            stream,
+            self.shared.options.watcher_buffer,
         ))
     }
 

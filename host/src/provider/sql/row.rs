@@ -77,6 +77,28 @@ pub struct EventValues {
 }
 
 impl EventValues {
+    /// The event id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Whether both describe the same event: equal id and content (type, source, payload,
+    /// metadata, origin fields, creation time), whatever their processing state.
+    pub fn same_event(&self, other: &EventValues) -> bool {
+        self.id == other.id
+            && self.source == other.source
+            && self.event_type == other.event_type
+            && self.payload == other.payload
+            && self.user_id == other.user_id
+            && self.session_id == other.session_id
+            && self.instance_id == other.instance_id
+            && self.schema == other.schema
+            && self.entity == other.entity
+            && self.operation == other.operation
+            && self.created_at == other.created_at
+            && self.metadata == other.metadata
+    }
+
     /// Encodes `event`.
     ///
     /// # Errors
