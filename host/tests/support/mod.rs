@@ -5,6 +5,7 @@
 
 pub mod backends;
 pub mod cluster;
+pub mod proxy;
 
 #[path = "../../../tests/src/services.rs"]
 pub mod services;

@@ -1,0 +1,442 @@
+//! The promises, checked over everything that happened in one provider's run:
+//!
+//! - every accepted event is stored and in a final state (`completed` or `failed`) within the
+//!   settle bound; every event that exists at all (also one whose client hung up) is final;
+//! - every consumer group's handlers ran every stored event: an event a group never handled is
+//!   *lost* for that group;
+//! - per (event, handler, group) the guest ran once, or more only where a crash or a cut
+//!   explains it (an earlier run on a host that was then killed with SIGKILL, or a first run
+//!   inside a cut's window); every other repeat is an unexplained duplicate;
+//! - each stored per-handler outcome says what the guest did (failed for the planned traps,
+//!   succeeded otherwise);
+//! - a handler removed under load runs no event published after its removal returned;
+//! - resident memory stayed under the bound, `/healthz` answered every probe, and every host
+//!   stopped with SIGTERM drained its work and exited cleanly.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::clients::{Answer, Attempt, Kind, Stored};
+use crate::serve::{End, Generation, Health, Invocation};
+
+/// Violations described in full per category and key (the counts are always complete).
+const EXAMPLES: usize = 4;
+
+/// What the run expected of its handlers.
+#[derive(Debug, Clone)]
+pub struct Expectations {
+    /// (handler, group) pairs that must run every stored event.
+    pub required: Vec<(String, String)>,
+    /// The handler that traps when `n` is a multiple of [`Expectations::trap_every`].
+    pub trapping: String,
+    /// See [`Expectations::trapping`].
+    pub trap_every: u64,
+    /// The handler deployed and removed under load.
+    pub transient: String,
+    /// Largest resident set allowed per host, in KiB.
+    pub rss_bound_kib: u64,
+}
+
+/// What happened in the run.
+pub struct Evidence {
+    /// Every publish the suite tried.
+    pub attempts: Vec<Attempt>,
+    /// The stored state of every attempted id after the settle bound.
+    pub stored: HashMap<String, Stored>,
+    /// Every guest run the hosts logged.
+    pub invocations: Vec<Invocation>,
+    /// `<label>#<generation>` of every process killed with SIGKILL.
+    pub killed: HashSet<String>,
+    /// Windows in which a backend cut explains a repeated run (a first run inside one).
+    pub cut_windows: Vec<(Instant, Instant)>,
+    /// When the removal of the transient handler returned, if it was removed.
+    pub removed_at: Option<Instant>,
+    /// Per host label: memory and `/healthz` over its generations, and how each ended.
+    pub hosts: Vec<(String, Health, Vec<Generation>)>,
+    /// Problems the fault script itself ran into (a deploy refused, no recovery after a cut).
+    pub script: Vec<String>,
+}
+
+/// One category of violations.
+#[derive(Debug, Default, Clone)]
+pub struct Findings {
+    /// How many.
+    pub count: usize,
+    /// Per key (publish kind, handler or host): how many, and up to [`EXAMPLES`] described in
+    /// full.
+    pub by: BTreeMap<String, (usize, Vec<String>)>,
+}
+
+impl Findings {
+    fn add(&mut self, key: &str, describe: impl FnOnce() -> String) {
+        self.count += 1;
+        let (count, examples) = self.by.entry(key.to_owned()).or_default();
+        *count += 1;
+        if examples.len() < EXAMPLES {
+            examples.push(describe());
+        }
+    }
+}
+
+/// The checked run.
+#[derive(Debug, Default, Clone)]
+pub struct Verdict {
+    /// Events the hosts accepted (202, or 200 with the processed event).
+    pub accepted: usize,
+    /// Events stored (accepted or not).
+    pub stored: usize,
+    /// What the publishing clients were told, by answer.
+    pub answers: BTreeMap<String, usize>,
+    /// Largest resident set per host label, in KiB.
+    pub host_rss_kib: Vec<(String, u64)>,
+    /// Accepted but not stored, or not run by some group.
+    pub lost: Findings,
+    /// Stored but not final after the settle bound (or unreadable).
+    pub stuck: Findings,
+    /// (event, handler, group) keys that ran more than once.
+    pub duplicates: usize,
+    /// (event, handler, group) keys that ran at all.
+    pub keys: usize,
+    /// Repeats that neither a crash nor a cut explains.
+    pub unexplained: Findings,
+    /// Stored outcomes that contradict what the guest did.
+    pub wrong_outcomes: Findings,
+    /// Runs of the removed handler on events published after its removal.
+    pub after_removal: Findings,
+    /// Largest resident set of any host, in KiB.
+    pub max_rss_kib: u64,
+    /// Hosts over the memory bound.
+    pub memory: Findings,
+    /// Slowest `/healthz` answer.
+    pub max_health: Duration,
+    /// `/healthz` probes that failed.
+    pub health: Findings,
+    /// Hosts that did not stop cleanly on SIGTERM.
+    pub stops: Findings,
+    /// Stops that were clean.
+    pub clean_stops: usize,
+    /// Everything else (fault script problems).
+    pub other: Findings,
+}
+
+impl Verdict {
+    /// Every category with violations: (name, findings).
+    pub fn violations(&self) -> Vec<(&'static str, &Findings)> {
+        [
+            ("lost", &self.lost),
+            ("stuck", &self.stuck),
+            ("unexplained duplicates", &self.unexplained),
+            ("wrong stored outcomes", &self.wrong_outcomes),
+            ("removed handler still ran", &self.after_removal),
+            ("memory over the bound", &self.memory),
+            ("/healthz failures", &self.health),
+            ("unclean stops", &self.stops),
+            ("fault script", &self.other),
+        ]
+        .into_iter()
+        .filter(|(_, findings)| findings.count > 0)
+        .collect()
+    }
+}
+
+type Key = (String, String, String);
+
+/// Checks every promise over the evidence.
+pub fn judge(expect: &Expectations, evidence: &Evidence) -> Verdict {
+    let mut verdict = Verdict::default();
+    let mut runs: HashMap<Key, Vec<&Invocation>> = HashMap::new();
+    for invocation in &evidence.invocations {
+        runs.entry((
+            invocation.event.clone(),
+            invocation.handler.clone(),
+            invocation.group.clone(),
+        ))
+        .or_default()
+        .push(invocation);
+    }
+    for list in runs.values_mut() {
+        list.sort_by_key(|invocation| invocation.at);
+    }
+    let describe = |attempt: &Attempt, extra: &str| {
+        let stored = evidence.stored.get(&attempt.id);
+        let mut text = format!(
+            "{} (n={}, {} to {}, {:?}): {extra}\n      stored: {}",
+            attempt.id,
+            attempt.n,
+            attempt.kind.name(),
+            attempt.host,
+            attempt.answer,
+            stored.map_or_else(|| "(not read)".to_owned(), summarize),
+        );
+        let mut seen: Vec<String> = evidence
+            .invocations
+            .iter()
+            .filter(|i| i.event == attempt.id)
+            .map(|i| {
+                format!(
+                    "{}/{} on {} attempt {}",
+                    i.handler, i.group, i.host, i.attempt
+                )
+            })
+            .collect();
+        seen.sort();
+        let _ = write!(
+            text,
+            "\n      guest runs: {}",
+            if seen.is_empty() {
+                "none".to_owned()
+            } else {
+                seen.join(", ")
+            }
+        );
+        text
+    };
+
+    for attempt in &evidence.attempts {
+        let kind = attempt.kind.name();
+        if attempt.accepted() {
+            verdict.accepted += 1;
+        }
+        let answer = match &attempt.answer {
+            Answer::Accepted => "accepted".to_owned(),
+            Answer::Refused(reason) => format!("refused {reason}"),
+            Answer::Unanswered(_)
+                if matches!(attempt.kind, Kind::AsyncHangUp | Kind::SyncHangUp) =>
+            {
+                "client hung up".to_owned()
+            }
+            Answer::Unanswered(_) => "no answer".to_owned(),
+        };
+        *verdict.answers.entry(answer).or_default() += 1;
+        let stored = evidence.stored.get(&attempt.id);
+        let event = match stored {
+            Some(Stored::Found(event)) => event,
+            Some(Stored::NotFound) | None => {
+                if attempt.accepted() {
+                    verdict
+                        .lost
+                        .add(kind, || describe(attempt, "accepted but not stored"));
+                }
+                continue;
+            }
+            Some(Stored::Unreadable(reason)) => {
+                verdict.stuck.add(kind, || {
+                    describe(attempt, &format!("state unreadable: {reason}"))
+                });
+                continue;
+            }
+        };
+        verdict.stored += 1;
+        if !stored.is_some_and(Stored::is_final) {
+            verdict.stuck.add(kind, || {
+                describe(attempt, "not in a final state after the settle bound")
+            });
+            continue;
+        }
+        let missing: Vec<String> = expect
+            .required
+            .iter()
+            .filter(|(handler, group)| {
+                !runs.contains_key(&(attempt.id.clone(), handler.clone(), group.clone()))
+            })
+            .map(|(handler, group)| format!("{handler} of group {group}"))
+            .collect();
+        if !missing.is_empty() {
+            verdict.lost.add(kind, || {
+                describe(
+                    attempt,
+                    &format!("final, but never run by {}", missing.join(", ")),
+                )
+            });
+        }
+        for outcome in event["handlers"].as_array().into_iter().flatten() {
+            let Some(handler) = outcome["handler"].as_str() else {
+                continue;
+            };
+            if handler == expect.transient
+                || !expect.required.iter().any(|(name, _)| name == handler)
+            {
+                continue;
+            }
+            let traps = handler == expect.trapping && attempt.n % expect.trap_every == 0;
+            let expected = if traps { "failed" } else { "succeeded" };
+            let state = outcome["state"].as_str().unwrap_or("(none)");
+            if state != expected {
+                verdict.wrong_outcomes.add(handler, || {
+                    describe(
+                        attempt,
+                        &format!(
+                            "{handler}'s stored outcome is {state}, but the guest {}",
+                            if traps { "trapped" } else { "succeeded" }
+                        ),
+                    )
+                });
+            }
+        }
+    }
+
+    let by_id: HashMap<&str, &Attempt> = evidence
+        .attempts
+        .iter()
+        .map(|attempt| (attempt.id.as_str(), attempt))
+        .collect();
+    for ((event, handler, group), list) in &runs {
+        verdict.keys += 1;
+        if list.len() < 2 {
+            continue;
+        }
+        verdict.duplicates += 1;
+        let first = list[0];
+        let crash = list[..list.len() - 1]
+            .iter()
+            .any(|run| evidence.killed.contains(&run.host));
+        let cut = evidence
+            .cut_windows
+            .iter()
+            .any(|(from, to)| first.at >= *from && first.at <= *to);
+        if !crash && !cut {
+            let text = || {
+                let runs = list
+                    .iter()
+                    .map(|i| format!("{} attempt {}", i.host, i.attempt))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let what = format!(
+                    "{handler} of group {group} ran {} times ({runs}) with no crash or cut to explain it",
+                    list.len()
+                );
+                match by_id.get(event.as_str()) {
+                    Some(attempt) => describe(attempt, &what),
+                    None => format!("{event}: {what}"),
+                }
+            };
+            verdict.unexplained.add(handler, text);
+        }
+    }
+
+    if let Some(removed_at) = evidence.removed_at {
+        let mut ran = false;
+        for ((event, handler, _), list) in &runs {
+            if *handler != expect.transient {
+                continue;
+            }
+            ran = true;
+            if let Some(attempt) = by_id.get(event.as_str())
+                && attempt.started > removed_at
+            {
+                verdict.after_removal.add(attempt.kind.name(), || {
+                    describe(
+                        attempt,
+                        &format!(
+                            "published after {} was removed, yet it ran {} time(s)",
+                            expect.transient,
+                            list.len()
+                        ),
+                    )
+                });
+            }
+        }
+        if !ran {
+            verdict.other.add("deploy", || {
+                format!(
+                    "{} was deployed under load but never ran an event",
+                    expect.transient
+                )
+            });
+        }
+    }
+
+    for (label, health, generations) in &evidence.hosts {
+        verdict.max_rss_kib = verdict.max_rss_kib.max(health.max_rss_kib);
+        verdict
+            .host_rss_kib
+            .push((label.clone(), health.max_rss_kib));
+        verdict.max_health = verdict.max_health.max(health.max_latency);
+        if health.max_rss_kib > expect.rss_bound_kib {
+            verdict.memory.add(label, || {
+                format!(
+                    "{label}: resident memory reached {} MiB; the bound is {} MiB",
+                    health.max_rss_kib / 1024,
+                    expect.rss_bound_kib / 1024
+                )
+            });
+        }
+        for failure in &health.failures {
+            verdict.health.add(label, || format!("{label}: {failure}"));
+        }
+        for generation in generations {
+            if let End::Stopped { clean, detail } = &generation.end {
+                if *clean {
+                    verdict.clean_stops += 1;
+                } else {
+                    verdict.stops.add(label, || {
+                        let tail = generation.tail[generation.tail.len().saturating_sub(15)..]
+                            .join("\n        ");
+                        format!(
+                            "{}: {detail}; its last log lines:\n        {tail}",
+                            generation.host
+                        )
+                    });
+                }
+            }
+        }
+    }
+    for problem in &evidence.script {
+        verdict.other.add("script", || problem.clone());
+    }
+    verdict
+}
+
+/// The stored event in one line: status, error, retries and per-handler outcomes.
+fn summarize(stored: &Stored) -> String {
+    match stored {
+        Stored::NotFound => "not found".to_owned(),
+        Stored::Unreadable(reason) => format!("unreadable: {reason}"),
+        Stored::Found(event) => {
+            let handlers: Vec<Value> = event["handlers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|o| {
+                    json!({
+                        "handler": o["handler"],
+                        "state": o["state"],
+                        "attempts": o["attempts"],
+                        "error": o["last_error"]["kind"],
+                        "message": clip(o["last_error"]["message"].as_str().unwrap_or(""), 160),
+                    })
+                })
+                .collect();
+            json!({
+                "status": event["status"],
+                "error": clip(event["error"].as_str().unwrap_or(""), 200),
+                "retry_count": event["retry_count"],
+                "instance_id": event["instance_id"],
+                "handlers": handlers,
+            })
+            .to_string()
+        }
+    }
+}
+
+/// The first line of `text`, at most `max` bytes, with `…` where something was left out.
+fn clip(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or("");
+    let more = line.len() < text.trim_end().len();
+    if line.len() <= max {
+        return if more {
+            format!("{line} …")
+        } else {
+            line.to_owned()
+        };
+    }
+    let text = line;
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
