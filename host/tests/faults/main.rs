@@ -94,7 +94,7 @@ fn report(rows: &[Row], elapsed: Duration) -> bool {
     let mut failed = false;
     let header = [
         "provider",
-        "faults",
+        "faults injected",
         "accepted",
         "lost",
         "stuck",
@@ -122,7 +122,7 @@ fn report(rows: &[Row], elapsed: Duration) -> bool {
                 table.push(vec![
                     outcome.name.to_owned(),
                     format!(
-                        "{} injected, {} n/a",
+                        "{} ({} n/a)",
                         outcome.injected.len(),
                         outcome.not_applicable.len()
                     ),

@@ -325,7 +325,7 @@ pub async fn run(mut setup: Setup, shared: Arc<Shared>) -> Outcome {
     timeline
         .injected
         .push(format!("pool of {SMALL_POOL} on {pool_host}"));
-    timeline.injected.push("trap on every 3rd".into());
+    timeline.injected.push("trap on every 3rd event".into());
     if setup.topology == Topology::Shared {
         timeline.injected.push("2 groups".into());
     }
@@ -529,9 +529,12 @@ async fn script(ctx: &Arc<Ctx>, setup: &Setup, mut timeline: Timeline) -> Timeli
 
     ctx.wait_progress(LOAD / 5).await;
     hang_ups(ctx).await;
-    timeline.injected.push(format!(
-        "hang-ups: {SYNC_HANG_UPS} sync, {ASYNC_HANG_UPS} async"
-    ));
+    timeline
+        .injected
+        .push(format!("sync hang-up ×{SYNC_HANG_UPS}"));
+    timeline
+        .injected
+        .push(format!("async hang-up ×{ASYNC_HANG_UPS}"));
 
     if setup.kill {
         ctx.wait_progress(3 * LOAD / 10).await;

@@ -440,3 +440,171 @@ fn clip(text: &str, max: usize) -> String {
     }
     format!("{}…", &text[..end])
 }
+
+/// The judge itself, on a made-up run with one violation of each kind.
+#[test]
+fn the_judge_finds_each_kind_of_violation_and_nothing_else() {
+    use crate::serve::Invocation;
+
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let attempt = |id: &str, n: u64, answer: Answer, started: Instant| Attempt {
+        id: id.into(),
+        n,
+        kind: Kind::Async,
+        host: "a0#0".into(),
+        answer,
+        started,
+    };
+    let run = |event: &str, handler: &str, host: &str, ms: u64| Invocation {
+        event: event.into(),
+        handler: handler.into(),
+        group: "a".into(),
+        attempt: 1,
+        host: host.into(),
+        at: at(ms),
+    };
+    let event = |status: &str, outcomes: Value| {
+        Stored::Found(json!({"status": status, "handlers": outcomes, "retry_count": 0}))
+    };
+    let ok = |handler: &str| json!({"handler": handler, "state": "succeeded", "attempts": 1});
+    let accepted = Answer::Accepted;
+    let attempts = vec![
+        attempt("fine", 1, accepted.clone(), at(0)),
+        attempt("not-stored", 2, accepted.clone(), at(0)),
+        attempt("stuck", 4, accepted.clone(), at(0)),
+        attempt("beta-missing", 5, accepted.clone(), at(0)),
+        attempt("beta-twice", 7, accepted.clone(), at(0)),
+        attempt("crash-twice", 8, accepted.clone(), at(0)),
+        attempt("cut-twice", 10, accepted.clone(), at(0)),
+        attempt(
+            "never-answered",
+            11,
+            Answer::Unanswered("hung up".into()),
+            at(0),
+        ),
+        attempt("after-removal", 13, accepted.clone(), at(500)),
+        attempt("trap-not-recorded", 3, accepted, at(0)),
+    ];
+    let stored: HashMap<String, Stored> = [
+        ("fine", event("completed", json!([ok("alpha"), ok("beta")]))),
+        ("not-stored", Stored::NotFound),
+        ("stuck", event("processing", json!([]))),
+        ("beta-missing", event("completed", json!([ok("alpha")]))),
+        (
+            "beta-twice",
+            event("completed", json!([ok("alpha"), ok("beta")])),
+        ),
+        (
+            "crash-twice",
+            event("completed", json!([ok("alpha"), ok("beta")])),
+        ),
+        (
+            "cut-twice",
+            event("completed", json!([ok("alpha"), ok("beta")])),
+        ),
+        ("never-answered", Stored::NotFound),
+        (
+            "after-removal",
+            event("completed", json!([ok("alpha"), ok("beta")])),
+        ),
+        (
+            "trap-not-recorded",
+            event("failed", json!([ok("alpha"), ok("beta")])),
+        ),
+    ]
+    .into_iter()
+    .map(|(id, stored)| (id.to_owned(), stored))
+    .collect();
+    let mut invocations = Vec::new();
+    for id in [
+        "fine",
+        "beta-missing",
+        "beta-twice",
+        "crash-twice",
+        "cut-twice",
+        "after-removal",
+        "trap-not-recorded",
+    ] {
+        invocations.push(run(id, "alpha", "a0#0", 10));
+    }
+    for id in [
+        "fine",
+        "beta-twice",
+        "crash-twice",
+        "after-removal",
+        "trap-not-recorded",
+    ] {
+        invocations.push(run(id, "beta", "a0#0", 10));
+    }
+    invocations.push(run("beta-twice", "beta", "a0#0", 20));
+    invocations.push(run("crash-twice", "alpha", "a1#0", 5));
+    invocations.push(run("cut-twice", "beta", "a0#0", 200));
+    invocations.push(run("cut-twice", "beta", "a0#0", 300));
+    invocations.push(run("after-removal", "transient", "a0#0", 600));
+    let health = |rss_mib: u64, failures: Vec<String>| Health {
+        max_rss_kib: rss_mib * 1024,
+        max_latency: Duration::from_millis(5),
+        failures,
+        probes: 10,
+    };
+    let stopped = |host: &str, clean: bool| Generation {
+        host: host.into(),
+        end: End::Stopped {
+            clean,
+            detail: String::new(),
+        },
+        health: Health::default(),
+        tail: Vec::new(),
+    };
+    let evidence = Evidence {
+        attempts,
+        stored,
+        invocations,
+        killed: ["a1#0".to_owned()].into(),
+        cut_windows: vec![(at(150), at(250))],
+        removed_at: Some(at(400)),
+        hosts: vec![
+            (
+                "a0".into(),
+                health(100, Vec::new()),
+                vec![stopped("a0#0", true)],
+            ),
+            (
+                "a1".into(),
+                health(300, vec!["/healthz answered 500".into()]),
+                vec![stopped("a1#1", false)],
+            ),
+        ],
+        script: Vec::new(),
+    };
+    let expect = Expectations {
+        required: vec![("alpha".into(), "a".into()), ("beta".into(), "a".into())],
+        trapping: "alpha".into(),
+        trap_every: 3,
+        transient: "transient".into(),
+        rss_bound_kib: 200 * 1024,
+    };
+    let verdict = judge(&expect, &evidence);
+    let ids = |findings: &Findings| -> Vec<String> {
+        let mut ids: Vec<String> = findings
+            .by
+            .values()
+            .flat_map(|(_, examples)| examples.iter())
+            .map(|text| text.split(' ').next().unwrap_or("").to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(verdict.accepted, 9);
+    assert_eq!(ids(&verdict.lost), ["beta-missing", "not-stored"]);
+    assert_eq!(ids(&verdict.stuck), ["stuck"]);
+    assert_eq!(ids(&verdict.unexplained), ["beta-twice"]);
+    assert_eq!(verdict.duplicates, 3, "beta-twice, crash-twice, cut-twice");
+    assert_eq!(ids(&verdict.wrong_outcomes), ["trap-not-recorded"]);
+    assert_eq!(ids(&verdict.after_removal), ["after-removal"]);
+    assert_eq!(verdict.memory.count, 1);
+    assert_eq!(verdict.health.count, 1);
+    assert_eq!((verdict.stops.count, verdict.clean_stops), (1, 1));
+    assert_eq!(verdict.other.count, 0);
+}
