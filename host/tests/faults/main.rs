@@ -98,6 +98,7 @@ fn report(rows: &[Row], elapsed: Duration) -> bool {
         "accepted",
         "lost",
         "stuck",
+        "unlogged",
         "duplicates",
         "unexplained dup",
         "wrong outcome",
@@ -129,6 +130,7 @@ fn report(rows: &[Row], elapsed: Duration) -> bool {
                     v.accepted.to_string(),
                     v.lost.count.to_string(),
                     v.stuck.count.to_string(),
+                    v.unlogged.count.to_string(),
                     format!("{} ({rate:.2}%)", v.duplicates),
                     v.unexplained.count.to_string(),
                     v.wrong_outcomes.count.to_string(),
@@ -214,6 +216,11 @@ fn report(rows: &[Row], elapsed: Duration) -> bool {
             v.stored,
             rss.join(", ")
         ));
+        if !v.violations().is_empty() {
+            for note in &v.notes {
+                text.push_str(&format!("{}: log of {note}\n", outcome.name));
+            }
+        }
         for (category, findings) in v.violations() {
             let by: Vec<String> = findings
                 .by

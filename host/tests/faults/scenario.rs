@@ -56,7 +56,7 @@ const ASYNC_HANG_UPS: u64 = 24;
 /// How long the backend stays cut.
 const CUT_FOR: Duration = Duration::from_secs(2);
 /// The hosts' `event_broker.lease`.
-const LEASE: Duration = Duration::from_secs(2);
+const LEASE: Duration = Duration::from_secs(5);
 /// How long after the load every event must be final.
 pub const SETTLE: Duration = Duration::from_secs(120);
 /// How long a host may take to exit after SIGTERM.

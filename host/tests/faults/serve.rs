@@ -3,7 +3,7 @@
 //! invocation line of the counting guest from its stderr, and a monitor thread samples its
 //! resident memory (`VmRSS` of `/proc/<pid>/status`) and the latency of `GET /healthz`.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -85,13 +85,23 @@ pub struct Generation {
     pub health: Health,
     /// The last lines of its log.
     pub tail: Vec<String>,
+    /// Its warnings, errors and lease rescues, by message (ids and numbers blanked), with
+    /// how often each was logged.
+    pub notable: Vec<(String, u64)>,
+}
+
+/// What the reader thread kept of a process's log.
+#[derive(Default)]
+struct Log {
+    tail: VecDeque<String>,
+    notable: BTreeMap<String, u64>,
 }
 
 struct Live {
     child: Child,
     url: String,
     generation: u32,
-    reader: JoinHandle<VecDeque<String>>,
+    reader: JoinHandle<Log>,
     monitor_stop: Arc<AtomicBool>,
     monitor: JoinHandle<Health>,
 }
@@ -163,7 +173,7 @@ impl Serve {
         let invocations = self.invocations.clone();
         let reader_host = host.clone();
         let reader = std::thread::spawn(move || {
-            let mut tail = VecDeque::with_capacity(TAIL_LINES);
+            let mut log = Log::default();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(at) = line.find(COUNT_MARK) {
                     if let Some(invocation) =
@@ -181,22 +191,25 @@ impl Serve {
                 {
                     let _ = addr_tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
                 }
-                if tail.len() == TAIL_LINES {
-                    tail.pop_front();
+                if let Some(key) = notable(&line) {
+                    *log.notable.entry(key).or_default() += 1;
                 }
-                tail.push_back(line);
+                if log.tail.len() == TAIL_LINES {
+                    log.tail.pop_front();
+                }
+                log.tail.push_back(line);
             }
-            tail
+            log
         });
         let addr = match addr_rx.recv_timeout(PATIENCE) {
             Ok(addr) => addr,
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                let tail = reader.join().unwrap_or_default();
+                let log = reader.join().unwrap_or_default();
                 panic!(
                     "{host} did not start listening; its log:\n{}",
-                    Vec::from(tail).join("\n")
+                    Vec::from(log.tail).join("\n")
                 );
             }
         };
@@ -227,13 +240,14 @@ impl Serve {
         let health = live.monitor.join().unwrap_or_default();
         let _ = live.child.kill();
         let _ = live.child.wait();
-        let tail = live.reader.join().unwrap_or_default();
+        let log = live.reader.join().unwrap_or_default();
         self.killed.insert(live.generation);
         self.ended.push(Generation {
             host: format!("{}#{}", self.label, live.generation),
             end: End::Killed,
             health,
-            tail: tail.into(),
+            tail: log.tail.into(),
+            notable: log.notable.into_iter().collect(),
         });
     }
 
@@ -269,7 +283,8 @@ impl Serve {
                 }
             }
         };
-        let tail: Vec<String> = live.reader.join().unwrap_or_default().into();
+        let log = live.reader.join().unwrap_or_default();
+        let tail: Vec<String> = log.tail.into();
         let drained = tail.iter().any(|line| line.contains("all work drained"));
         let (clean, detail) = match status {
             None => (
@@ -288,6 +303,7 @@ impl Serve {
             end: End::Stopped { clean, detail },
             health,
             tail,
+            notable: log.notable.into_iter().collect(),
         });
     }
 
@@ -337,6 +353,39 @@ fn parse_invocation(text: &str, host: &str) -> Option<Invocation> {
         host: host.to_owned(),
         at: Instant::now(),
     })
+}
+
+/// For a warning, an error or a lease rescue: the line without its timestamp, with the
+/// values of `key=value` fields and every digit blanked, so that lines of one kind count
+/// together.
+fn notable(line: &str) -> Option<String> {
+    let start = [" WARN ", " ERROR ", " INFO "]
+        .iter()
+        .find_map(|level| line.find(level))?;
+    let text = line[start..].trim();
+    if text.starts_with("INFO") && !text.contains("expired lease") {
+        return None;
+    }
+    let words: Vec<String> = text
+        .split_whitespace()
+        .map(|word| match word.split_once('=') {
+            Some((key, _)) => format!("{key}=…"),
+            None => word
+                .chars()
+                .map(|c| if c.is_ascii_digit() { '#' } else { c })
+                .collect(),
+        })
+        .collect();
+    let mut key = words.join(" ");
+    if key.len() > 160 {
+        let mut end = 160;
+        while !key.is_char_boundary(end) {
+            end -= 1;
+        }
+        key.truncate(end);
+        key.push('…');
+    }
+    Some(key)
 }
 
 fn wait_ready(url: &str, host: &str) {

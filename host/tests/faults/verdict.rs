@@ -25,6 +25,9 @@ use crate::serve::{End, Generation, Health, Invocation};
 /// Violations described in full per category and key (the counts are always complete).
 const EXAMPLES: usize = 4;
 
+/// Kinds of log lines reported per host process.
+const NOTES_PER_HOST: usize = 6;
+
 /// What the run expected of its handlers.
 #[derive(Debug, Clone)]
 pub struct Expectations {
@@ -96,6 +99,9 @@ pub struct Verdict {
     pub lost: Findings,
     /// Stored but not final after the settle bound (or unreadable).
     pub stuck: Findings,
+    /// Handler runs the broker stored as succeeded whose invocation line the host never
+    /// logged (a guest's log lines were dropped).
+    pub unlogged: Findings,
     /// (event, handler, group) keys that ran more than once.
     pub duplicates: usize,
     /// (event, handler, group) keys that ran at all.
@@ -120,6 +126,8 @@ pub struct Verdict {
     pub clean_stops: usize,
     /// Everything else (fault script problems).
     pub other: Findings,
+    /// The most frequent warnings, errors and lease rescues each host process logged.
+    pub notes: Vec<String>,
 }
 
 impl Verdict {
@@ -128,6 +136,7 @@ impl Verdict {
         [
             ("lost", &self.lost),
             ("stuck", &self.stuck),
+            ("runs missing from the log", &self.unlogged),
             ("unexplained duplicates", &self.unexplained),
             ("wrong stored outcomes", &self.wrong_outcomes),
             ("removed handler still ran", &self.after_removal),
@@ -236,19 +245,44 @@ pub fn judge(expect: &Expectations, evidence: &Evidence) -> Verdict {
             });
             continue;
         }
-        let missing: Vec<String> = expect
+        // A handler whose stored outcome says it succeeded did run, even without its line.
+        let stored_success = |handler: &str| {
+            event["handlers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|o| o["handler"] == handler && o["state"] == "succeeded")
+        };
+        let (unlogged, missing): (Vec<_>, Vec<_>) = expect
             .required
             .iter()
             .filter(|(handler, group)| {
                 !runs.contains_key(&(attempt.id.clone(), handler.clone(), group.clone()))
             })
-            .map(|(handler, group)| format!("{handler} of group {group}"))
-            .collect();
+            .partition(|(handler, _)| stored_success(handler));
+        let names = |pairs: &[&(String, String)]| {
+            pairs
+                .iter()
+                .map(|(handler, group)| format!("{handler} of group {group}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         if !missing.is_empty() {
             verdict.lost.add(kind, || {
                 describe(
                     attempt,
-                    &format!("final, but never run by {}", missing.join(", ")),
+                    &format!("final, but never run by {}", names(&missing)),
+                )
+            });
+        }
+        for (handler, group) in &unlogged {
+            verdict.unlogged.add(handler, || {
+                describe(
+                    attempt,
+                    &format!(
+                        "{handler} of group {group} is stored as succeeded, but its invocation \
+                         line never reached the host's log"
+                    ),
                 )
             });
         }
@@ -368,6 +402,13 @@ pub fn judge(expect: &Expectations, evidence: &Evidence) -> Verdict {
             verdict.health.add(label, || format!("{label}: {failure}"));
         }
         for generation in generations {
+            let mut notable = generation.notable.clone();
+            notable.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
+            for (line, count) in notable.iter().take(NOTES_PER_HOST) {
+                verdict
+                    .notes
+                    .push(format!("{}: {count}× {line}", generation.host));
+            }
             if let End::Stopped { clean, detail } = &generation.end {
                 if *clean {
                     verdict.clean_stops += 1;
@@ -484,7 +525,8 @@ fn the_judge_finds_each_kind_of_violation_and_nothing_else() {
             at(0),
         ),
         attempt("after-removal", 13, accepted.clone(), at(500)),
-        attempt("trap-not-recorded", 3, accepted, at(0)),
+        attempt("trap-not-recorded", 3, accepted.clone(), at(0)),
+        attempt("line-dropped", 14, accepted, at(0)),
     ];
     let stored: HashMap<String, Stored> = [
         ("fine", event("completed", json!([ok("alpha"), ok("beta")]))),
@@ -512,6 +554,10 @@ fn the_judge_finds_each_kind_of_violation_and_nothing_else() {
             "trap-not-recorded",
             event("failed", json!([ok("alpha"), ok("beta")])),
         ),
+        (
+            "line-dropped",
+            event("completed", json!([ok("alpha"), ok("beta")])),
+        ),
     ]
     .into_iter()
     .map(|(id, stored)| (id.to_owned(), stored))
@@ -525,6 +571,7 @@ fn the_judge_finds_each_kind_of_violation_and_nothing_else() {
         "cut-twice",
         "after-removal",
         "trap-not-recorded",
+        "line-dropped",
     ] {
         invocations.push(run(id, "alpha", "a0#0", 10));
     }
@@ -556,6 +603,7 @@ fn the_judge_finds_each_kind_of_violation_and_nothing_else() {
         },
         health: Health::default(),
         tail: Vec::new(),
+        notable: Vec::new(),
     };
     let evidence = Evidence {
         attempts,
@@ -596,7 +644,8 @@ fn the_judge_finds_each_kind_of_violation_and_nothing_else() {
         ids.sort();
         ids
     };
-    assert_eq!(verdict.accepted, 9);
+    assert_eq!(verdict.accepted, 10);
+    assert_eq!(ids(&verdict.unlogged), ["line-dropped"]);
     assert_eq!(ids(&verdict.lost), ["beta-missing", "not-stored"]);
     assert_eq!(ids(&verdict.stuck), ["stuck"]);
     assert_eq!(ids(&verdict.unexplained), ["beta-twice"]);
