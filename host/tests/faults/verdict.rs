@@ -268,12 +268,18 @@ pub fn judge(expect: &Expectations, evidence: &Evidence) -> Verdict {
                 .join(", ")
         };
         if !missing.is_empty() {
-            verdict.lost.add(kind, || {
-                describe(
-                    attempt,
-                    &format!("final, but never run by {}", names(&missing)),
-                )
-            });
+            let who: Vec<String> = missing
+                .iter()
+                .map(|(handler, group)| format!("{handler}/{group}"))
+                .collect();
+            verdict
+                .lost
+                .add(&format!("{kind} not run by {}", who.join("+")), || {
+                    describe(
+                        attempt,
+                        &format!("final, but never run by {}", names(&missing)),
+                    )
+                });
         }
         for (handler, group) in &unlogged {
             verdict.unlogged.add(handler, || {
