@@ -268,10 +268,11 @@ pub fn judge(expect: &Expectations, evidence: &Evidence) -> Verdict {
                 .join(", ")
         };
         if !missing.is_empty() {
-            let who: Vec<String> = missing
+            let mut who: Vec<String> = missing
                 .iter()
                 .map(|(handler, group)| format!("{handler}/{group}"))
                 .collect();
+            who.sort();
             verdict
                 .lost
                 .add(&format!("{kind} not run by {}", who.join("+")), || {
