@@ -1,0 +1,236 @@
+//! The providers under test, each on a namespace of its own, with the faults that apply to
+//! it and why the others do not. A provider whose service is unreachable is skipped loudly
+//! (a failure under `EVENTBROKER_REQUIRE_SERVICES=1`), as everywhere in the suite.
+
+use serde_json::json;
+
+use crate::scenario::{Setup, Topology, big_payload_kib};
+use crate::support::{backends, services, unique_suffix};
+
+/// A provider that could not run, and why.
+pub struct Skipped {
+    /// Provider name.
+    pub name: &'static str,
+    /// Why it was skipped.
+    pub reason: String,
+}
+
+/// Every provider: a setup, or why it is skipped.
+pub fn all() -> Vec<Result<Setup, Skipped>> {
+    vec![Ok(memory()), Ok(sqlite()), postgres(), redis(), nats()]
+}
+
+/// Runs `cleanup` on a thread of its own (outside any async runtime, so that it may start
+/// one).
+fn detached(
+    cleanup: impl FnOnce() + Send + Sync + 'static,
+) -> Option<Box<dyn FnOnce() + Send + Sync>> {
+    Some(Box::new(move || {
+        let _ = std::thread::spawn(cleanup).join();
+    }))
+}
+
+/// The memory provider: one host; a crash loses its events by design.
+pub fn memory() -> Setup {
+    Setup {
+        name: "memory",
+        topology: Topology::Single,
+        backend: None,
+        broker: Box::new(
+            |_: Option<u16>, _: &str| json!({"provider": "memory", "memory": {"watcher_buffer": 64}}),
+        ),
+        kill: false,
+        not_applicable: vec![
+            (
+                "kill -9",
+                "events live in the host process: a crash loses every unfinished event by \
+                 design (the provider is for events you can lose)",
+            ),
+            ("backend cut", "there is no backend connection"),
+            (
+                "2 groups",
+                "one host per store: a memory store cannot be shared by the hosts of two groups",
+            ),
+        ],
+        // The provider keeps every event, padding included, in the host's memory.
+        rss_allowance_kib: big_payload_kib(),
+        cleanup: None,
+    }
+}
+
+/// SQLite in a file of its own: one host, killed and restarted.
+pub fn sqlite() -> Setup {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("events.db").display());
+    Setup {
+        name: "sqlite",
+        topology: Topology::Single,
+        backend: None,
+        broker: Box::new(move |_: Option<u16>, _: &str| {
+            json!({
+                "provider": "database",
+                "database": {
+                    "url": url,
+                    "poll_interval": "200ms",
+                    "rescue_interval": "500ms",
+                    "watcher_buffer": 64,
+                },
+            })
+        }),
+        kill: true,
+        not_applicable: vec![
+            (
+                "backend cut",
+                "the database is a file the host opens: there is no connection to cut (kill -9 \
+                 covers the crash)",
+            ),
+            (
+                "2 groups",
+                "one host per SQLite file: the provider is not shared between processes",
+            ),
+        ],
+        rss_allowance_kib: 0,
+        cleanup: Some(Box::new(move || drop(dir))),
+    }
+}
+
+/// PostgreSQL on a table of its own, through a proxy.
+pub fn postgres() -> Result<Setup, Skipped> {
+    let url = backends::postgres_url();
+    let parsed = reqwest::Url::parse(&url).expect("EVENTBROKER_TEST_POSTGRES_URL is a URL");
+    let addr = format!(
+        "{}:{}",
+        parsed.host_str().unwrap_or("127.0.0.1"),
+        parsed.port().unwrap_or(5432)
+    );
+    if !services::available("PostgreSQL", &addr) {
+        return Err(Skipped {
+            name: "postgres",
+            reason: format!("PostgreSQL is not reachable at {addr}"),
+        });
+    }
+    let table = format!("events_{}", unique_suffix());
+    let (proxied, table2) = (parsed.clone(), table.clone());
+    let cleanup_url = url.clone();
+    Ok(Setup {
+        name: "postgres",
+        topology: Topology::Shared,
+        backend: Some(addr),
+        broker: Box::new(move |port: Option<u16>, _: &str| {
+            let mut url = proxied.clone();
+            let _ = url.set_host(Some("127.0.0.1"));
+            let _ = url.set_port(port);
+            json!({
+                "provider": "database",
+                "database": {
+                    "url": url.as_str(),
+                    "table_name": table2,
+                    "poll_interval": "200ms",
+                    "rescue_interval": "500ms",
+                    "max_connections": 5,
+                    "watcher_buffer": 64,
+                },
+            })
+        }),
+        kill: true,
+        not_applicable: Vec::new(),
+        rss_allowance_kib: 0,
+        cleanup: detached(move || drop_postgres_tables(&cleanup_url, &table)),
+    })
+}
+
+fn drop_postgres_tables(url: &str, table: &str) {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    runtime.block_on(async {
+        let Ok(pool) = sqlx::PgPool::connect(url).await else {
+            return;
+        };
+        // `table` is `events_` and hex digits: a plain identifier.
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP TABLE IF EXISTS {table}_deliveries, {table}_groups, {table}, {table}_migrations"
+        )))
+        .execute(&pool)
+        .await;
+        pool.close().await;
+    });
+}
+
+/// Redis Streams on a stream name of its own, through a proxy.
+pub fn redis() -> Result<Setup, Skipped> {
+    let addr = std::env::var("REDIS_ADDR").unwrap_or_else(|_| "127.0.0.1:6379".into());
+    if !services::available("Redis", &addr) {
+        return Err(Skipped {
+            name: "redis",
+            reason: format!("Redis is not reachable at {addr}"),
+        });
+    }
+    let stream = format!("eb-test:{}", unique_suffix());
+    let mut config = backends::base_config(eventbroker::config::ProviderKind::Redis);
+    config.redis.url = Some(format!("redis://{addr}/0"));
+    config.redis.stream_name = stream.clone();
+    Ok(Setup {
+        name: "redis",
+        topology: Topology::Shared,
+        backend: Some(addr),
+        broker: Box::new(move |port: Option<u16>, group: &str| {
+            json!({
+                "provider": "redis",
+                "redis": {
+                    "url": format!("redis://127.0.0.1:{}/0", port.unwrap_or(6379)),
+                    "stream_name": stream,
+                    "consumer_group": group,
+                    "block_time": "200ms",
+                    "claim_interval": "200ms",
+                    "command_timeout": "2s",
+                },
+            })
+        }),
+        kill: true,
+        not_applicable: Vec::new(),
+        rss_allowance_kib: 0,
+        // Dropping the backend deletes every key of the stream's namespace.
+        cleanup: detached(move || drop(backends::Backend::from_config("redis", config))),
+    })
+}
+
+/// NATS JetStream on a stream and bucket of their own, through a proxy.
+pub fn nats() -> Result<Setup, Skipped> {
+    if !services::available("NATS", backends::NATS_ADDR) {
+        return Err(Skipped {
+            name: "nats",
+            reason: format!("NATS is not reachable at {}", backends::NATS_ADDR),
+        });
+    }
+    let config = backends::nats_config(&unique_suffix());
+    let (stream, subjects) = (
+        config.nats.stream_name.clone(),
+        config.nats.subjects.clone(),
+    );
+    Ok(Setup {
+        name: "nats",
+        topology: Topology::Shared,
+        backend: Some(backends::NATS_ADDR.to_owned()),
+        broker: Box::new(move |port: Option<u16>, _: &str| {
+            json!({
+                "provider": "nats",
+                "nats": {
+                    "url": format!("nats://127.0.0.1:{}", port.unwrap_or(4222)),
+                    "stream_name": stream,
+                    "subjects": subjects,
+                    "storage": "file",
+                    "max_age": "1h",
+                },
+            })
+        }),
+        kill: true,
+        not_applicable: Vec::new(),
+        rss_allowance_kib: 0,
+        // Dropping the backend deletes its stream and state bucket.
+        cleanup: detached(move || drop(backends::Backend::from_config("nats", config))),
+    })
+}
