@@ -187,6 +187,7 @@ pub fn redis() -> Result<Setup, Skipped> {
                     "block_time": "200ms",
                     "claim_interval": "200ms",
                     "command_timeout": "2s",
+                    "watcher_buffer": 64,
                 },
             })
         }),
@@ -224,6 +225,7 @@ pub fn nats() -> Result<Setup, Skipped> {
                     "subjects": subjects,
                     "storage": "file",
                     "max_age": "1h",
+                    "watcher_buffer": 64,
                 },
             })
         }),
