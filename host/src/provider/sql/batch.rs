@@ -481,6 +481,7 @@ async fn stored_equal(
 ) -> Result<bool, ProviderError> {
     let read = sqlx::query(AssertSqlSafe(shared.q.get.clone()))
         .bind(values.id().to_owned())
+        .bind(shared.group().to_owned())
         .fetch_optional(&shared.pool);
     let row = tokio::time::timeout_at(deadline, read)
         .await
