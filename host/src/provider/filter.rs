@@ -96,25 +96,106 @@ impl EventFilter {
 
     /// Sorts, skips and truncates already-filtered events as this filter says.
     pub fn paginate(&self, mut events: Vec<Event>) -> Vec<Event> {
-        events.sort_by(|a, b| {
-            a.created_at
-                .cmp(&b.created_at)
-                .then_with(|| a.id.cmp(&b.id))
-        });
-        if self.order == SortOrder::Desc {
-            events.reverse();
-        }
+        self.sort(&mut events);
         events
             .into_iter()
             .skip(self.offset)
             .take(self.effective_limit())
             .collect()
     }
+
+    /// Sorts events in this filter's order (creation time, then id).
+    fn sort(&self, events: &mut [Event]) {
+        events.sort_by(|a, b| {
+            let ascending = a
+                .created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.id.cmp(&b.id));
+            match self.order {
+                SortOrder::Asc => ascending,
+                SortOrder::Desc => ascending.reverse(),
+            }
+        });
+    }
+
+    /// A collector for backends that scan every stored event: it keeps only the events
+    /// that can still be on the requested page, so a scan holds `offset + limit` events at
+    /// most (twice that between compactions), whatever the number stored.
+    pub fn page(&self) -> PageCollector<'_> {
+        PageCollector {
+            filter: self,
+            keep: self.offset.saturating_add(self.effective_limit()),
+            events: Vec::new(),
+        }
+    }
+}
+
+/// Collects the page of an [`EventFilter`] from events offered one at a time
+/// ([`EventFilter::page`]).
+pub struct PageCollector<'a> {
+    filter: &'a EventFilter,
+    keep: usize,
+    events: Vec<Event>,
+}
+
+impl PageCollector<'_> {
+    /// Offers one stored event: kept if it matches the filter and may be on the page.
+    pub fn offer(&mut self, event: Event) {
+        if !self.filter.matches(&event) {
+            return;
+        }
+        self.events.push(event);
+        if self.events.len() >= self.keep.saturating_mul(2).max(64) {
+            self.filter.sort(&mut self.events);
+            self.events.truncate(self.keep);
+        }
+    }
+
+    /// The page: sorted, skipped and truncated as the filter says.
+    pub fn finish(self) -> Vec<Event> {
+        self.filter.paginate(self.events)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_page_collected_one_event_at_a_time_equals_the_paginated_whole() {
+        let events: Vec<Event> = (0..500)
+            .map(|n| {
+                let mut event = Event::new(
+                    EventSource::System,
+                    if n % 3 == 0 { "a.x" } else { "b.y" },
+                    "h",
+                );
+                event.created_at += chrono::TimeDelta::milliseconds((n * 7919 % 500) as i64);
+                event
+            })
+            .collect();
+        for order in [SortOrder::Asc, SortOrder::Desc] {
+            let filter = EventFilter {
+                type_pattern: Some(crate::pattern::Pattern::new("a.*").unwrap()),
+                order,
+                offset: 20,
+                limit: Some(15),
+                ..EventFilter::default()
+            };
+            let mut page = filter.page();
+            for event in events.iter().cloned() {
+                page.offer(event);
+            }
+            let whole = filter.paginate(
+                events
+                    .iter()
+                    .filter(|e| filter.matches(e))
+                    .cloned()
+                    .collect(),
+            );
+            assert_eq!(page.finish(), whole);
+        }
+    }
 
     #[test]
     fn empty_filter_matches_everything() {

@@ -514,16 +514,12 @@ impl Provider for NatsProvider {
     async fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
         self.shared.check_open()?;
         let group = &self.shared.group;
-        let events: Vec<Event> = self
-            .shared
+        let mut page = filter.page();
+        self.shared
             .store
-            .scan()
-            .await?
-            .iter()
-            .map(|record| record.view(group))
-            .filter(|event| filter.matches(event))
-            .collect();
-        Ok(filter.paginate(events))
+            .scan(|record| page.offer(record.view(group)))
+            .await?;
+        Ok(page.finish())
     }
 
     async fn update_status(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
@@ -659,15 +655,19 @@ impl Provider for NatsProvider {
         let shared = &self.shared;
         shared.check_open()?;
         let mut stats = ProviderStats::empty(NAME);
-        let events = shared.store.scan().await?;
-        for record in &events {
-            *stats
-                .by_status
-                .entry(record.state(&shared.group).status.as_str().into())
-                .or_default() += 1;
-        }
+        let mut stored = 0u64;
+        shared
+            .store
+            .scan(|record| {
+                stored += 1;
+                *stats
+                    .by_status
+                    .entry(record.state(&shared.group).status.as_str().into())
+                    .or_default() += 1;
+            })
+            .await?;
         let mut backend_stats = BTreeMap::new();
-        backend_stats.insert("stored".to_owned(), events.len().into());
+        backend_stats.insert("stored".to_owned(), stored.into());
         let info = shared
             .stream
             .get_info()

@@ -227,8 +227,9 @@ impl StateStore {
             .map_err(|e| backend(format!("cannot delete event {id}: {e}")))
     }
 
-    /// Every stored record, in the order of their last change.
-    pub(crate) async fn scan(&self) -> Result<Vec<Record>, ProviderError> {
+    /// Every stored record, in the order of their last change, handed to `visit` one at a time
+    /// (the scan itself holds one batch of messages, never every record).
+    pub(crate) async fn scan(&self, visit: impl FnMut(Record)) -> Result<(), ProviderError> {
         let stream = &self.kv.stream;
         let consumer: consumer::PullConsumer = stream
             .create_consumer(consumer::pull::Config {
@@ -242,7 +243,7 @@ impl StateStore {
             })
             .await
             .map_err(|e| backend(format!("cannot scan event states: {e}")))?;
-        let result = self.drain(&consumer).await;
+        let result = self.drain(&consumer, visit).await;
         let name = consumer.cached_info().name.clone();
         if let Err(error) = stream.delete_consumer(&name).await {
             tracing::debug!(%error, "could not delete a scan consumer; the server removes it when idle");
@@ -250,8 +251,11 @@ impl StateStore {
         result
     }
 
-    async fn drain(&self, consumer: &consumer::PullConsumer) -> Result<Vec<Record>, ProviderError> {
-        let mut records = Vec::new();
+    async fn drain(
+        &self,
+        consumer: &consumer::PullConsumer,
+        mut visit: impl FnMut(Record),
+    ) -> Result<(), ProviderError> {
         loop {
             let mut batch = consumer
                 .fetch()
@@ -273,14 +277,14 @@ impl StateStore {
                     continue;
                 }
                 match Record::decode(&message.payload) {
-                    Ok(record) => records.push(record),
+                    Ok(record) => visit(record),
                     Err(error) => {
                         tracing::warn!(subject = %message.subject, %error, "skipping an unreadable event state")
                     }
                 }
             }
             if received < SCAN_BATCH {
-                return Ok(records);
+                return Ok(());
             }
         }
     }

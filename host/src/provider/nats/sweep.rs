@@ -120,7 +120,16 @@ impl Evidence {
 /// # Errors
 /// Backend failures reading the bucket or the server's state.
 pub(crate) async fn sweep(shared: &Shared) -> Result<usize, ProviderError> {
-    let records = shared.store.scan().await?;
+    // Only what the abandonment rules read is kept of each record: not its payload.
+    let mut records = Vec::new();
+    shared
+        .store
+        .scan(|mut record| {
+            record.event.payload = serde_json::Value::Null;
+            record.event.metadata.clear();
+            records.push(record);
+        })
+        .await?;
     if records.is_empty() {
         return Ok(0);
     }
