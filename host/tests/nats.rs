@@ -965,6 +965,150 @@ async fn a_stale_delivery_cannot_overwrite_or_settle_the_newer_one() {
     provider.destroy().await.unwrap();
 }
 
+/// Queues a pull request on `group` that no message fits in (`max_bytes` 1) and waits until
+/// the server holds it: the next delivery the server makes finds no request able to take it.
+/// nats-server before nats-io/nats-server#5305 (2.9.x among them) then rewinds the consumer
+/// instead of queueing a redelivery again, and later hands the message out as if it were new
+/// (delivered count 1, the next consumer sequence). Members meet this when the only queued
+/// request expires (or its requester goes away) just as a redelivery falls due; this request
+/// makes it happen every time. Returns the subscription its refusal arrives on.
+async fn queue_a_request_nothing_fits_in(
+    config: &BrokerConfig,
+    group: &mut async_nats::jetstream::consumer::PullConsumer,
+) -> async_nats::Subscriber {
+    let client = async_nats::connect(NATS).await.expect("connect");
+    let inbox = client.new_inbox();
+    let replies = client.subscribe(inbox.clone()).await.unwrap();
+    let request = serde_json::json!({
+        "batch": 1,
+        "max_bytes": 1,
+        "expires": u64::try_from(PATIENCE.as_nanos()).unwrap(),
+    });
+    let durable = group.cached_info().name.clone();
+    client
+        .publish_with_reply(
+            format!(
+                "$JS.API.CONSUMER.MSG.NEXT.{}.{durable}",
+                config.nats.stream_name
+            ),
+            inbox,
+            request.to_string().into(),
+        )
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while group.info().await.unwrap().num_waiting == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pull request was never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    replies
+}
+
+/// Waits until the server refused the request of [`queue_a_request_nothing_fits_in`] a
+/// delivery.
+async fn refused(replies: &mut async_nats::Subscriber) {
+    let refusal = tokio::time::timeout(PATIENCE, replies.next())
+        .await
+        .expect("the server answers the pull request")
+        .expect("a reply");
+    assert_eq!(
+        refusal.status,
+        Some(async_nats::StatusCode::REQUEST_TERMINATED),
+        "{refusal:?}"
+    );
+}
+
+/// A redelivery is numbered as one even when the server counts it as a first delivery (see
+/// [`queue_a_request_nothing_fits_in`]).
+#[tokio::test]
+async fn a_redelivery_is_numbered_even_when_the_server_counts_it_as_a_first_delivery() {
+    if !services::available("NATS", NATS) {
+        return;
+    }
+    let config = config("nats://127.0.0.1:4222");
+    let provider = provider(&config).await;
+    let lease = Duration::from_secs(60);
+    let first_member = provider.consume(options("workers", lease)).await.unwrap();
+    let second_member = provider.consume(options("workers", lease)).await.unwrap();
+    let e = event("public.users.update");
+    provider.publish(&e).await.unwrap();
+    let first = fetch_one(&first_member).await;
+    assert_eq!(first.delivery_count, 1);
+
+    let js = jetstream().await;
+    let mut group = group_consumer(&js, &config, "workers").await;
+    let mut replies = queue_a_request_nothing_fits_in(&config, &mut group).await;
+    first_member.release(&first).await.unwrap();
+    refused(&mut replies).await;
+
+    let second = fetch_one(&second_member).await;
+    assert_eq!(second.event.id, e.id);
+    assert_eq!(
+        second.delivery_count, 2,
+        "the second delivery (acknowledgement subject {})",
+        second.token
+    );
+    second_member
+        .complete(&second, &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+    let info = group.info().await.unwrap();
+    assert_eq!((info.num_ack_pending, info.num_pending), (0, 0));
+    first_member.close().await;
+    second_member.close().await;
+    provider.destroy().await.unwrap();
+}
+
+/// A host that wrote an event's final outcome and stopped before acknowledging it leaves the
+/// event to be run again by the redelivery (at-least-once), also when the server counts that
+/// redelivery as a first delivery: only a first delivery of an event the group finished is
+/// skipped.
+#[tokio::test]
+async fn an_outcome_written_but_not_acknowledged_is_run_again_whatever_the_server_counts() {
+    if !services::available("NATS", NATS) {
+        return;
+    }
+    let config = config("nats://127.0.0.1:4222");
+    let provider = provider(&config).await;
+    let lease = Duration::from_secs(60);
+    let first_member = provider.consume(options("workers", lease)).await.unwrap();
+    let second_member = provider.consume(options("workers", lease)).await.unwrap();
+    let e = event("public.users.update");
+    provider.publish(&e).await.unwrap();
+    let first = fetch_one(&first_member).await;
+    provider
+        .update_status(&e.id, &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+
+    let js = jetstream().await;
+    let mut group = group_consumer(&js, &config, "workers").await;
+    let mut replies = queue_a_request_nothing_fits_in(&config, &mut group).await;
+    // The host goes away: its delivery is given back unacknowledged.
+    first_member.close().await;
+    refused(&mut replies).await;
+
+    let again = fetch_one(&second_member).await;
+    assert_eq!(again.event.id, e.id);
+    assert_eq!(again.event.status, EventStatus::Completed);
+    assert_eq!(
+        again.delivery_count, 2,
+        "{} then {}",
+        first.token, again.token
+    );
+    second_member
+        .complete(&again, &finished(EventStatus::Completed))
+        .await
+        .unwrap();
+    let info = group.info().await.unwrap();
+    assert_eq!((info.num_ack_pending, info.num_pending), (0, 0));
+    second_member.close().await;
+    provider.destroy().await.unwrap();
+}
+
 /// A member that closes while holding a delivery the server has handed to another member
 /// gives back only what it still owns: a `-NAK` of the newer delivery would make the server
 /// deliver the event a third time while it runs.
@@ -980,9 +1124,13 @@ async fn closing_gives_back_only_deliveries_still_owned() {
     let new_member = provider.consume(options("workers", lease)).await.unwrap();
     let e = event("public.users.update");
     provider.publish(&e).await.unwrap();
-    let _stale = fetch_one(&stale_member).await;
+    let stale = fetch_one(&stale_member).await;
     let newer = fetch_one(&new_member).await;
-    assert_eq!(newer.delivery_count, 2);
+    assert_eq!(
+        newer.delivery_count, 2,
+        "the newer delivery (the stale one's acknowledgement subject {}, the newer's {})",
+        stale.token, newer.token
+    );
     new_member.keep_alive(&newer).await.unwrap();
     stale_member.close().await;
     // Nothing is up for delivery: the newer delivery is in progress.

@@ -11,10 +11,12 @@
 //! - The current state of each delivered event, as the consumer's group sees it, comes from the
 //!   state store (so retries see the group's handler outcomes of earlier attempts), and the
 //!   delivery claims the event in its group (compare-and-set, see [`super::record`]): only the
-//!   owning delivery may record an outcome or acknowledge. A re-run meant for another group
-//!   (header [`GROUP_HEADER`]), a message that does not carry the group's current run (an older
-//!   run, a copy), a first delivery of an event the group already finished, and any delivery of
-//!   a deleted event, are acknowledged and skipped.
+//!   owning delivery may record an outcome or acknowledge. The claim also numbers the delivery
+//!   (its `delivery_count`): the record counts the deliveries of the run, as the server's
+//!   delivered count can restart at 1 for a redelivery (see [`super::record`]). A re-run meant
+//!   for another group (header [`GROUP_HEADER`]), a message that does not carry the group's
+//!   current run (an older run, a copy), a first delivery (by that number) of an event the group
+//!   already finished, and any delivery of a deleted event, are acknowledged and skipped.
 //! - A message whose event has no state yet (its publish stopped after storing the message)
 //!   gets its state written from the message; a re-run message made from the group's state as
 //!   it still is (the re-run stopped after storing the message) switches the group to it.
@@ -194,13 +196,13 @@ impl NatsConsumer {
             rerun,
         };
         match self.claim(&arrival).await {
-            Ok(Some(event)) => {
+            Ok(Some((event, delivery_count))) => {
                 self.outstanding()
                     .insert(arrival.token.clone(), event.id.clone());
                 Some(Delivery {
                     event,
                     token: arrival.token,
-                    delivery_count: arrival.delivered,
+                    delivery_count,
                 })
             }
             Ok(None) => {
@@ -219,9 +221,10 @@ impl NatsConsumer {
 
     /// Decides what a delivered message means for its event in this group and, when the event
     /// is to be processed, makes this delivery its owner in the group (a compare-and-set,
-    /// repeated when the state changes meanwhile). Returns the event as the group sees it, or
-    /// `None` when there is nothing to do (the message is then acknowledged and skipped).
-    async fn claim(&self, arrival: &Arrival) -> Result<Option<Event>, ProviderError> {
+    /// repeated when the state changes meanwhile). Returns the event as the group sees it with
+    /// the delivery's number ([`Record::next_delivery`]), or `None` when there is nothing to do
+    /// (the message is then acknowledged and skipped).
+    async fn claim(&self, arrival: &Arrival) -> Result<Option<(Event, u32)>, ProviderError> {
         let store = &self.shared.store;
         let id = &arrival.published.id;
         let group = &self.group;
@@ -265,7 +268,8 @@ impl NatsConsumer {
                         // did not happen: switch the group to it.
                         record.rerun(group, GroupState::of(&arrival.published), arrival.seq);
                     } else if !record.carried_by(group, arrival.seq)
-                        || (arrival.delivered <= 1 && record.state(group).is_finished())
+                        || (record.next_delivery(group, arrival.delivered) <= 1
+                            && record.state(group).is_finished())
                     {
                         return Ok(None);
                     } else {
@@ -277,7 +281,7 @@ impl NatsConsumer {
                 }
             };
             match written {
-                Ok(()) => return Ok(Some(record.view(group))),
+                Ok(()) => return Ok(Some((record.view(group), record.deliveries(group)))),
                 Err(error) => {
                     tracing::debug!(event_id = %id, %error, "event changed while being claimed; looking again")
                 }
@@ -295,14 +299,17 @@ impl NatsConsumer {
             .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC)
     }
 
-    /// `record`, owned by the delivery of `arrival` in this group.
+    /// `record`, owned by the delivery of `arrival` in this group and counted as its next
+    /// delivery.
     fn owned(&self, mut record: Record, arrival: &Arrival) -> Record {
+        let number = record.next_delivery(&self.group, arrival.delivered);
         record.claim(
             &self.group,
             Claim {
                 delivery: arrival.token.clone(),
                 expires: self.expiry(),
             },
+            number,
         );
         record
     }

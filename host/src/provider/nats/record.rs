@@ -11,17 +11,24 @@
 //!   duplicate window) is stale for the group and skipped.
 //! - `groups` holds, per group that touched the event, its [`GroupState`], the sequence of its
 //!   re-run, a `version` counting the writes of the group's entry (a re-run names the version it
-//!   was made from, see [`super::subjects::rerun_message_id`]), and the [`Claim`] of the delivery
-//!   that owns the event in the group. A delivery claims the event when it is handed out, and
-//!   only the owning delivery may record an outcome, which settles (removes) its claim: a worker
-//!   whose delivery was redelivered to someone else cannot overwrite the newer outcome or
-//!   acknowledge the newer delivery.
+//!   was made from, see [`super::subjects::rerun_message_id`]), the [`Claim`] of the delivery
+//!   that owns the event in the group, and how many deliveries of the group's current run
+//!   claimed it. A delivery claims the event when it is handed out, and only the owning delivery
+//!   may record an outcome, which settles (removes) its claim: a worker whose delivery was
+//!   redelivered to someone else cannot overwrite the newer outcome or acknowledge the newer
+//!   delivery.
+//! - A delivery's number is one more than the deliveries of the run that claimed the event
+//!   before it, and at least the server's delivered count: the server's count alone is not
+//!   trusted, as nats-server before nats-io/nats-server#5305 (2.9.x included) hands a
+//!   redelivery that found no pull request able to take it out again later as a first delivery
+//!   (delivered count 1). A delivery the server made that claimed nothing (given
+//!   back unread, or whose claim failed) is known from the server's count only.
 //! - `changed` names the group whose state the last write changed, for watchers; `None` when the
 //!   write changed no group's state (the event's creation, a claim, a renewal).
 //!
 //! Stored as `{"event": {..}, "seq": N, "groups": {"g": {"status": .., "seq": N, "version": N,
-//! "claim": {..}}}, "changed": "g"}`. States written before this format (the bare event) are
-//! still read, as records without a sequence or groups.
+//! "claim": {..}, "deliveries": N}}, "changed": "g"}`. States written before this format (the
+//! bare event) are still read, as records without a sequence or groups.
 
 use std::collections::BTreeMap;
 
@@ -67,6 +74,10 @@ pub(crate) struct GroupRecord {
     /// The delivery that owns the event in the group, if one does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim: Option<Claim>,
+    /// The number of the latest delivery of the group's current run that claimed the event
+    /// (0: none did yet); a re-run starts again from 0.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub deliveries: u32,
 }
 
 /// The ownership of an event by one delivery of one group.
@@ -80,6 +91,10 @@ pub(crate) struct Claim {
 }
 
 fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
+fn is_zero_u32(value: &u32) -> bool {
     *value == 0
 }
 
@@ -160,10 +175,26 @@ impl Record {
         self.changed = Some(group.to_owned());
     }
 
-    /// Makes `claim` the owner of the event in `group`, replacing an older owner. Changes no
-    /// state: the caller says in `changed` whether its write changed one.
-    pub(crate) fn claim(&mut self, group: &str, claim: Claim) {
-        self.entry_mut(group).claim = Some(claim);
+    /// The number a delivery of `group`'s current run that the server counts as its
+    /// `reported`-th gets: one more than the latest delivery that claimed the event, and at
+    /// least `reported` (see the module documentation).
+    pub(crate) fn next_delivery(&self, group: &str, reported: u32) -> u32 {
+        self.deliveries(group).saturating_add(1).max(reported)
+    }
+
+    /// The number of the latest delivery of `group`'s current run that claimed the event (0:
+    /// none did yet).
+    pub(crate) fn deliveries(&self, group: &str) -> u32 {
+        self.groups.get(group).map_or(0, |entry| entry.deliveries)
+    }
+
+    /// Makes `claim`, the delivery numbered `number` ([`Record::next_delivery`]), the owner of
+    /// the event in `group`, replacing an older owner. Changes no state: the caller says in
+    /// `changed` whether its write changed one.
+    pub(crate) fn claim(&mut self, group: &str, claim: Claim, number: u32) {
+        let entry = self.entry_mut(group);
+        entry.claim = Some(claim);
+        entry.deliveries = entry.deliveries.max(number);
     }
 
     /// Whether `delivery` owns the event in `group`.
@@ -230,6 +261,7 @@ impl Record {
         entry.state = state;
         entry.seq = Some(seq);
         entry.claim = None;
+        entry.deliveries = 0;
         self.changed = Some(group.to_owned());
     }
 
@@ -288,7 +320,7 @@ mod tests {
     fn records_round_trip_and_earlier_values_still_read() {
         let mut record = Record::new(event(), Some(7));
         record.change("g", |state| state.status = EventStatus::Failed);
-        record.claim("workers", claim("$JS.ACK.S.workers.1.7.9.0.0"));
+        record.claim("workers", claim("$JS.ACK.S.workers.1.7.9.0.0"), 1);
         record.rerun("other", GroupState::default(), 9);
         let decoded = Record::decode(&record.encode().unwrap()).unwrap();
         assert_eq!(decoded, record);
@@ -323,9 +355,9 @@ mod tests {
     #[test]
     fn only_the_owning_delivery_settles_or_renews() {
         let mut record = Record::new(event(), Some(3));
-        record.claim("g", claim("old"));
-        record.claim("g", claim("new"));
-        record.claim("other", claim("x"));
+        record.claim("g", claim("old"), 1);
+        record.claim("g", claim("new"), 1);
+        record.claim("other", claim("x"), 1);
         let error = record.settle("g", "old").unwrap_err();
         assert!(error.to_string().contains("no longer leased"), "{error}");
         assert!(record.renew("g", "old", Utc::now()).is_err());
@@ -342,13 +374,34 @@ mod tests {
         let mut record = Record::new(event(), Some(3));
         assert!(record.carried_by("g", 3) && !record.carried_by("g", 4));
         let before = record.version("g");
-        record.claim("g", claim("d"));
+        record.claim("g", claim("d"), 1);
         record.rerun("g", GroupState::default(), 8);
         assert!(record.version("g") > before);
         assert!(record.carried_by("g", 8) && !record.carried_by("g", 3));
         assert!(!record.owned_by("g", "d"), "a re-run has no owner yet");
         assert!(record.carried_by("h", 3) && !record.carried_by("h", 8));
         assert!(Record::new(event(), None).carried_by("g", 4));
+    }
+
+    #[test]
+    fn deliveries_are_numbered_per_run_and_never_below_the_servers_count() {
+        let mut record = Record::new(event(), Some(3));
+        assert_eq!(record.next_delivery("g", 1), 1);
+        record.claim("g", claim("first"), record.next_delivery("g", 1));
+        // The server counts a redelivery as a first one (its count went back to 1).
+        assert_eq!(record.next_delivery("g", 1), 2);
+        record.claim("g", claim("second"), record.next_delivery("g", 1));
+        assert_eq!(record.deliveries("g"), 2);
+        // Deliveries that claimed nothing are known from the server's count only.
+        assert_eq!(record.next_delivery("g", 5), 5);
+        record.claim("g", claim("fifth"), record.next_delivery("g", 5));
+        assert_eq!(record.deliveries("g"), 5);
+        assert_eq!(record.deliveries("h"), 0, "counted per group");
+        // A re-run is a message of its own: its deliveries count from the start.
+        record.rerun("g", GroupState::default(), 8);
+        assert_eq!(record.next_delivery("g", 1), 1);
+        let decoded = Record::decode(&record.encode().unwrap()).unwrap();
+        assert_eq!(decoded, record);
     }
 
     #[test]
@@ -362,6 +415,7 @@ mod tests {
                 delivery: "d".into(),
                 expires: now + chrono::Duration::seconds(1),
             },
+            1,
         );
         assert!(record.held("g", now));
         assert!(!record.held("g", now + chrono::Duration::seconds(2)));
@@ -375,7 +429,7 @@ mod tests {
         record.change("g", |state| state.status = EventStatus::Completed);
         assert!(record.settled_final("g"));
         assert!(!record.settled_final("h"), "another group has not finished");
-        record.claim("g", claim("t"));
+        record.claim("g", claim("t"), 1);
         assert!(!record.settled_final("g"));
         let mut stored_only = Record::new(event(), None);
         stored_only.change("g", |state| state.status = EventStatus::Failed);
@@ -387,7 +441,7 @@ mod tests {
         let mut record = Record::new(event(), Some(1));
         record.change("g", |state| state.status = EventStatus::Processing);
         assert_eq!(record.changed.as_deref(), Some("g"));
-        record.claim("g", claim("d"));
+        record.claim("g", claim("d"), 1);
         record.renew("g", "d", Utc::now()).unwrap();
         assert_eq!(record.changed, None, "a renewal changes no state");
         record.rerun("h", GroupState::default(), 2);
