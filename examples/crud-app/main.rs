@@ -4,7 +4,7 @@
 //! registry; `register_crud_hooks` turns that into `public.users.create|update|delete|read`
 //! events (source `database`) carrying the acting user. A native handler prints each event.
 //!
-//! Run: `cargo run -p eventbroker --example crud-app`
+//! Run: `cargo run -p crud-app`
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -102,10 +102,7 @@ impl UserStore {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let broker = Broker::new(
-        BrokerConfig::default(),
-        Arc::new(MemoryProvider::new(Default::default())),
-    );
+    let broker = Broker::new(BrokerConfig::default(), Arc::new(MemoryProvider::default()));
     let (handled_tx, mut handled) = mpsc::unbounded_channel::<Event>();
     broker.subscribe(
         "public.users.*",

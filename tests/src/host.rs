@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use eventbroker::config::Config;
-use eventbroker::service::Service;
+use eventbroker_server::Config;
+use eventbroker_server::Service;
 use serde_json::Value;
 
 /// A running host and what it needs on disk.

@@ -752,7 +752,7 @@ async fn a_public_address_needs_a_token_for_every_write() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = eventbroker_tests::host::test_config(dir.path());
     config.server.listen = "0.0.0.0:0".into();
-    let error = eventbroker::service::Service::start(config.clone())
+    let error = eventbroker_server::Service::start(config.clone())
         .await
         .err()
         .expect("refused")
@@ -768,7 +768,7 @@ async fn a_public_address_needs_a_token_for_every_write() {
     }
     let http = reqwest::Client::new();
     // Each token setting makes it safe; an unauthenticated publish is refused on each.
-    let settings: [fn(&mut eventbroker::config::Config); 3] = [
+    let settings: [fn(&mut eventbroker_server::Config); 3] = [
         |config| config.server.token = Some("t".into()),
         |config| config.server.admin_token = Some("t".into()),
         |config| config.server.publish_token = Some("t".into()),
@@ -776,7 +776,7 @@ async fn a_public_address_needs_a_token_for_every_write() {
     for set in settings {
         let mut config = config.clone();
         set(&mut config);
-        let service = eventbroker::service::Service::start(config)
+        let service = eventbroker_server::Service::start(config)
             .await
             .expect("a token makes a public address safe");
         let url = format!("http://127.0.0.1:{}/v1/events", service.local_addr().port());
@@ -785,7 +785,7 @@ async fn a_public_address_needs_a_token_for_every_write() {
         service.stop().await.unwrap();
     }
     config.server.allow_unauthenticated = true;
-    let service = eventbroker::service::Service::start(config)
+    let service = eventbroker_server::Service::start(config)
         .await
         .expect("explicitly allowed");
     service.stop().await.unwrap();
@@ -1185,7 +1185,7 @@ async fn hot_reload_under_load_handles_every_event_exactly_once() {
         .await;
     assert_eq!(status, 200);
     let mut versions = HashSet::new();
-    versions.insert(eventbroker::wasm::version_id(&variant(&fixture, 0)));
+    versions.insert(eventbroker_wasm::version_id(&variant(&fixture, 0)));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let publisher = {
         let (url, http, stop) = (host.url.clone(), host.http.clone(), stop.clone());
@@ -1212,7 +1212,7 @@ async fn hot_reload_under_load_handles_every_event_exactly_once() {
     };
     for n in 1..=REPLACEMENTS {
         let component = variant(&fixture, n);
-        versions.insert(eventbroker::wasm::version_id(&component));
+        versions.insert(eventbroker_wasm::version_id(&component));
         let (status, info) = host.deploy("swap", component, Some(manifest), None).await;
         assert_eq!(status, 200, "{info}");
     }

@@ -3,10 +3,10 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use eventbroker::config::CaptureConfig;
-use eventbroker::hooks::capture;
 use eventbroker::provider::SortOrder;
 use eventbroker::{Event, EventFilter, EventStatus};
+use eventbroker_server::capture;
+use eventbroker_server::config::CaptureConfig;
 use eventbroker_tests::guests;
 use eventbroker_tests::host::{TestHost, install};
 use eventbroker_tests::{services, wait_for};

@@ -5,11 +5,11 @@
 
 use std::path::Path;
 
-use eventbroker::config::PoolConfig;
-use eventbroker::wasm::WasmEngine;
-use eventbroker::wasm::runner::{Overrides, RunReport, parse_events, run};
 use eventbroker_tests::guests::{self, repo_root};
 use eventbroker_tests::toolchains::{self, Language, PAYLOAD_VALIDATORS};
+use eventbroker_wasm::WasmEngine;
+use eventbroker_wasm::config::PoolConfig;
+use eventbroker_wasm::runner::{Overrides, RunReport, parse_events, run};
 use serde_json::{Value, json};
 
 /// What a handler did with one event, in a form that can be compared across languages.

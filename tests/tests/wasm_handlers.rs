@@ -395,7 +395,7 @@ async fn guests_get_no_ambient_capabilities_and_their_output_is_captured() {
     // Run through the local runner to see the logs.
     let engine = host.service.handlers().engine().clone();
     let bytes = std::fs::read(&fixture).unwrap();
-    let events = eventbroker::wasm::runner::parse_events(
+    let events = eventbroker_wasm::runner::parse_events(
         r#"{"type":"probe.a","payload":{"action":"escape"}}
            {"type":"probe.b","payload":{"action":"stdout"}}
            {"type":"probe.c","payload":{"action":"config","key":"colour"}}
@@ -403,7 +403,7 @@ async fn guests_get_no_ambient_capabilities_and_their_output_is_captured() {
     )
     .unwrap();
     let manifest_text = manifest("\"probe.*\"", "[config]\ncolour = \"blue\"");
-    let report = eventbroker::wasm::runner::run(
+    let report = eventbroker_wasm::runner::run(
         &engine,
         &bytes,
         Some(&manifest_text),
@@ -461,12 +461,12 @@ async fn fresh_instances_share_no_state_and_reuse_keeps_warm_instances() {
     };
     let bytes = std::fs::read(fixture).unwrap();
     let events = || {
-        eventbroker::wasm::runner::parse_events(
+        eventbroker_wasm::runner::parse_events(
             &"{\"type\":\"x.y\",\"payload\":{\"action\":\"ok\"}}\n".repeat(3),
         )
         .unwrap()
     };
-    let calls = |report: &eventbroker::wasm::runner::RunReport| -> Vec<String> {
+    let calls = |report: &eventbroker_wasm::runner::RunReport| -> Vec<String> {
         report
             .results
             .iter()
@@ -482,7 +482,7 @@ async fn fresh_instances_share_no_state_and_reuse_keeps_warm_instances() {
             })
             .collect()
     };
-    let fresh = eventbroker::wasm::runner::run(
+    let fresh = eventbroker_wasm::runner::run(
         &engine,
         &bytes,
         Some("patterns = [\"*\"]\ninstances = \"fresh\""),
@@ -496,7 +496,7 @@ async fn fresh_instances_share_no_state_and_reuse_keeps_warm_instances() {
         ["1", "1", "1"],
         "no state leaks between events"
     );
-    let reuse = eventbroker::wasm::runner::run(
+    let reuse = eventbroker_wasm::runner::run(
         &engine,
         &bytes,
         Some("patterns = [\"*\"]\ninstances = \"reuse\""),
@@ -507,11 +507,11 @@ async fn fresh_instances_share_no_state_and_reuse_keeps_warm_instances() {
     .unwrap();
     assert_eq!(calls(&reuse), ["1", "2", "3"], "a warm instance is reused");
     // A trapped instance is discarded under `reuse`.
-    let mixed = eventbroker::wasm::runner::parse_events(
+    let mixed = eventbroker_wasm::runner::parse_events(
         "{\"type\":\"x.y\",\"payload\":{\"action\":\"ok\"}}\n{\"type\":\"x.y\",\"payload\":{\"action\":\"trap\"}}\n{\"type\":\"x.y\",\"payload\":{\"action\":\"ok\"}}",
     )
     .unwrap();
-    let report = eventbroker::wasm::runner::run(
+    let report = eventbroker_wasm::runner::run(
         &engine,
         &bytes,
         Some("patterns = [\"*\"]\ninstances = \"reuse\""),
@@ -576,12 +576,12 @@ async fn a_bad_module_is_reported_and_does_not_stop_the_others() {
 }
 
 /// An engine like the one the CLI uses, with the tests' shared compile cache.
-fn test_engine() -> eventbroker::wasm::WasmEngine {
-    let pool = eventbroker::config::PoolConfig {
+fn test_engine() -> eventbroker_wasm::WasmEngine {
+    let pool = eventbroker_wasm::config::PoolConfig {
         instances: 16,
         ..Default::default()
     };
-    eventbroker::wasm::WasmEngine::new(
+    eventbroker_wasm::WasmEngine::new(
         &pool,
         Some(guests::repo_root().join("target/test-component-cache")),
     )
@@ -701,7 +701,7 @@ async fn thirty_reuse_handlers_on_every_event_all_run_with_the_default_pool() {
     const HANDLERS: usize = 30;
     let built = built();
     let host = TestHost::start(|config, dir| {
-        config.handlers.pool = eventbroker::config::PoolConfig::default();
+        config.handlers.pool = eventbroker_wasm::config::PoolConfig::default();
         config.event_broker.worker_count = 16;
         for n in 0..HANDLERS {
             install(
@@ -743,11 +743,11 @@ async fn thirty_reuse_handlers_on_every_event_all_run_with_the_default_pool() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_instance_gets_a_fresh_log_budget_for_every_event() {
     let bytes = std::fs::read(built().misbehave()).unwrap();
-    let events = eventbroker::wasm::runner::parse_events(
+    let events = eventbroker_wasm::runner::parse_events(
         &"{\"type\":\"x.y\",\"payload\":{\"action\":\"ok\"}}\n".repeat(12),
     )
     .unwrap();
-    let report = eventbroker::wasm::runner::run(
+    let report = eventbroker_wasm::runner::run(
         &test_engine(),
         &bytes,
         Some("patterns = [\"*\"]\ninstances = \"reuse\"\nmax_log_bytes = \"200B\"\nmax_log_lines = 2"),
@@ -928,15 +928,14 @@ async fn what_a_guest_hands_the_host_is_bounded() {
     let failure = &outcome(&event, "bounded")["last_error"];
     assert_eq!(failure["kind"], "fail");
     let message = failure["message"].as_str().unwrap();
-    assert!(message.len() <= eventbroker::wasm::limits::MAX_MESSAGE_BYTES + 64);
+    assert!(message.len() <= eventbroker_wasm::limits::MAX_MESSAGE_BYTES + 64);
     assert!(
         message.ends_with("more bytes cut]"),
         "{}",
         &message[message.len() - 40..]
     );
     assert!(
-        event["error"].as_str().unwrap().len()
-            <= eventbroker::wasm::limits::MAX_MESSAGE_BYTES + 128
+        event["error"].as_str().unwrap().len() <= eventbroker_wasm::limits::MAX_MESSAGE_BYTES + 128
     );
     // More than one call may carry: the guest traps before the host copies it.
     let id = publish(
@@ -993,13 +992,13 @@ async fn what_a_guest_hands_the_host_is_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_refuses_what_serve_refuses() {
     let bytes = std::fs::read(built().misbehave()).unwrap();
-    let events = eventbroker::wasm::runner::parse_events(
+    let events = eventbroker_wasm::runner::parse_events(
         r#"{"type":"x.a","payload":{"action":"hostile-draft","field":"payload","bytes":1060000}}
            {"type":"x.b","payload":{"action":"hostile-draft","field":"session_id","bytes":300}}
            {"type":"x.c","payload":{"action":"hostile-draft","field":"metadata","bytes":1000}}"#,
     )
     .unwrap();
-    let report = eventbroker::wasm::runner::run(
+    let report = eventbroker_wasm::runner::run(
         &test_engine(),
         &bytes,
         Some("patterns = [\"*\"]"),
@@ -1022,7 +1021,7 @@ async fn run_refuses_what_serve_refuses() {
     assert!(report.results[2].invocation.result.is_ok());
     assert_eq!(report.results[2].invocation.published.len(), 1);
     // Sample events are checked as POST /v1/events checks them.
-    let err = eventbroker::wasm::runner::parse_events(&format!(
+    let err = eventbroker_wasm::runner::parse_events(&format!(
         "{{\"type\":\"x.y\",\"session_id\":\"{}\"}}",
         "s".repeat(300)
     ))
@@ -1045,7 +1044,7 @@ async fn check_and_run_bound_patterns_like_serve() {
         async move {
             tokio::time::timeout(
                 eventbroker_tests::PATIENCE,
-                eventbroker::wasm::check::check(&engine, &bytes, Some(&patterns_mode(what))),
+                eventbroker_wasm::check::check(&engine, &bytes, Some(&patterns_mode(what))),
             )
             .await
             .unwrap_or_else(|_| panic!("check of {what} patterns did not finish"))
@@ -1072,16 +1071,16 @@ async fn check_and_run_bound_patterns_like_serve() {
     // Without a manifest the component waits on a clock: check and run end all the same.
     let report = tokio::time::timeout(
         eventbroker_tests::PATIENCE,
-        eventbroker::wasm::check::check(&engine, &bytes, None),
+        eventbroker_wasm::check::check(&engine, &bytes, None),
     )
     .await
     .expect("check finishes")
     .expect("a component");
     assert!(!report.compatible);
-    let events = eventbroker::wasm::runner::parse_events("{\"type\":\"hostile.x\"}").unwrap();
+    let events = eventbroker_wasm::runner::parse_events("{\"type\":\"hostile.x\"}").unwrap();
     let error = tokio::time::timeout(
         eventbroker_tests::PATIENCE,
-        eventbroker::wasm::runner::run(&engine, &bytes, None, &Default::default(), events),
+        eventbroker_wasm::runner::run(&engine, &bytes, None, &Default::default(), events),
     )
     .await
     .expect("run finishes")
@@ -1091,9 +1090,9 @@ async fn check_and_run_bound_patterns_like_serve() {
         "{error}"
     );
     // Invalid default patterns are refused even when a manifest overrides them.
-    let events = eventbroker::wasm::runner::parse_events("{\"type\":\"hostile.x\"}").unwrap();
+    let events = eventbroker_wasm::runner::parse_events("{\"type\":\"hostile.x\"}").unwrap();
     let manifest = format!("patterns = [\"hostile.>\"]\n{}", patterns_mode("invalid"));
-    let error = eventbroker::wasm::runner::run(
+    let error = eventbroker_wasm::runner::run(
         &engine,
         &bytes,
         Some(&manifest),
@@ -1232,23 +1231,64 @@ async fn a_touch_or_a_deploy_reloads_nothing_and_nothing_reloads_by_itself() {
     host.stop().await;
 }
 
+/// The files a deploy writes are recognised by the watcher as the host's own (by size and
+/// modification time) and not even read again: the deployed version is loaded once and never
+/// counted as re-applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_does_not_reread_the_files_a_deploy_wrote() {
+    let built = built();
+    let fixture = std::fs::read(built.misbehave()).unwrap();
+    let host = TestHost::start(|config, _| {
+        config.handlers.debounce = std::time::Duration::from_millis(50);
+    })
+    .await;
+    for round in 0..2u32 {
+        let (status, info) = host
+            .deploy(
+                "own",
+                eventbroker_tests::variant(&fixture, 100 + round),
+                Some("patterns = [\"own.*\"]"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{info}");
+    }
+    // A marker file copied in after the deploys: once the watcher has read it, it has seen
+    // every change made before it.
+    let tmp = host.handlers_dir.join(".marker.wasm.tmp");
+    std::fs::write(&tmp, eventbroker_tests::variant(&fixture, 7)).unwrap();
+    std::fs::rename(&tmp, host.handlers_dir.join("marker.wasm")).unwrap();
+    wait_for("the marker to be read", || async {
+        let info = host.service.handlers().get("marker")?;
+        (info.rejections > 0).then_some(())
+    })
+    .await;
+    let own = host.service.handlers().get("own").unwrap();
+    assert_eq!(
+        (own.loads, own.unchanged, own.rejections),
+        (2, 0, 0),
+        "each deploy loaded once, and the watcher re-read none of its files: {own:?}"
+    );
+    host.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_component_cache_is_private_to_the_host_user() {
     use std::os::unix::fs::PermissionsExt;
     let bytes = std::fs::read(built().misbehave()).unwrap();
-    let pool = eventbroker::config::PoolConfig {
+    let pool = eventbroker_wasm::config::PoolConfig {
         instances: 4,
         ..Default::default()
     };
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("cache");
-    let engine = eventbroker::wasm::WasmEngine::new(&pool, Some(dir.clone())).unwrap();
+    let engine = eventbroker_wasm::WasmEngine::new(&pool, Some(dir.clone())).unwrap();
     assert_eq!(engine.cache_dir(), Some(dir.as_path()));
     let mode =
         |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&dir), 0o700);
     let (_, source) = engine.compile(&bytes).unwrap();
-    assert_eq!(source, eventbroker::wasm::engine::CompileSource::Compiled);
+    assert_eq!(source, eventbroker_wasm::engine::CompileSource::Compiled);
     let entry = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -1257,25 +1297,25 @@ async fn the_component_cache_is_private_to_the_host_user() {
     assert_eq!(mode(&entry), 0o600);
     assert_eq!(
         engine.compile(&bytes).unwrap().1,
-        eventbroker::wasm::engine::CompileSource::Cache
+        eventbroker_wasm::engine::CompileSource::Cache
     );
     // An entry others could have written is compiled afresh, not loaded.
     std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o666)).unwrap();
     assert_eq!(
         engine.compile(&bytes).unwrap().1,
-        eventbroker::wasm::engine::CompileSource::Compiled
+        eventbroker_wasm::engine::CompileSource::Compiled
     );
     assert_eq!(mode(&entry), 0o600, "replaced by a private one");
     // A directory others can write is not used at all.
     let shared = root.path().join("shared");
     std::fs::create_dir(&shared).unwrap();
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let engine = eventbroker::wasm::WasmEngine::new(&pool, Some(shared.clone())).unwrap();
+    let engine = eventbroker_wasm::WasmEngine::new(&pool, Some(shared.clone())).unwrap();
     assert_eq!(engine.cache_dir(), None);
     engine.compile(&bytes).unwrap();
     assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0);
     // The default is never the working directory.
-    if let Some(default) = eventbroker::config::default_cache_dir() {
+    if let Some(default) = eventbroker_wasm::config::default_cache_dir() {
         assert!(default.is_absolute(), "{}", default.display());
     }
 }

@@ -1,14 +1,12 @@
 //! The `eventbroker` binary end to end: `serve` over HTTP with signals, and the guest tools
 //! `run` and `check` with their output and exit codes.
 
-#[path = "../../tests/src/guests.rs"]
-#[allow(dead_code)]
-mod guests;
-
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use eventbroker_testkit::guests;
 
 use serde_json::{Value, json};
 

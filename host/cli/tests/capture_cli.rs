@@ -1,10 +1,8 @@
 //! `eventbroker capture install|uninstall` against the real PostgreSQL.
 
-#[path = "../../tests/src/services.rs"]
-mod services;
-
 use std::process::Command;
 
+use eventbroker_testkit::services;
 use sqlx::{AssertSqlSafe, PgPool};
 
 const URL: &str = "postgres://postgres@127.0.0.1:5432/test";

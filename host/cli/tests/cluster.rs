@@ -3,7 +3,9 @@
 //!
 //! Each shared backend adds its two scenario tests here (see `support::cluster::scenarios`).
 
-mod support;
+mod common;
+
+use common as support;
 
 use serde_json::json;
 use support::cluster::{Cluster, attempts};
@@ -31,7 +33,7 @@ fn postgres_broker() -> Option<serde_json::Value> {
     Some(json!({
         "provider": "database",
         "database": {
-            "url": support::backends::postgres_url(),
+            "url": support::postgres_url(),
             "table_name": format!("cluster_{}", support::unique_suffix()),
             "poll_interval": "200ms",
             "rescue_interval": "500ms",
@@ -216,28 +218,15 @@ fn redis_outage_mid_load_loses_nothing() {
 /// The `event_broker` section of a cluster on an isolated NATS namespace, and a tear-down
 /// that deletes it; `None` after a loud skip when NATS is unreachable.
 fn nats_cluster() -> Option<(serde_json::Value, impl FnOnce())> {
-    use support::backends::{NATS_ADDR, nats_config};
-    if !support::services::available("NATS", NATS_ADDR) {
+    if !support::services::available("NATS", support::NATS_ADDR) {
         return None;
     }
-    let config = nats_config(&support::unique_suffix());
+    let nats = support::nats_section(&support::unique_suffix());
     let section = json!({
         "provider": "nats",
-        "nats": serde_json::to_value(&config.nats).expect("nats section"),
+        "nats": serde_json::to_value(&nats).expect("nats section"),
     });
-    let tear_down = move || {
-        let runtime = tokio::runtime::Runtime::new().expect("runtime");
-        runtime.block_on(async {
-            match eventbroker::provider::NatsProvider::connect(&config).await {
-                Ok(provider) => {
-                    if let Err(error) = provider.destroy().await {
-                        eprintln!("could not delete the test stream: {error}");
-                    }
-                }
-                Err(error) => eprintln!("could not delete the test stream: {error}"),
-            }
-        });
-    };
+    let tear_down = move || support::delete_nats_namespace(&nats);
     Some((section, tear_down))
 }
 

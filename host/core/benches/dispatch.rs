@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use eventbroker::provider::memory::MemoryOptions;
 use eventbroker::{Broker, BrokerConfig, Event, EventSource, MemoryProvider, handler_fn};
 use tokio::sync::Notify;
 
@@ -76,7 +75,7 @@ async fn broker(events: u64) -> Duration {
         },
         ..BrokerConfig::default()
     };
-    let provider = Arc::new(MemoryProvider::new(MemoryOptions::from_config(&config)));
+    let provider = Arc::new(MemoryProvider::new(&config));
     let broker = Broker::new(config, provider);
     let handler = counter.clone();
     broker

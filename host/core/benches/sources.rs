@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use eventbroker::hooks::{
     CrudHookOptions, HookContext, HookRegistry, UserContext, register_crud_hooks,
 };
-use eventbroker::provider::memory::MemoryOptions;
 use eventbroker::{Broker, BrokerConfig, Event, EventSource, MemoryProvider, handler_fn};
 use serde_json::json;
 use tokio::sync::Notify;
@@ -33,7 +32,7 @@ async fn setup(events: u64) -> Setup {
         },
         ..BrokerConfig::default()
     };
-    let provider = Arc::new(MemoryProvider::new(MemoryOptions::from_config(&config)));
+    let provider = Arc::new(MemoryProvider::new(&config));
     let broker = Broker::new(config, provider);
     let seen = Arc::new(AtomicU64::new(0));
     let done = Arc::new(Notify::new());

@@ -4,22 +4,31 @@
 use std::sync::RwLock;
 
 use crate::broker::{Broker, BrokerError, EventHandler, Published, SubscriptionId};
-use crate::config::Config;
+use std::sync::Arc;
+
+use crate::config::BrokerConfig;
 use crate::event::Event;
+use crate::provider::Provider;
 
 static DEFAULT_BROKER: RwLock<Option<Broker>> = RwLock::new(None);
 
-/// Builds, starts and installs the default broker if `config.event_broker.enabled` is true.
-/// Returns the broker, or `None` when the broker is disabled in config.
+/// Builds a broker over `provider`, starts it and installs it as the default, if
+/// `config.enabled` is true. Returns the broker, or `None` when the broker is disabled in
+/// config.
 ///
 /// # Errors
-/// Provider construction and start errors.
-pub async fn initialize(config: &Config) -> Result<Option<Broker>, BrokerError> {
-    if !config.event_broker.enabled {
+/// [`BrokerError::Config`] for an invalid config, and the provider's errors joining its
+/// consumer group.
+pub async fn initialize(
+    config: &BrokerConfig,
+    provider: Arc<dyn Provider>,
+) -> Result<Option<Broker>, BrokerError> {
+    if !config.enabled {
         tracing::info!("event broker disabled (event_broker.enabled is false)");
         return Ok(None);
     }
-    let broker = Broker::from_config(config.event_broker.clone()).await?;
+    config.validate()?;
+    let broker = Broker::new(config.clone(), provider);
     broker.start().await?;
     set_default_broker(broker.clone());
     Ok(Some(broker))
@@ -90,13 +99,19 @@ mod tests {
 
     #[tokio::test]
     async fn default_broker_round_trip() {
-        let disabled = initialize(&Config::default())
+        let memory = || Arc::new(crate::MemoryProvider::default());
+        let disabled = initialize(&BrokerConfig::default(), memory())
             .await
             .expect("disabled is fine");
         assert!(disabled.is_none());
-        let mut config = Config::default();
-        config.event_broker.enabled = true;
-        let broker = initialize(&config).await.expect("init").expect("enabled");
+        let config = BrokerConfig {
+            enabled: true,
+            ..BrokerConfig::default()
+        };
+        let broker = initialize(&config, memory())
+            .await
+            .expect("init")
+            .expect("enabled");
         subscribe("a.*", handler_fn(|_, _| async { Ok(()) })).expect("subscribe");
         let done = publish_sync(Event::new(EventSource::System, "a.b", ""))
             .await

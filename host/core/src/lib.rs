@@ -1,31 +1,51 @@
 //! # eventbroker
 //!
-//! An event broker host: it accepts events, stores them through a pluggable provider, and runs
-//! event handlers — native Rust closures or sandboxed WebAssembly components — on a worker pool
-//! with retries, dead letters and per-handler limits.
+//! The event broker an application embeds: it accepts events, stores them through a pluggable
+//! provider, and runs event handlers on a worker pool with retries, dead letters and
+//! per-handler limits. This crate depends on no WebAssembly runtime, database driver, HTTP
+//! server or CLI library: the durable backends (`eventbroker-sql`, `eventbroker-redis`,
+//! `eventbroker-nats`), WebAssembly handlers (`eventbroker-wasm`) and the service
+//! (`eventbroker-server`) are crates of their own built on this one.
 //!
 //! ## Map
 //! - [`event`]: the [`Event`] model, sources, statuses and validation.
 //! - [`pattern`]: subscription patterns (`*`, `>`/`**`) and the index that matches them.
-//! - [`provider`]: the [`Provider`] trait (store, query, work-sharing consumers, fan-out
-//!   watchers) and its backends.
+//! - [`provider`]: the [`Provider`] and [`Consumer`] traits (store, query, work-sharing
+//!   consumers, fan-out watchers), the bookkeeping every backend shares, and the in-memory
+//!   [`MemoryProvider`].
 //! - [`broker`]: [`Broker`] — publish (sync/async), subscriptions, the worker pool, the one
 //!   place that decides status and retries.
-//! - [`config`]: typed configuration from defaults, YAML/TOML files and the environment.
-//! - [`server`]: the HTTP API.
-//! - [`service`]: [`service::run`], the whole host as a library call (used by the binary and
-//!   the end-to-end tests).
-//! - [`hooks`]: event sources fed by databases: CRUD hooks for embedding applications and
-//!   PostgreSQL change capture.
+//! - [`config`]: [`BrokerConfig`], its defaults and validation.
+//! - [`hooks`]: CRUD hooks for embedding applications.
 //! - [`metrics`]: Prometheus metrics.
-//! - [`telemetry`]: tracing setup.
-//! - [`wasm`]: WebAssembly handlers: engine, sandbox, handler set, `run` and `check`.
 //!
 //! ## How an event flows
-//! `publish` (HTTP, CLI, library) → [`Event::validate`] → [`Provider::publish`] → the
-//! provider's consumer group → a pool worker → every matching subscription, concurrently →
-//! outcome → `completed`, `failed` (dead letter) or a retry with backoff, recorded and
-//! acknowledged by the provider.
+//! `publish` → [`Event::validate`] → [`Provider::publish`] → the provider's consumer group →
+//! a pool worker → every matching subscription, concurrently → outcome → `completed`,
+//! `failed` (dead letter) or a retry with backoff, recorded and acknowledged by the provider.
+//!
+//! # Examples
+//! Embedding a broker with a native handler:
+//! ```
+//! use std::sync::Arc;
+//! use eventbroker::{Broker, BrokerConfig, Event, EventSource, EventStatus, MemoryProvider, handler_fn};
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = BrokerConfig { worker_count: 2, ..BrokerConfig::default() };
+//! config.validate()?;
+//! let broker = Broker::new(config.clone(), Arc::new(MemoryProvider::new(&config)));
+//! broker.subscribe("public.orders.*", handler_fn(|_ctx, event| async move {
+//!     println!("order event {} ({})", event.id, event.event_type);
+//!     Ok(())
+//! }))?;
+//! broker.start().await?;
+//! let event = Event::new(EventSource::System, "public.orders.create", "host-1");
+//! let done = broker.publish_sync(event).await?;
+//! assert_eq!(done.status, EventStatus::Completed);
+//! broker.stop().await?;
+//! # Ok(())
+//! # }
+//! ```
 #![deny(missing_docs)]
 
 pub mod broker;
@@ -36,16 +56,12 @@ pub mod hooks;
 pub mod metrics;
 pub mod pattern;
 pub mod provider;
-pub mod server;
-pub mod service;
-pub mod telemetry;
-pub mod wasm;
 
 pub use broker::{
     Broker, BrokerError, BrokerStats, EventHandler, HandlerContext, HandlerResult, Published,
     StopReport, SubscribeOptions, SubscriptionId, WeakBroker, handler_fn,
 };
-pub use config::{BrokerConfig, Config, ConfigError, ProcessingMode, ProviderKind, RetryPolicy};
+pub use config::{BrokerConfig, InvalidValue, MemoryConfig, ProcessingMode, RetryPolicy};
 pub use event::{
     Event, EventSource, EventStatus, Failure, FailureKind, HandlerOutcome, OutcomeState,
     ValidationError, event_type,

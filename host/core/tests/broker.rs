@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventbroker::provider::memory::MemoryOptions;
 use eventbroker::{
     Broker, BrokerConfig, BrokerError, Event, EventSource, EventStatus, Failure, FailureKind,
     MemoryProvider, OutcomeState, ProcessingMode, RetryPolicy, SubscribeOptions, handler_fn,
@@ -33,7 +32,7 @@ fn config() -> BrokerConfig {
 }
 
 fn broker_with(config: BrokerConfig) -> Broker {
-    let provider = Arc::new(MemoryProvider::new(MemoryOptions::from_config(&config)));
+    let provider = Arc::new(MemoryProvider::new(&config));
     Broker::new(config, provider)
 }
 
@@ -981,127 +980,6 @@ async fn a_dropped_sync_publish_still_completes_its_event() {
     assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
 }
 
-/// Issue 13 A1: a host that dies while a sync event's handler runs leaves the event to the
-/// lease/rescue machinery: the next host on the same SQLite file finishes it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sync_event_of_a_crashed_host_is_finished_by_the_next_host_on_sqlite() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = config();
-    config.provider = eventbroker::ProviderKind::Database;
-    config.database.url = format!("sqlite://{}", dir.path().join("events.db").display());
-    config.database.poll_interval = Duration::from_millis(50);
-    config.database.rescue_interval = Duration::from_millis(100);
-    config.lease = Duration::from_secs(1);
-    let first = config.clone();
-    // The first host runs on a runtime of its own, dropped mid-handler: every task of the
-    // host is dropped where it stands, nothing is given back (as when the process dies).
-    tokio::task::spawn_blocking(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async move {
-            let broker = Broker::from_config(first).await.expect("first host");
-            let started = Arc::new(Semaphore::new(0));
-            broker
-                .subscribe(
-                    "slow.op",
-                    gated(
-                        started.clone(),
-                        Arc::new(Semaphore::new(0)),
-                        Arc::new(AtomicUsize::new(0)),
-                    ),
-                )
-                .unwrap();
-            broker.start().await.expect("start");
-            let mut sync_event = event("slow.op");
-            sync_event.id = "sync-crashed".into();
-            tokio::spawn(async move { broker.publish_sync(sync_event).await });
-            wait_started(&started).await;
-        });
-        drop(runtime);
-    })
-    .await
-    .expect("first host ran");
-
-    let second = Broker::from_config(config).await.expect("second host");
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counter = calls.clone();
-    second
-        .subscribe(
-            "slow.op",
-            handler_fn(move |_, _| {
-                let counter = counter.clone();
-                async move {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    Ok(())
-                }
-            }),
-        )
-        .unwrap();
-    second.start().await.unwrap();
-    let done = wait_for_status(&second, "sync-crashed", EventStatus::Completed).await;
-    assert_eq!(done.handlers[0].state, OutcomeState::Succeeded);
-    assert_eq!(calls.load(Ordering::SeqCst), 1, "the next host ran it once");
-    second.stop_within(PATIENCE).await.unwrap();
-}
-
-/// Issue 13 A1 over HTTP: `POST /v1/events?mode=sync` whose client gives up (closes its
-/// connection, as a client timeout does) while the handler runs; the event still completes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http_sync_publish_whose_client_gives_up_still_completes() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = eventbroker::Config::default();
-    config.server.listen = "127.0.0.1:0".into();
-    config.handlers.dir = dir.path().join("handlers");
-    config.handlers.cache_dir = Some(dir.path().join("cache"));
-    config.handlers.watch = false;
-    config.event_broker.instance_id = "test-host".into();
-    std::fs::create_dir_all(&config.handlers.dir).expect("handlers dir");
-    let service = eventbroker::service::Service::start(config)
-        .await
-        .expect("host starts");
-    let (started, gate) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
-    let calls = Arc::new(AtomicUsize::new(0));
-    service
-        .broker()
-        .subscribe(
-            "slow.op",
-            gated(started.clone(), gate.clone(), calls.clone()),
-        )
-        .unwrap();
-    let mut client = tokio::net::TcpStream::connect(service.local_addr())
-        .await
-        .expect("connect");
-    let body = json!({"type": "slow.op", "id": "http-sync"}).to_string();
-    let request = format!(
-        "POST /v1/events?mode=sync HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    client
-        .write_all(request.as_bytes())
-        .await
-        .expect("send request");
-    wait_started(&started).await;
-    // The client gives up: it closes its side and waits until the server closed the
-    // connection, i.e. the server noticed and dropped the request.
-    client.shutdown().await.expect("close the client side");
-    let mut answer = Vec::new();
-    tokio::time::timeout(PATIENCE, client.read_to_end(&mut answer))
-        .await
-        .expect("the server closed the connection")
-        .expect("read");
-    assert!(answer.is_empty(), "no answer was sent: {answer:?}");
-    gate.add_permits(1);
-    let done = wait_for_status(service.broker(), "http-sync", EventStatus::Completed).await;
-    assert_eq!(done.handlers[0].state, OutcomeState::Succeeded);
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
-    let report = service.stop().await.expect("stop");
-    assert!(report.drained, "{report:?}");
-}
-
 /// Issue 13 A8: a publish abandoned by its caller while it waits for room in a full queue
 /// leaves no trace in the drain bookkeeping: `stop` drains at once.
 #[tokio::test]
@@ -1419,7 +1297,7 @@ async fn held_deliveries_keep_their_leases_when_renewals_are_slow() {
         ..config()
     };
     let provider = Arc::new(SlowRenewals {
-        inner: Arc::new(MemoryProvider::new(MemoryOptions::from_config(&config))),
+        inner: Arc::new(MemoryProvider::new(&config)),
         renewal: Duration::from_millis(300),
     });
     let broker = Broker::new(config, provider);

@@ -2,7 +2,7 @@
 //! JetStream loop (publish awaiting the server's ack, pull in batches, ack confirmed by the
 //! server) on the same server, measured in the same run.
 //!
-//!     nice cargo bench -p eventbroker --bench nats [-- EVENTS]
+//!     nice cargo bench -p eventbroker-nats --bench nats [-- EVENTS]
 //!
 //! Needs NATS with JetStream at `NATS_URL` (default `nats://127.0.0.1:4222`); prints a notice
 //! and exits when it is unreachable. Streams and buckets are created under unique names and
@@ -13,9 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer};
-use eventbroker::config::{NatsStorage, ProviderKind};
-use eventbroker::provider::NatsProvider;
 use eventbroker::{Broker, BrokerConfig, Event, EventSource, handler_fn};
+use eventbroker_nats::{NatsConfig, NatsProvider, NatsStorage};
 use futures::StreamExt;
 use tokio::sync::Notify;
 
@@ -141,17 +140,23 @@ async fn baseline(url: &str, events: u64) -> Duration {
 
 async fn broker(url: &str, events: u64) -> Duration {
     let id = unique();
-    let mut config = BrokerConfig {
-        provider: ProviderKind::Nats,
+    let config = BrokerConfig {
         instance_id: "bench".into(),
         buffer_size: 10_000,
         ..BrokerConfig::default()
     };
-    config.nats.url = url.into();
-    config.nats.stream_name = format!("BENCH{id}");
-    config.nats.subjects = vec![format!("bench{id}.>")];
-    config.nats.storage = NatsStorage::File;
-    let provider = Arc::new(NatsProvider::connect(&config).await.expect("provider"));
+    let nats = NatsConfig {
+        url: url.into(),
+        stream_name: format!("BENCH{id}"),
+        subjects: vec![format!("bench{id}.>")],
+        storage: NatsStorage::File,
+        ..NatsConfig::default()
+    };
+    let provider = Arc::new(
+        NatsProvider::connect(&nats, &config)
+            .await
+            .expect("provider"),
+    );
     let broker = Broker::new(config, provider.clone());
     let counter = Counter::new(events);
     let handler = counter.clone();

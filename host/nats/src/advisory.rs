@@ -22,8 +22,8 @@ use serde::Deserialize;
 
 use super::subjects::decode_name;
 use super::{NAME, Shared};
-use crate::event::{Event, EventStatus};
-use crate::provider::ProviderError;
+use eventbroker::event::{Event, EventStatus};
+use eventbroker::provider::ProviderError;
 
 /// The durable consumer every host pulls advisories from.
 const CONSUMER: &str = "eventbroker-dead-letters";

@@ -45,8 +45,8 @@ use super::record::{Claim, Record};
 use super::store::{Lookup, Versioned};
 use super::subjects::{Rerun, rerun_of};
 use super::{NAME, Shared};
-use crate::event::{Event, EventStatus};
-use crate::provider::{Consumer, Delivery, GroupState, ProviderError, StatusUpdate};
+use eventbroker::event::{Event, EventStatus};
+use eventbroker::provider::{Consumer, Delivery, GroupState, ProviderError, StatusUpdate};
 
 /// How long one long-poll pull request waits on the server.
 const LONG_POLL: Duration = Duration::from_secs(5);
@@ -379,7 +379,7 @@ impl NatsConsumer {
             return None;
         }
         self.closed.cancel();
-        self.shared.counters.consumers_closed();
+        self.shared.counters.consumer_closed();
         let held: Vec<(String, String)> = self.outstanding().drain().collect();
         if held.is_empty() {
             return None;
@@ -463,10 +463,7 @@ impl Consumer for NatsConsumer {
                 return Ok(Vec::new());
             }
             if !deliveries.is_empty() {
-                self.shared
-                    .counters
-                    .consumed
-                    .fetch_add(deliveries.len() as u64, Ordering::Relaxed);
+                self.shared.counters.delivered(deliveries.len());
                 return Ok(deliveries);
             }
         }
@@ -493,10 +490,7 @@ impl Consumer for NatsConsumer {
             AckKind::Ack
         };
         self.settle(delivery, kind, true).await?;
-        self.shared
-            .counters
-            .acknowledged
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.acknowledged();
         Ok(())
     }
 
@@ -510,20 +504,14 @@ impl Consumer for NatsConsumer {
             .await?;
         let delay = (!delay.is_zero()).then_some(delay);
         self.settle(delivery, AckKind::Nak(delay), false).await?;
-        self.shared
-            .counters
-            .redelivered
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.redelivered();
         Ok(())
     }
 
     async fn release(&self, delivery: &Delivery) -> Result<(), ProviderError> {
         self.record_outcome(delivery, GroupState::release).await?;
         self.settle(delivery, AckKind::Nak(None), false).await?;
-        self.shared
-            .counters
-            .redelivered
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.redelivered();
         Ok(())
     }
 

@@ -25,8 +25,10 @@
 //! state the consumer that delivers it writes. Re-runs work the same way, one group at a time:
 //! a re-run message carries the header [`consumer::GROUP_HEADER`] naming its group, and only
 //! that group's state switches to it.
+#![deny(missing_docs)]
 
 mod advisory;
+pub mod config;
 mod consumer;
 mod record;
 mod store;
@@ -53,13 +55,15 @@ use self::consumer::NatsConsumer;
 use self::record::Record;
 use self::store::{StateStore, encode};
 use self::sweep::Evidence;
-use super::{
-    Consumer, ConsumerOptions, EventFilter, EventStream, Provider, ProviderError, ProviderFeatures,
-    ProviderStats, StatusUpdate,
+use eventbroker::config::BrokerConfig;
+use eventbroker::provider::{
+    Consumer, ConsumerOptions, Counters, EventFilter, EventStream, Provider, ProviderError,
+    ProviderFeatures, ProviderStats, StatusUpdate,
 };
-use crate::config::{BrokerConfig, NatsConfig, NatsStorage};
-use crate::event::Event;
-use crate::pattern::Pattern;
+
+pub use crate::config::{NatsConfig, NatsStorage, NatsTlsConfig};
+use eventbroker::event::Event;
+use eventbroker::pattern::Pattern;
 
 pub(crate) const NAME: &str = "nats";
 
@@ -95,36 +99,6 @@ pub(crate) struct Shared {
     consumers: Mutex<Vec<Weak<NatsConsumer>>>,
 }
 
-#[derive(Default)]
-pub(crate) struct Counters {
-    published: AtomicU64,
-    consumed: AtomicU64,
-    acknowledged: AtomicU64,
-    redelivered: AtomicU64,
-    consumers: AtomicU64,
-    watchers: Arc<AtomicU64>,
-}
-
-impl Counters {
-    fn consumers_closed(&self) {
-        self.consumers.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    /// Counts an open watcher until the returned guard is dropped.
-    fn watcher_opened(&self) -> WatcherGuard {
-        self.watchers.fetch_add(1, Ordering::Relaxed);
-        WatcherGuard(self.watchers.clone())
-    }
-}
-
-pub(crate) struct WatcherGuard(Arc<AtomicU64>);
-
-impl Drop for WatcherGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// What the server answered to a publish.
 struct Sent {
     /// Stream sequence of the stored message (of the earlier one, for a duplicate).
@@ -145,63 +119,11 @@ fn backend(error: impl std::fmt::Display) -> ProviderError {
     ProviderError::backend(NAME, error)
 }
 
-/// Checks the settings serde cannot; returns the subject prefix.
-fn validate(broker: &BrokerConfig) -> Result<String, ProviderError> {
-    let config = &broker.nats;
-    let prefix = subjects::prefix_of(&config.subjects)?;
-    config
-        .check_deadlines(broker.lease_renewal_period())
-        .map_err(|(key, reason)| config_error(format!("{key} {reason}")))?;
-    let plain = |value: &str| {
-        !value.is_empty()
-            && value
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
-    };
-    if !plain(&config.stream_name) {
-        return Err(config_error(format!(
-            "nats.stream_name {:?} may only contain letters, digits, '_' and '-'",
-            config.stream_name
-        )));
-    }
-    let bucket = config.kv_bucket();
-    if !plain(&bucket) {
-        return Err(config_error(format!(
-            "nats.kv_bucket {bucket:?} may only contain letters, digits, '_' and '-'"
-        )));
-    }
-    if !config.max_age.is_zero() && config.duplicate_window > config.max_age {
-        return Err(config_error(
-            "nats.duplicate_window must not exceed nats.max_age",
-        ));
-    }
-    if config.user.is_some() != config.password.is_some() {
-        return Err(config_error(
-            "nats.user and nats.password must be set together",
-        ));
-    }
-    if config.max_deliver == Some(0) {
-        return Err(config_error(
-            "nats.max_deliver must be at least 1 (leave it unset for unlimited)",
-        ));
-    }
-    if !config.backoff.is_empty()
-        && config
-            .max_deliver
-            .is_none_or(|max| max as usize <= config.backoff.len())
-    {
-        // The server refuses such a consumer when the first host joins the group.
-        return Err(config_error(
-            "nats.backoff needs nats.max_deliver set, and greater than the number of \
-             nats.backoff entries",
-        ));
-    }
-    if config.tls.cert_file.is_some() != config.tls.key_file.is_some() {
-        return Err(config_error(
-            "nats.tls.cert_file and nats.tls.key_file must be set together",
-        ));
-    }
-    Ok(prefix)
+/// Checks the settings (see [`NatsConfig::validate`]); returns the subject prefix.
+fn validate(nats: &NatsConfig, broker: &BrokerConfig) -> Result<String, ProviderError> {
+    nats.validate(broker)
+        .map_err(|e| ProviderError::invalid(NAME, e))?;
+    subjects::prefix_of(&nats.subjects)
 }
 
 async fn connect_client(
@@ -256,9 +178,11 @@ impl NatsProvider {
     /// # Errors
     /// [`ProviderError::Config`] for invalid settings; [`ProviderError::Backend`] when the
     /// server is unreachable or refuses the stream or bucket (e.g. a changed `storage`).
-    pub async fn connect(config: &BrokerConfig) -> Result<Self, ProviderError> {
-        let nats = &config.nats;
-        let prefix = validate(config)?;
+    ///
+    /// `nats` is the `event_broker.nats` section; `config` gives the instance id, the
+    /// consumer group and the lease its deadlines are checked against.
+    pub async fn connect(nats: &NatsConfig, config: &BrokerConfig) -> Result<Self, ProviderError> {
+        let prefix = validate(nats, config)?;
         let client = connect_client(nats, &config.instance_id).await?;
         let context = jetstream::new(client.clone());
         let storage = match nats.storage {
@@ -301,7 +225,7 @@ impl NatsProvider {
             store,
             durable: nats.storage == NatsStorage::File,
             ack_wait: nats.ack_wait,
-            watcher_buffer: nats.watcher_buffer.max(1),
+            watcher_buffer: nats.watcher_buffer,
             max_deliver: nats.max_deliver,
             backoff: nats.backoff.clone(),
             closed: AtomicBool::new(false),
@@ -496,7 +420,7 @@ impl Provider for NatsProvider {
             return Err(ProviderError::Duplicate(event.id.clone()));
         }
         shared.record_published(event, sent.sequence).await?;
-        shared.counters.published.fetch_add(1, Ordering::Relaxed);
+        shared.counters.published();
         Ok(())
     }
 
@@ -628,7 +552,7 @@ impl Provider for NatsProvider {
             durable,
             options.lease,
         ));
-        shared.counters.consumers.fetch_add(1, Ordering::Relaxed);
+        shared.counters.consumer_opened();
         shared
             .consumers
             .lock()
@@ -693,13 +617,7 @@ impl Provider for NatsProvider {
             );
         }
         stats.backend = backend_stats;
-        let counters = &shared.counters;
-        stats.published = counters.published.load(Ordering::Relaxed);
-        stats.consumed = counters.consumed.load(Ordering::Relaxed);
-        stats.acknowledged = counters.acknowledged.load(Ordering::Relaxed);
-        stats.redelivered = counters.redelivered.load(Ordering::Relaxed);
-        stats.consumers = counters.consumers.load(Ordering::Relaxed);
-        stats.subscribers = counters.watchers.load(Ordering::Relaxed);
+        self.shared.counters.fill(&mut stats);
         Ok(stats)
     }
 

@@ -37,8 +37,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::NAME;
-use crate::event::Event;
-use crate::provider::{GroupState, ProviderError};
+use eventbroker::event::Event;
+use eventbroker::provider::{GroupState, ProviderError};
 
 /// One event's entry in the state bucket.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -303,7 +303,7 @@ impl Record {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{EventSource, EventStatus};
+    use eventbroker::event::{EventSource, EventStatus};
 
     fn event() -> Event {
         Event::new(EventSource::System, "a.b", "test")

@@ -22,8 +22,8 @@ use futures::StreamExt;
 use super::NAME;
 use super::record::Record;
 use super::subjects::encode_name;
-use crate::event::Event;
-use crate::provider::ProviderError;
+use eventbroker::event::Event;
+use eventbroker::provider::ProviderError;
 
 /// How often a compare-and-set is retried under contention before giving up.
 const MAX_CAS_ATTEMPTS: usize = 32;

@@ -12,11 +12,11 @@
 //!   are; any other is written as `=` followed by its hex encoding (`=` never occurs in the
 //!   plain form, so the two cannot collide).
 
-use crate::event::{Event, EventSource};
-use crate::pattern::{Pattern, Segment};
+use eventbroker::event::{Event, EventSource};
+use eventbroker::pattern::{Pattern, Segment};
 
 use super::NAME;
-use crate::provider::ProviderError;
+use eventbroker::provider::ProviderError;
 
 /// The subject prefix of events: the first configured stream subject without its `.>`.
 ///

@@ -27,8 +27,8 @@ use futures::StreamExt;
 use super::record::Record;
 use super::subjects::{decode_name, encode_name};
 use super::{NAME, Shared};
-use crate::event::EventStatus;
-use crate::provider::ProviderError;
+use eventbroker::event::EventStatus;
+use eventbroker::provider::ProviderError;
 
 /// How often each host sweeps the bucket for abandoned events.
 pub(crate) const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
@@ -204,7 +204,7 @@ pub(crate) fn start(shared: &Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Event, EventSource};
+    use eventbroker::event::{Event, EventSource};
 
     fn record(status: EventStatus, seq: Option<u64>) -> Record {
         let mut record = Record::new(Event::new(EventSource::System, "a.b", "test"), seq);
@@ -249,7 +249,7 @@ mod tests {
         assert!(!all_settled.abandoned(&record(EventStatus::Pending, None), "g"));
         // A group's re-run is its own run: the publish being settled proves nothing about it.
         let mut rerun = record(EventStatus::Failed, Some(5));
-        rerun.rerun("g", crate::provider::GroupState::default(), 12);
+        rerun.rerun("g", eventbroker::provider::GroupState::default(), 12);
         assert!(!all_settled.abandoned(&rerun, "g"));
         assert!(evidence(Some(1), vec![("g", group(12, 12, 0))]).abandoned(&rerun, "g"));
     }

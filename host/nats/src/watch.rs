@@ -22,10 +22,10 @@ use futures::stream::{PollNext, StreamExt};
 use super::consumer::GROUP_HEADER;
 use super::record::Record;
 use super::{NAME, Shared};
-use crate::event::{Event, EventStatus};
-use crate::pattern::Pattern;
-use crate::provider::watch_buffer::bounded;
-use crate::provider::{EventStream, ProviderError, WatchItem};
+use eventbroker::event::{Event, EventStatus};
+use eventbroker::pattern::Pattern;
+use eventbroker::provider::watch_buffer::bounded;
+use eventbroker::provider::{EventStream, ProviderError, WatchItem};
 
 fn backend(error: impl std::fmt::Display) -> ProviderError {
     ProviderError::backend(NAME, error)

@@ -6,31 +6,35 @@
 //! end. Tests needing the shared server skip (or fail under `EVENTBROKER_REQUIRE_SERVICES=1`)
 //! when it is unreachable.
 
-#[path = "../../tests/src/services.rs"]
-mod services;
+mod common;
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use eventbroker::config::{BrokerConfig, NatsStorage, ProviderKind};
+use common::Setup;
+use eventbroker::config::BrokerConfig;
 use eventbroker::provider::{
-    Consumer, ConsumerOptions, Delivery, EventFilter, NatsProvider, Provider, ProviderError,
-    StatusUpdate,
+    Consumer, ConsumerOptions, Delivery, EventFilter, Provider, ProviderError, StatusUpdate,
 };
 use eventbroker::{Event, EventSource, EventStatus};
+use eventbroker_nats::{NatsConfig, NatsProvider, NatsStorage};
+use eventbroker_testkit::services;
 use futures::StreamExt;
 
 const PATIENCE: Duration = Duration::from_secs(60);
 const NATS: &str = "127.0.0.1:4222";
 
-fn config(url: &str) -> BrokerConfig {
+fn config(url: &str) -> Setup {
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let mut config = BrokerConfig {
-        provider: ProviderKind::Nats,
+    let broker = BrokerConfig {
         instance_id: "nats-test".into(),
         // The group the tests consume in: `get`, `list` and stats show its state.
         consumer_group: "workers".into(),
         ..BrokerConfig::default()
+    };
+    let mut config = Setup {
+        broker,
+        nats: NatsConfig::default(),
     };
     config.nats.url = url.into();
     config.nats.stream_name = format!("T{id}");
@@ -39,8 +43,8 @@ fn config(url: &str) -> BrokerConfig {
     config
 }
 
-async fn provider(config: &BrokerConfig) -> NatsProvider {
-    NatsProvider::connect(config)
+async fn provider(config: &Setup) -> NatsProvider {
+    NatsProvider::connect(&config.nats, &config.broker)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to NATS: {e}"))
 }
@@ -303,6 +307,8 @@ async fn events_exceeding_max_deliver_become_dead_letters() {
     }
     let mut config = config("nats://127.0.0.1:4222");
     config.nats.max_deliver = Some(2);
+    // At most one retry, so that two deliveries are a legal budget.
+    config.retry_policy.max_retries = 1;
     let provider = provider(&config).await;
     let consumer = provider
         .consume(options("workers", Duration::from_secs(30)))
@@ -415,11 +421,7 @@ const NATS_SERVER: &str = "/usr/sbin/nats-server";
 impl OwnServer {
     fn start() -> Option<OwnServer> {
         if !std::path::Path::new(NATS_SERVER).exists() {
-            assert!(
-                !services::services_required(),
-                "{NATS_SERVER} is missing (EVENTBROKER_REQUIRE_SERVICES is set)"
-            );
-            eprintln!("SKIPPED: {NATS_SERVER} is missing; the restart test needs it");
+            services::skip(&format!("{NATS_SERVER} is missing"));
             return None;
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -599,20 +601,6 @@ async fn a_server_restart_mid_load_loses_nothing() {
     provider.close().await;
 }
 
-/// The example config parses and names the NATS provider.
-#[test]
-fn example_config_loads() {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/config-nats.yaml");
-    let config = eventbroker::Config::load(Some(&path)).expect("example config loads");
-    assert_eq!(config.event_broker.provider, ProviderKind::Nats);
-    assert_eq!(config.event_broker.nats.stream_name, "RESOLVESPEC_EVENTS");
-    assert_eq!(
-        config.event_broker.nats.subjects,
-        vec!["events.>".to_string()]
-    );
-}
-
 /// A publish whose acknowledgement was lost takes its state back (a delete marker) although
 /// the server stored the message; the consumer restores the state and the event is processed.
 #[tokio::test]
@@ -666,48 +654,19 @@ async fn a_message_stored_despite_a_failed_publish_is_still_processed() {
     provider.destroy().await.unwrap();
 }
 
-/// Every NATS key parses, durations included; bad settings are refused at connect with a
-/// message naming the key (before any connection attempt).
+/// Bad settings are refused at connect with a message naming the key (before any connection
+/// attempt). (That every key parses is a test of the service's config file.)
 #[tokio::test]
-async fn nats_settings_parse_and_are_checked() {
-    use eventbroker::config::{Config, FileFormat};
-    let text = r#"
-event_broker:
-  provider: nats
-  nats:
-    url: "nats://a:4222,nats://b:4222"
-    stream_name: EV
-    subjects: ["ev.>", "other.>"]
-    storage: memory
-    max_age: 1h
-    duplicate_window: 30s
-    kv_bucket: EV_KV
-    user: u
-    password: p
-    tls: { required: true, ca_file: /etc/ca.pem }
-    ack_wait: 45s
-    max_deliver: 10
-    backoff: [1s, 5s, 1m]
-  lease: 1500ms
-"#;
-    let parsed = Config::from_text(FileFormat::Yaml, text).expect("parses");
-    let nats = &parsed.event_broker.nats;
-    assert_eq!(nats.storage, NatsStorage::Memory);
-    assert_eq!(nats.duplicate_window, Duration::from_secs(30));
-    assert_eq!(nats.kv_bucket(), "EV_KV");
-    assert_eq!(nats.ack_wait, Some(Duration::from_secs(45)));
-    assert_eq!(nats.max_deliver, Some(10));
-    assert_eq!(nats.backoff, [1, 5, 60].map(Duration::from_secs).to_vec());
-    assert!(nats.tls.required);
+async fn bad_nats_settings_are_refused_at_connect() {
     assert_eq!(
-        BrokerConfig::default().nats.kv_bucket(),
+        NatsConfig::default().kv_bucket(),
         "RESOLVESPEC_EVENTS_STATE"
     );
 
-    let refused = |change: fn(&mut BrokerConfig)| async move {
+    let refused = |change: fn(&mut Setup)| async move {
         let mut settings = config("nats://127.0.0.1:1");
         change(&mut settings);
-        match NatsProvider::connect(&settings).await {
+        match NatsProvider::connect(&settings.nats, &settings.broker).await {
             Err(ProviderError::Config { reason, .. }) => reason,
             Err(other) => panic!("expected a config error, got {other}"),
             Ok(_) => panic!("expected a config error"),
@@ -741,6 +700,7 @@ event_broker:
     assert!(
         refused(|c| {
             c.nats.max_deliver = Some(2);
+            c.retry_policy.max_retries = 1;
             c.nats.backoff = vec![Duration::from_secs(60); 2];
         })
         .await
@@ -772,7 +732,7 @@ async fn jetstream() -> async_nats::jetstream::Context {
 }
 
 /// Messages in the test's event stream.
-async fn stream_messages(js: &async_nats::jetstream::Context, config: &BrokerConfig) -> u64 {
+async fn stream_messages(js: &async_nats::jetstream::Context, config: &Setup) -> u64 {
     js.get_stream(&config.nats.stream_name)
         .await
         .expect("stream")
@@ -786,7 +746,7 @@ async fn stream_messages(js: &async_nats::jetstream::Context, config: &BrokerCon
 /// The durable consumer of `group` (a plain name: used as it is).
 async fn group_consumer(
     js: &async_nats::jetstream::Context,
-    config: &BrokerConfig,
+    config: &Setup,
     group: &str,
 ) -> async_nats::jetstream::consumer::PullConsumer {
     js.get_stream(&config.nats.stream_name)
@@ -851,43 +811,14 @@ async fn complete_all(consumer: &std::sync::Arc<dyn Consumer>, ids: &HashSet<Str
     }
 }
 
-/// Acknowledgement deadlines shorter than two lease renewal periods are refused at start,
+/// Acknowledgement deadlines shorter than two lease renewal periods are refused at connect,
 /// naming both keys: the server would redeliver an event while its handler still runs (a
 /// `backoff` entry is the deadline of one delivery; the first replaces `ack_wait`).
 #[tokio::test]
 async fn ack_deadlines_shorter_than_two_lease_renewals_are_refused() {
-    use eventbroker::config::{Config, FileFormat};
-    let load = |nats: &str, lease: &str| {
-        let text =
-            format!("event_broker:\n  provider: nats\n  lease: {lease}\n  nats:\n    {nats}\n");
-        Config::from_text(FileFormat::Yaml, &text).map_err(|e| e.to_string())
-    };
-    let error = load("backoff: [1s, 5s]", "60s").unwrap_err();
-    assert!(
-        error.contains("event_broker.nats.backoff") && error.contains("event_broker.lease"),
-        "{error}"
-    );
-    assert!(error.contains("40s"), "names the bound: {error}");
-    let error = load("ack_wait: 30s", "60s").unwrap_err();
-    assert!(
-        error.contains("event_broker.nats.ack_wait") && error.contains("event_broker.lease"),
-        "{error}"
-    );
-    let error = load("backoff: [1m, 5s]", "60s").unwrap_err();
-    assert!(error.contains("entry 1"), "a later entry counts: {error}");
-    for (nats, lease) in [
-        ("backoff: [1s, 5s]", "1500ms"),
-        ("ack_wait: 40s", "60s"),
-        ("backoff: [40s, 2m]", "60s"),
-    ] {
-        load(nats, lease).unwrap_or_else(|e| panic!("{nats} with lease {lease}: {e}"));
-    }
-    let other = "event_broker:\n  provider: memory\n  nats:\n    backoff: [1s]\n";
-    Config::from_text(FileFormat::Yaml, other).expect("only checked for the NATS provider");
-
     let mut settings = config("nats://127.0.0.1:1");
     settings.nats.backoff = vec![Duration::from_secs(1), Duration::from_secs(5)];
-    match NatsProvider::connect(&settings).await {
+    match NatsProvider::connect(&settings.nats, &settings.broker).await {
         Err(ProviderError::Config { reason, .. }) => assert!(
             reason.contains("event_broker.nats.backoff") && reason.contains("event_broker.lease"),
             "{reason}"
@@ -973,7 +904,7 @@ async fn a_stale_delivery_cannot_overwrite_or_settle_the_newer_one() {
 /// request expires (or its requester goes away) just as a redelivery falls due; this request
 /// makes it happen every time. Returns the subscription its refusal arrives on.
 async fn queue_a_request_nothing_fits_in(
-    config: &BrokerConfig,
+    config: &Setup,
     group: &mut async_nats::jetstream::consumer::PullConsumer,
 ) -> async_nats::Subscriber {
     let client = async_nats::connect(NATS).await.expect("connect");
@@ -1428,6 +1359,8 @@ async fn a_max_deliver_advisory_sent_while_no_host_listens_is_recorded_later() {
     }
     let mut config = config("nats://127.0.0.1:4222");
     config.nats.max_deliver = Some(2);
+    // At most one retry, so that two deliveries are a legal budget.
+    config.retry_policy.max_retries = 1;
     let first_host = provider(&config).await;
     let member = first_host
         .consume(options("workers", Duration::from_secs(30)))
@@ -1665,7 +1598,7 @@ async fn a_handler_outliving_the_first_backoff_runs_once() {
     config.nats.max_deliver = Some(5);
     config.handler_timeout = Duration::from_secs(30);
     let provider = std::sync::Arc::new(provider(&config).await);
-    let broker = eventbroker::Broker::new(config.clone(), provider.clone());
+    let broker = eventbroker::Broker::new(config.broker.clone(), provider.clone());
     let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = runs.clone();
     broker

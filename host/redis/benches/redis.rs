@@ -2,7 +2,7 @@
 //! is built on (`XADD` by publishers, `XREADGROUP COUNT n BLOCK` + `XACK` by one consumer, the
 //! same batch size), measured in the same run on the same server.
 //!
-//!     cargo bench -p eventbroker --bench redis [-- EVENTS]
+//!     cargo bench -p eventbroker-redis --bench redis [-- EVENTS]
 //!
 //! Needs Redis at 127.0.0.1:6379 (`REDIS_ADDR` overrides); uses and deletes its own keys.
 
@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use eventbroker::config::ProviderKind;
 use eventbroker::{Broker, BrokerConfig, Event, EventSource, handler_fn};
+use eventbroker_redis::{RedisConfig, RedisProvider};
 use redis::aio::MultiplexedConnection;
 use tokio::sync::Notify;
 
@@ -161,19 +161,23 @@ async fn baseline(events: u64, batch: usize) -> Duration {
 
 async fn broker(events: u64, batch: usize) -> Duration {
     let counter = Counter::new(events);
-    let mut config = BrokerConfig {
-        provider: ProviderKind::Redis,
+    let config = BrokerConfig {
         instance_id: "bench".into(),
         buffer_size: 10_000,
         ..BrokerConfig::default()
     };
-    config.redis.url = Some(format!("redis://{}/0", addr()));
-    config.redis.stream_name = format!("eb-bench:{}", uuid::Uuid::new_v4().simple());
-    config.redis.batch_size = batch;
-    config.redis.max_len = events;
-    let provider = eventbroker::provider::from_config(&config)
-        .await
-        .expect("Redis must be running for this benchmark");
+    let redis = RedisConfig {
+        url: Some(format!("redis://{}/0", addr())),
+        stream_name: format!("eb-bench:{}", uuid::Uuid::new_v4().simple()),
+        batch_size: batch,
+        max_len: events,
+        ..RedisConfig::default()
+    };
+    let provider: Arc<dyn eventbroker::Provider> = Arc::new(
+        RedisProvider::connect(&redis, &config)
+            .await
+            .expect("Redis must be running for this benchmark"),
+    );
     let broker = Broker::new(config.clone(), provider.clone());
     let handler = counter.clone();
     broker
@@ -210,7 +214,7 @@ async fn broker(events: u64, batch: usize) -> Duration {
     let elapsed = started.elapsed();
     broker.stop().await.expect("stop");
     provider.close().await;
-    delete_keys(&config.redis.stream_name).await;
+    delete_keys(&redis.stream_name).await;
     elapsed
 }
 
@@ -223,7 +227,7 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(20_000);
-    let batch = eventbroker::config::RedisConfig::default().batch_size;
+    let batch = RedisConfig::default().batch_size;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::entries::{self, Entry};
 use super::store::{StoredState, to_json};
 use super::{NAME, Shared, Transition, backend, now_ms};
-use crate::provider::{Consumer, ConsumerOptions, Delivery, ProviderError, StatusUpdate};
+use eventbroker::provider::{Consumer, ConsumerOptions, Delivery, ProviderError, StatusUpdate};
 
 /// Largest number of own pending entries handed back per round when closing.
 const HAND_BACK_PAGE: usize = 100;
@@ -91,11 +91,7 @@ impl RedisConsumer {
             handed_back: tokio::sync::Mutex::new(false),
             shared,
         });
-        inner
-            .shared
-            .counters
-            .consumers
-            .fetch_add(1, Ordering::Relaxed);
+        inner.shared.counters.consumer_opened();
         {
             let mut consumers = inner
                 .shared
@@ -182,10 +178,7 @@ impl ConsumerInner {
                             outstanding.insert(delivery.token.clone());
                         }
                         drop(outstanding);
-                        self.shared
-                            .counters
-                            .consumed
-                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        self.shared.counters.delivered(batch.len());
                         return Ok(batch);
                     }
                 }
@@ -434,10 +427,7 @@ impl ConsumerInner {
         if let Err(error) = self.hand_back().await {
             tracing::warn!(%error, consumer = %self.name, "could not hand back deliveries on close; they are redelivered after the claim idle time");
         }
-        self.shared
-            .counters
-            .consumers
-            .fetch_sub(1, Ordering::Relaxed);
+        self.shared.counters.consumer_closed();
     }
 
     async fn hand_back(&self) -> Result<(), ProviderError> {
@@ -493,10 +483,7 @@ impl ConsumerInner {
                 // The handed-back delivery was not attempted: do not count it.
                 t.count = before.saturating_add(times.saturating_sub(1));
                 self.shared.transition(t).await?;
-                self.shared
-                    .counters
-                    .redelivered
-                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.counters.redelivered();
             }
         }
         self.outstanding().clear();
@@ -535,11 +522,7 @@ impl Consumer for RedisConsumer {
         let result = inner.shared.transition(t).await;
         inner.settled(delivery);
         result?;
-        inner
-            .shared
-            .counters
-            .acknowledged
-            .fetch_add(1, Ordering::Relaxed);
+        inner.shared.counters.acknowledged();
         Ok(())
     }
 
@@ -562,11 +545,7 @@ impl Consumer for RedisConsumer {
         let result = inner.shared.transition(t).await;
         inner.settled(delivery);
         result?;
-        inner
-            .shared
-            .counters
-            .redelivered
-            .fetch_add(1, Ordering::Relaxed);
+        inner.shared.counters.redelivered();
         Ok(())
     }
 
@@ -578,11 +557,7 @@ impl Consumer for RedisConsumer {
         let result = inner.shared.transition(t).await;
         inner.settled(delivery);
         result?;
-        inner
-            .shared
-            .counters
-            .redelivered
-            .fetch_add(1, Ordering::Relaxed);
+        inner.shared.counters.redelivered();
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! Key names of the Redis provider. Every key starts with the configured stream name, so one
 //! Redis database can hold several independent brokers (or test namespaces).
 
-use crate::event::{EventSource, EventStatus};
+use eventbroker::event::{EventSource, EventStatus};
 
 /// The key layout for one stream name.
 #[derive(Debug, Clone)]

@@ -10,7 +10,9 @@
 //!   group); queries show the configured `redis.consumer_group`.
 //! - Watchers get events from a pub/sub channel, independent of the consumer groups.
 //! - Every command has a timeout; reconnection is automatic.
+#![deny(missing_docs)]
 
+pub mod config;
 mod consumer;
 mod entries;
 mod keys;
@@ -31,13 +33,15 @@ use redis::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    Consumer, ConsumerOptions, EventFilter, EventStream, Provider, ProviderError, ProviderFeatures,
-    ProviderStats, SortOrder, StatusUpdate,
+use eventbroker::config::BrokerConfig;
+use eventbroker::provider::{
+    Consumer, ConsumerOptions, Counters, EventFilter, EventStream, Provider, ProviderError,
+    ProviderFeatures, ProviderStats, SortOrder, StatusUpdate,
 };
-use crate::config::BrokerConfig;
-use crate::event::{Event, EventSource, EventStatus};
-use crate::pattern::Pattern;
+
+pub use crate::config::RedisConfig;
+use eventbroker::event::{Event, EventSource, EventStatus};
+use eventbroker::pattern::Pattern;
 
 use keys::Keys;
 use scripts::Scripts;
@@ -48,16 +52,16 @@ pub(crate) const NAME: &str = "redis";
 /// Index entries examined per round trip by `list`.
 const LIST_CHUNK: usize = 200;
 
-/// Settings of the Redis provider, resolved from [`crate::config::RedisConfig`].
+/// What the provider runs with, resolved from its [`RedisConfig`] and the broker's config.
 #[derive(Debug, Clone)]
-pub struct RedisOptions {
+pub(crate) struct Settings {
     /// Where to connect.
     pub connection: ConnectionInfo,
     /// Stream key and prefix of every other key.
     pub stream: String,
     /// The Redis consumer group of the broker's workers (created at start).
     pub group: String,
-    /// The broker-level group name that is mapped to [`RedisOptions::group`].
+    /// The broker-level group name that is mapped to [`Settings::group`].
     pub broker_group: String,
     /// The broker's lease: with no `claim_idle`, how long a delivery may stay idle before
     /// it counts as abandoned (by `requeue`).
@@ -84,23 +88,19 @@ pub struct RedisOptions {
     pub watcher_buffer: usize,
 }
 
-impl RedisOptions {
-    /// The options a broker config asks for (`redis` section, `consumer_group`).
+impl Settings {
+    /// The settings of `redis` (the `event_broker.redis` section) under `config`.
     ///
     /// # Errors
-    /// [`ProviderError::Config`] for an invalid URL or empty names.
-    pub fn from_config(config: &BrokerConfig) -> Result<Self, ProviderError> {
-        let redis = &config.redis;
+    /// [`ProviderError::Config`] for a value out of range or an invalid URL.
+    fn resolve(redis: &RedisConfig, config: &BrokerConfig) -> Result<Self, ProviderError> {
+        redis
+            .validate()
+            .map_err(|e| ProviderError::invalid(NAME, e))?;
         let invalid = |reason: String| ProviderError::Config {
             provider: NAME,
             reason,
         };
-        if redis.stream_name.trim().is_empty() {
-            return Err(invalid("stream_name must not be empty".into()));
-        }
-        if redis.consumer_group.trim().is_empty() {
-            return Err(invalid("consumer_group must not be empty".into()));
-        }
         let connection = match redis.url.as_deref().filter(|url| !url.is_empty()) {
             Some(url) => url
                 .into_connection_info()
@@ -125,22 +125,22 @@ impl RedisOptions {
                     .set_redis_settings(settings)
             }
         };
-        Ok(RedisOptions {
+        Ok(Settings {
             connection,
             stream: redis.stream_name.clone(),
             group: redis.consumer_group.clone(),
             broker_group: config.consumer_group.clone(),
             lease: config.lease,
-            max_len: redis.max_len.max(1),
-            block_time: redis.block_time.max(Duration::from_millis(1)),
-            batch_size: redis.batch_size.max(1),
+            max_len: redis.max_len,
+            block_time: redis.block_time,
+            batch_size: redis.batch_size,
             claim_idle: redis.claim_idle,
-            claim_interval: redis.claim_interval.max(Duration::from_millis(10)),
+            claim_interval: redis.claim_interval,
             consumer_idle_timeout: redis.consumer_idle_timeout,
-            retention: redis.retention.max(Duration::from_secs(1)),
-            maintenance_interval: redis.maintenance_interval.max(Duration::from_millis(100)),
-            command_timeout: redis.command_timeout.max(Duration::from_millis(100)),
-            watcher_buffer: redis.watcher_buffer.max(1),
+            retention: redis.retention,
+            maintenance_interval: redis.maintenance_interval,
+            command_timeout: redis.command_timeout,
+            watcher_buffer: redis.watcher_buffer,
         })
     }
 }
@@ -153,7 +153,7 @@ pub struct RedisProvider {
 
 /// State shared by the provider, its consumers, watchers and maintenance task.
 pub(crate) struct Shared {
-    options: RedisOptions,
+    options: Settings,
     client: Client,
     conn: ConnectionManager,
     keys: Keys,
@@ -162,16 +162,6 @@ pub(crate) struct Shared {
     shutdown: CancellationToken,
     counters: Counters,
     consumers: Mutex<Vec<Weak<consumer::ConsumerInner>>>,
-}
-
-#[derive(Default)]
-struct Counters {
-    published: AtomicU64,
-    consumed: AtomicU64,
-    acknowledged: AtomicU64,
-    redelivered: AtomicU64,
-    consumers: AtomicU64,
-    watchers: AtomicU64,
 }
 
 /// A backend failure.
@@ -546,9 +536,17 @@ impl RedisProvider {
     /// stream and the configured consumer group, and starts the maintenance task (which stops
     /// when the provider is closed or dropped).
     ///
+    /// `redis` is the `event_broker.redis` section; `broker` gives the lease and the broker's
+    /// consumer group (mapped to `redis.consumer_group`).
+    ///
     /// # Errors
-    /// The server is unreachable or refuses the commands.
-    pub async fn connect(options: RedisOptions) -> Result<Self, ProviderError> {
+    /// [`ProviderError::Config`] for a setting out of range (naming its key);
+    /// [`ProviderError::Backend`] when the server is unreachable or refuses the commands.
+    pub async fn connect(
+        redis: &RedisConfig,
+        broker: &BrokerConfig,
+    ) -> Result<Self, ProviderError> {
+        let options = Settings::resolve(redis, broker)?;
         let client = Client::open(options.connection.clone()).map_err(backend)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(options.command_timeout))
@@ -617,10 +615,7 @@ impl Provider for RedisProvider {
 
     async fn publish(&self, event: &Event) -> Result<(), ProviderError> {
         self.shared.insert(event, true).await?;
-        self.shared
-            .counters
-            .published
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.published();
         Ok(())
     }
 
@@ -721,13 +716,7 @@ impl Provider for RedisProvider {
                 .backend
                 .insert(format!("group.{name}.{field}"), value.into());
         }
-        let counters = &self.shared.counters;
-        stats.published = counters.published.load(Ordering::Relaxed);
-        stats.consumed = counters.consumed.load(Ordering::Relaxed);
-        stats.acknowledged = counters.acknowledged.load(Ordering::Relaxed);
-        stats.redelivered = counters.redelivered.load(Ordering::Relaxed);
-        stats.consumers = counters.consumers.load(Ordering::Relaxed);
-        stats.subscribers = counters.watchers.load(Ordering::Relaxed);
+        self.shared.counters.fill(&mut stats);
         Ok(stats)
     }
 
@@ -753,54 +742,71 @@ impl Provider for RedisProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, FileFormat};
 
     #[test]
-    fn options_come_from_the_redis_section() {
-        crate::config::with_isolated_env(|| {
-            let yaml = "event_broker:\n  provider: redis\n  consumer_group: workers\n  redis:\n    url: rediss://:secret@cache.internal:6380/2\n    claim_idle: 30s\n    block_time: 250ms\n    stream_name: app:events\n";
-            let config = Config::from_text(FileFormat::Yaml, yaml).expect("yaml");
-            let redis = &config.event_broker.redis;
-            assert_eq!(redis.claim_idle, Some(Duration::from_secs(30)));
-            assert_eq!(redis.block_time, Duration::from_millis(250));
-            let options = RedisOptions::from_config(&config.event_broker).expect("options");
-            assert!(matches!(
-                options.connection.addr(),
-                ConnectionAddr::TcpTls { host, port: 6380, .. } if host == "cache.internal"
-            ));
-            assert_eq!(options.connection.redis_settings().db(), 2);
-            assert_eq!(
-                options.connection.redis_settings().password(),
-                Some("secret")
-            );
-            assert_eq!(options.stream, "app:events");
-            assert_eq!(options.group, "resolvespec-workers");
-            assert_eq!(options.broker_group, "workers");
-        });
+    fn settings_come_from_the_redis_section() {
+        let broker = BrokerConfig {
+            consumer_group: "workers".into(),
+            ..BrokerConfig::default()
+        };
+        let redis = RedisConfig {
+            url: Some("rediss://:secret@cache.internal:6380/2".into()),
+            claim_idle: Some(Duration::from_secs(30)),
+            block_time: Duration::from_millis(250),
+            stream_name: "app:events".into(),
+            ..RedisConfig::default()
+        };
+        let options = Settings::resolve(&redis, &broker).expect("settings");
+        assert!(matches!(
+            options.connection.addr(),
+            ConnectionAddr::TcpTls { host, port: 6380, .. } if host == "cache.internal"
+        ));
+        assert_eq!(options.connection.redis_settings().db(), 2);
+        assert_eq!(
+            options.connection.redis_settings().password(),
+            Some("secret")
+        );
+        assert_eq!(options.stream, "app:events");
+        assert_eq!(options.group, "resolvespec-workers");
+        assert_eq!(options.broker_group, "workers");
+        assert_eq!(options.claim_idle, Some(Duration::from_secs(30)));
     }
 
     #[test]
-    fn host_form_and_bad_settings() {
-        let mut config = BrokerConfig::default();
-        config.redis.tls = true;
-        config.redis.password = "pw".into();
-        config.redis.db = 3;
-        let options = RedisOptions::from_config(&config).expect("options");
+    fn host_form_and_bad_settings_name_the_key() {
+        let broker = BrokerConfig::default();
+        let mut redis = RedisConfig {
+            tls: true,
+            password: "pw".into(),
+            db: 3,
+            ..RedisConfig::default()
+        };
+        let options = Settings::resolve(&redis, &broker).expect("settings");
         assert!(matches!(
             options.connection.addr(),
             ConnectionAddr::TcpTls { port: 6379, .. }
         ));
         assert_eq!(options.connection.redis_settings().db(), 3);
-        config.redis.url = Some("http://nope".into());
+        redis.url = Some("http://nope".into());
         assert!(matches!(
-            RedisOptions::from_config(&config),
+            Settings::resolve(&redis, &broker),
             Err(ProviderError::Config { .. })
         ));
-        config.redis.url = None;
-        config.redis.stream_name = " ".into();
-        assert!(matches!(
-            RedisOptions::from_config(&config),
-            Err(ProviderError::Config { .. })
-        ));
+        redis.url = None;
+        redis.stream_name = " ".into();
+        let error = Settings::resolve(&redis, &broker).err().expect("an error");
+        assert!(
+            error.to_string().contains("event_broker.redis.stream_name"),
+            "{error}"
+        );
+        redis.stream_name = "s".into();
+        redis.command_timeout = Duration::from_millis(1);
+        let error = Settings::resolve(&redis, &broker).err().expect("an error");
+        assert!(
+            error
+                .to_string()
+                .contains("event_broker.redis.command_timeout"),
+            "{error}"
+        );
     }
 }

@@ -14,7 +14,7 @@ use chrono::Utc;
 
 use super::store::score;
 use super::{Shared, backend};
-use crate::provider::ProviderError;
+use eventbroker::provider::ProviderError;
 
 /// Finished events removed per round trip.
 const CLEANUP_CHUNK: usize = 500;

@@ -1,12 +1,13 @@
 //! The Lua scripts of the Redis provider. Each runs atomically on the server, so a write that
 //! touches the event hash, its indexes, the stream and the group's pending list is all or
 //! nothing. Error replies carry a code word first (`DUPLICATE`, `NOTFOUND`, `NOTLEASED`,
-//! `INVALIDSTATE`) that [`super::RedisProvider`] maps to [`crate::provider::ProviderError`].
+//! `INVALIDSTATE`) that [`super::RedisProvider`] maps to [`eventbroker::provider::ProviderError`].
 //!
 //! Keys are built inside some scripts from the stream name (passed as an argument), so the
 //! provider needs a single Redis primary (optionally with replicas or Sentinel), not Redis
 //! Cluster.
 
+use eventbroker::provider::statuses_kept_by_release;
 use redis::Script;
 
 /// Lua helpers shared by the scripts that read group states: `finished(status)`,
@@ -140,7 +141,7 @@ if mode == 'requeue' then
 end
 local new = ARGV[7]
 if mode == 'release' then
-  if finished(old) then new = old else new = 'pending' end
+  if RELEASE_KEEPS[old] then new = old else new = 'pending' end
 end
 local score = redis.call('ZSCORE', p .. ':idx:all', id) or '0'
 index_status(p, group, id, new, score)
@@ -379,11 +380,19 @@ pub(crate) struct Scripts {
     pub delete_idle_consumers: Script,
 }
 
+/// The core's release rule ([`statuses_kept_by_release`]) as a Lua set, for [`OUTCOME`].
+fn release_rule() -> String {
+    let kept: Vec<String> = statuses_kept_by_release()
+        .map(|status| format!("{} = true", status.as_str()))
+        .collect();
+    format!("local RELEASE_KEEPS = {{{}}}\n", kept.join(", "))
+}
+
 impl Scripts {
     pub(crate) fn new() -> Self {
         Scripts {
             store: Script::new(STORE),
-            outcome: Script::new(&format!("{HELPERS}{OUTCOME}")),
+            outcome: Script::new(&format!("{}{HELPERS}{OUTCOME}", release_rule())),
             move_due: Script::new(MOVE_DUE),
             index_group: Script::new(&format!("{HELPERS}{INDEX_GROUP}")),
             keep_alive: Script::new(KEEP_ALIVE),

@@ -18,8 +18,8 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Event, EventStatus, HandlerOutcome};
-use crate::provider::{ProviderError, StatusUpdate};
+use eventbroker::event::{Event, EventStatus, HandlerOutcome};
+use eventbroker::provider::{ProviderError, StatusUpdate};
 
 use super::NAME;
 
@@ -131,7 +131,7 @@ pub(crate) fn decode_watch(message: &str) -> Result<(Event, Option<String>), Pro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::EventSource;
+    use eventbroker::event::EventSource;
 
     #[test]
     fn stored_fields_round_trip() {

@@ -19,18 +19,9 @@ use futures::StreamExt;
 
 use super::store::decode_watch;
 use super::{NAME, Shared, backend};
-use crate::pattern::Pattern;
-use crate::provider::watch_buffer::bounded;
-use crate::provider::{EventStream, ProviderError, WatchItem};
-
-/// Decrements the watcher count when the stream is dropped.
-struct Registered(Arc<Shared>);
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        self.0.counters.watchers.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+use eventbroker::pattern::Pattern;
+use eventbroker::provider::watch_buffer::bounded;
+use eventbroker::provider::{EventStream, ProviderError, WatchItem};
 
 /// Subscribes a new watcher to events whose type matches `pattern`.
 pub(crate) async fn open(
@@ -47,8 +38,7 @@ pub(crate) async fn open(
         .await
         .map_err(|_| ProviderError::backend(NAME, "timed out subscribing to the watch channel"))?
         .map_err(backend)?;
-    shared.counters.watchers.fetch_add(1, Ordering::Relaxed);
-    let registered = Registered(shared.clone());
+    let registered = shared.counters.watcher_opened();
     let own = shared.options.group.clone();
     let messages = pubsub.into_on_message().filter_map(move |message| {
         let item = match message.get_payload::<String>() {

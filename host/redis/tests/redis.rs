@@ -5,39 +5,36 @@
 //!
 //! Needs Redis at 127.0.0.1:6379 (`REDIS_URL` overrides); skips loudly without it.
 
-#[path = "../../tests/src/services.rs"]
-mod services;
-
-#[path = "support/proxy.rs"]
-mod proxy;
+mod common;
 
 use std::time::Duration;
 
-use eventbroker::config::{BrokerConfig, ProviderKind};
+use common::{Setup, redis_addr};
+use eventbroker::config::BrokerConfig;
 use eventbroker::provider::{
-    ConsumerOptions, Delivery, EventFilter, Provider, ProviderError, RedisProvider, StatusUpdate,
-    redis::RedisOptions,
+    ConsumerOptions, Delivery, EventFilter, Provider, ProviderError, StatusUpdate,
 };
 use eventbroker::{Event, EventSource, EventStatus};
+use eventbroker_redis::{RedisConfig, RedisProvider};
+use eventbroker_testkit::proxy::Proxy;
+use eventbroker_testkit::services;
 use futures::StreamExt;
-use proxy::Proxy;
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
-fn redis_addr() -> String {
-    std::env::var("REDIS_ADDR").unwrap_or_else(|_| "127.0.0.1:6379".into())
-}
-
 /// A broker config on a fresh stream name, or `None` (after a loud skip) without Redis.
-fn config() -> Option<BrokerConfig> {
+fn config() -> Option<Setup> {
     let addr = redis_addr();
     if !services::available("Redis", &addr) {
         return None;
     }
-    let mut config = BrokerConfig {
-        provider: ProviderKind::Redis,
+    let broker = BrokerConfig {
         instance_id: "redis-test".into(),
         ..BrokerConfig::default()
+    };
+    let mut config = Setup {
+        broker,
+        redis: RedisConfig::default(),
     };
     config.redis.url = Some(format!("redis://{addr}/0"));
     config.redis.stream_name = format!("eb-test:{}", uuid::Uuid::new_v4().simple());
@@ -47,14 +44,14 @@ fn config() -> Option<BrokerConfig> {
     Some(config)
 }
 
-async fn connect(config: &BrokerConfig) -> RedisProvider {
-    RedisProvider::connect(RedisOptions::from_config(config).expect("options"))
+async fn connect(config: &Setup) -> RedisProvider {
+    RedisProvider::connect(&config.redis, &config.broker)
         .await
         .expect("connect to Redis")
 }
 
 /// Deletes every key of the test's stream.
-async fn cleanup(config: &BrokerConfig) {
+async fn cleanup(config: &Setup) {
     let Ok(client) = redis::Client::open(format!("redis://{}/0", redis_addr())) else {
         return;
     };

@@ -3,6 +3,23 @@
 //!
 //! [`run`] is what `eventbroker serve` calls; tests call [`Service::start`] to get the bound
 //! address and a handle, then [`Service::stop`].
+//!
+//! # Examples
+//! Starting the service from code, on a free port, and stopping it:
+//! ```no_run
+//! use eventbroker_server::{Config, Service};
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut config = Config::load(None)?;
+//! config.server.listen = "127.0.0.1:0".into();
+//! config.handlers.dir = "handlers".into();
+//! let service = Service::start(config).await?;
+//! println!("listening on http://{}", service.local_addr());
+//! let report = service.stop().await?;
+//! assert!(report.drained);
+//! # Ok(())
+//! # }
+//! ```
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,13 +28,13 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, BrokerError, StopReport};
+use crate::capture::{Capture, CaptureError};
 use crate::config::Config;
-use crate::hooks::capture::{Capture, CaptureError};
-use crate::server::wire::CheckedListener;
-use crate::server::{self, AppState, PolicyError, RouterLimits, Security};
-use crate::wasm::watch::{Watcher, watch};
-use crate::wasm::{HandlerSet, WasmEngine, WasmError};
+use crate::http::wire::CheckedListener;
+use crate::http::{self, AppState, PolicyError, RouterLimits, Security};
+use eventbroker::broker::{Broker, BrokerError, StopReport};
+use eventbroker_wasm::watch::{Watcher, watch};
+use eventbroker_wasm::{HandlerSet, WasmEngine, WasmError};
 
 /// A running host.
 pub struct Service {
@@ -65,7 +82,11 @@ impl Service {
         })?;
         let security = Security::from_config(&config.server, addr)?;
         check_exposure(&security, &config, addr)?;
-        let broker = Broker::from_config(config.event_broker.clone()).await?;
+        config.validate()?;
+        let provider = crate::providers::connect(&config.backend, &config.event_broker)
+            .await
+            .map_err(BrokerError::from)?;
+        let broker = Broker::new(config.event_broker.clone(), provider);
         let engine = WasmEngine::new(&config.handlers.pool, config.handlers.cache_dir())?;
         let handlers = HandlerSet::new(engine, broker.clone(), config.handlers.clone());
         let state = AppState::new(
@@ -82,7 +103,7 @@ impl Service {
         );
         // HTTP comes up first: /healthz answers and /readyz says "loading" while handlers
         // compile; publishing answers 503 until the broker runs.
-        let app = server::router(state.clone());
+        let app = http::router(state.clone());
         let http_shutdown = CancellationToken::new();
         let graceful = http_shutdown.clone();
         let http = tokio::spawn(async move {
@@ -244,4 +265,7 @@ pub enum ServiceError {
     /// PostgreSQL change capture could not start.
     #[error("change capture: {0}")]
     Capture(#[source] CaptureError),
+    /// The configuration breaks a rule.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }

@@ -2,7 +2,7 @@
 //! database (insert each event; claim a batch; mark the batch completed), measured in the same
 //! run, for SQLite and (when reachable) PostgreSQL.
 //!
-//!     cargo bench -p eventbroker --bench sql [-- EVENTS]
+//!     cargo bench -p eventbroker-sql --bench sql [-- EVENTS]
 //!
 //! PostgreSQL is `EVENTBROKER_BENCH_POSTGRES_URL` (default the local `test` database); it is
 //! skipped with a message when unreachable.
@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use eventbroker::config::{DatabaseConfig, ProviderKind};
-use eventbroker::provider::{self, Provider};
+use eventbroker::provider::Provider;
 use eventbroker::{Broker, BrokerConfig, Event, EventSource, EventStatus, handler_fn};
+use eventbroker_sql::{SqlConfig as DatabaseConfig, SqlProvider};
 use sqlx::{Executor, PgPool, Row, SqlitePool};
 
 /// Publisher tasks on both sides.
@@ -36,13 +36,15 @@ fn suffix() -> String {
 /// Events/s through `publish_async` → provider → worker pool → trivial handler → completed.
 async fn broker(database: DatabaseConfig, events: u64) -> f64 {
     let config = BrokerConfig {
-        provider: ProviderKind::Database,
         instance_id: "bench".into(),
         buffer_size: 10_000,
-        database,
         ..BrokerConfig::default()
     };
-    let provider: Arc<dyn Provider> = provider::from_config(&config).await.expect("provider");
+    let provider: Arc<dyn Provider> = Arc::new(
+        SqlProvider::connect(&database, &config)
+            .await
+            .expect("provider"),
+    );
     let broker = Broker::new(config, provider.clone());
     let seen = Arc::new(AtomicU64::new(0));
     let counter = seen.clone();

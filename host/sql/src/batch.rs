@@ -31,7 +31,7 @@ use super::dialect::Dialect;
 use super::row::{EventValues, UpdateValues, decode_event};
 use super::schema::insert_error;
 use super::{NAME, Shared, db_error};
-use crate::provider::ProviderError;
+use eventbroker::provider::ProviderError;
 
 /// Most ops committed together.
 pub const MAX_BATCH: usize = 128;
@@ -542,18 +542,18 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::config::DatabaseConfig;
-    use crate::event::{Event, EventSource};
-    use crate::provider::Provider;
-    use crate::provider::sql::{SqlOptions, SqlProvider, now_micros};
+    use crate::config::SqlConfig;
+    use crate::{SqlProvider, now_micros};
+    use eventbroker::event::{Event, EventSource};
+    use eventbroker::provider::Provider;
 
     async fn sqlite() -> (tempfile::TempDir, SqlProvider) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = DatabaseConfig {
+        let config = SqlConfig {
             url: format!("sqlite://{}", dir.path().join("events.db").display()),
-            ..DatabaseConfig::default()
+            ..SqlConfig::default()
         };
-        let provider = SqlProvider::connect(SqlOptions::from_database_config(&config))
+        let provider = SqlProvider::connect(&config, &eventbroker::BrokerConfig::default())
             .await
             .expect("provider");
         (dir, provider)

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{NAME, Shared};
-use crate::provider::ProviderError;
+use eventbroker::provider::ProviderError;
 
 /// First pause between probes; it doubles up to [`MAX_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_millis(100);

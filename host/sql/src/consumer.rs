@@ -26,7 +26,7 @@ use super::dialect::Dialect;
 use super::row::{UpdateValues, decode_event};
 use super::schema::Queries;
 use super::{NAME, Shared, db_error, micros, now_micros};
-use crate::provider::{Consumer, Delivery, ProviderError, StatusUpdate};
+use eventbroker::provider::{Consumer, Delivery, ProviderError, StatusUpdate};
 
 /// A consumer of one group.
 pub struct SqlConsumer {
@@ -230,10 +230,7 @@ impl Consumer for SqlConsumer {
             woken.as_mut().enable();
             let batch = self.claim(max).await?;
             if !batch.is_empty() {
-                self.shared
-                    .counters
-                    .consumed
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                self.shared.counters.delivered(batch.len());
                 return Ok(batch);
             }
             let wait = self.idle_wait().await?;
@@ -257,10 +254,7 @@ impl Consumer for SqlConsumer {
         if !batch::submit(&self.shared.submitter, op).await? {
             return Err(lease_lost(delivery));
         }
-        self.shared
-            .counters
-            .acknowledged
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.acknowledged();
         Ok(())
     }
 
@@ -278,10 +272,7 @@ impl Consumer for SqlConsumer {
         if !batch::submit(&self.shared.submitter, op).await? {
             return Err(lease_lost(delivery));
         }
-        self.shared
-            .counters
-            .redelivered
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.redelivered();
         Ok(())
     }
 
@@ -293,10 +284,7 @@ impl Consumer for SqlConsumer {
         if !batch::submit(&self.shared.submitter, op).await? {
             return Err(lease_lost(delivery));
         }
-        self.shared
-            .counters
-            .redelivered
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.redelivered();
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use super::NAME;
-use crate::provider::ProviderError;
+use eventbroker::provider::ProviderError;
 
 /// Longest accepted table name: leaves room for the suffixes of the provider's other tables
 /// and indexes within PostgreSQL's 63-byte identifier limit.
@@ -113,26 +113,32 @@ pub fn redact(url: &str) -> String {
 /// # Errors
 /// [`ProviderError::Config`] saying what is wrong.
 pub fn validate_identifier(name: &str) -> Result<(), ProviderError> {
+    identifier_problem(name).map_or(Ok(()), |reason| {
+        Err(config_error(format!("database.table_name {reason}")))
+    })
+}
+
+/// What is wrong with `name` as a table name (a plain identifier of at most
+/// [`MAX_TABLE_NAME`] characters), if anything.
+pub(crate) fn identifier_problem(name: &str) -> Option<String> {
     let mut chars = name.chars();
     let Some(first) = chars.next() else {
-        return Err(config_error("database.table_name is empty"));
+        return Some("is empty".into());
     };
     if name.len() > MAX_TABLE_NAME {
-        return Err(config_error(format!(
-            "database.table_name {name:?} is longer than {MAX_TABLE_NAME} characters"
-        )));
+        return Some(format!(
+            "{name:?} is longer than {MAX_TABLE_NAME} characters"
+        ));
     }
     if !(first.is_ascii_alphabetic() || first == '_') {
-        return Err(config_error(format!(
-            "database.table_name {name:?} must start with a letter or '_'"
-        )));
+        return Some(format!("{name:?} must start with a letter or '_'"));
     }
     if let Some(bad) = chars.find(|c| !(c.is_ascii_alphanumeric() || *c == '_')) {
-        return Err(config_error(format!(
-            "database.table_name {name:?} contains {bad:?}; allowed are letters, digits and '_'"
-        )));
+        return Some(format!(
+            "{name:?} contains {bad:?}; allowed are letters, digits and '_'"
+        ));
     }
-    Ok(())
+    None
 }
 
 #[cfg(test)]

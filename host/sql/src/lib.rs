@@ -15,9 +15,11 @@
 //! - Watchers see the events of every host sharing the database ([`watch`]).
 //!
 //! `docs/providers/database.md` describes the design, its trade-offs and tuning.
+#![deny(missing_docs)]
 
 mod batch;
 mod circuit;
+pub mod config;
 mod consumer;
 pub mod dialect;
 mod list;
@@ -43,64 +45,58 @@ use self::dialect::{Dialect, Target};
 use self::row::{EventValues, UpdateValues, decode_event};
 use self::schema::Queries;
 use self::watch::{Hub, WatchMessage};
-use super::{
-    Consumer, ConsumerOptions, EventFilter, EventStream, Provider, ProviderError, ProviderFeatures,
-    ProviderStats, StatusUpdate,
+use eventbroker::config::BrokerConfig;
+use eventbroker::provider::{
+    Consumer, ConsumerOptions, Counters, EventFilter, EventStream, Provider, ProviderError,
+    ProviderFeatures, ProviderStats, StatusUpdate,
 };
-use crate::config::{BrokerConfig, DatabaseConfig};
-use crate::event::{Event, EventStatus};
-use crate::pattern::Pattern;
+
+pub use crate::config::SqlConfig;
+use eventbroker::event::{Event, EventStatus};
+use eventbroker::pattern::Pattern;
 
 /// The provider's name in config and errors.
 pub(crate) const NAME: &str = "database";
 
-/// Settings of the database provider (the `event_broker.database` section).
+/// What the provider runs with: its config section and its own consumer group
+/// ([`Provider::group`], the broker's `consumer_group`).
 #[derive(Debug, Clone)]
-pub struct SqlOptions {
+pub(crate) struct Settings {
     /// `postgres://…` or `sqlite://path`.
-    pub url: String,
+    pub(crate) url: String,
     /// Events table name (a plain identifier).
-    pub table_name: String,
+    pub(crate) table_name: String,
     /// Fallback interval of consumers and watchers without notifications.
-    pub poll_interval: Duration,
+    pub(crate) poll_interval: Duration,
     /// Largest connection pool.
-    pub max_connections: u32,
+    pub(crate) max_connections: u32,
     /// Connection timeout.
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// Most deliveries claimed at once.
-    pub batch_size: usize,
+    pub(crate) batch_size: usize,
     /// Interval of the expired-lease rescuer.
-    pub rescue_interval: Duration,
+    pub(crate) rescue_interval: Duration,
     /// Events buffered per watcher before it is cut off as lagging.
-    pub watcher_buffer: usize,
+    pub(crate) watcher_buffer: usize,
     /// The provider's own consumer group ([`Provider::group`]).
-    pub group: String,
+    pub(crate) group: String,
     /// Deadline of one group-commit batch, its replay included ([`batch`]).
-    pub write_timeout: Duration,
+    pub(crate) write_timeout: Duration,
 }
 
-impl SqlOptions {
-    /// The options of a `database` config section, with the default consumer group.
-    pub fn from_database_config(config: &DatabaseConfig) -> Self {
-        SqlOptions {
+impl Settings {
+    fn new(config: &SqlConfig, group: &str) -> Self {
+        Settings {
             url: config.url.clone(),
             table_name: config.table_name.clone(),
-            poll_interval: config.poll_interval.max(Duration::from_millis(1)),
-            max_connections: config.max_connections.max(1),
+            poll_interval: config.poll_interval,
+            max_connections: config.max_connections,
             connect_timeout: config.connect_timeout,
-            batch_size: config.batch_size.max(1),
-            rescue_interval: config.rescue_interval.max(Duration::from_millis(10)),
-            watcher_buffer: config.watcher_buffer.max(1),
-            group: BrokerConfig::default().consumer_group,
-            write_timeout: config.write_timeout.max(Duration::from_millis(1)),
-        }
-    }
-
-    /// The options a broker config asks for (`database` section and `consumer_group`).
-    pub fn from_config(config: &BrokerConfig) -> Self {
-        SqlOptions {
-            group: config.consumer_group.clone(),
-            ..Self::from_database_config(&config.database)
+            batch_size: config.batch_size,
+            rescue_interval: config.rescue_interval,
+            watcher_buffer: config.watcher_buffer,
+            group: group.to_owned(),
+            write_timeout: config.write_timeout,
         }
     }
 }
@@ -123,14 +119,6 @@ pub(crate) fn db_error(error: sqlx::Error) -> ProviderError {
     ProviderError::backend(NAME, error)
 }
 
-#[derive(Default)]
-struct Counters {
-    published: AtomicU64,
-    consumed: AtomicU64,
-    acknowledged: AtomicU64,
-    redelivered: AtomicU64,
-}
-
 /// State shared by the provider, its consumers and its background tasks.
 pub(crate) struct Shared {
     dialect: Dialect,
@@ -141,7 +129,7 @@ pub(crate) struct Shared {
     /// SQLite: the single writer connection (serializes this process's writes instead of
     /// letting connections spin on the file lock). PostgreSQL: the same pool as `pool`.
     writer: AnyPool,
-    options: SqlOptions,
+    options: Settings,
     closed: AtomicBool,
     shutdown: CancellationToken,
     hub: Arc<Hub>,
@@ -338,11 +326,17 @@ impl SqlProvider {
     /// Connects, migrates the schema and starts the background tasks (listener or poller,
     /// lease rescuer). Must be called inside a tokio runtime.
     ///
+    /// `config` is the `event_broker.database` section; the provider's own consumer group is
+    /// `broker.consumer_group`.
+    ///
     /// # Errors
-    /// [`ProviderError::Config`] for a bad URL or table name; [`ProviderError::Backend`] when
-    /// the database cannot be reached or migrated.
-    pub async fn connect(options: SqlOptions) -> Result<Self, ProviderError> {
-        dialect::validate_identifier(&options.table_name)?;
+    /// [`ProviderError::Config`] for a setting out of range (naming its key);
+    /// [`ProviderError::Backend`] when the database cannot be reached or migrated.
+    pub async fn connect(config: &SqlConfig, broker: &BrokerConfig) -> Result<Self, ProviderError> {
+        config
+            .validate()
+            .map_err(|e| ProviderError::invalid(NAME, e))?;
+        let options = Settings::new(config, &broker.consumer_group);
         let target = Target::parse(&options.url)?;
         sqlx::any::install_default_drivers();
         let shown_url = dialect::redact(&options.url);
@@ -526,10 +520,7 @@ impl Provider for SqlProvider {
 
     async fn publish(&self, event: &Event) -> Result<(), ProviderError> {
         self.shared.insert(event, true).await?;
-        self.shared
-            .counters
-            .published
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.published();
         Ok(())
     }
 
@@ -762,11 +753,7 @@ impl Provider for SqlProvider {
         stats
             .backend
             .insert("pool_size".into(), shared.pool.size().into());
-        let counters = &shared.counters;
-        stats.published = counters.published.load(Ordering::Relaxed);
-        stats.consumed = counters.consumed.load(Ordering::Relaxed);
-        stats.acknowledged = counters.acknowledged.load(Ordering::Relaxed);
-        stats.redelivered = counters.redelivered.load(Ordering::Relaxed);
+        shared.counters.fill(&mut stats);
         stats.consumers = Shared::lock(&shared.consumers).len() as u64;
         stats.subscribers = shared.watchers.receiver_count() as u64;
         Ok(stats)

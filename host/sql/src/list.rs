@@ -13,9 +13,9 @@ use super::dialect::Dialect;
 use super::row::{AnyQuery, EVENT_COLUMNS, decode_event, nanos};
 use super::schema::{view_columns, view_from};
 use super::{Shared, db_error};
-use crate::event::Event;
-use crate::pattern::{Pattern, Segment};
-use crate::provider::{EventFilter, ProviderError, SortOrder};
+use eventbroker::event::Event;
+use eventbroker::pattern::{Pattern, Segment};
+use eventbroker::provider::{EventFilter, ProviderError, SortOrder};
 
 /// A value to bind.
 #[derive(Debug, Clone, PartialEq)]

@@ -7,8 +7,8 @@ use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::{Any, Row};
 
 use super::NAME;
-use crate::event::Event;
-use crate::provider::{ProviderError, StatusUpdate};
+use eventbroker::event::Event;
+use eventbroker::provider::{ProviderError, StatusUpdate};
 
 /// A query on the `Any` driver.
 pub type AnyQuery<'q> = sqlx::query::Query<'q, Any, AnyArguments>;

@@ -29,7 +29,7 @@ use sqlx::{AssertSqlSafe, SqlSafeStr};
 use super::dialect::Dialect;
 use super::row::{EVENT_COLUMN_COUNT, EVENT_COLUMNS, placeholders};
 use super::{NAME, db_error};
-use crate::provider::ProviderError;
+use eventbroker::provider::{ProviderError, statuses_kept_by_release};
 
 /// The migrations, oldest first. Never edit an applied one: add a new version instead.
 fn migrations(dialect: Dialect, t: &str) -> Vec<(i64, &'static str, String)> {
@@ -143,7 +143,7 @@ UPDATE {t} SET status = 'pending', error = NULL, retry_count = 0, handlers = '[]
     ]
 }
 
-/// The columns whose values are per group ([`crate::provider::GroupState`]).
+/// The columns whose values are per group ([`eventbroker::provider::GroupState`]).
 const STATE_COLUMNS: [&str; 6] = [
     "status",
     "processed_at",
@@ -206,8 +206,18 @@ fn upsert_state(dialect: Dialect, t: &str, group: &str, from: &str, first: usize
     )
 }
 
-/// An upsert setting the state of group `group` of the event `e` selected by `from` back to
-/// `pending` (not completed), keeping its other fields.
+/// The statuses a release keeps ([`statuses_kept_by_release`], the core's rule) as an SQL
+/// list: `'completed', 'failed'`.
+fn kept_by_release() -> String {
+    statuses_kept_by_release()
+        .map(|status| format!("'{}'", status.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// An upsert giving the state of group `group` of the event `e` selected by `from` back
+/// unprocessed, by the core's rule ([`eventbroker::provider::release_keeps`]): `pending` and
+/// not completed, unless the group's status is one a release keeps; its other fields stay.
 fn release_state(dialect: Dialect, t: &str, group: &str, from: &str) -> String {
     let (column, value, set) = match dialect {
         Dialect::Postgres => (String::new(), String::new(), String::new()),
@@ -217,12 +227,17 @@ fn release_state(dialect: Dialect, t: &str, group: &str, from: &str) -> String {
             ", changed = excluded.changed".to_owned(),
         ),
     };
+    let kept = kept_by_release();
     format!(
         "INSERT INTO {t}_states AS cur \
          (grp, seq, status, error, retry_count, handlers, processed_at, completed_at{column}) \
-         SELECT {group}, e.seq, 'pending', e.error, e.retry_count, e.handlers, e.processed_at, \
-         NULL{value} {from} \
-         ON CONFLICT (grp, seq) DO UPDATE SET status = 'pending', completed_at = NULL{set}"
+         SELECT {group}, e.seq, \
+         CASE WHEN e.status IN ({kept}) THEN e.status ELSE 'pending' END, \
+         e.error, e.retry_count, e.handlers, e.processed_at, \
+         CASE WHEN e.status IN ({kept}) THEN e.completed_at ELSE NULL END{value} {from} \
+         ON CONFLICT (grp, seq) DO UPDATE SET \
+         status = CASE WHEN cur.status IN ({kept}) THEN cur.status ELSE 'pending' END, \
+         completed_at = CASE WHEN cur.status IN ({kept}) THEN cur.completed_at ELSE NULL END{set}"
     )
 }
 
@@ -353,6 +368,7 @@ impl Queries {
         let d = format!("{t}_deliveries");
         let g = format!("{t}_groups");
         let st = format!("{t}_states");
+        let kept = kept_by_release();
         let values = placeholders(1, EVENT_COLUMN_COUNT);
         let next = EVENT_COLUMN_COUNT + 1;
         let view = view_columns();
@@ -517,7 +533,8 @@ impl Queries {
                     "WITH x AS (UPDATE {d} SET {lease_clear} \
                      WHERE lease_token IS NOT NULL AND visible_at <= $1 RETURNING grp, seq), \
                      u AS (UPDATE {st} s SET status = 'pending' FROM x \
-                     WHERE s.grp = x.grp AND s.seq = x.seq AND s.status = 'processing' \
+                     WHERE s.grp = x.grp AND s.seq = x.seq AND s.status NOT IN ({kept}) \
+                     AND s.status <> 'pending' \
                      RETURNING s.seq) \
                      SELECT (SELECT COUNT(*) FROM x), (SELECT COUNT(*) FROM u)"
                 ),
@@ -595,7 +612,7 @@ impl Queries {
                 wake: String::new(),
                 rescue: format!(
                     "UPDATE {st} SET status = 'pending', changed = {bump} \
-                     WHERE status = 'processing' AND EXISTS (SELECT 1 FROM {d} d \
+                     WHERE status NOT IN ({kept}) AND status <> 'pending' AND EXISTS (SELECT 1 FROM {d} d \
                      WHERE d.grp = {st}.grp AND d.seq = {st}.seq \
                      AND d.lease_token IS NOT NULL AND d.visible_at <= $1)"
                 ),

@@ -26,9 +26,9 @@ use tokio_util::sync::CancellationToken;
 use super::row::decode_event;
 use super::schema::Queries;
 use super::{NAME, Shared, db_error};
-use crate::event::Event;
-use crate::pattern::Pattern;
-use crate::provider::{EventStream, ProviderError};
+use eventbroker::event::Event;
+use eventbroker::pattern::Pattern;
+use eventbroker::provider::{EventStream, ProviderError};
 
 /// Most notified ids fetched by one query (PostgreSQL watchers).
 const FETCH_CHUNK: usize = 100;

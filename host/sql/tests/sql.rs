@@ -3,28 +3,27 @@
 //! PostgreSQL cases skip loudly when the server is unreachable (a failure under
 //! `EVENTBROKER_REQUIRE_SERVICES=1`).
 
-mod support;
+mod common;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventbroker::config::{BrokerConfig, ProviderKind};
-use eventbroker::provider::{self, ConsumerOptions, EventFilter, ProviderError, StatusUpdate};
+use common::{Setup, SqlBackend};
+use eventbroker::provider::{ConsumerOptions, EventFilter, ProviderError, StatusUpdate};
 use eventbroker::{Broker, Event, EventSource, EventStatus, handler_fn};
-use support::backends::{self, Backend};
-use support::proxy::Proxy;
-use support::{PATIENCE, unique_suffix, wait_for};
+use eventbroker_testkit::proxy::Proxy;
+use eventbroker_testkit::{PATIENCE, unique_suffix, wait_for};
 
 /// A broker whose handler never finishes is stopped (its deliveries are given back); a new
 /// provider and broker on the same database ("the host restarted") process every event once.
-async fn broker_survives_a_restart(backend: Backend) {
+async fn broker_survives_a_restart(backend: SqlBackend) {
     let mut config = backend.config.clone();
     config.shutdown_timeout = Duration::from_millis(300);
     config.lease = Duration::from_secs(120); // redelivery must not wait for the lease
     config.worker_count = 4;
 
-    let first = Broker::new(config.clone(), backend.connect().await);
+    let first = Broker::new(config.broker.clone(), backend.connect().await);
     let started = Arc::new(tokio::sync::Semaphore::new(0));
     let signal = started.clone();
     first
@@ -61,7 +60,7 @@ async fn broker_survives_a_restart(backend: Backend) {
         );
     }
 
-    let second = Broker::new(config, backend.connect().await);
+    let second = Broker::new(config.broker, backend.connect().await);
     let handled = Arc::new(Mutex::new(BTreeMap::<String, u32>::new()));
     let seen = handled.clone();
     second
@@ -104,14 +103,14 @@ async fn broker_survives_a_restart(backend: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broker_on_sqlite_survives_a_host_restart() {
-    if let Some(backend) = backends::sqlite().await {
+    if let Some(backend) = common::sqlite().await {
         broker_survives_a_restart(backend).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broker_on_postgres_survives_a_host_restart() {
-    if let Some(backend) = backends::postgres().await {
+    if let Some(backend) = common::postgres().await {
         broker_survives_a_restart(backend).await;
     }
 }
@@ -119,7 +118,7 @@ async fn a_broker_on_postgres_survives_a_host_restart() {
 /// A consumer group that first consumes while publishers run receives every unfinished event:
 /// those published before it existed (backfilled) and those published meanwhile (each publish
 /// writes a delivery per group), with none lost in between.
-async fn a_group_created_while_publishing_misses_nothing(backend: Backend) {
+async fn a_group_created_while_publishing_misses_nothing(backend: SqlBackend) {
     const PUBLISHERS: usize = 4;
     const PER_PUBLISHER: usize = 100;
     let provider = backend.connect().await;
@@ -181,14 +180,14 @@ async fn a_group_created_while_publishing_misses_nothing(backend: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_group_created_while_publishing_misses_nothing() {
-    if let Some(backend) = backends::sqlite().await {
+    if let Some(backend) = common::sqlite().await {
         a_group_created_while_publishing_misses_nothing(backend).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_group_created_while_publishing_misses_nothing() {
-    if let Some(backend) = backends::postgres().await {
+    if let Some(backend) = common::postgres().await {
         a_group_created_while_publishing_misses_nothing(backend).await;
     }
 }
@@ -196,11 +195,14 @@ async fn postgres_group_created_while_publishing_misses_nothing() {
 #[tokio::test]
 async fn bad_urls_and_table_names_are_configuration_errors() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = backends::base_config(ProviderKind::Database);
+    let mut config = Setup {
+        broker: eventbroker_testkit::backends::base_config(),
+        database: eventbroker_sql::SqlConfig::default(),
+    };
     config.database.url = format!("sqlite://{}", dir.path().join("x.db").display());
     for bad in ["events; DROP TABLE x", "1events", "", "ev\"ents"] {
         config.database.table_name = bad.to_owned();
-        match provider::from_config(&config).await {
+        match common::open(&config).await {
             Err(ProviderError::Config { reason, .. }) => {
                 assert!(reason.contains("table_name"), "{reason}")
             }
@@ -213,7 +215,7 @@ async fn bad_urls_and_table_names_are_configuration_errors() {
         config.database.url = bad.to_owned();
         assert!(
             matches!(
-                provider::from_config(&config).await,
+                common::open(&config).await,
                 Err(ProviderError::Config { .. })
             ),
             "{bad} was accepted"
@@ -227,17 +229,20 @@ async fn bad_urls_and_table_names_are_configuration_errors() {
 async fn sqlite_files_are_created_and_reopened() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("nested/deeper/events.db");
-    let mut config = backends::base_config(ProviderKind::Database);
+    let mut config = Setup {
+        broker: eventbroker_testkit::backends::base_config(),
+        database: eventbroker_sql::SqlConfig::default(),
+    };
     config.database.url = format!("sqlite://{}", path.display());
-    let first = provider::from_config(&config).await.expect("open");
+    let first = common::open(&config).await.expect("open");
     assert!(path.exists(), "the database file was created");
     let event = Event::new(EventSource::System, "reopen.test", "h");
     first.publish(&event).await.expect("publish");
     first.close().await;
-    let second = provider::from_config(&config).await.expect("reopen");
+    let second = common::open(&config).await.expect("reopen");
     assert!(second.get(&event.id).await.expect("get").is_some());
     config.database.table_name = "other_events".into();
-    let other = provider::from_config(&config).await.expect("other table");
+    let other = common::open(&config).await.expect("other table");
     assert!(other.get(&event.id).await.expect("get").is_none());
     let update = StatusUpdate::processing(&event);
     assert!(matches!(
@@ -249,7 +254,7 @@ async fn sqlite_files_are_created_and_reopened() {
 }
 
 /// Concurrent publishes are committed in batches; a duplicate id among them fails alone.
-async fn a_duplicate_in_a_batch_fails_alone(backend: Backend) {
+async fn a_duplicate_in_a_batch_fails_alone(backend: SqlBackend) {
     let provider = backend.connect().await;
     let original = Event::new(EventSource::System, "batch.original", "h");
     let mut tasks = Vec::new();
@@ -296,44 +301,21 @@ async fn a_duplicate_in_a_batch_fails_alone(backend: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_duplicate_in_a_batch_fails_alone() {
-    if let Some(backend) = backends::sqlite().await {
+    if let Some(backend) = common::sqlite().await {
         a_duplicate_in_a_batch_fails_alone(backend).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_duplicate_in_a_batch_fails_alone() {
-    if let Some(backend) = backends::postgres().await {
+    if let Some(backend) = common::postgres().await {
         a_duplicate_in_a_batch_fails_alone(backend).await;
-    }
-}
-
-#[test]
-fn the_example_configs_name_the_database_provider() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    for (file, scheme) in [
-        ("config-sqlite.yaml", "sqlite://"),
-        ("config-postgres.yaml", "postgres://"),
-    ] {
-        let text = std::fs::read_to_string(root.join(file)).expect("example");
-        let config = eventbroker::Config::from_text(eventbroker::config::FileFormat::Yaml, &text)
-            .unwrap_or_else(|e| panic!("{file}: {e}"));
-        assert_eq!(
-            config.event_broker.provider,
-            ProviderKind::Database,
-            "{file}"
-        );
-        assert!(
-            config.event_broker.database.url.starts_with(scheme),
-            "{file}: {}",
-            config.event_broker.database.url
-        );
     }
 }
 
 /// A consumer that dies holding a lease (no close, no drop): the rescuer puts the event back
 /// to `pending` once the lease expired, and another consumer gets it.
-async fn expired_leases_are_rescued(backend: Backend) {
+async fn expired_leases_are_rescued(backend: SqlBackend) {
     let provider = backend.connect().await;
     let event = Event::new(EventSource::System, "rescue.test", "h");
     provider.publish(&event).await.expect("publish");
@@ -379,21 +361,21 @@ async fn expired_leases_are_rescued(backend: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_expired_leases_are_rescued() {
-    if let Some(backend) = backends::sqlite().await {
+    if let Some(backend) = common::sqlite().await {
         expired_leases_are_rescued(backend).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_expired_leases_are_rescued() {
-    if let Some(backend) = backends::postgres().await {
+    if let Some(backend) = common::postgres().await {
         expired_leases_are_rescued(backend).await;
     }
 }
 
 /// Type patterns become SQL exactly: `_` is not a wildcard, `*` does not cross a dot, case
 /// matters (SQLite's LIKE would ignore it).
-async fn type_patterns_are_exact_in_sql(backend: Backend) {
+async fn type_patterns_are_exact_in_sql(backend: SqlBackend) {
     let provider = backend.connect().await;
     let instance = format!("patterns-{}", unique_suffix());
     let types = [
@@ -462,14 +444,14 @@ async fn type_patterns_are_exact_in_sql(backend: Backend) {
 
 #[tokio::test]
 async fn sqlite_type_patterns_are_exact_in_sql() {
-    if let Some(backend) = backends::sqlite().await {
+    if let Some(backend) = common::sqlite().await {
         type_patterns_are_exact_in_sql(backend).await;
     }
 }
 
 #[tokio::test]
 async fn postgres_type_patterns_are_exact_in_sql() {
-    if let Some(backend) = backends::postgres().await {
+    if let Some(backend) = common::postgres().await {
         type_patterns_are_exact_in_sql(backend).await;
     }
 }
@@ -496,8 +478,8 @@ fn through_proxy(url: &str, port: u16) -> (String, String) {
 }
 
 /// A PostgreSQL backend whose provider connects through a [`Proxy`].
-async fn postgres_behind_a_proxy() -> Option<(Backend, BrokerConfig, Proxy)> {
-    let backend = backends::postgres().await?;
+async fn postgres_behind_a_proxy() -> Option<(SqlBackend, Setup, Proxy)> {
+    let backend = common::postgres().await?;
     let (_, target) = through_proxy(&backend.config.database.url, 0);
     let proxy = Proxy::start(target).await;
     let mut config = backend.config.clone();
@@ -515,7 +497,7 @@ async fn postgres_publish_whose_commit_answer_was_lost_is_not_a_duplicate() {
     let Some((backend, config, proxy)) = postgres_behind_a_proxy().await else {
         return;
     };
-    let provider = provider::from_config(&config).await.expect("provider");
+    let provider = common::open(&config).await.expect("provider");
     let events: Vec<Event> = (0..8)
         .map(|n| {
             Event::new(EventSource::System, "lost.commit", "h")
@@ -612,8 +594,8 @@ async fn postgres_outage_fails_writes_fast_and_loses_nothing() {
     config.lease = Duration::from_secs(5);
     config.worker_count = 8;
     let broker = Broker::new(
-        config.clone(),
-        provider::from_config(&config).await.expect("provider"),
+        config.broker.clone(),
+        common::open(&config).await.expect("provider"),
     );
     let runs = Arc::new(Mutex::new(BTreeMap::<String, u32>::new()));
     let counter = runs.clone();
@@ -765,12 +747,12 @@ async fn postgres_outage_fails_writes_fast_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_blocked_past_write_timeout_fails_with_a_clear_error() {
     use sqlx::Connection;
-    let Some(backend) = backends::sqlite().await else {
+    let Some(backend) = common::sqlite().await else {
         return;
     };
     let mut config = backend.config.clone();
     config.database.write_timeout = Duration::from_millis(300);
-    let provider = provider::from_config(&config).await.expect("provider");
+    let provider = common::open(&config).await.expect("provider");
     let mut holder = sqlx::SqliteConnection::connect(&config.database.url)
         .await
         .expect("second connection");

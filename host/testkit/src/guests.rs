@@ -7,9 +7,11 @@ use std::sync::OnceLock;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
+    // This crate lives at host/testkit.
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
+        .ancestors()
+        .nth(2)
+        .expect("host/testkit has two ancestors")
         .to_path_buf()
 }
 

@@ -3,20 +3,17 @@
 //! with the `fresh` and `reuse` policies, measured in the same run on the same engine settings
 //! (pooling allocator, fuel, epochs, `keep_resident`).
 //!
-//!     cargo bench -p eventbroker --bench wasm [-- EVENTS]
-
-#[path = "../../tests/src/guests.rs"]
-#[allow(dead_code)]
-mod guests;
+//!     cargo bench -p eventbroker-wasm --bench wasm [-- EVENTS]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eventbroker::config::{HandlersConfig, PoolConfig};
-use eventbroker::provider::memory::MemoryOptions;
-use eventbroker::wasm::bare::BareGuest;
-use eventbroker::wasm::{HandlerSet, WasmEngine};
+use eventbroker_testkit::guests;
+
 use eventbroker::{Broker, BrokerConfig, Event, EventSource, MemoryProvider};
+use eventbroker_wasm::bare::BareGuest;
+use eventbroker_wasm::config::{HandlersConfig, PoolConfig};
+use eventbroker_wasm::{HandlerSet, WasmEngine};
 
 fn event(i: u64) -> Event {
     Event::new(EventSource::Database, "public.users.create", "bench")
@@ -52,7 +49,7 @@ async fn through_broker(engine: &WasmEngine, bytes: &[u8], policy: &str, events:
         },
         ..BrokerConfig::default()
     };
-    let provider = Arc::new(MemoryProvider::new(MemoryOptions::from_config(&config)));
+    let provider = Arc::new(MemoryProvider::new(&config));
     let broker = Broker::new(config, provider);
     let handlers = HandlerSet::new(engine.clone(), broker.clone(), HandlersConfig::default());
     let manifest = format!("patterns = [\"*\"]\ninstances = \"{policy}\"\nconcurrency = 64\n");

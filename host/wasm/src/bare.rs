@@ -15,7 +15,7 @@ use super::bindings::types as wit;
 use super::component::to_wit_event;
 use super::engine::WasmEngine;
 use super::state::{HostState, Publisher, StoreSettings};
-use crate::event::Event;
+use eventbroker::event::Event;
 
 /// A compiled, linked guest ready for bare calls.
 pub struct BareGuest {

@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use super::WasmError;
+use super::engine::ComponentBytes;
 use super::engine::WasmEngine;
 
 /// Interfaces the host links, as `namespace:package/interface` with the major.minor version
@@ -161,8 +162,8 @@ pub async fn check(
     bytes: &[u8],
     manifest: Option<&str>,
 ) -> Result<CheckReport, WasmError> {
-    let (component, _) = engine.compile(bytes)?;
-    let ty = component.component_type();
+    let compiled = engine.compile_checked(&ComponentBytes::new(bytes.to_vec())?)?;
+    let ty = compiled.component.component_type();
     let exports: Vec<String> = ty
         .exports(engine.engine())
         .map(|(name, _)| name.to_owned())
@@ -191,7 +192,7 @@ pub async fn check(
         manifest.resolve(
             "check",
             &crate::config::HandlerDefaults::default(),
-            &crate::config::RetryPolicy::default(),
+            &eventbroker::config::RetryPolicy::default(),
             &crate::config::PoolConfig::default(),
         )
     });
@@ -206,7 +207,8 @@ pub async fn check(
     if let Some(spec) = spec
         && problems.is_empty()
     {
-        match super::component::CompiledHandler::load(engine, bytes, spec, Default::default()).await
+        match super::component::CompiledHandler::load(engine, compiled, spec, Default::default())
+            .await
         {
             Ok(loaded) => {
                 default_patterns = loaded.info().default_patterns;

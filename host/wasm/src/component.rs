@@ -15,7 +15,7 @@ use wasmtime::{Store, Trap, UpdateDeadline};
 use super::WasmError;
 use super::bindings::types::{self as wit, HandlerError};
 use super::bindings::{HandlerIndices, SubscriptionIndices};
-use super::engine::{CompileSource, WasmEngine, version_id};
+use super::engine::{CompileSource, Compiled, WasmEngine};
 use super::limits;
 use super::log::LogLine;
 use super::manifest::HandlerSpec;
@@ -23,8 +23,8 @@ use super::outcome::{Classifier, with_details};
 use super::slots::{Live, WarmPool};
 use super::state::{HostState, Publisher, StoreSettings};
 use crate::config::InstancePolicy;
-use crate::event::{Event, EventSource, EventStatus, Failure, FailureKind};
-use crate::metrics::Metrics;
+use eventbroker::event::{Event, EventSource, EventStatus, Failure, FailureKind};
+use eventbroker::metrics::Metrics;
 
 /// Fuel granted to a component's `patterns()` export when it is loaded.
 const PATTERNS_FUEL: u64 = 10_000_000;
@@ -172,24 +172,27 @@ pub struct VersionInfo {
 }
 
 impl CompiledHandler {
-    /// Compiles (or loads from cache), links and checks a component, and reads and checks its
-    /// default patterns (within [`PATTERNS_TIMEOUT`], at most [`limits::MAX_PATTERNS`] of at
+    /// Links and checks a compiled component ([`WasmEngine::compile_checked`]), and reads and
+    /// checks its default patterns (within [`PATTERNS_TIMEOUT`], at most [`limits::MAX_PATTERNS`] of at
     /// most [`limits::MAX_PATTERN_LEN`] bytes, each valid — whether or not the manifest
     /// overrides them). CPU-heavy: call it off the event path (e.g. in `spawn_blocking`).
     ///
     /// # Errors
-    /// [`WasmError`] saying what is wrong: not a component, compile failure, an import the host
-    /// does not provide, a missing or mismatched export, patterns that are invalid, too many
+    /// [`WasmError`] saying what is wrong: an import the host does not provide, a missing or mismatched export, patterns that are invalid, too many
     /// or too long, or a `patterns()` that does not return in time.
     pub async fn load(
         engine: &WasmEngine,
-        bytes: &[u8],
+        compiled: Compiled,
         spec: HandlerSpec,
         counters: Arc<HandlerCounters>,
     ) -> Result<Self, WasmError> {
-        let started = std::time::Instant::now();
-        let (component, compile_source) = engine.compile(bytes)?;
-        let compile_time = started.elapsed();
+        let Compiled {
+            component,
+            version,
+            source: compile_source,
+            time: compile_time,
+            size,
+        } = compiled;
         let pre = engine
             .linker()
             .instantiate_pre(&component)
@@ -199,7 +202,6 @@ impl CompiledHandler {
                 "{e:#}; a handler must export resolvespec:eventbroker/handler@0.1.0 with handle(event, context)"
             ))
         })?;
-        let version = version_id(bytes);
         let settings = Arc::new(StoreSettings {
             handler: spec.name.clone(),
             version: version.clone(),
@@ -239,7 +241,7 @@ impl CompiledHandler {
             loaded_at: Utc::now(),
             compile_source,
             compile_time,
-            size: bytes.len(),
+            size,
             pre,
             indices,
             settings,

@@ -5,7 +5,7 @@
 use serde_json::{Map, Value};
 
 use super::bindings::types::{EventDraft, Source};
-use crate::event::{
+use eventbroker::event::{
     Event, EventDraft as HostDraft, EventSource, MAX_FIELD_LEN, MAX_METADATA_BYTES, MAX_TYPE_LEN,
     ValidationError,
 };

@@ -111,8 +111,45 @@ impl WasmEngine {
     /// # Errors
     /// [`WasmError::NotWasm`], [`WasmError::NotComponent`] or [`WasmError::Compile`].
     pub fn compile(&self, bytes: &[u8]) -> Result<(Component, CompileSource), WasmError> {
-        check_component_bytes(bytes)?;
-        let cached = self.cache_path(bytes);
+        let compiled = self.compile_checked(&ComponentBytes::new(bytes.to_vec())?)?;
+        Ok((compiled.component, compiled.source))
+    }
+
+    /// [`WasmEngine::compile`] on a blocking thread (compiling is CPU-heavy: it must not
+    /// occupy the async workers that run events).
+    ///
+    /// # Errors
+    /// As [`WasmEngine::compile`].
+    pub async fn compile_off_thread(&self, bytes: ComponentBytes) -> Result<Compiled, WasmError> {
+        let engine = self.clone();
+        tokio::task::spawn_blocking(move || engine.compile_checked(&bytes))
+            .await
+            .map_err(|e| WasmError::Engine(format!("compiler task failed: {e}")))?
+    }
+
+    /// Compiles checked bytes (or reads them from the cache), writing the cache entry for the
+    /// next start. The bytes' hash is the one computed when they were checked.
+    ///
+    /// # Errors
+    /// [`WasmError::Compile`].
+    pub fn compile_checked(&self, bytes: &ComponentBytes) -> Result<Compiled, WasmError> {
+        let started = std::time::Instant::now();
+        let (component, source) = self.compile_with_cache(bytes)?;
+        Ok(Compiled {
+            component,
+            version: bytes.version(),
+            source,
+            time: started.elapsed(),
+            size: bytes.len(),
+        })
+    }
+
+    fn compile_with_cache(
+        &self,
+        checked: &ComponentBytes,
+    ) -> Result<(Component, CompileSource), WasmError> {
+        let bytes = checked.bytes();
+        let cached = self.cache_path(checked);
         if let Some(path) = &cached {
             match cache::trusted_entry(path) {
                 Ok(true) => {
@@ -143,21 +180,8 @@ impl WasmEngine {
         Ok((component, CompileSource::Compiled))
     }
 
-    /// Compiles `bytes` into the on-disk cache on a blocking thread, so that a later
-    /// [`WasmEngine::compile`] of the same bytes is a cache hit. Does nothing without a cache
-    /// or when the bytes are not a component (the later load reports that).
-    pub async fn warm_cache(&self, bytes: Vec<u8>) {
-        if self.inner.cache_dir.is_none() || check_component_bytes(&bytes).is_err() {
-            return;
-        }
-        let engine = self.clone();
-        let _ = tokio::task::spawn_blocking(move || engine.compile(&bytes)).await;
-    }
-
-    fn cache_path(&self, bytes: &[u8]) -> Option<PathBuf> {
+    fn cache_path(&self, bytes: &ComponentBytes) -> Option<PathBuf> {
         let dir = self.inner.cache_dir.as_ref()?;
-        let mut hasher = Sha256::new();
-        hasher.update(bytes);
         let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
         std::hash::Hash::hash(
             &self.inner.engine.precompile_compatibility_hash(),
@@ -166,8 +190,74 @@ impl WasmEngine {
         let engine_hash = std::hash::Hasher::finish(&engine_hash);
         Some(dir.join(format!(
             "{}-{engine_hash:016x}.cwasm",
-            hex::encode(hasher.finalize())
+            hex::encode(bytes.digest)
         )))
+    }
+}
+
+/// Component bytes that passed [`check_component_bytes`], with their SHA-256: checked and
+/// hashed once, then versioned, compiled and cached from this value.
+#[derive(Clone)]
+pub struct ComponentBytes {
+    bytes: Arc<[u8]>,
+    digest: [u8; 32],
+}
+
+impl ComponentBytes {
+    /// Checks `bytes` and hashes them.
+    ///
+    /// # Errors
+    /// As [`check_component_bytes`].
+    pub fn new(bytes: Vec<u8>) -> Result<Self, WasmError> {
+        check_component_bytes(&bytes)?;
+        let digest = Sha256::digest(&bytes).into();
+        Ok(ComponentBytes {
+            bytes: bytes.into(),
+            digest,
+        })
+    }
+
+    /// The version id of these bytes ([`version_id`]).
+    pub fn version(&self) -> String {
+        hex::encode(&self.digest[..8])
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Their length.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether there are none (never, for checked bytes).
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+/// A compiled component and what it was compiled from: handed from the compiler to the
+/// handler registry in memory (the on-disk cache is for the next start, not a hand-off).
+#[derive(Clone)]
+pub struct Compiled {
+    pub(crate) component: Component,
+    pub(crate) version: String,
+    pub(crate) source: CompileSource,
+    pub(crate) time: Duration,
+    pub(crate) size: usize,
+}
+
+impl Compiled {
+    /// The version id of the bytes it was compiled from.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Whether it was compiled now or read from the cache.
+    pub fn source(&self) -> CompileSource {
+        self.source
     }
 }
 

@@ -6,8 +6,8 @@ use async_trait::async_trait;
 
 use super::component::CompiledHandler;
 use super::state::Publisher;
-use crate::broker::{EventHandler, HandlerContext, HandlerResult};
-use crate::event::Event;
+use eventbroker::broker::{EventHandler, HandlerContext, HandlerResult};
+use eventbroker::event::Event;
 
 /// Runs one [`CompiledHandler`] version for the broker. Each deployed version is its own
 /// `WasmHandler`; replacing a handler swaps the subscription, and invocations already running

@@ -3,12 +3,42 @@
 //! and the bounds on what a guest hands the host, handler manifests, loaded versions and their
 //! invocation, the handler set (name → current version) and its loading from a directory,
 //! component checks, and the local runner behind `eventbroker run`.
+//!
+//! # Examples
+//! Loading a WebAssembly handler into a broker: the handler runs on every event its manifest's
+//! patterns match, sandboxed under its own fuel, memory, time and concurrency limits.
+//! ```no_run
+//! use std::sync::Arc;
+//! use eventbroker::{Broker, BrokerConfig, Event, EventSource, MemoryProvider};
+//! use eventbroker_wasm::config::HandlersConfig;
+//! use eventbroker_wasm::{HandlerSet, WasmEngine};
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = BrokerConfig::default();
+//! let broker = Broker::new(config.clone(), Arc::new(MemoryProvider::new(&config)));
+//! let handlers_config = HandlersConfig::default();
+//! let engine = WasmEngine::new(&handlers_config.pool, handlers_config.cache_dir())?;
+//! let handlers = HandlerSet::new(engine, broker.clone(), handlers_config);
+//! // `audit.wasm` is a component built against `wit/`; `audit.toml` (optional) its manifest.
+//! let manifest = std::fs::read_to_string("audit.toml").ok();
+//! let info = handlers
+//!     .apply("audit", std::fs::read("audit.wasm")?, manifest.as_deref())
+//!     .await?;
+//! println!("serving version {:?}", info.current.map(|v| v.version));
+//! broker.start().await?;
+//! broker.publish_sync(Event::new(EventSource::System, "public.orders.create", "host-1")).await?;
+//! broker.stop().await?;
+//! # Ok(())
+//! # }
+//! ```
+#![deny(missing_docs)]
 
 pub mod bare;
 mod bindings;
 mod cache;
 pub mod check;
 pub mod component;
+pub mod config;
 mod draft;
 pub mod engine;
 pub mod handler;
@@ -23,7 +53,9 @@ pub mod state;
 pub mod watch;
 
 pub use component::{CompiledHandler, HandlerCounters, Invocation, VersionInfo};
-pub use engine::{WasmEngine, check_component_bytes, version_id};
+pub use engine::{
+    CompileSource, Compiled, ComponentBytes, WasmEngine, check_component_bytes, version_id,
+};
 pub use handler::WasmHandler;
 pub use log::LogLine;
 pub use manifest::{HandlerSpec, Manifest};

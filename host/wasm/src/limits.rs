@@ -2,8 +2,8 @@
 //! bytes from a guest — one host call or call result as a whole, subscription patterns, error and
 //! trap messages — so that no guest can make the host copy, parse, store or log more than these.
 
-use crate::event::{MAX_FIELD_LEN, MAX_METADATA_BYTES, MAX_TYPE_LEN};
-use crate::pattern::Pattern;
+use eventbroker::event::{MAX_FIELD_LEN, MAX_METADATA_BYTES, MAX_TYPE_LEN};
+use eventbroker::pattern::Pattern;
 
 /// Most subscription patterns a handler may have (from its manifest or its component).
 pub const MAX_PATTERNS: usize = 100;

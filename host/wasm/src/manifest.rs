@@ -7,7 +7,8 @@ use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
 use super::WasmError;
-use crate::config::{HandlerDefaults, InstancePolicy, PoolConfig, RetryPolicy};
+use crate::config::{HandlerDefaults, InstancePolicy, PoolConfig};
+use eventbroker::config::RetryPolicy;
 
 /// What a manifest file may say. Every field is optional.
 ///
@@ -204,13 +205,12 @@ impl Manifest {
                 retry.max_delay = v;
             }
             if let Some(v) = overrides.backoff_factor {
-                if !(v.is_finite() && v >= 1.0) {
-                    return Err(WasmError::Manifest(format!(
-                        "retry.backoff_factor must be >= 1.0, got {v}"
-                    )));
-                }
                 retry.backoff_factor = v;
             }
+            // The same rules as `event_broker.retry_policy`, one copy of them.
+            retry
+                .validate("retry")
+                .map_err(|e| WasmError::Manifest(format!("{} {}", e.key, e.reason)))?;
         }
         Ok(HandlerSpec {
             name,

@@ -8,7 +8,7 @@ use wasmtime::{PoolConcurrencyLimitError, Trap};
 
 use super::limits;
 use super::log::LogLine;
-use crate::event::{Failure, FailureKind};
+use eventbroker::event::{Failure, FailureKind};
 
 /// Log lines kept in a failure record.
 const FAILURE_LOG_TAIL: usize = 10;

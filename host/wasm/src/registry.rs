@@ -4,23 +4,29 @@
 //! deploy — goes through [`HandlerSet::apply`]: the new version is compiled and checked off the
 //! event path, then swapped in atomically with [`Broker::replace_subscription`]. A version that
 //! fails is rejected with its reason and time, and the previous version keeps serving.
+//!
+//! Bytes are checked and hashed once ([`ComponentBytes`]) and compiled once ([`Compiled`]);
+//! the compiled component is handed to the registry in memory (the on-disk cache is written for
+//! the next start). Files a deploy writes are remembered by size and modification time, so the
+//! directory watcher does not read, hash or reload what the host itself just wrote.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::WasmError;
 use super::component::{CompiledHandler, HandlerCounters, OUTCOMES, VersionInfo};
-use super::engine::{WasmEngine, check_component_bytes, version_id};
+use super::engine::{Compiled, ComponentBytes, WasmEngine};
 use super::handler::WasmHandler;
 use super::manifest::{Manifest, validate_name};
-use crate::broker::{Broker, SubscribeOptions};
-use crate::config::{HandlersConfig, RetryPolicy};
+use crate::config::HandlersConfig;
+use eventbroker::broker::{Broker, SubscribeOptions};
+use eventbroker::config::RetryPolicy;
 
 /// Extra time the broker allows beyond a handler's own timeout, so the guest's deadline
 /// (enforced inside the sandbox) fires first and is reported as such.
@@ -79,6 +85,48 @@ struct SetInner {
     entries: Mutex<BTreeMap<String, Entry>>,
     /// Serialises changes so two deploys of one name cannot interleave.
     changes: tokio::sync::Mutex<()>,
+    /// The files of each handler as a deploy of this host last wrote them.
+    written: Mutex<HashMap<String, Written>>,
+}
+
+/// A handler's files as written by [`HandlerSet::deploy`]: what the watcher must not reload.
+#[derive(Debug, Clone, PartialEq)]
+struct Written {
+    wasm: Option<Stamp>,
+    manifest: Option<Stamp>,
+}
+
+/// What identifies a file's content without reading it.
+#[derive(Debug, Clone, PartialEq)]
+struct Stamp {
+    len: u64,
+    modified: SystemTime,
+}
+
+impl Stamp {
+    /// The stamp of `path`, `None` when it does not exist (or cannot be read).
+    fn of(path: &Path) -> Option<Stamp> {
+        let metadata = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            len: metadata.len(),
+            modified: metadata.modified().ok()?,
+        })
+    }
+}
+
+/// A version to apply: its checked bytes, or its compiled component.
+enum Source {
+    Bytes(ComponentBytes),
+    Compiled(Compiled),
+}
+
+impl Source {
+    fn version(&self) -> String {
+        match self {
+            Source::Bytes(bytes) => bytes.version(),
+            Source::Compiled(compiled) => compiled.version().to_owned(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -119,6 +167,7 @@ impl HandlerSet {
                 retry,
                 entries: Mutex::new(BTreeMap::new()),
                 changes: tokio::sync::Mutex::new(()),
+                written: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -166,16 +215,19 @@ impl HandlerSet {
             .filter(|path| path.extension().is_some_and(|e| e == "wasm"))
             .collect();
         files.sort();
-        // Compile every component at once (into the cache) before loading them one by one:
-        // a large component does not hold up the others.
-        let warming: Vec<_> = files
+        // Compile every component at once before loading them one by one: a large component
+        // does not hold up the others. Each is compiled once and handed over in memory.
+        let compiling: Vec<_> = files
             .iter()
-            .filter_map(|path| std::fs::read(path).ok())
-            .map(|bytes| self.inner.engine.warm_cache(bytes))
+            .map(|path| async move {
+                let bytes = std::fs::read(path).ok()?;
+                let bytes = ComponentBytes::new(bytes).ok()?;
+                self.inner.engine.compile_off_thread(bytes).await.ok()
+            })
             .collect();
-        futures::future::join_all(warming).await;
-        for path in files {
-            match self.load_file(&path).await {
+        let compiled = futures::future::join_all(compiling).await;
+        for (path, compiled) in files.into_iter().zip(compiled) {
+            match self.read_and_apply(&path, compiled).await.map(|a| a.info) {
                 Ok(info) => {
                     tracing::info!(handler = %info.name, version = ?info.current.as_ref().map(|c| &c.version), patterns = ?info.current.as_ref().map(|c| &c.patterns), "handler loaded");
                     report.loaded.push(info.name);
@@ -194,22 +246,54 @@ impl HandlerSet {
     /// # Errors
     /// As [`HandlerSet::apply`], plus unreadable files.
     pub async fn load_file(&self, wasm_path: &Path) -> Result<HandlerInfo, WasmError> {
-        self.read_and_apply(wasm_path)
+        self.read_and_apply(wasm_path, None)
             .await
             .map(|applied| applied.info)
     }
 
     /// [`HandlerSet::load_file`] for the directory watcher: `None` when the files hold the
-    /// version already serving (nothing changed).
+    /// version already serving (nothing changed), or are exactly the files a deploy of this
+    /// host wrote (recognised without reading them).
     pub(crate) async fn reload_file(
         &self,
         wasm_path: &Path,
     ) -> Result<Option<HandlerInfo>, WasmError> {
-        let applied = self.read_and_apply(wasm_path).await?;
+        if self.written_by_this_host(wasm_path) {
+            return Ok(None);
+        }
+        let applied = self.read_and_apply(wasm_path, None).await?;
         Ok(applied.changed.then_some(applied.info))
     }
 
-    async fn read_and_apply(&self, wasm_path: &Path) -> Result<Applied, WasmError> {
+    /// Whether the files of the handler at `wasm_path` are the ones a deploy of this host
+    /// last wrote (same size and modification time).
+    fn written_by_this_host(&self, wasm_path: &Path) -> bool {
+        let Ok(name) = file_stem(wasm_path) else {
+            return false;
+        };
+        let written = self
+            .inner
+            .written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+            .cloned();
+        written.is_some_and(|written| {
+            written
+                == Written {
+                    wasm: Stamp::of(wasm_path),
+                    manifest: Stamp::of(&wasm_path.with_extension("toml")),
+                }
+        })
+    }
+
+    /// Reads the files of the handler at `wasm_path` and applies them; `compiled` is its
+    /// component compiled beforehand (used when it is the one the file holds).
+    async fn read_and_apply(
+        &self,
+        wasm_path: &Path,
+        compiled: Option<Compiled>,
+    ) -> Result<Applied, WasmError> {
         let name = file_stem(wasm_path)?;
         validate_name(&name)
             .map_err(|e| WasmError::Manifest(format!("{e} (file {})", wasm_path.display())))?;
@@ -228,7 +312,29 @@ impl HandlerSet {
                 )));
             }
         };
-        self.apply_locked(&name, bytes, manifest.as_deref()).await
+        let source = match ComponentBytes::new(bytes) {
+            Ok(bytes) => match compiled {
+                Some(compiled) if compiled.version() == bytes.version() => {
+                    Source::Compiled(compiled)
+                }
+                _ => Source::Bytes(bytes),
+            },
+            Err(error) => return Err(self.rejected(&name, error, None)),
+        };
+        self.apply_locked(&name, source, manifest.as_deref()).await
+    }
+
+    /// Records `error` as the rejection of a version of `name` and returns it.
+    fn rejected(&self, name: &str, error: WasmError, version: Option<String>) -> WasmError {
+        let mut entries = self.entries();
+        reject(
+            entries.entry(name.to_owned()).or_default(),
+            name,
+            &error,
+            version,
+        );
+        self.inner.broker.metrics().handler_rejected(name);
+        error
     }
 
     /// Compiles, checks and swaps in a version of handler `name`. On failure the rejection is
@@ -245,8 +351,9 @@ impl HandlerSet {
         manifest: Option<&str>,
     ) -> Result<HandlerInfo, WasmError> {
         validate_name(name)?;
+        let bytes = ComponentBytes::new(bytes).map_err(|e| self.rejected(name, e, None))?;
         let _change = self.inner.changes.lock().await;
-        self.apply_locked(name, bytes, manifest)
+        self.apply_locked(name, Source::Bytes(bytes), manifest)
             .await
             .map(|applied| applied.info)
     }
@@ -255,10 +362,10 @@ impl HandlerSet {
     async fn apply_locked(
         &self,
         name: &str,
-        bytes: Vec<u8>,
+        source: Source,
         manifest: Option<&str>,
     ) -> Result<Applied, WasmError> {
-        let result = self.build(name, bytes, manifest).await;
+        let result = self.build(name, source, manifest).await;
         let mut entries = self.entries();
         let entry = entries.entry(name.to_owned()).or_default();
         match result {
@@ -308,11 +415,10 @@ impl HandlerSet {
     async fn build(
         &self,
         name: &str,
-        bytes: Vec<u8>,
+        source: Source,
         manifest: Option<&str>,
     ) -> Result<Option<CompiledHandler>, (WasmError, Option<String>)> {
-        check_component_bytes(&bytes).map_err(|e| (e, None))?;
-        let version = version_id(&bytes);
+        let version = source.version();
         let fail = |e: WasmError| (e, Some(version.clone()));
         let manifest = match manifest {
             Some(text) => Manifest::parse(text).map_err(fail)?,
@@ -352,10 +458,15 @@ impl HandlerSet {
             return Ok(None);
         }
         let engine = self.inner.engine.clone();
+        let compiled = match source {
+            Source::Compiled(compiled) => compiled,
+            Source::Bytes(bytes) => engine.compile_off_thread(bytes).await.map_err(fail)?,
+        };
         let runtime = tokio::runtime::Handle::current();
-        // Compiling is CPU-heavy: keep it off the async workers that run events.
+        // Linking and reading the default patterns run guest code: keep them off the async
+        // workers that run events.
         let loaded = tokio::task::spawn_blocking(move || {
-            runtime.block_on(CompiledHandler::load(&engine, &bytes, spec, counters))
+            runtime.block_on(CompiledHandler::load(&engine, compiled, spec, counters))
         })
         .await
         .map_err(|e| fail(WasmError::Engine(format!("loader task failed: {e}"))))?;
@@ -404,13 +515,23 @@ impl HandlerSet {
         manifest: Option<&str>,
     ) -> Result<HandlerInfo, WasmError> {
         validate_name(name)?;
-        // Compile before taking the change lock, so a large component does not hold up other
-        // deploys; the locked load below then reads it from the cache.
-        self.inner.engine.warm_cache(bytes.clone()).await;
+        // Check, hash and compile once, before taking the change lock, so a large component
+        // does not hold up other deploys; the compiled component is handed over in memory.
+        let checked = ComponentBytes::new(bytes).map_err(|e| self.rejected(name, e, None))?;
+        let version = checked.version();
+        let compiled = self
+            .inner
+            .engine
+            .compile_off_thread(checked.clone())
+            .await
+            .map_err(|e| self.rejected(name, e, Some(version)))?;
         // Holding the change lock until the files are written keeps a concurrent reload from
         // the directory watcher from reading the previous files in between.
         let _change = self.inner.changes.lock().await;
-        let info = self.apply_locked(name, bytes.clone(), manifest).await?.info;
+        let info = self
+            .apply_locked(name, Source::Compiled(compiled), manifest)
+            .await?
+            .info;
         let dir = self.dir();
         std::fs::create_dir_all(dir)
             .map_err(|e| WasmError::Io(format!("cannot create {}: {e}", dir.display())))?;
@@ -428,7 +549,20 @@ impl HandlerSet {
                 }
             },
         }
-        write_atomically(&dir.join(format!("{name}.wasm")), &bytes)?;
+        let wasm_path = dir.join(format!("{name}.wasm"));
+        write_atomically(&wasm_path, checked.bytes())?;
+        // The watcher will see these writes: it recognises them by these stamps.
+        self.inner
+            .written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                name.to_owned(),
+                Written {
+                    wasm: Stamp::of(&wasm_path),
+                    manifest: Stamp::of(&toml_path),
+                },
+            );
         Ok(info)
     }
 

@@ -9,11 +9,13 @@ use serde::Serialize;
 
 use super::WasmError;
 use super::component::{CompiledHandler, Invocation, VersionInfo};
+use super::engine::ComponentBytes;
 use super::engine::WasmEngine;
 use super::manifest::Manifest;
 use super::state::Publisher;
-use crate::config::{BrokerConfig, HandlerDefaults, PoolConfig, RetryPolicy};
-use crate::event::{Event, EventDraft};
+use crate::config::{HandlerDefaults, PoolConfig};
+use eventbroker::config::{BrokerConfig, RetryPolicy};
+use eventbroker::event::{Event, EventDraft};
 
 /// Limits given on the command line; they win over the manifest.
 #[derive(Debug, Clone, Default)]
@@ -120,8 +122,9 @@ pub async fn run(
         &RetryPolicy::default(),
         &pool,
     )?;
-    let handler = CompiledHandler::load(engine, bytes, spec, Default::default()).await?;
-    let patterns: Vec<crate::pattern::Pattern> = handler
+    let compiled = engine.compile_checked(&ComponentBytes::new(bytes.to_vec())?)?;
+    let handler = CompiledHandler::load(engine, compiled, spec, Default::default()).await?;
+    let patterns: Vec<eventbroker::pattern::Pattern> = handler
         .patterns()
         .iter()
         .filter_map(|p| p.parse().ok())

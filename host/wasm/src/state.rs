@@ -17,9 +17,9 @@ use super::bindings::resolvespec::eventbroker::host::Host;
 use super::bindings::types::{EventDraft, LogLevel};
 use super::draft::{draft_size, to_event};
 use super::log::{CapturedOutput, LogLine, LogSink};
-use crate::broker::HandlerContext;
-use crate::config::BrokerConfig;
-use crate::event::Event;
+use eventbroker::broker::HandlerContext;
+use eventbroker::config::BrokerConfig;
+use eventbroker::event::Event;
 
 /// Where derived events published by a guest go.
 #[derive(Clone)]

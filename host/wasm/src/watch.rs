@@ -125,10 +125,6 @@ async fn apply_changes(
         for name in names {
             let wasm = handlers.dir().join(format!("{name}.wasm"));
             if wasm.exists() {
-                if let Ok(bytes) = std::fs::read(&wasm) {
-                    // Compile outside the handler set's change lock (a cache hit later).
-                    handlers.engine().warm_cache(bytes).await;
-                }
                 match handlers.reload_file(&wasm).await {
                     Ok(Some(info)) => tracing::info!(
                         handler = %name,
@@ -136,7 +132,7 @@ async fn apply_changes(
                         "handler (re)loaded from the handlers directory"
                     ),
                     Ok(None) => {
-                        tracing::debug!(handler = %name, "handler files changed but hold the serving version")
+                        tracing::debug!(handler = %name, "handler files changed but hold the serving version (or were written by this host's deploy)")
                     }
                     Err(error) => {
                         tracing::warn!(handler = %name, %error, "changed handler rejected; the previous version keeps serving")

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use eventbroker::config::Config;
-use eventbroker::hooks::capture;
+use eventbroker_server::capture;
+use eventbroker_server::config::Config;
 
 /// Change capture commands.
 #[derive(Debug, Subcommand)]
@@ -38,7 +38,7 @@ pub struct UninstallArgs {
     force: bool,
 }
 
-fn load(args: &CaptureArgs) -> anyhow::Result<eventbroker::config::CaptureConfig> {
+fn load(args: &CaptureArgs) -> anyhow::Result<eventbroker_server::config::CaptureConfig> {
     let config = Config::load(args.config.as_deref())?;
     if config.capture.url.is_empty() {
         anyhow::bail!("the config has no capture.url: nothing to manage");

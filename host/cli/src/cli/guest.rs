@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
-use eventbroker::config::default_cache_dir;
-use eventbroker::wasm::check::{CheckReport, check};
-use eventbroker::wasm::runner::{Overrides, RunReport, parse_events, run};
-use eventbroker::wasm::{WasmEngine, WasmError};
+use eventbroker_wasm::check::{CheckReport, check};
+use eventbroker_wasm::config::default_cache_dir;
+use eventbroker_wasm::runner::{Overrides, RunReport, parse_events, run};
+use eventbroker_wasm::{WasmEngine, WasmError};
 
 /// `eventbroker run`.
 #[derive(Debug, Args)]
@@ -58,7 +58,7 @@ pub struct CheckArgs {
 }
 
 fn engine(cache_dir: Option<PathBuf>) -> anyhow::Result<WasmEngine> {
-    let pool = eventbroker::config::PoolConfig {
+    let pool = eventbroker_wasm::config::PoolConfig {
         instances: 16,
         ..Default::default()
     };

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use eventbroker::config::Config;
+use eventbroker_server::config::Config;
 
 /// An event broker host that runs event handlers as sandboxed WebAssembly components.
 #[derive(Debug, Parser)]
@@ -99,8 +99,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config.handlers.dir = dir;
     }
     config.validate()?;
-    eventbroker::telemetry::init(&config.log);
-    eventbroker::service::run(config, shutdown_signal())
+    eventbroker_server::telemetry::init(&config.log);
+    eventbroker_server::run(config, shutdown_signal())
         .await
         .context("eventbroker serve failed")?;
     Ok(ExitCode::SUCCESS)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
-use crate::support::PATIENCE;
+use eventbroker_testkit::PATIENCE;
 
 /// How an event was handed to a host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

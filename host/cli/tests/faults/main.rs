@@ -13,9 +13,6 @@
 //! answered throughout, prints a table per provider, and fails on any violation, listing the
 //! offending events with their stored state.
 
-#[path = "../support/mod.rs"]
-mod support;
-
 mod clients;
 mod providers;
 mod scenario;
@@ -38,7 +35,7 @@ enum Row {
 #[test]
 fn every_promise_holds_under_faults_on_every_provider() {
     let started = Instant::now();
-    let built = support::guests::build();
+    let built = eventbroker_testkit::guests::build();
     let cache = tempfile::tempdir().expect("temp dir");
     let shared = Arc::new(scenario::Shared {
         component: built.fixtures.join("counter.wasm"),

@@ -5,7 +5,17 @@
 use serde_json::json;
 
 use crate::scenario::{Setup, Topology, big_payload_kib};
-use crate::support::{backends, services, unique_suffix};
+use eventbroker_testkit::{services, unique_suffix};
+
+/// Address of the NATS server (with JetStream).
+const NATS_ADDR: &str = "127.0.0.1:4222";
+
+/// The URL of the PostgreSQL test database (`EVENTBROKER_TEST_POSTGRES_URL`, default the
+/// local server's `test` database).
+fn postgres_url() -> String {
+    std::env::var("EVENTBROKER_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
 
 /// A provider that could not run, and why.
 pub struct Skipped {
@@ -96,7 +106,7 @@ pub fn sqlite() -> Setup {
 
 /// PostgreSQL on a table of its own, through a proxy.
 pub fn postgres() -> Result<Setup, Skipped> {
-    let url = backends::postgres_url();
+    let url = postgres_url();
     let parsed = reqwest::Url::parse(&url).expect("EVENTBROKER_TEST_POSTGRES_URL is a URL");
     let addr = format!(
         "{}:{}",
@@ -170,9 +180,7 @@ pub fn redis() -> Result<Setup, Skipped> {
         });
     }
     let stream = format!("eb-test:{}", unique_suffix());
-    let mut config = backends::base_config(eventbroker::config::ProviderKind::Redis);
-    config.redis.url = Some(format!("redis://{addr}/0"));
-    config.redis.stream_name = stream.clone();
+    let (cleanup_url, cleanup_prefix) = (format!("redis://{addr}/0"), stream.clone());
     Ok(Setup {
         name: "redis",
         topology: Topology::Shared,
@@ -194,28 +202,31 @@ pub fn redis() -> Result<Setup, Skipped> {
         kill: true,
         not_applicable: Vec::new(),
         rss_allowance_kib: 0,
-        // Dropping the backend deletes every key of the stream's namespace.
-        cleanup: detached(move || drop(backends::Backend::from_config("redis", config))),
+        // Every key of the stream's namespace is deleted.
+        cleanup: detached(move || delete_redis_keys(&cleanup_url, &cleanup_prefix)),
     })
 }
 
 /// NATS JetStream on a stream and bucket of their own, through a proxy.
 pub fn nats() -> Result<Setup, Skipped> {
-    if !services::available("NATS", backends::NATS_ADDR) {
+    if !services::available("NATS", NATS_ADDR) {
         return Err(Skipped {
             name: "nats",
-            reason: format!("NATS is not reachable at {}", backends::NATS_ADDR),
+            reason: format!("NATS is not reachable at {NATS_ADDR}"),
         });
     }
-    let config = backends::nats_config(&unique_suffix());
-    let (stream, subjects) = (
-        config.nats.stream_name.clone(),
-        config.nats.subjects.clone(),
-    );
+    let suffix = unique_suffix();
+    let config = eventbroker_nats::NatsConfig {
+        url: format!("nats://{NATS_ADDR}"),
+        stream_name: format!("EBTEST_{suffix}"),
+        subjects: vec![format!("ebtest{suffix}.>")],
+        ..eventbroker_nats::NatsConfig::default()
+    };
+    let (stream, subjects) = (config.stream_name.clone(), config.subjects.clone());
     Ok(Setup {
         name: "nats",
         topology: Topology::Shared,
-        backend: Some(backends::NATS_ADDR.to_owned()),
+        backend: Some(NATS_ADDR.to_owned()),
         broker: Box::new(move |port: Option<u16>, _: &str| {
             json!({
                 "provider": "nats",
@@ -232,7 +243,40 @@ pub fn nats() -> Result<Setup, Skipped> {
         kill: true,
         not_applicable: Vec::new(),
         rss_allowance_kib: 0,
-        // Dropping the backend deletes its stream and state bucket.
-        cleanup: detached(move || drop(backends::Backend::from_config("nats", config))),
+        // Its stream and state bucket are deleted.
+        cleanup: detached(move || delete_nats_namespace(&config)),
     })
+}
+
+/// Deletes every key under `prefix` on the Redis server at `url`.
+fn delete_redis_keys(url: &str, prefix: &str) {
+    let Ok(client) = redis::Client::open(url) else {
+        return;
+    };
+    let timeout = std::time::Duration::from_secs(5);
+    let Ok(mut conn) = client.get_connection_with_timeout(timeout) else {
+        return;
+    };
+    let _ = conn.set_read_timeout(Some(timeout));
+    let keys: Vec<String> =
+        match redis::Commands::scan_match::<_, String>(&mut conn, format!("{prefix}*")) {
+            Ok(iter) => iter.filter_map(Result::ok).collect(),
+            Err(_) => return,
+        };
+    for chunk in keys.chunks(500) {
+        let _: Result<i64, _> = redis::cmd("DEL").arg(chunk).query(&mut conn);
+    }
+}
+
+/// Deletes the stream, dead-letter stream and state bucket of a NATS namespace.
+fn delete_nats_namespace(nats: &eventbroker_nats::NatsConfig) {
+    let Ok(runtime) = tokio::runtime::Runtime::new() else {
+        return;
+    };
+    runtime.block_on(async {
+        let broker = eventbroker::BrokerConfig::default();
+        if let Ok(provider) = eventbroker_nats::NatsProvider::connect(nats, &broker).await {
+            let _ = provider.destroy().await;
+        }
+    });
 }

@@ -28,9 +28,9 @@ use serde_json::{Value, json};
 
 use crate::clients::{self, Answer, Attempt, Kind, Shape, Stalled, Stored};
 use crate::serve::Serve;
-use crate::support::PATIENCE;
-use crate::support::proxy::Proxy;
 use crate::verdict::{self, Evidence, Expectations, Verdict};
+use eventbroker_testkit::PATIENCE;
+use eventbroker_testkit::proxy::Proxy;
 
 /// Events of the main load, per provider.
 pub const LOAD: u64 = 2000;
@@ -301,7 +301,11 @@ pub async fn run(mut setup: Setup, shared: Arc<Shared>) -> Outcome {
     }
     let ctx = Arc::new(Ctx {
         name: setup.name,
-        prefix: format!("faults-{}-{}", setup.name, crate::support::unique_suffix()),
+        prefix: format!(
+            "faults-{}-{}",
+            setup.name,
+            eventbroker_testkit::unique_suffix()
+        ),
         client: clients::http(),
         targets: RwLock::new(vec![None; serves.len()]),
         serves,

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::support::PATIENCE;
+use eventbroker_testkit::PATIENCE;
 
 /// What the counting guest logs first in every invocation (see `tests/fixtures/counter`).
 const COUNT_MARK: &str = "faults-count ";

@@ -53,7 +53,7 @@ pub use handler::{
 pub use registry::{SubscribeOptions, SubscriptionId, SubscriptionStats};
 pub use stats::BrokerStats;
 
-use crate::config::{BrokerConfig, ProcessingMode};
+use crate::config::{BrokerConfig, InvalidValue, ProcessingMode};
 use crate::event::{Event, EventStatus, ValidationError};
 use crate::metrics::Metrics;
 use crate::pattern::{Pattern, PatternError};
@@ -82,7 +82,7 @@ const SYNC_POLL_MAX: Duration = Duration::from_secs(1);
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let config = BrokerConfig::default();
-/// let provider = Arc::new(MemoryProvider::new(Default::default()));
+/// let provider = Arc::new(MemoryProvider::default());
 /// let broker = Broker::new(config, provider);
 /// broker.subscribe("public.users.*", handler_fn(|_ctx, event| async move {
 ///     println!("user event {}", event.id);
@@ -195,15 +195,6 @@ impl Broker {
                 stopped: CancellationToken::new(),
             }),
         }
-    }
-
-    /// A broker over the provider its config names.
-    ///
-    /// # Errors
-    /// [`BrokerError::Provider`] if the provider cannot be built.
-    pub async fn from_config(config: BrokerConfig) -> Result<Self, BrokerError> {
-        let provider = crate::provider::from_config(&config).await?;
-        Ok(Broker::new(config, provider))
     }
 
     /// A handle that does not keep the broker alive.
@@ -702,6 +693,9 @@ pub enum BrokerError {
     /// The provider failed.
     #[error(transparent)]
     Provider(#[from] ProviderError),
+    /// The configuration breaks a rule.
+    #[error(transparent)]
+    Config(#[from] InvalidValue),
 }
 
 #[cfg(test)]

@@ -15,10 +15,7 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// does one that got its answer.
 #[tokio::test]
 async fn sync_waiters_are_removed_when_answered_or_dropped() {
-    let broker = Broker::new(
-        BrokerConfig::default(),
-        Arc::new(MemoryProvider::new(Default::default())),
-    );
+    let broker = Broker::new(BrokerConfig::default(), Arc::new(MemoryProvider::default()));
     let (started, gate) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
     let (s, g) = (started.clone(), gate.clone());
     broker

@@ -264,7 +264,7 @@ pub fn crud_event(context: &HookContext, instance_id: &str) -> Event {
 /// use std::sync::Arc;
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let broker = Broker::new(BrokerConfig::default(), Arc::new(MemoryProvider::new(Default::default())));
+/// let broker = Broker::new(BrokerConfig::default(), Arc::new(MemoryProvider::default()));
 /// broker.start().await?;
 /// let registry = HookRegistry::new();
 /// let hooks = register_crud_hooks(&broker, &registry, CrudHookOptions::default());
@@ -433,10 +433,7 @@ mod tests {
     }
 
     async fn broker() -> (Broker, Arc<Mutex<Vec<Event>>>) {
-        let broker = Broker::new(
-            BrokerConfig::default(),
-            Arc::new(MemoryProvider::new(Default::default())),
-        );
+        let broker = Broker::new(BrokerConfig::default(), Arc::new(MemoryProvider::default()));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = seen.clone();
         broker
@@ -618,20 +615,12 @@ mod tests {
     async fn a_full_queue_refuses_without_blocking_and_counts() {
         // A broker that holds one unfinished event; its handler waits for the gate, so the
         // publisher task gets stuck on the second event, waiting for room.
-        let broker = Broker::new(
-            BrokerConfig {
-                buffer_size: 1,
-                publish_timeout: std::time::Duration::from_secs(120),
-                ..BrokerConfig::default()
-            },
-            Arc::new(MemoryProvider::new(
-                crate::provider::memory::MemoryOptions {
-                    max_pending: 1,
-                    publish_timeout: std::time::Duration::from_secs(120),
-                    ..Default::default()
-                },
-            )),
-        );
+        let config = BrokerConfig {
+            buffer_size: 1,
+            publish_timeout: std::time::Duration::from_secs(120),
+            ..BrokerConfig::default()
+        };
+        let broker = Broker::new(config.clone(), Arc::new(MemoryProvider::new(&config)));
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let g = gate.clone();
         broker
@@ -685,10 +674,7 @@ mod tests {
 
     #[test]
     fn outside_a_runtime_the_failure_is_counted() {
-        let broker = Broker::new(
-            BrokerConfig::default(),
-            Arc::new(MemoryProvider::new(Default::default())),
-        );
+        let broker = Broker::new(BrokerConfig::default(), Arc::new(MemoryProvider::default()));
         let registry = HookRegistry::new();
         let hooks = register_crud_hooks(&broker, &registry, CrudHookOptions::default());
         registry.run(&HookContext::deleted("public", "users", json!(1), user()));

@@ -1,13 +1,9 @@
-//! Event sources fed by databases.
-//!
-//! - [`HookRegistry`] and [`register_crud_hooks`]: applications that embed the library call the
-//!   registry after each CRUD operation; the broker hooks publish `schema.entity.operation`
-//!   events (source `database`) without ever blocking or failing the operation.
-//! - [`capture`]: PostgreSQL change capture for `eventbroker serve` — triggers write every
-//!   committed change of the watched tables into an outbox table, which a capture task drains
-//!   into the broker.
+//! CRUD hooks: an application that embeds the library calls the [`HookRegistry`] after each
+//! CRUD operation; the hooks installed by [`register_crud_hooks`] publish
+//! `schema.entity.operation` events (source `database`) without ever blocking or failing the
+//! operation. (PostgreSQL change capture, the other database-fed source, is part of the
+//! service: `eventbroker-server`.)
 
-pub mod capture;
 mod crud;
 mod registry;
 

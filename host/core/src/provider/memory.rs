@@ -32,7 +32,7 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Consumer, ConsumerOptions, Delivery, EventFilter, EventStream, GroupState, Provider,
+    Consumer, ConsumerOptions, Counters, Delivery, EventFilter, EventStream, GroupState, Provider,
     ProviderError, ProviderFeatures, ProviderStats, StatusUpdate,
 };
 use crate::config::BrokerConfig;
@@ -41,49 +41,36 @@ use crate::pattern::Pattern;
 
 const NAME: &str = "memory";
 
-/// Settings of the memory provider.
+/// What the provider takes from its [`BrokerConfig`] (the `memory` section, `buffer_size`,
+/// `publish_timeout` and `consumer_group`).
 #[derive(Debug, Clone)]
-pub struct MemoryOptions {
+struct Settings {
     /// Most events stored at once (settled ones are evicted to make room).
-    pub max_events: usize,
+    max_events: usize,
     /// Most unsettled events (not yet finished by every consumer group) at once.
-    pub max_pending: usize,
+    max_pending: usize,
     /// How long a publish waits for room before failing with [`ProviderError::Full`].
-    pub publish_timeout: Duration,
+    publish_timeout: Duration,
     /// Settled events older than this are removed by the cleanup task.
-    pub max_age: Duration,
+    max_age: Duration,
     /// How often the cleanup task runs.
-    pub cleanup_interval: Duration,
+    cleanup_interval: Duration,
     /// Events buffered per watcher before it is cut off as lagging.
-    pub watcher_buffer: usize,
+    watcher_buffer: usize,
     /// The provider's own consumer group ([`Provider::group`]); it exists from the start.
-    pub group: String,
+    group: String,
 }
 
-impl Default for MemoryOptions {
-    fn default() -> Self {
-        MemoryOptions {
-            max_events: 10_000,
-            max_pending: 1_000,
-            publish_timeout: Duration::from_secs(5),
-            max_age: Duration::from_secs(3600),
-            cleanup_interval: Duration::from_secs(60),
-            watcher_buffer: 1024,
-            group: BrokerConfig::default().consumer_group,
-        }
-    }
-}
-
-impl MemoryOptions {
-    /// The options a broker config asks for (`memory` section, `buffer_size` and
-    /// `consumer_group`).
-    pub fn from_config(config: &BrokerConfig) -> Self {
-        MemoryOptions {
+impl Settings {
+    fn of(config: &BrokerConfig) -> Self {
+        // `BrokerConfig::validate` rejects zeros; a config built in code that skipped it
+        // still gets a working provider rather than a panic in `broadcast::channel`.
+        Settings {
             max_events: config.memory.max_events.max(1),
             max_pending: config.buffer_size.max(1),
             publish_timeout: config.publish_timeout,
             max_age: config.memory.max_age,
-            cleanup_interval: config.memory.cleanup_interval,
+            cleanup_interval: config.memory.cleanup_interval.max(Duration::from_millis(1)),
             watcher_buffer: config.memory.watcher_buffer.max(1),
             group: config.consumer_group.clone(),
         }
@@ -99,7 +86,7 @@ pub struct MemoryProvider {
 }
 
 struct Inner {
-    options: MemoryOptions,
+    options: Settings,
     state: Mutex<State>,
     /// Signalled whenever room may have appeared (an event settled or was removed).
     room: Notify,
@@ -116,15 +103,6 @@ struct Inner {
 struct Change {
     group: Option<Arc<str>>,
     event: Event,
-}
-
-#[derive(Default)]
-struct Counters {
-    published: AtomicU64,
-    consumed: AtomicU64,
-    acknowledged: AtomicU64,
-    redelivered: AtomicU64,
-    consumers: AtomicU64,
 }
 
 struct Entry {
@@ -249,11 +227,20 @@ impl Group {
     }
 }
 
+impl Default for MemoryProvider {
+    /// A provider with the default [`BrokerConfig`].
+    fn default() -> Self {
+        MemoryProvider::new(&BrokerConfig::default())
+    }
+}
+
 impl MemoryProvider {
-    /// A new, empty provider whose own group (`options.group`) exists from the start. Inside
-    /// a tokio runtime it also starts the cleanup task, which stops when the provider is closed
-    /// or dropped.
-    pub fn new(options: MemoryOptions) -> Self {
+    /// A new, empty provider configured by `config`: it keeps at most
+    /// `config.memory.max_events` events and `config.buffer_size` unfinished ones, and its own
+    /// group (`config.consumer_group`) exists from the start. Inside a tokio runtime it also
+    /// starts the cleanup task, which stops when the provider is closed or dropped.
+    pub fn new(config: &BrokerConfig) -> Self {
+        let options = Settings::of(config);
         let (watchers, _) = broadcast::channel(options.watcher_buffer.max(1));
         let group: Arc<str> = Arc::from(options.group.as_str());
         let mut groups = HashMap::new();
@@ -563,10 +550,7 @@ impl Provider for MemoryProvider {
 
     async fn publish(&self, event: &Event) -> Result<(), ProviderError> {
         self.inner.insert(event, true, &self.group).await?;
-        self.inner
-            .counters
-            .published
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.counters.published();
         Ok(())
     }
 
@@ -660,10 +644,7 @@ impl Provider for MemoryProvider {
             state.next_token += 1;
             (id, wake)
         };
-        self.inner
-            .counters
-            .consumers
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.counters.consumer_opened();
         Ok(Arc::new(MemoryConsumer {
             provider: self.inner.clone(),
             id,
@@ -744,12 +725,7 @@ impl Provider for MemoryProvider {
                     .insert(format!("group.{name}.leased"), group.leased.len().into());
             }
         }
-        let counters = &self.inner.counters;
-        stats.published = counters.published.load(Ordering::Relaxed);
-        stats.consumed = counters.consumed.load(Ordering::Relaxed);
-        stats.acknowledged = counters.acknowledged.load(Ordering::Relaxed);
-        stats.redelivered = counters.redelivered.load(Ordering::Relaxed);
-        stats.consumers = counters.consumers.load(Ordering::Relaxed);
+        self.inner.counters.fill(&mut stats);
         stats.subscribers = self.inner.watchers.receiver_count() as u64;
         Ok(stats)
     }
@@ -892,10 +868,7 @@ impl MemoryConsumer {
             group.wake.notify_waiters();
         }
         drop(state);
-        self.provider
-            .counters
-            .consumers
-            .fetch_sub(1, Ordering::Relaxed);
+        self.provider.counters.consumer_closed();
     }
 
     fn take_lease(&self, delivery: &Delivery) -> Result<Lease, ProviderError> {
@@ -925,10 +898,7 @@ impl MemoryConsumer {
             group.schedule(due, lease.seq, lease.id, lease.count);
             group.wake.notify_waiters();
         }
-        self.provider
-            .counters
-            .redelivered
-            .fetch_add(1, Ordering::Relaxed);
+        self.provider.counters.redelivered();
     }
 }
 
@@ -950,10 +920,7 @@ impl Consumer for MemoryConsumer {
             }
             let (batch, next_due) = self.take(max);
             if !batch.is_empty() {
-                self.provider
-                    .counters
-                    .consumed
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                self.provider.counters.delivered(batch.len());
                 return Ok(batch);
             }
             let timer = async {
@@ -983,10 +950,7 @@ impl Consumer for MemoryConsumer {
             }
             Inner::change(&mut state, &lease.id, &self.group, |s| s.apply(update))?
         };
-        self.provider
-            .counters
-            .acknowledged
-            .fetch_add(1, Ordering::Relaxed);
+        self.provider.counters.acknowledged();
         self.provider.notify_change(&self.group, event, settled);
         Ok(())
     }
@@ -1074,12 +1038,13 @@ mod tests {
 
     #[tokio::test]
     async fn an_event_is_evicted_only_once_every_group_finished_it() {
-        let provider = MemoryProvider::new(MemoryOptions {
-            max_events: 2,
+        let mut config = BrokerConfig {
             publish_timeout: Duration::from_millis(50),
-            group: "a".into(),
-            ..MemoryOptions::default()
-        });
+            consumer_group: "a".into(),
+            ..BrokerConfig::default()
+        };
+        config.memory.max_events = 2;
+        let provider = MemoryProvider::new(&config);
         let in_b = provider.in_group("b");
         let consumer_a = provider.consume(options("a")).await.expect("consume");
         let consumer_b = in_b.consume(options("b")).await.expect("consume");

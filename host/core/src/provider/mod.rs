@@ -2,8 +2,10 @@
 //!
 //! A [`Provider`] stores events, answers queries about them and delivers them to work-sharing
 //! [`Consumer`]s (at least once, acknowledged only after the broker finished with an event) and
-//! to fan-out watchers ([`Provider::stream`]). One module per backend; [`from_config`] is the
-//! one place that maps a configured provider name to a constructor.
+//! to fan-out watchers ([`Provider::stream`]). This crate has the in-process backend
+//! ([`MemoryProvider`]); the durable ones are crates of their own (`eventbroker-sql`,
+//! `eventbroker-redis`, `eventbroker-nats`), and the service maps the configured provider name
+//! to one of them.
 //!
 //! Every consumer group receives every event and keeps its own processing state of it
 //! ([`GroupState`]: status, error, retry count, handler outcomes, times). A consumer reads and
@@ -11,14 +13,71 @@
 //! writes outside a delivery (`update_status`, `requeue`) concern the provider's own group
 //! ([`Provider::group`]: the configured `event_broker.consumer_group`, for Redis
 //! `redis.consumer_group`), the group this host's workers join.
+//!
+//! # Examples
+//! Implementing a provider: one that counts what it stores and delegates the rest to the
+//! memory provider. A backend of its own implements the same methods on its storage (and its
+//! [`Consumer`]), keeping state per consumer group with [`GroupState`] and counting activity
+//! with [`Counters`]; the conformance cases of `eventbroker-testkit` then check it.
+//! ```
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//! use eventbroker::provider::{
+//!     async_trait, Consumer, ConsumerOptions, EventFilter, EventStream, MemoryProvider,
+//!     Provider, ProviderError, ProviderFeatures, ProviderStats, StatusUpdate,
+//! };
+//! use eventbroker::{Broker, BrokerConfig, Event, EventSource, Pattern};
+//!
+//! struct Counting {
+//!     inner: MemoryProvider,
+//!     stored: AtomicU64,
+//! }
+//!
+//! #[async_trait]
+//! impl Provider for Counting {
+//!     fn name(&self) -> &'static str { "counting" }
+//!     fn group(&self) -> &str { self.inner.group() }
+//!     fn features(&self) -> ProviderFeatures { self.inner.features() }
+//!     async fn publish(&self, event: &Event) -> Result<(), ProviderError> {
+//!         self.inner.publish(event).await?;
+//!         self.stored.fetch_add(1, Ordering::Relaxed);
+//!         Ok(())
+//!     }
+//!     async fn get(&self, id: &str) -> Result<Option<Event>, ProviderError> { self.inner.get(id).await }
+//!     async fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> { self.inner.list(filter).await }
+//!     async fn update_status(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
+//!         self.inner.update_status(id, update).await
+//!     }
+//!     async fn delete(&self, id: &str) -> Result<bool, ProviderError> { self.inner.delete(id).await }
+//!     async fn requeue(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
+//!         self.inner.requeue(id, update).await
+//!     }
+//!     async fn consume(&self, options: ConsumerOptions) -> Result<Arc<dyn Consumer>, ProviderError> {
+//!         self.inner.consume(options).await
+//!     }
+//!     async fn stream(&self, pattern: &Pattern) -> Result<EventStream, ProviderError> { self.inner.stream(pattern).await }
+//!     async fn stats(&self) -> Result<ProviderStats, ProviderError> { self.inner.stats().await }
+//!     async fn ping(&self) -> Result<(), ProviderError> { self.inner.ping().await }
+//!     async fn close(&self) { self.inner.close().await }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let provider = Arc::new(Counting { inner: MemoryProvider::default(), stored: AtomicU64::new(0) });
+//! let broker = Broker::new(BrokerConfig::default(), provider.clone());
+//! broker.start().await?;
+//! broker.publish_sync(Event::new(EventSource::System, "demo.created", "host-1")).await?;
+//! assert_eq!(provider.stored.load(Ordering::Relaxed), 1);
+//! broker.stop().await?;
+//! # Ok(())
+//! # }
+//! ```
 
+mod counters;
 mod filter;
 pub mod memory;
-pub mod nats;
-pub mod redis;
-pub mod sql;
 mod state;
-mod watch_buffer;
+pub mod watch_buffer;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -30,16 +89,14 @@ use chrono::{DateTime, Utc};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{BrokerConfig, ProviderKind};
 use crate::event::{Event, EventStatus, HandlerOutcome};
 use crate::pattern::Pattern;
 
-pub use self::redis::RedisProvider;
+pub use async_trait::async_trait;
+pub use counters::{Counters, WatcherGuard};
 pub use filter::{EventFilter, SortOrder};
 pub use memory::MemoryProvider;
-pub use nats::NatsProvider;
-pub use sql::{SqlOptions, SqlProvider};
-pub use state::GroupState;
+pub use state::{GroupState, release_keeps, statuses_kept_by_release};
 
 /// What a backend guarantees; the conformance suite tests exactly what is claimed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -363,31 +420,19 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// A configuration error of `provider`: the key out of range and why.
+    pub fn invalid(provider: &'static str, error: crate::config::InvalidValue) -> Self {
+        ProviderError::Config {
+            provider,
+            reason: format!("{} {}", error.key, error.reason),
+        }
+    }
+
     /// A backend failure of `provider`, from any displayable error.
     pub fn backend(provider: &'static str, error: impl std::fmt::Display) -> Self {
         ProviderError::Backend {
             provider,
             message: error.to_string(),
         }
-    }
-}
-
-/// Builds the provider named in `config.provider`: the one place mapping names to backends.
-///
-/// # Errors
-/// The backend's construction errors: [`ProviderError::Config`] for bad settings,
-/// [`ProviderError::Backend`] for an unreachable server.
-pub async fn from_config(config: &BrokerConfig) -> Result<Arc<dyn Provider>, ProviderError> {
-    match config.provider {
-        ProviderKind::Memory => Ok(Arc::new(MemoryProvider::new(
-            memory::MemoryOptions::from_config(config),
-        ))),
-        ProviderKind::Database => Ok(Arc::new(
-            SqlProvider::connect(SqlOptions::from_config(config)).await?,
-        )),
-        ProviderKind::Redis => Ok(Arc::new(
-            RedisProvider::connect(self::redis::RedisOptions::from_config(config)?).await?,
-        )),
-        ProviderKind::Nats => Ok(Arc::new(NatsProvider::connect(config).await?)),
     }
 }

@@ -81,11 +81,35 @@ impl GroupState {
         self.completed_at = update.completed_at;
     }
 
-    /// The state of a delivery given back unprocessed: `pending` again, not completed.
+    /// The state after a delivery was given back unprocessed (released, or abandoned by a
+    /// host whose lease expired): `pending` again and not completed, unless
+    /// [`release_keeps`] the current status.
     pub fn release(&mut self) {
+        if release_keeps(self.status) {
+            return;
+        }
         self.status = EventStatus::Pending;
         self.completed_at = None;
     }
+}
+
+/// Whether a group's state in `status` stays as it is when a delivery of the event is given
+/// back unprocessed (released, or abandoned by a host whose lease expired): a finished outcome
+/// is never undone by a delivery that was not attempted; every other status goes back to
+/// `pending` (and loses its completion time).
+///
+/// This is the one copy of the rule. The memory and NATS providers apply it through
+/// [`GroupState::release`]; the SQL and Redis providers render [`statuses_kept_by_release`]
+/// into their queries and scripts, so a fifth backend inherits it the same way.
+pub fn release_keeps(status: EventStatus) -> bool {
+    status.is_finished()
+}
+
+/// The statuses [`release_keeps`], for backends that render the rule into a query or script.
+pub fn statuses_kept_by_release() -> impl Iterator<Item = EventStatus> {
+    EventStatus::ALL
+        .into_iter()
+        .filter(|status| release_keeps(*status))
 }
 
 #[cfg(test)]
@@ -121,8 +145,20 @@ mod tests {
         assert_eq!(GroupState::of(&shown), state);
         assert_eq!(shown.payload, event.payload);
         state.release();
+        assert_eq!(
+            state.status,
+            EventStatus::Failed,
+            "a finished outcome is kept"
+        );
+        assert_eq!(state.completed_at, Some(started));
+        state.status = EventStatus::Processing;
+        state.release();
         assert_eq!(state.status, EventStatus::Pending);
         assert_eq!(state.completed_at, None);
         assert_eq!(state.retry_count, 3, "a release keeps the retry count");
+        assert_eq!(
+            statuses_kept_by_release().collect::<Vec<_>>(),
+            [EventStatus::Completed, EventStatus::Failed]
+        );
     }
 }

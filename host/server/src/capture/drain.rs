@@ -9,11 +9,11 @@ use sqlx::postgres::PgListener;
 use sqlx::{AssertSqlSafe, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 
+use super::config::CaptureConfig;
 use super::{OUTBOX_TABLE, sql};
-use crate::broker::{Broker, BrokerError};
-use crate::config::CaptureConfig;
-use crate::event::{Event, EventSource};
-use crate::provider::ProviderError;
+use eventbroker::broker::{Broker, BrokerError};
+use eventbroker::event::{Event, EventSource};
+use eventbroker::provider::ProviderError;
 
 /// The `source` label of this event source in metrics.
 const METRIC_SOURCE: &str = "capture";
@@ -340,13 +340,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_republished_change_is_one_event_and_an_oversized_row_is_not_lost() {
-        let config = crate::config::BrokerConfig {
+        let config = eventbroker::config::BrokerConfig {
             max_payload: bytesize::ByteSize::b(200),
             ..Default::default()
         };
         let broker = Broker::new(
             config,
-            std::sync::Arc::new(crate::provider::MemoryProvider::new(Default::default())),
+            std::sync::Arc::new(eventbroker::provider::MemoryProvider::new(
+                Default::default(),
+            )),
         );
         broker.start().await.expect("start");
         let key = vec!["id".to_owned()];
@@ -357,7 +359,7 @@ mod tests {
             .expect("a re-publish is accepted as a duplicate");
         let all = broker
             .provider()
-            .list(&crate::provider::EventFilter::default())
+            .list(&eventbroker::provider::EventFilter::default())
             .await
             .expect("list");
         assert_eq!(all.len(), 1, "one event per change");

@@ -17,6 +17,7 @@
 //!
 //! [`uninstall`] drops the triggers, the function, the outbox and the schema (when empty).
 
+pub mod config;
 mod drain;
 mod sql;
 
@@ -27,8 +28,10 @@ use sqlx::postgres::PgPoolOptions;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Broker;
-use crate::config::CaptureConfig;
+use eventbroker::config::InvalidValue;
+
+pub use self::config::{CaptureConfig, CaptureOperation};
+use eventbroker::broker::Broker;
 
 pub use sql::{InstallReport, UninstallReport, install, uninstall};
 
@@ -121,7 +124,18 @@ impl std::fmt::Display for TableName {
 ///
 /// # Errors
 /// `(key, reason)` for the first problem found.
-pub fn check_config(config: &CaptureConfig) -> Result<(), (&'static str, String)> {
+impl CaptureConfig {
+    /// Checks the `capture` section: a plain schema name, and when capture is on, a
+    /// PostgreSQL URL, valid table names, at least one operation, positive bounds.
+    ///
+    /// # Errors
+    /// [`InvalidValue`] naming the key.
+    pub fn validate(&self) -> Result<(), InvalidValue> {
+        check_config(self).map_err(|(key, reason)| InvalidValue::new(key, reason))
+    }
+}
+
+fn check_config(config: &CaptureConfig) -> Result<(), (&'static str, String)> {
     if !is_identifier(&config.schema) || config.schema.len() > MAX_SCHEMA_LEN {
         return Err((
             "capture.schema",
@@ -264,22 +278,5 @@ mod tests {
         config.operations = CaptureConfig::default().operations;
         config.schema = "x".repeat(MAX_SCHEMA_LEN + 1);
         assert_eq!(check_config(&config).unwrap_err().0, "capture.schema");
-    }
-
-    #[test]
-    fn the_example_config_loads() {
-        crate::config::with_isolated_env(|| {
-            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../examples/config-capture.yaml");
-            let config = crate::config::Config::load(Some(&path)).expect("example loads");
-            assert!(config.capture.enabled());
-            assert_eq!(config.capture.tables, ["public.orders"]);
-            let bad = crate::config::Config::from_text(
-                crate::config::FileFormat::Yaml,
-                "capture:\n  url: postgres://x/y\n  tables: [orders]\n",
-            )
-            .unwrap_err();
-            assert!(bad.to_string().contains("capture.tables"), "{bad}");
-        });
     }
 }

@@ -6,8 +6,8 @@
 
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
 
+use super::config::CaptureConfig;
 use super::{CaptureError, FUNCTION_NAME, OUTBOX_TABLE, TRIGGER_NAME, TableName, tables};
-use crate::config::CaptureConfig;
 
 /// First key of the advisory locks taken by install, uninstall and the drainer.
 pub(super) const LOCK_CLASS: i32 = 0x6576_6272; // "evbr"

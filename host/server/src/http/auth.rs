@@ -20,7 +20,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, AppState};
-use crate::event::{EventDraft, EventSource};
+use eventbroker::event::{EventDraft, EventSource};
 
 /// Bearer tokens guarding the API (the `server` section's `token`, `admin_token`,
 /// `publish_token` and `metrics_token`).

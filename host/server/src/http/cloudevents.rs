@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
 use super::ApiError;
-use crate::event::{Event, EventDraft, EventSource};
+use eventbroker::event::{Event, EventDraft, EventSource};
 
 /// The structured-mode media type.
 pub const STRUCTURED: &str = "application/cloudevents+json";

@@ -7,9 +7,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::broker::BrokerError;
-use crate::provider::ProviderError;
-use crate::wasm::WasmError;
+use eventbroker::broker::BrokerError;
+use eventbroker::provider::ProviderError;
+use eventbroker_wasm::WasmError;
 
 /// An error response of the HTTP API.
 #[derive(Debug, Clone, PartialEq, Eq)]

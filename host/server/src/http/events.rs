@@ -11,10 +11,10 @@ use serde_json::{Value, json};
 use super::auth::{Caller, check_claims};
 use super::cloudevents;
 use super::{ApiBody, ApiError, ApiPath, ApiQuery, AppState};
-use crate::broker::{BrokerStats, Published};
-use crate::config::ProcessingMode;
-use crate::event::{Event, EventDraft};
-use crate::provider::EventFilter;
+use eventbroker::broker::{BrokerStats, Published};
+use eventbroker::config::ProcessingMode;
+use eventbroker::event::{Event, EventDraft};
+use eventbroker::provider::EventFilter;
 
 /// Query parameters of `POST /v1/events`.
 #[derive(Debug, Default, Deserialize)]

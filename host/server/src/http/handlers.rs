@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::{ApiError, ApiPath, AppState};
-use crate::wasm::HandlerInfo;
+use eventbroker_wasm::HandlerInfo;
 
 /// `GET /v1/handlers`.
 pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {

@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod browser;
 pub mod cloudevents;
+pub mod config;
 mod error;
 mod events;
 mod handlers;
@@ -38,10 +39,12 @@ pub use auth::{Scope, Tokens};
 pub use browser::{BrowserPolicy, PolicyError};
 pub use error::ApiError;
 
-use crate::broker::Broker;
-use crate::config::ServerConfig;
-use crate::wasm::HandlerSet;
+use eventbroker::config::InvalidValue;
+
+pub use self::config::{ServerConfig, WebSocketConfig};
 use auth::Access;
+use eventbroker::broker::Broker;
+use eventbroker_wasm::HandlerSet;
 
 /// What the routes share.
 #[derive(Clone)]
@@ -88,9 +91,43 @@ impl Security {
     }
 }
 
+impl ServerConfig {
+    /// Checks the `server` section: tokens are non-empty without whitespace,
+    /// `allowed_hosts` and `allowed_origins` entries parse, WebSocket bounds are positive.
+    ///
+    /// # Errors
+    /// [`InvalidValue`] naming the key.
+    pub fn validate(&self) -> Result<(), InvalidValue> {
+        check_config(self).map_err(|(key, reason)| InvalidValue::new(key, reason))?;
+        let websocket = &self.websocket;
+        eventbroker::config::require_positive([
+            (
+                "server.websocket.publish_rate",
+                u64::from(websocket.publish_rate),
+            ),
+            (
+                "server.websocket.publish_burst",
+                u64::from(websocket.publish_burst),
+            ),
+            (
+                "server.websocket.outbound_buffer",
+                websocket.outbound_buffer as u64,
+            ),
+            (
+                "server.websocket.max_subscriptions",
+                websocket.max_subscriptions as u64,
+            ),
+            (
+                "server.websocket.max_message_size",
+                websocket.max_message_size.as_u64(),
+            ),
+        ])
+    }
+}
+
 /// Checks the `server` section's security settings: tokens are non-empty without surrounding
 /// whitespace, `allowed_hosts` and `allowed_origins` entries parse. The error names the key.
-pub(crate) fn check_config(config: &ServerConfig) -> Result<(), (&'static str, String)> {
+fn check_config(config: &ServerConfig) -> Result<(), (&'static str, String)> {
     let tokens = [
         ("server.token", &config.token),
         ("server.admin_token", &config.admin_token),

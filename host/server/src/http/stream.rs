@@ -15,7 +15,7 @@ use futures::{Stream, StreamExt};
 use serde::Deserialize;
 
 use super::{ApiError, ApiQuery, AppState};
-use crate::pattern::Pattern;
+use eventbroker::pattern::Pattern;
 
 /// Query parameters of `GET /v1/stream`.
 #[derive(Debug, Deserialize)]
@@ -32,7 +32,7 @@ pub async fn stream(
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let pattern = match query.pattern {
         Some(pattern) => pattern,
-        None => Pattern::new("*").map_err(crate::broker::BrokerError::from)?,
+        None => Pattern::new("*").map_err(eventbroker::broker::BrokerError::from)?,
     };
     let events = state.broker().provider().stream(&pattern).await?;
     let messages = events.map(|item| {

@@ -42,12 +42,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::{Access, Scope, authorize, bearer, challenge};
+use super::config::WebSocketConfig;
 use super::{ApiError, ApiQuery, AppState};
-use crate::broker::{BrokerError, Published};
-use crate::config::WebSocketConfig;
-use crate::event::{EventDraft, EventSource};
-use crate::pattern::Pattern;
-use crate::provider::{EventStream, ProviderError};
+use eventbroker::broker::{BrokerError, Published};
+use eventbroker::event::{EventDraft, EventSource};
+use eventbroker::pattern::Pattern;
+use eventbroker::provider::{EventStream, ProviderError};
 
 /// The subprotocol the host speaks.
 pub const SUBPROTOCOL: &str = "eventbroker";

@@ -19,8 +19,8 @@ use eventbroker::provider::{
 use futures::StreamExt;
 use serde_json::json;
 
-use super::support::backends::{Backend, OWN_GROUP};
-use super::support::{PATIENCE, unique_suffix, wait_for};
+use crate::backends::{Backend, OWN_GROUP, Open};
+use crate::{PATIENCE, unique_suffix, wait_for};
 
 /// The lease of consumers whose deliveries are acknowledged promptly.
 const LONG_LEASE: Duration = Duration::from_secs(60);
@@ -87,14 +87,14 @@ fn completed(event: &Event) -> StatusUpdate {
     finished(EventStatus::Completed, event)
 }
 
-async fn publish_all(provider: &Arc<dyn Provider>, events: &[Event]) {
+pub async fn publish_all(provider: &Arc<dyn Provider>, events: &[Event]) {
     for event in events {
         provider.publish(event).await.expect("publish");
     }
 }
 
 /// Fetches until `count` deliveries arrived (or panics after [`PATIENCE`]).
-async fn fetch_n(consumer: &Arc<dyn Consumer>, count: usize) -> Vec<Delivery> {
+pub async fn fetch_n(consumer: &Arc<dyn Consumer>, count: usize) -> Vec<Delivery> {
     let mut out = Vec::new();
     tokio::time::timeout(PATIENCE, async {
         while out.len() < count {
@@ -108,7 +108,7 @@ async fn fetch_n(consumer: &Arc<dyn Consumer>, count: usize) -> Vec<Delivery> {
 }
 
 /// Fetches one delivery, or `None` if none arrives within `within`.
-async fn fetch_within(consumer: &Arc<dyn Consumer>, within: Duration) -> Option<Delivery> {
+pub async fn fetch_within(consumer: &Arc<dyn Consumer>, within: Duration) -> Option<Delivery> {
     tokio::time::timeout(within, async {
         loop {
             let mut batch = consumer.fetch(1).await.expect("fetch");
@@ -121,7 +121,7 @@ async fn fetch_within(consumer: &Arc<dyn Consumer>, within: Duration) -> Option<
     .ok()
 }
 
-async fn status_of(provider: &Arc<dyn Provider>, id: &str) -> Option<EventStatus> {
+pub async fn status_of(provider: &Arc<dyn Provider>, id: &str) -> Option<EventStatus> {
     provider.get(id).await.expect("get").map(|e| e.status)
 }
 
@@ -568,14 +568,12 @@ pub async fn watchers_receive_only_matching_types(backend: &Backend) {
 pub async fn a_stalled_watcher_is_cut_and_holds_a_bounded_buffer(backend: &Backend) {
     const BUFFER: usize = 8;
     const PUBLISHED: usize = BUFFER * 6;
-    let mut config = backend.config.clone();
-    config.memory.watcher_buffer = BUFFER;
-    config.database.watcher_buffer = BUFFER;
-    config.redis.watcher_buffer = BUFFER;
-    config.nats.watcher_buffer = BUFFER;
-    let provider = eventbroker::provider::from_config(&config)
-        .await
-        .expect("provider");
+    let provider = backend
+        .open(Open {
+            watcher_buffer: Some(BUFFER),
+            ..Open::default()
+        })
+        .await;
     let before = provider.stats().await.expect("stats").subscribers;
     let mut stalled = provider
         .stream(&Pattern::new("stall.*").expect("pattern"))
@@ -1273,7 +1271,7 @@ fn assert_state(event: &Event, update: &StatusUpdate, what: &str) {
 
 /// Reads `watcher` until it shows `until` (an event id) in `status`, returning every item
 /// seen before it.
-async fn watch_until(
+pub async fn watch_until(
     watcher: &mut eventbroker::provider::EventStream,
     until: &str,
     status: EventStatus,

@@ -3,21 +3,28 @@
 //! only what its backend does not claim. Backends needing a service skip loudly when it is
 //! unreachable (a failure under `EVENTBROKER_REQUIRE_SERVICES=1`).
 //!
-//! Add a backend with one line: `conformance!(name, support::backends::name());`.
+//! A backend crate runs every case with one line in its tests:
+//! `eventbroker_testkit::conformance!(name, backend_expression);`.
 
-#[path = "conformance/cases.rs"]
-mod conformance_cases;
-mod support;
+pub mod cases;
 
-/// Generates one test per conformance case for a backend.
+/// Generates one `#[tokio::test]` per conformance case, in a module named `$backend`, each
+/// running its case on the backend `$open` (an expression of type
+/// `Option<eventbroker_testkit::backends::Backend>`, evaluated once per test; `None` skips the
+/// test, after the loud message of [`crate::services::available`]).
+///
+/// ```ignore
+/// eventbroker_testkit::conformance!(redis, common::backend());
+/// ```
+#[macro_export]
 macro_rules! conformance {
     ($backend:ident, $open:expr) => {
         mod $backend {
-            use super::conformance_cases as cases;
             #[allow(unused_imports)]
-            use super::support;
+            use super::*;
+            use $crate::conformance::cases;
 
-            conformance!(@cases $open;
+            $crate::conformance!(@cases $open;
                 publish_then_consume_keeps_every_field,
                 many_publishers_and_consumers_deliver_each_event_once,
                 negative_acknowledgement_redelivers,
@@ -55,9 +62,3 @@ macro_rules! conformance {
         )+
     };
 }
-
-conformance!(memory, support::backends::memory());
-conformance!(sqlite, support::backends::sqlite());
-conformance!(postgres, support::backends::postgres());
-conformance!(redis, support::backends::redis());
-conformance!(nats, support::backends::nats());

@@ -3,7 +3,7 @@
 
 use axum::http::{StatusCode, Uri};
 
-use crate::server::ApiError;
+use crate::http::ApiError;
 
 /// Headers hyper accepts in one request (its default).
 pub(super) const MAX_HEADERS: usize = 100;

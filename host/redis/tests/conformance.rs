@@ -1,0 +1,5 @@
+//! The provider conformance suite on Redis Streams.
+
+mod common;
+
+eventbroker_testkit::conformance!(redis, common::backend());
