@@ -21,7 +21,7 @@ mod scripts;
 mod store;
 mod watch;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -794,14 +794,14 @@ mod tests {
         ));
         redis.url = None;
         redis.stream_name = " ".into();
-        let error = Settings::resolve(&redis, &broker).err().expect("an error");
+        let error = Settings::resolve(&redis, &broker).expect_err("an error");
         assert!(
             error.to_string().contains("event_broker.redis.stream_name"),
             "{error}"
         );
         redis.stream_name = "s".into();
         redis.command_timeout = Duration::from_millis(1);
-        let error = Settings::resolve(&redis, &broker).err().expect("an error");
+        let error = Settings::resolve(&redis, &broker).expect_err("an error");
         assert!(
             error
                 .to_string()

@@ -13,7 +13,6 @@
 //! growing the host's memory.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
 

@@ -690,7 +690,7 @@ impl Provider for SqlProvider {
             pattern,
             self.shared.shutdown.clone(),
         );
-        Ok(super::watch_buffer::bounded(
+        Ok(eventbroker::provider::watch_buffer::bounded(
             stream,
             self.shared.options.watcher_buffer,
         ))

@@ -1,7 +1,7 @@
 //! Bindings generated from `wit/` (the one `bindgen!` of the host).
 
 wasmtime::component::bindgen!({
-    path: "../wit",
+    path: "../../wit",
     world: "event-handler",
     imports: {
         "resolvespec:eventbroker/host.publish": async | trappable,

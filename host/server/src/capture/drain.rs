@@ -344,12 +344,8 @@ mod tests {
             max_payload: bytesize::ByteSize::b(200),
             ..Default::default()
         };
-        let broker = Broker::new(
-            config,
-            std::sync::Arc::new(eventbroker::provider::MemoryProvider::new(
-                Default::default(),
-            )),
-        );
+        let provider = eventbroker::provider::MemoryProvider::new(&config);
+        let broker = Broker::new(config, std::sync::Arc::new(provider));
         broker.start().await.expect("start");
         let key = vec!["id".to_owned()];
         let small = change("create", None, Some(json!({"id": 1, "total": 5})));

@@ -39,9 +39,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use bytesize::ByteSize;
 use figment::providers::{Env, Format, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
@@ -401,8 +399,12 @@ pub(crate) fn with_isolated_env<T>(f: impl FnOnce() -> T) -> T {
 // figment's `Jail` closures must return its large error type.
 #[allow(clippy::result_large_err)]
 mod tests {
-    use super::*;
+    use std::time::Duration;
+
+    use eventbroker::config::default_instance_id;
     use figment::Jail;
+
+    use super::*;
 
     #[test]
     fn defaults_match_the_plan() {
@@ -542,7 +544,6 @@ mod tests {
                 for (format, text) in [(FileFormat::Yaml, yaml), (FileFormat::Toml, toml)] {
                     let config = Config::from_text(format, text)
                         .unwrap_or_else(|e| panic!("{format:?} with {secret:?}: {e}"));
-                    let broker = &config.event_broker;
                     let backend = &config.backend;
                     assert_eq!(backend.redis.password, secret, "{format:?}");
                     assert_eq!(

@@ -187,6 +187,9 @@ impl From<BrokerError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "conflict", message)
             }
             BrokerError::Provider(provider) => provider.into(),
+            BrokerError::Config(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "invalid_config", message)
+            }
         }
     }
 }

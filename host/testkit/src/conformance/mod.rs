@@ -6,6 +6,9 @@
 //! A backend crate runs every case with one line in its tests:
 //! `eventbroker_testkit::conformance!(name, backend_expression);`.
 
+// Each case is named for the property it checks (`publish_then_consume_keeps_every_field`);
+// helpers and cases with more to say carry doc comments.
+#[allow(missing_docs)]
 pub mod cases;
 
 /// Generates one `#[tokio::test]` per conformance case, in a module named `$backend`, each
