@@ -1288,7 +1288,7 @@ async fn the_component_cache_is_private_to_the_host_user() {
         |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&dir), 0o700);
     let (_, source) = engine.compile(&bytes).unwrap();
-    assert_eq!(source, eventbroker_wasm::engine::CompileSource::Compiled);
+    assert_eq!(source, eventbroker_wasm::CompileSource::Compiled);
     let entry = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -1297,13 +1297,13 @@ async fn the_component_cache_is_private_to_the_host_user() {
     assert_eq!(mode(&entry), 0o600);
     assert_eq!(
         engine.compile(&bytes).unwrap().1,
-        eventbroker_wasm::engine::CompileSource::Cache
+        eventbroker_wasm::CompileSource::Cache
     );
     // An entry others could have written is compiled afresh, not loaded.
     std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o666)).unwrap();
     assert_eq!(
         engine.compile(&bytes).unwrap().1,
-        eventbroker_wasm::engine::CompileSource::Compiled
+        eventbroker_wasm::CompileSource::Compiled
     );
     assert_eq!(mode(&entry), 0o600, "replaced by a private one");
     // A directory others can write is not used at all.

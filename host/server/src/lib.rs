@@ -7,8 +7,9 @@
 //! - [`connect`]: the configured provider, from the backend crates.
 //! - [`service`]: [`Service::start`] / [`run`] — provider, broker, WebAssembly handlers
 //!   (loaded and watched), the HTTP server, change capture and graceful shutdown.
-//! - [`http`]: the HTTP API (axum): events, SSE, WebSocket, handlers, health, metrics and the
-//!   console page, behind the listener's request checks and the token/Origin/Host policy.
+//! - the HTTP API (axum, private module `http`): events, SSE, WebSocket, handlers, health,
+//!   metrics and the console page, behind the listener's request checks and the
+//!   token/Origin/Host policy; [`Service`] serves it.
 //! - [`capture`]: PostgreSQL change capture (triggers, outbox, drain into the broker).
 //! - [`telemetry`]: tracing setup.
 //!
@@ -17,11 +18,12 @@
 
 pub mod capture;
 pub mod config;
-pub mod http;
+mod http;
 mod providers;
 pub mod service;
 pub mod telemetry;
 
 pub use config::{BackendConfig, Config, ConfigError, FileFormat, ProviderKind};
+pub use http::PolicyError;
 pub use providers::connect;
 pub use service::{Service, ServiceError, run};

@@ -33,8 +33,8 @@ use crate::config::Config;
 use crate::http::wire::CheckedListener;
 use crate::http::{self, AppState, PolicyError, RouterLimits, Security};
 use eventbroker::broker::{Broker, BrokerError, StopReport};
-use eventbroker_wasm::watch::{Watcher, watch};
 use eventbroker_wasm::{HandlerSet, WasmEngine, WasmError};
+use eventbroker_wasm::{Watcher, watch};
 
 /// A running host.
 pub struct Service {

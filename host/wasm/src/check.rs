@@ -6,40 +6,7 @@ use serde::Serialize;
 use super::WasmError;
 use super::engine::ComponentBytes;
 use super::engine::WasmEngine;
-
-/// Interfaces the host links, as `namespace:package/interface` with the major.minor version
-/// they are provided at (WASI 0.2.x is matched semver-compatibly).
-const PROVIDED: &[(&str, &str)] = &[
-    ("wasi:cli/environment", "0.2"),
-    ("wasi:cli/exit", "0.2"),
-    ("wasi:cli/stdin", "0.2"),
-    ("wasi:cli/stdout", "0.2"),
-    ("wasi:cli/stderr", "0.2"),
-    ("wasi:cli/terminal-input", "0.2"),
-    ("wasi:cli/terminal-output", "0.2"),
-    ("wasi:cli/terminal-stdin", "0.2"),
-    ("wasi:cli/terminal-stdout", "0.2"),
-    ("wasi:cli/terminal-stderr", "0.2"),
-    ("wasi:clocks/monotonic-clock", "0.2"),
-    ("wasi:clocks/wall-clock", "0.2"),
-    ("wasi:filesystem/types", "0.2"),
-    ("wasi:filesystem/preopens", "0.2"),
-    ("wasi:io/error", "0.2"),
-    ("wasi:io/poll", "0.2"),
-    ("wasi:io/streams", "0.2"),
-    ("wasi:random/random", "0.2"),
-    ("wasi:random/insecure", "0.2"),
-    ("wasi:random/insecure-seed", "0.2"),
-    ("wasi:sockets/network", "0.2"),
-    ("wasi:sockets/instance-network", "0.2"),
-    ("wasi:sockets/ip-name-lookup", "0.2"),
-    ("wasi:sockets/tcp", "0.2"),
-    ("wasi:sockets/tcp-create-socket", "0.2"),
-    ("wasi:sockets/udp", "0.2"),
-    ("wasi:sockets/udp-create-socket", "0.2"),
-    ("resolvespec:eventbroker/types", "0.1"),
-    ("resolvespec:eventbroker/host", "0.1"),
-];
+use super::imports::{note_for, provided};
 
 /// What the host does with one import.
 #[derive(Debug, Clone, Serialize)]
@@ -67,85 +34,6 @@ pub struct CheckReport {
     pub compatible: bool,
     /// Why not, when it cannot.
     pub problems: Vec<String>,
-}
-
-fn split_name(name: &str) -> (&str, Option<&str>) {
-    match name.split_once('@') {
-        Some((base, version)) => (base, Some(version)),
-        None => (name, None),
-    }
-}
-
-fn provided(name: &str) -> bool {
-    let (base, version) = split_name(name);
-    PROVIDED.iter().any(|(known, major_minor)| {
-        *known == base
-            && version
-                .is_some_and(|v| v == *major_minor || v.starts_with(&format!("{major_minor}.")))
-    })
-}
-
-/// A plain-words note about an import.
-fn note_for(name: &str, satisfied: bool) -> String {
-    let (base, _) = split_name(name);
-    if satisfied {
-        return match base {
-            b if b.starts_with("wasi:sockets/") => {
-                "linked, but every network use is denied at run time".into()
-            }
-            b if b.starts_with("wasi:filesystem/") => {
-                "linked, but no directory is opened to the guest".into()
-            }
-            "wasi:cli/environment" => "linked; the environment and arguments are empty".into(),
-            "wasi:cli/stdout" | "wasi:cli/stderr" => {
-                "captured into the invocation's log (capped)".into()
-            }
-            "wasi:cli/stdin" => "linked; stdin is empty".into(),
-            "resolvespec:eventbroker/host" => "log, publish and config".into(),
-            _ => "provided".into(),
-        };
-    }
-    if base.starts_with("wasi:http/") {
-        return "needs wasi:http (outgoing HTTP requests), which the host does not link. \
-                Handlers cannot make network calls: publish a derived event instead and let a \
-                service act on it. For JavaScript, build with componentize-js's \
-                `disableFeatures: ['http']` (and without `fetch`); for Python, do not import \
-                the `wit_world.imports` http bindings or `urllib`/`http` wrappers from \
-                componentize-py's poll_loop."
-            .into();
-    }
-    if base.starts_with("wasi:") {
-        let (_, version) = split_name(name);
-        if version.is_some_and(|v| !v.starts_with("0.2")) {
-            return format!(
-                "the host provides WASI 0.2.x; this import asks for version {}. Rebuild with a \
-                 toolchain that targets WASI 0.2 (wasm32-wasip2)",
-                version.unwrap_or("?")
-            );
-        }
-        return "not provided by the host; rebuild without the feature that needs it".into();
-    }
-    if base.starts_with("resolvespec:eventbroker/") {
-        return "not part of resolvespec:eventbroker@0.1 as this host knows it; regenerate the \
-                bindings from the wit/ directory of this host"
-            .into();
-    }
-    "not provided by the host; a handler may only import WASI 0.2 and resolvespec:eventbroker/host"
-        .into()
-}
-
-/// Adds a plain-words explanation to a link error from wasmtime.
-pub fn explain_link_error(message: &str) -> String {
-    let missing = message
-        .split(|c: char| c == '`' || c == '"' || c.is_whitespace())
-        .find(|word| word.contains(':') && word.contains('/'));
-    match missing {
-        Some(name) => format!(
-            "{message} — {}",
-            note_for(name.trim_end_matches(','), false)
-        ),
-        None => message.to_owned(),
-    }
 }
 
 /// Checks a component (and its manifest, when given) against the handler world and the
@@ -246,6 +134,7 @@ pub async fn check(
 
 #[cfg(test)]
 mod tests {
+    use super::super::imports::explain_link_error;
     use super::*;
 
     #[test]

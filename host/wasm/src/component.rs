@@ -196,7 +196,7 @@ impl CompiledHandler {
         let pre = engine
             .linker()
             .instantiate_pre(&component)
-            .map_err(|e| WasmError::Link(super::check::explain_link_error(&format!("{e:#}"))))?;
+            .map_err(|e| WasmError::Link(super::imports::explain_link_error(&format!("{e:#}"))))?;
         let indices = HandlerIndices::new(&pre).map_err(|e| {
             WasmError::Exports(format!(
                 "{e:#}; a handler must export resolvespec:eventbroker/handler@0.1.0 with handle(event, context)"

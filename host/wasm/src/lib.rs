@@ -37,29 +37,36 @@ pub mod bare;
 mod bindings;
 mod cache;
 pub mod check;
-pub mod component;
+mod component;
 pub mod config;
 mod draft;
-pub mod engine;
-pub mod handler;
+mod engine;
+mod handler;
+mod imports;
 pub mod limits;
-pub mod log;
-pub mod manifest;
+mod log;
+mod manifest;
 mod outcome;
-pub mod registry;
+mod registry;
 pub mod runner;
-pub mod slots;
-pub mod state;
-pub mod watch;
+mod slots;
+mod state;
+mod watch;
 
-pub use component::{CompiledHandler, HandlerCounters, Invocation, VersionInfo};
+pub use component::{
+    CompiledHandler, HandlerCounters, Invocation, OUTCOMES, PATTERNS_TIMEOUT, QUEUE_WAIT,
+    VersionInfo,
+};
 pub use engine::{
-    CompileSource, Compiled, ComponentBytes, WasmEngine, check_component_bytes, version_id,
+    CompileSource, Compiled, ComponentBytes, EPOCH_TICK, WasmEngine, check_component_bytes,
+    version_id,
 };
 pub use handler::WasmHandler;
 pub use log::LogLine;
-pub use manifest::{HandlerSpec, Manifest};
-pub use registry::{HandlerInfo, HandlerSet, Rejection};
+pub use manifest::{ConfigValue, HandlerSpec, Manifest, RetryOverrides, validate_name};
+pub use registry::{HandlerInfo, HandlerSet, LoadReport, Rejection};
+pub use slots::InstanceSlots;
+pub use watch::{Watcher, watch};
 
 /// Errors of the WebAssembly runtime boundary.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -45,6 +45,8 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
+mod locate;
+
 pub use eventbroker::config::{
     BrokerConfig, InvalidValue, MemoryConfig, ProcessingMode, RetryPolicy,
 };
@@ -163,17 +165,16 @@ impl Config {
     /// # Errors
     /// [`ConfigError`] naming the file, variable or key at fault.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let file = match path {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-                Some((FileFormat::of(path)?, text))
-            }
-            None => None,
+        let Some(path) = path else {
+            return Self::build(None);
         };
-        Self::build(file.as_ref().map(|(format, text)| (*format, text.as_str())))
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
+            path: path.to_path_buf(),
+            cause,
+        })?;
+        let format = FileFormat::of(path)?;
+        Self::build(Some((format, &text)))
+            .map_err(|error| error.located(&path.display().to_string(), &text))
     }
 
     /// Like [`Config::load`] with the file's text given directly.
@@ -181,7 +182,7 @@ impl Config {
     /// # Errors
     /// [`ConfigError`] naming the variable or key at fault.
     pub fn from_text(format: FileFormat, text: &str) -> Result<Config, ConfigError> {
-        Self::build(Some((format, text)))
+        Self::build(Some((format, text))).map_err(|error| error.located("config", text))
     }
 
     fn build(file: Option<(FileFormat, &str)>) -> Result<Config, ConfigError> {
@@ -234,9 +235,13 @@ where
     if !figment.contains(key) {
         return Ok(T::default());
     }
-    figment
-        .extract_inner_lossy(key)
-        .map_err(|e| ConfigError::Invalid(Box::new(e)))
+    figment.extract_inner_lossy(key).map_err(|mut error| {
+        // Name the key from the top of the file, whichever way figment reports it.
+        if error.path.first().map(String::as_str) != Some(key) {
+            error.path.insert(0, key.to_owned());
+        }
+        ConfigError::Invalid(Box::new(error))
+    })
 }
 
 /// Refuses top-level keys that name no section, and keys of `event_broker` that neither the
@@ -349,13 +354,12 @@ fn expand_value(key: &str, value: &mut Value) -> Result<(), ConfigError> {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {cause}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
+        /// The I/O error (in this message, not repeated as a source).
+        cause: std::io::Error,
     },
     /// The file extension names no supported format.
     #[error("config file {0} must end in .yaml, .yml or .toml")]
@@ -374,10 +378,50 @@ pub enum ConfigError {
     },
     /// Parsing or typing failed; the message names the key and the allowed values.
     #[error("invalid configuration: {0}")]
-    Invalid(#[source] Box<figment::Error>),
+    Invalid(Box<figment::Error>),
     /// A value breaks a rule (the error names the key).
     #[error(transparent)]
     Value(#[from] InvalidValue),
+    /// An error about a key written in the config file, with where it is written.
+    #[error("{location}: {error}")]
+    At {
+        /// `FILE:LINE` of the key.
+        location: String,
+        /// The error.
+        error: Box<ConfigError>,
+    },
+}
+
+impl ConfigError {
+    /// The key this error is about, as a path of segments, when it names one.
+    fn key(&self) -> Option<Vec<String>> {
+        match self {
+            ConfigError::Invalid(error) if !error.path.is_empty() => Some(error.path.clone()),
+            ConfigError::Value(error) => {
+                Some(error.key.split(['.', '[']).map(str::to_owned).collect())
+            }
+            ConfigError::Variable { key, .. } => {
+                Some(key.split(['.', '[']).map(str::to_owned).collect())
+            }
+            _ => None,
+        }
+    }
+
+    /// This error with the `FILE:LINE` where its key is written in `text` (the file `name`),
+    /// when it is written there.
+    fn located(self, name: &str, text: &str) -> ConfigError {
+        let Some(key) = self.key() else {
+            return self;
+        };
+        let path: Vec<&str> = key.iter().map(String::as_str).collect();
+        match locate::line_of(text, &path) {
+            Some(line) => ConfigError::At {
+                location: format!("{name}:{line}"),
+                error: Box::new(self),
+            },
+            None => self,
+        }
+    }
 }
 
 /// Runs `f` with an empty process environment, serialized with every other test that touches
@@ -799,5 +843,38 @@ mod tests {
             .unwrap_err();
             assert!(bad.to_string().contains("capture.tables"), "{bad}");
         });
+    }
+
+    /// A config error is one line naming the file, the line and the key, printed once (no
+    /// repeated source in the error chain).
+    #[test]
+    fn errors_name_the_file_line_and_key_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("host.yaml");
+        std::fs::write(
+            &path,
+            "server:\n  listen: 127.0.0.1:0\nevent_broker:\n  worker_count: 0\n",
+        )
+        .expect("write");
+        let error = with_isolated_env(|| Config::load(Some(&path))).unwrap_err();
+        let shown = error.to_string();
+        assert!(
+            shown.starts_with(&format!("{}:4: ", path.display())),
+            "{shown}"
+        );
+        assert!(shown.contains("event_broker.worker_count"), "{shown}");
+        assert!(
+            std::error::Error::source(&error).is_none(),
+            "printed once: {shown}"
+        );
+        std::fs::write(&path, "event_broker:\n  redis:\n    port: many\n").expect("write");
+        let shown = with_isolated_env(|| Config::load(Some(&path)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            shown.starts_with(&format!("{}:3: ", path.display())),
+            "{shown}"
+        );
+        assert!(shown.contains("port"), "{shown}");
     }
 }

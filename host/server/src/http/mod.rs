@@ -35,13 +35,13 @@ use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
-pub use auth::{Scope, Tokens};
+pub use auth::Tokens;
 pub use browser::{BrowserPolicy, PolicyError};
 pub use error::ApiError;
 
 use eventbroker::config::InvalidValue;
 
-pub use self::config::{ServerConfig, WebSocketConfig};
+pub use self::config::ServerConfig;
 use auth::Access;
 use eventbroker::broker::Broker;
 use eventbroker_wasm::HandlerSet;
@@ -320,11 +320,6 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     )
     .into_response()
 }
-
-/// `Json` whose rejections are [`ApiError`]s.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
-pub struct ApiJson<T>(pub T);
 
 /// `Query` whose rejections are [`ApiError`]s.
 #[derive(FromRequestParts)]

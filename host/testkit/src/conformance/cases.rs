@@ -1695,3 +1695,33 @@ pub async fn requeue_accepts_an_event_whose_processing_was_abandoned(backend: &B
     drop(dying);
     provider.close().await;
 }
+
+/// A delivery given back unprocessed never undoes a finished outcome: the group's state was
+/// finished (here by a write outside the delivery) while a consumer held the delivery, and its
+/// release leaves it finished. The rule is the core's (`release_keeps`), the same on every
+/// backend.
+pub async fn a_release_never_undoes_a_finished_state(backend: &Backend) {
+    let provider = backend.connect().await;
+    let event = simple_event("release.finished");
+    provider.publish(&event).await.expect("publish");
+    let consumer = provider
+        .consume(options(OWN_GROUP, LONG_LEASE))
+        .await
+        .expect("consume");
+    let delivery = fetch_n(&consumer, 1).await.remove(0);
+    assert_eq!(delivery.event.id, event.id);
+    provider
+        .update_status(&event.id, &completed(&event))
+        .await
+        .expect("finished outside the delivery");
+    // A backend may refuse the release as stale; either way the outcome stays.
+    let _ = consumer.release(&delivery).await;
+    assert_eq!(
+        status_of(&provider, &event.id).await,
+        Some(EventStatus::Completed),
+        "{}: a release undid a finished outcome",
+        backend.name
+    );
+    consumer.close().await;
+    provider.close().await;
+}

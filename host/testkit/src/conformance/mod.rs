@@ -51,6 +51,7 @@ macro_rules! conformance {
                 a_group_created_later_receives_every_event_with_its_own_state,
                 a_retry_or_failure_in_one_group_leaves_the_other_completed,
                 requeue_accepts_an_event_whose_processing_was_abandoned,
+                a_release_never_undoes_a_finished_state,
             );
         }
     };
