@@ -197,6 +197,8 @@ impl NatsConfig {
                 "must not be empty",
             ));
         }
+        // First: the deadline rule is the one a lease change most often breaks.
+        self.check_deadlines(broker.lease_renewal_period())?;
         let plain = |value: &str| {
             !value.is_empty()
                 && value
@@ -266,6 +268,6 @@ impl NatsConfig {
                  backoff entries",
             ));
         }
-        self.check_deadlines(broker.lease_renewal_period())
+        Ok(())
     }
 }

@@ -83,7 +83,10 @@ impl ConfigValue {
     }
 }
 
-/// Per-handler retry overrides.
+/// Per-handler retry overrides; unset fields inherit `event_broker.retry_policy`. The merged
+/// policy is checked by the same rules as the host's ([`RetryPolicy::validate`], keys under
+/// `retry.`), except that an `initial_delay` above the inherited `max_delay` (when the manifest
+/// does not set `max_delay`) raises that handler's `max_delay` to it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryOverrides {
@@ -201,8 +204,11 @@ impl Manifest {
             if let Some(v) = overrides.initial_delay {
                 retry.initial_delay = v;
             }
-            if let Some(v) = overrides.max_delay {
-                retry.max_delay = v;
+            match overrides.max_delay {
+                Some(v) => retry.max_delay = v,
+                // A handler's own first delay above the host's cap is what its author asked
+                // for: the cap it inherits rises to it (documented on `RetryOverrides`).
+                None => retry.max_delay = retry.max_delay.max(retry.initial_delay),
             }
             if let Some(v) = overrides.backoff_factor {
                 retry.backoff_factor = v;
@@ -304,6 +310,10 @@ mod tests {
             ("instances = \"shared\"", "shared"),
             ("timeout = \"soon\"", "timeout"),
             ("[retry]\nbackoff_factor = 0.5", "backoff_factor"),
+            (
+                "[retry]\ninitial_delay = \"2m\"\nmax_delay = \"1m\"",
+                "retry.initial_delay",
+            ),
         ] {
             let err = resolve(text).expect_err(text).to_string();
             assert!(err.contains(needle), "{text}: {err}");
@@ -311,5 +321,18 @@ mod tests {
         let many = format!("patterns = [{}]", vec!["\"a.b\""; 101].join(","));
         let err = resolve(&many).expect_err("too many").to_string();
         assert!(err.contains("at most 100"), "{err}");
+    }
+
+    #[test]
+    fn an_initial_delay_above_the_inherited_cap_raises_it() {
+        let spec = resolve("[retry]\ninitial_delay = \"2m\"").expect("valid");
+        assert_eq!(spec.retry.initial_delay, Duration::from_secs(120));
+        assert_eq!(spec.retry.max_delay, Duration::from_secs(120));
+        let spec = resolve("[retry]\ninitial_delay = \"2s\"").expect("valid");
+        assert_eq!(
+            spec.retry.max_delay,
+            RetryPolicy::default().max_delay,
+            "a cap above it is kept"
+        );
     }
 }
