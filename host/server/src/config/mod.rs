@@ -236,7 +236,11 @@ where
         return Ok(T::default());
     }
     figment.extract_inner_lossy(key).map_err(|mut error| {
-        // Name the key from the top of the file, whichever way figment reports it.
+        // Name the key from the top of the file: figment appends the section's key to the
+        // path of an error inside it (`redis.port.event_broker`).
+        if error.path.len() > 1 && error.path.last().map(String::as_str) == Some(key) {
+            error.path.pop();
+        }
         if error.path.first().map(String::as_str) != Some(key) {
             error.path.insert(0, key.to_owned());
         }
@@ -875,6 +879,6 @@ mod tests {
             shown.starts_with(&format!("{}:3: ", path.display())),
             "{shown}"
         );
-        assert!(shown.contains("port"), "{shown}");
+        assert!(shown.contains("event_broker.redis.port\""), "{shown}");
     }
 }
