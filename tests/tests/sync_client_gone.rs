@@ -1,53 +1,14 @@
 //! A sync publish over HTTP whose client goes away while the handler runs (issue 13 A1): the
 //! work of an accepted event does not depend on the request that carried it.
 
+use eventbroker_testkit::gates::{gated, wait_for_status, wait_started};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
-use eventbroker::{Broker, Event, EventStatus, OutcomeState, handler_fn};
+use eventbroker::{EventStatus, OutcomeState};
 use eventbroker_tests::PATIENCE;
 use serde_json::json;
 use tokio::sync::Semaphore;
-
-fn gated(
-    started: Arc<Semaphore>,
-    gate: Arc<Semaphore>,
-    calls: Arc<AtomicUsize>,
-) -> impl eventbroker::EventHandler {
-    handler_fn(move |_, _| {
-        let (started, gate, calls) = (started.clone(), gate.clone(), calls.clone());
-        async move {
-            calls.fetch_add(1, Ordering::SeqCst);
-            started.add_permits(1);
-            gate.acquire().await.expect("gate").forget();
-            Ok(())
-        }
-    })
-}
-
-async fn wait_started(started: &Semaphore) {
-    tokio::time::timeout(PATIENCE, started.acquire())
-        .await
-        .expect("the handler started")
-        .expect("semaphore open")
-        .forget();
-}
-
-async fn wait_for_status(broker: &Broker, id: &str, status: EventStatus) -> Event {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let event = broker.provider().get(id).await.expect("get");
-        if let Some(event) = event.filter(|e| e.status == status) {
-            return event;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for event {id} to be {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
 
 /// Issue 13 A1 over HTTP: `POST /v1/events?mode=sync` whose client gives up (closes its
 /// connection, as a client timeout does) while the handler runs; the event still completes.

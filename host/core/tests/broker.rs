@@ -1,6 +1,7 @@
 //! Broker behaviour through the public API, over the memory provider (and SQLite and the HTTP
 //! server where a case needs a durable provider or a real client).
 
+use eventbroker_testkit::gates::{gated, wait_for_status, wait_started};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,21 +52,6 @@ where
         assert!(
             tokio::time::Instant::now() < deadline,
             "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-async fn wait_for_status(broker: &Broker, id: &str, status: EventStatus) -> Event {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let event = broker.provider().get(id).await.expect("get");
-        if let Some(event) = event.filter(|e| e.status == status) {
-            return event;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for event {id} to be {status}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -916,32 +902,6 @@ async fn feedback_loops_are_cut_off() {
         stats.published as u32,
         eventbroker::broker::MAX_CAUSATION_DEPTH + 1
     );
-}
-
-/// A handler that signals `started` when an invocation begins and then waits for a permit of
-/// `gate` (or forever, when the gate never opens).
-fn gated(
-    started: Arc<Semaphore>,
-    gate: Arc<Semaphore>,
-    calls: Arc<AtomicUsize>,
-) -> impl eventbroker::EventHandler {
-    handler_fn(move |_, _| {
-        let (started, gate, calls) = (started.clone(), gate.clone(), calls.clone());
-        async move {
-            calls.fetch_add(1, Ordering::SeqCst);
-            started.add_permits(1);
-            gate.acquire().await.expect("gate").forget();
-            Ok(())
-        }
-    })
-}
-
-async fn wait_started(started: &Semaphore) {
-    tokio::time::timeout(PATIENCE, started.acquire())
-        .await
-        .expect("the handler started")
-        .expect("semaphore open")
-        .forget();
 }
 
 /// Issue 13 A1: the caller of a sync publish going away mid-handler (an HTTP client giving up)

@@ -12,6 +12,7 @@
 
 pub mod backends;
 pub mod conformance;
+pub mod gates;
 pub mod guests;
 pub mod proxy;
 pub mod services;

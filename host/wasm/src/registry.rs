@@ -574,6 +574,12 @@ impl HandlerSet {
         validate_name(name)?;
         let _change = self.inner.changes.lock().await;
         let existed = self.remove_locked(name).await;
+        // Its files go: what a deploy wrote no longer describes them.
+        self.inner
+            .written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         let mut deleted = false;
         for ext in ["wasm", "toml"] {
             let path = self.dir().join(format!("{name}.{ext}"));
