@@ -561,6 +561,22 @@ impl Broker {
         })
     }
 
+    /// Waits until every event this broker accepted (`publish_async`, `publish_sync`) has
+    /// reached a final state here (`completed` or `failed`); returns at once when none is
+    /// outstanding. Events scheduled for a retry are still outstanding. Costs no round trip.
+    pub async fn wait_idle(&self) {
+        let outstanding = &self.inner.outstanding;
+        loop {
+            let notified = outstanding.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if outstanding.len() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// True between a successful `start` and `stop`.
     pub async fn is_running(&self) -> bool {
         matches!(*self.inner.lifecycle.read().await, Lifecycle::Running(_))

@@ -1,101 +1,109 @@
-//! Broker + database provider + a trivial native handler, against the bare SQL loop on the same
-//! database (insert each event; claim a batch; mark the batch completed), measured in the same
-//! run, for SQLite and (when reachable) PostgreSQL.
+//! The database provider (SQLite and PostgreSQL) with the trivial native handler, against the
+//! bare SQL loop on the same database: insert each event; claim a batch; mark it completed.
 //!
-//!     cargo bench -p eventbroker-sql --bench sql [-- EVENTS]
-//!
-//! PostgreSQL is `EVENTBROKER_BENCH_POSTGRES_URL` (default the local `test` database); it is
-//! skipped with a message when unreachable.
+//! PostgreSQL is `EVENTBROKER_BENCH_POSTGRES_URL` (default the local `test` database).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use eventbroker::Broker;
 use eventbroker::provider::Provider;
-use eventbroker::{Broker, BrokerConfig, Event, EventSource, EventStatus, handler_fn};
-use eventbroker_sql::{SqlConfig as DatabaseConfig, SqlProvider};
-use sqlx::{Executor, PgPool, Row, SqlitePool};
+use eventbroker_sql::{SqlConfig, SqlProvider};
+use sqlx::{Executor, PgPool, Row as _, SqlitePool};
 
-/// Publisher tasks on both sides.
-const PUBLISHERS: u64 = 4;
+use crate::harness::{self, PUBLISHERS, broker_config, event, rate, subscribe_trivial};
+use crate::paths::{Outcome, skipped};
+use crate::Row;
+
 /// The claim batch of both sides (the provider's `batch_size`).
 const BATCH: i64 = 64;
-
-fn event(i: u64) -> Event {
-    Event::new(EventSource::System, "bench.tick", "bench").with_payload(serde_json::json!({"n": i}))
-}
-
-fn rate(events: u64, elapsed: Duration) -> f64 {
-    events as f64 / elapsed.as_secs_f64()
-}
 
 fn suffix() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
 }
 
-/// Events/s through `publish_async` → provider → worker pool → trivial handler → completed.
-async fn broker(database: DatabaseConfig, events: u64) -> f64 {
-    let config = BrokerConfig {
-        instance_id: "bench".into(),
-        buffer_size: 10_000,
-        ..BrokerConfig::default()
-    };
+/// The PostgreSQL database the benchmark uses.
+pub fn postgres_url() -> String {
+    std::env::var("EVENTBROKER_BENCH_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+async fn broker(database: SqlConfig) -> (Broker, Arc<dyn Provider>) {
+    let config = broker_config();
     let provider: Arc<dyn Provider> = Arc::new(
         SqlProvider::connect(&database, &config)
             .await
             .expect("provider"),
     );
     let broker = Broker::new(config, provider.clone());
-    let seen = Arc::new(AtomicU64::new(0));
-    let counter = seen.clone();
-    broker
-        .subscribe(
-            "bench.*",
-            handler_fn(move |_, event| {
-                let counter = counter.clone();
-                async move {
-                    std::hint::black_box(&event.payload);
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    Ok(())
-                }
-            }),
-        )
-        .expect("subscribe");
+    subscribe_trivial(&broker, "trivial");
     broker.start().await.expect("start");
-    let started = Instant::now();
-    let publishers: Vec<_> = (0..PUBLISHERS)
-        .map(|p| {
-            let broker = broker.clone();
-            tokio::spawn(async move {
-                for i in (p..events).step_by(PUBLISHERS as usize) {
-                    broker.publish_async(event(i)).await.expect("publish");
-                }
-            })
-        })
-        .collect();
-    for publisher in publishers {
-        publisher.await.expect("publisher");
-    }
-    // Done when every event is recorded as completed, not merely handled (counting by
-    // status scans the table, so look only once the handler saw everything).
-    while seen.load(Ordering::Relaxed) < events {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    loop {
-        let stats = provider.stats().await.expect("stats");
-        if stats.by_status[EventStatus::Completed.as_str()] >= events {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let elapsed = started.elapsed();
-    assert_eq!(
-        seen.load(Ordering::Relaxed),
-        events,
-        "each event handled once"
-    );
+    (broker, provider)
+}
+
+async fn measure(database: SqlConfig, events: u64) -> (f64, harness::Latency) {
+    let (broker, provider) = broker(database).await;
+    let measured = harness::broker_run(&broker, events).await;
     broker.stop().await.expect("stop");
-    rate(events, elapsed)
+    provider.close().await;
+    measured
+}
+
+/// The `sqlite` row (a database file in a temporary directory).
+pub async fn sqlite(events: u64) -> Row {
+    let dir = tempfile::tempdir().expect("temp dir");
+    bare_sqlite(&dir.path().join("warm-bare.db"), events / 10).await;
+    let bare = bare_sqlite(&dir.path().join("bare.db"), events).await;
+    let database = SqlConfig {
+        url: format!("sqlite://{}", dir.path().join("broker.db").display()),
+        batch_size: BATCH as usize,
+        ..SqlConfig::default()
+    };
+    let (peak, latency) = measure(database, events).await;
+    Row {
+        path: "sqlite".into(),
+        baseline: "insert + claim batch + update".into(),
+        bare,
+        broker: peak,
+        latency: Some(latency),
+    }
+}
+
+/// Drops the broker's tables named after `table`.
+pub async fn drop_tables(url: &str, table: &str) {
+    if let Ok(pool) = PgPool::connect(url).await {
+        for suffix in ["_deliveries", "_groups", "_migrations", ""] {
+            let _ = pool
+                .execute(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {table}{suffix}")))
+                .await;
+        }
+    }
+}
+
+/// The `postgres` row, or a skip when the database is not reachable.
+pub async fn postgres(events: u64) -> Outcome {
+    let url = postgres_url();
+    if PgPool::connect(&url).await.is_err() {
+        return Err(skipped("postgres", format!("PostgreSQL not reachable at {url}")));
+    }
+    bare_postgres(&url, events / 10).await;
+    let bare = bare_postgres(&url, events).await;
+    let table = format!("bench_{}", suffix());
+    let database = SqlConfig {
+        url: url.clone(),
+        table_name: table.clone(),
+        batch_size: BATCH as usize,
+        ..SqlConfig::default()
+    };
+    let (peak, latency) = measure(database, events).await;
+    drop_tables(&url, &table).await;
+    Ok(Row {
+        path: "postgres".into(),
+        baseline: "insert + claim batch + update".into(),
+        bare,
+        broker: peak,
+        latency: Some(latency),
+    })
 }
 
 /// The bare loop on PostgreSQL: inserts by four publishers; one consumer claims `BATCH` rows
@@ -253,69 +261,3 @@ async fn bare_sqlite(path: &std::path::Path, events: u64) -> f64 {
     rate(events, elapsed)
 }
 
-fn print(name: &str, events: u64, bare: f64, full: f64) {
-    println!("{name}: events: {events}, batch: {BATCH}");
-    println!(
-        "  baseline: bare insert + claim + update loop:                 {bare:>10.0} events/s"
-    );
-    println!(
-        "  broker:   publish_async -> {name} provider -> workers -> handler: {full:>10.0} events/s"
-    );
-    println!("  ratio broker/baseline: {:.3}", full / bare);
-}
-
-fn main() {
-    let events: u64 = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(5_000);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let sqlite = |name: &str| DatabaseConfig {
-            url: format!("sqlite://{}", dir.path().join(name).display()),
-            batch_size: BATCH as usize,
-            ..DatabaseConfig::default()
-        };
-        // Warm up once, then measure.
-        bare_sqlite(&dir.path().join("warm-bare.db"), events / 10).await;
-        broker(sqlite("warm.db"), events / 10).await;
-        let bare = bare_sqlite(&dir.path().join("bare.db"), events).await;
-        let full = broker(sqlite("broker.db"), events).await;
-        print("sqlite", events, bare, full);
-
-        let url = std::env::var("EVENTBROKER_BENCH_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        if PgPool::connect(&url).await.is_err() {
-            println!("postgres: SKIPPED, not reachable at {url}");
-            return;
-        }
-        let tables = [format!("bench_{}", suffix()), format!("bench_{}", suffix())];
-        let postgres = |table: &str| DatabaseConfig {
-            url: url.clone(),
-            table_name: table.to_owned(),
-            batch_size: BATCH as usize,
-            ..DatabaseConfig::default()
-        };
-        bare_postgres(&url, events / 10).await;
-        broker(postgres(&tables[0]), events / 10).await;
-        let bare = bare_postgres(&url, events).await;
-        let full = broker(postgres(&tables[1]), events).await;
-        print("postgres", events, bare, full);
-        // Drop the broker's tables of the warm-up and measured runs.
-        if let Ok(pool) = PgPool::connect(&url).await {
-            for table in &tables {
-                for suffix in ["_deliveries", "_groups", "_migrations", ""] {
-                    let _ = pool
-                        .execute(sqlx::AssertSqlSafe(format!(
-                            "DROP TABLE IF EXISTS {table}{suffix}"
-                        )))
-                        .await;
-                }
-            }
-        }
-    });
-}
