@@ -29,7 +29,15 @@ struct Args {
 }
 
 const ALL: [&str; 10] = [
-    "memory", "hooks", "wasm", "sqlite", "postgres", "redis", "nats", "fanout", "footprint",
+    "memory",
+    "hooks",
+    "wasm",
+    "sqlite",
+    "postgres",
+    "redis",
+    "nats",
+    "fanout",
+    "footprint",
     "stored",
 ];
 

@@ -163,10 +163,7 @@ impl Counter {
     /// The trivial handler of the bare loops: read the payload, count it.
     pub fn handle<T: ?Sized>(&self, payload: &T) {
         std::hint::black_box(payload);
-        let seen = self
-            .seen
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
-            + 1;
+        let seen = self.seen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
         if seen == self.target {
             self.done.notify_one();
         }
@@ -196,11 +193,28 @@ impl Counter {
     }
 }
 
-/// Measures a broker built by `start`: a warm-up run, the peak run of `events` events, then
-/// the latency run at half the peak. The broker is stopped afterwards.
+/// Runs of each measurement; the median is reported (this machine is noisy).
+pub const RUNS: usize = 3;
+
+/// The median events/s of [`RUNS`] runs of `run`, each handling `events` events.
+pub async fn median_rate<F, Fut>(events: u64, mut run: F) -> f64
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Duration>,
+{
+    let mut rates = Vec::with_capacity(RUNS);
+    for _ in 0..RUNS {
+        rates.push(rate(events, run().await));
+    }
+    rates.sort_by(f64::total_cmp);
+    rates[rates.len() / 2]
+}
+
+/// Measures a running broker: a warm-up run, the peak (median of [`RUNS`] runs of `events`
+/// events), then the latency run at half the peak.
 pub async fn broker_run(broker: &Broker, events: u64) -> (f64, Latency) {
     drive(broker, (events / 10).max(1)).await;
-    let peak = rate(events, drive(broker, events).await);
+    let peak = median_rate(events, || drive(broker, events)).await;
     let load = peak / 2.0;
     let latency = latency(broker, load, latency_samples(load)).await;
     (peak, latency)

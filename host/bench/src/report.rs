@@ -68,7 +68,11 @@ pub fn table(rows: &[Row], skipped: &[Skipped]) -> String {
         );
     }
     for skip in skipped {
-        let _ = writeln!(out, "| {} | SKIPPED: {} | | | | | |", skip.path, skip.reason);
+        let _ = writeln!(
+            out,
+            "| {} | SKIPPED: {} | | | | | |",
+            skip.path, skip.reason
+        );
     }
     out
 }

@@ -6,8 +6,8 @@
 //! `other` once the budget is spent. Handler labels are bounded by the number of deployed
 //! handlers.
 
-use std::collections::HashSet;
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -54,10 +54,24 @@ struct InvocationLabels {
     outcome: String,
 }
 
+/// The metric series of one (source, type) pair, looked up once and kept: the dispatch path
+/// then counts with atomic adds, without building labels or hashing them per event.
+struct EventSeries {
+    published: Counter,
+    duration: Histogram,
+    completed: Counter,
+    failed: Counter,
+}
+
+/// Series by event type, then source; bounded like the `type` label (types past the budget
+/// share the `other` series through the slow path).
+type SeriesCache = HashMap<String, HashMap<&'static str, EventSeries>>;
+
 /// The host's metrics and their registry.
 pub struct Metrics {
     registry: Registry,
     types: Mutex<HashSet<String>>,
+    series: RwLock<SeriesCache>,
     published: Family<EventLabels, Counter>,
     processed: Family<ProcessedLabels, Counter>,
     processing_duration: Family<EventLabels, Histogram>,
@@ -171,6 +185,7 @@ impl Metrics {
         Metrics {
             registry,
             types: Mutex::new(HashSet::new()),
+            series: RwLock::new(HashMap::new()),
             published,
             processed,
             processing_duration,
@@ -199,39 +214,85 @@ impl Metrics {
         "other".to_owned()
     }
 
-    /// Counts a published event.
-    pub fn event_published(&self, source: &str, event_type: &str) {
+    /// Runs `f` on the series of (`source`, `event_type`), creating them on first use.
+    fn with_series(&self, source: &'static str, event_type: &str, f: impl FnOnce(&EventSeries)) {
+        {
+            let cache = self.series.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(series) = cache.get(event_type).and_then(|by| by.get(source)) {
+                f(series);
+                return;
+            }
+        }
+        let r#type = self.type_label(event_type);
         let labels = EventLabels {
             source: source.to_owned(),
-            r#type: self.type_label(event_type),
+            r#type: r#type.clone(),
         };
-        self.published.get_or_create(&labels).inc();
+        let processed = |status: &str| {
+            self.processed
+                .get_or_create(&ProcessedLabels {
+                    source: source.to_owned(),
+                    r#type: r#type.clone(),
+                    status: status.to_owned(),
+                })
+                .clone()
+        };
+        let series = EventSeries {
+            published: self.published.get_or_create(&labels).clone(),
+            duration: self.processing_duration.get_or_create(&labels).clone(),
+            completed: processed("completed"),
+            failed: processed("failed"),
+        };
+        f(&series);
+        if r#type == "other" && event_type != "other" {
+            // Past the label budget: not cached, so the cache stays bounded.
+            return;
+        }
+        let mut cache = self.series.write().unwrap_or_else(|p| p.into_inner());
+        cache
+            .entry(event_type.to_owned())
+            .or_default()
+            .entry(source)
+            .or_insert(series);
     }
 
-    /// Counts an attempt's end: its duration, and the event's final status when it finished.
+    /// Counts a published event.
+    pub fn event_published(&self, source: &'static str, event_type: &str) {
+        self.with_series(source, event_type, |series| {
+            series.published.inc();
+        });
+    }
+
+    /// Counts an attempt's end: its duration, and the event's final status when it finished
+    /// (`completed` or `failed`).
     pub fn event_attempt(
         &self,
-        source: &str,
+        source: &'static str,
         event_type: &str,
         status: Option<&str>,
         elapsed: Duration,
     ) {
-        let r#type = self.type_label(event_type);
-        self.processing_duration
-            .get_or_create(&EventLabels {
-                source: source.to_owned(),
-                r#type: r#type.clone(),
-            })
-            .observe(elapsed.as_secs_f64());
-        if let Some(status) = status {
-            self.processed
-                .get_or_create(&ProcessedLabels {
-                    source: source.to_owned(),
-                    r#type,
-                    status: status.to_owned(),
-                })
-                .inc();
-        }
+        self.with_series(source, event_type, |series| {
+            series.duration.observe(elapsed.as_secs_f64());
+            match status {
+                Some("completed") => {
+                    series.completed.inc();
+                }
+                Some("failed") => {
+                    series.failed.inc();
+                }
+                Some(other) => {
+                    self.processed
+                        .get_or_create(&ProcessedLabels {
+                            source: source.to_owned(),
+                            r#type: self.type_label(event_type),
+                            status: other.to_owned(),
+                        })
+                        .inc();
+                }
+                None => {}
+            }
+        });
     }
 
     /// Sets the queue and worker gauges.

@@ -203,6 +203,7 @@ impl NatsConsumer {
                     event,
                     token: arrival.token,
                     delivery_count,
+                    processing_recorded: false,
                 })
             }
             Ok(None) => {

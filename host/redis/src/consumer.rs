@@ -361,6 +361,7 @@ impl ConsumerInner {
                 event,
                 token: entry.id,
                 delivery_count: before.saturating_add(times),
+                processing_recorded: false,
             });
         }
         if !skip.is_empty() {

@@ -23,9 +23,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::{self, DeliveryKey, Op};
 use super::dialect::Dialect;
-use super::row::{UpdateValues, decode_event};
+use super::row::{UpdateValues, decode_event, nanos};
 use super::schema::Queries;
 use super::{NAME, Shared, db_error, micros, now_micros};
+use eventbroker::EventStatus;
 use eventbroker::provider::{Consumer, Delivery, ProviderError, StatusUpdate};
 
 /// A consumer of one group.
@@ -82,6 +83,8 @@ impl SqlConsumer {
         let lease_end = now.saturating_add(micros(self.lease));
         let token = uuid::Uuid::new_v4().simple().to_string();
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let started = chrono::Utc::now();
+        let started_nanos = nanos(started, "processed_at")?;
         let mut deliveries = Vec::new();
         match shared.dialect {
             Dialect::Postgres => {
@@ -92,16 +95,27 @@ impl SqlConsumer {
                     .bind(lease_end)
                     .bind(token.clone())
                     .bind(self.name.clone())
+                    .bind(started_nanos)
+                    .bind(shared.q.channel.clone())
                     .fetch_all(&shared.pool)
                     .await
                     .map_err(db_error)?;
                 for row in &rows {
                     let seq: i64 = row.try_get(0).map_err(db_error)?;
                     let count: i64 = row.try_get(1).map_err(db_error)?;
+                    let marked: bool = row.try_get(2).map_err(db_error)?;
+                    let mut event = decode_event(row, 3)?;
+                    if marked {
+                        // The row shows the state before the claim's own mark.
+                        event.status = EventStatus::Processing;
+                        event.processed_at = Some(started);
+                        event.completed_at = None;
+                    }
                     deliveries.push(Delivery {
-                        event: decode_event(row, 2)?,
+                        event,
                         token: format!("{seq}:{token}"),
                         delivery_count: u32::try_from(count).unwrap_or(u32::MAX),
+                        processing_recorded: marked,
                     });
                 }
             }
@@ -147,6 +161,7 @@ impl SqlConsumer {
                             event,
                             token: format!("{seq}:{token}"),
                             delivery_count: u32::try_from(count).unwrap_or(u32::MAX),
+                            processing_recorded: false,
                         });
                     }
                 }

@@ -471,16 +471,30 @@ impl Queries {
                 group_exists,
                 insert_group,
                 backfill,
+                // The claim records `processing` in the same statement (the lease is the
+                // mark) for events the group has not finished, and notifies watchers of it;
+                // the view returned is the state before, which the consumer patches.
                 claim: format!(
                     "WITH c AS (SELECT grp, seq FROM {d} WHERE grp = $1 AND visible_at <= $2 \
                      ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED), \
                      u AS (UPDATE {d} dl SET visible_at = $4, lease_token = $5, consumer = $6, \
                      delivery_count = dl.delivery_count + 1 FROM c \
                      WHERE dl.grp = c.grp AND dl.seq = c.seq \
-                     RETURNING dl.seq, dl.delivery_count) \
-                     SELECT u.seq, u.delivery_count, {view} \
+                     RETURNING dl.seq, dl.delivery_count), \
+                     m AS (INSERT INTO {st} AS cur \
+                     (grp, seq, status, error, retry_count, handlers, processed_at, completed_at) \
+                     SELECT $1, e.seq, 'processing', e.error, e.retry_count, e.handlers, $7, NULL \
                      FROM u JOIN {t} e ON e.seq = u.seq \
-                     LEFT JOIN {st} s ON s.grp = $1 AND s.seq = e.seq ORDER BY u.seq"
+                     LEFT JOIN {st} s ON s.grp = $1 AND s.seq = e.seq \
+                     WHERE COALESCE(s.status, e.status) NOT IN ({kept}) \
+                     ON CONFLICT (grp, seq) DO UPDATE SET status = 'processing', \
+                     processed_at = excluded.processed_at, completed_at = NULL RETURNING seq), \
+                     n AS (SELECT m.seq FROM m JOIN {t} e ON e.seq = m.seq \
+                     CROSS JOIN LATERAL pg_notify($8, 'C' || e.id || '/' || $1) x) \
+                     SELECT u.seq, u.delivery_count, n.seq IS NOT NULL AS marked, {view} \
+                     FROM u JOIN {t} e ON e.seq = u.seq \
+                     LEFT JOIN {st} s ON s.grp = $1 AND s.seq = e.seq \
+                     LEFT JOIN n ON n.seq = u.seq ORDER BY u.seq"
                 ),
                 next_due,
                 complete: format!(

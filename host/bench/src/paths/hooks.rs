@@ -76,7 +76,7 @@ async fn through_hooks(events: u64) -> (Duration, Duration) {
 pub async fn run(events: u64) -> (Row, Duration) {
     direct(events / 10).await;
     through_hooks(events / 10).await;
-    let bare = rate(events, direct(events).await);
+    let bare = crate::harness::median_rate(events, || direct(events)).await;
     let (elapsed, calls) = through_hooks(events).await;
     let row = Row {
         path: "crud hooks, memory".into(),

@@ -61,7 +61,7 @@ pub async fn broker(handlers: usize) -> Broker {
 /// The `memory` row.
 pub async fn run(events: u64) -> Row {
     bare(events / 10).await;
-    let bare = rate(events, bare(events).await);
+    let bare = harness::median_rate(events, || bare(events)).await;
     let broker = broker(1).await;
     let (peak, latency) = harness::broker_run(&broker, events).await;
     broker.stop().await.expect("stop");
@@ -80,7 +80,10 @@ pub async fn fan_out(events: u64) -> Vec<(usize, f64)> {
     for handlers in [1, 2, 4, 16] {
         let broker = broker(handlers).await;
         harness::drive(&broker, events / 10).await;
-        rates.push((handlers, rate(events, harness::drive(&broker, events).await)));
+        rates.push((
+            handlers,
+            rate(events, harness::drive(&broker, events).await),
+        ));
         broker.stop().await.expect("stop");
     }
     rates
@@ -97,7 +100,9 @@ fn resident() -> Option<u64> {
 /// Bytes of resident memory per event stored in the memory provider (no consumer, so every
 /// event stays `pending`), measured over `events` events of the benchmark's shape.
 pub async fn bytes_per_event(events: u64) -> Option<f64> {
-    let config = broker_config();
+    let mut config = broker_config();
+    // No consumer: every event stays unfinished, so the unfinished limit must hold them all.
+    config.buffer_size = events as usize + 1;
     let provider = MemoryProvider::new(&config);
     let before = resident()?;
     for i in 0..events {

@@ -11,7 +11,7 @@ use eventbroker_nats::{NatsConfig, NatsProvider, NatsStorage};
 use futures::StreamExt;
 
 use crate::Row;
-use crate::harness::{self, Counter, PUBLISHERS, broker_config, event, rate, subscribe_trivial};
+use crate::harness::{self, Counter, PUBLISHERS, broker_config, event, subscribe_trivial};
 use crate::paths::{Outcome, skipped};
 
 /// Largest pull batch on both sides (the broker's worker pool fetches at most 64).
@@ -136,7 +136,7 @@ pub async fn run(events: u64) -> Outcome {
         return Err(skipped("nats", format!("NATS not reachable at {url}")));
     }
     baseline(&url, events / 10).await;
-    let bare = rate(events, baseline(&url, events).await);
+    let bare = harness::median_rate(events, || baseline(&url, events)).await;
     let (peak, latency) = measure(&url, events).await;
     Ok(Row {
         path: "nats".into(),

@@ -10,7 +10,7 @@ use eventbroker_redis::{RedisConfig, RedisProvider};
 use redis::aio::MultiplexedConnection;
 
 use crate::Row;
-use crate::harness::{self, Counter, PUBLISHERS, broker_config, event, rate, subscribe_trivial};
+use crate::harness::{self, Counter, PUBLISHERS, broker_config, event, subscribe_trivial};
 use crate::paths::{Outcome, skipped};
 
 pub(crate) fn addr() -> String {
@@ -155,11 +155,14 @@ pub async fn run(events: u64) -> Outcome {
         Err(_) => false,
     };
     if !reachable {
-        return Err(skipped("redis", format!("Redis not reachable at {}", addr())));
+        return Err(skipped(
+            "redis",
+            format!("Redis not reachable at {}", addr()),
+        ));
     }
     let batch = RedisConfig::default().batch_size;
     baseline(events / 10, batch).await;
-    let bare = rate(events, baseline(events, batch).await);
+    let bare = harness::median_rate(events, || baseline(events, batch)).await;
     let (peak, latency) = measure(events, batch).await;
     Ok(Row {
         path: "redis".into(),

@@ -4,16 +4,16 @@
 //! PostgreSQL is `EVENTBROKER_BENCH_POSTGRES_URL` (default the local `test` database).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use eventbroker::Broker;
 use eventbroker::provider::Provider;
 use eventbroker_sql::{SqlConfig, SqlProvider};
 use sqlx::{Executor, PgPool, Row as _, SqlitePool};
 
-use crate::harness::{self, PUBLISHERS, broker_config, event, rate, subscribe_trivial};
-use crate::paths::{Outcome, skipped};
 use crate::Row;
+use crate::harness::{self, PUBLISHERS, broker_config, event, subscribe_trivial};
+use crate::paths::{Outcome, skipped};
 
 /// The claim batch of both sides (the provider's `batch_size`).
 const BATCH: i64 = 64;
@@ -53,7 +53,13 @@ async fn measure(database: SqlConfig, events: u64) -> (f64, harness::Latency) {
 pub async fn sqlite(events: u64) -> Row {
     let dir = tempfile::tempdir().expect("temp dir");
     bare_sqlite(&dir.path().join("warm-bare.db"), events / 10).await;
-    let bare = bare_sqlite(&dir.path().join("bare.db"), events).await;
+    let mut run = 0;
+    let bare = harness::median_rate(events, || {
+        run += 1;
+        let path = dir.path().join(format!("bare-{run}.db"));
+        async move { bare_sqlite(&path, events).await }
+    })
+    .await;
     let database = SqlConfig {
         url: format!("sqlite://{}", dir.path().join("broker.db").display()),
         batch_size: BATCH as usize,
@@ -74,7 +80,9 @@ pub async fn drop_tables(url: &str, table: &str) {
     if let Ok(pool) = PgPool::connect(url).await {
         for suffix in ["_deliveries", "_groups", "_migrations", ""] {
             let _ = pool
-                .execute(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {table}{suffix}")))
+                .execute(sqlx::AssertSqlSafe(format!(
+                    "DROP TABLE IF EXISTS {table}{suffix}"
+                )))
                 .await;
         }
     }
@@ -84,10 +92,13 @@ pub async fn drop_tables(url: &str, table: &str) {
 pub async fn postgres(events: u64) -> Outcome {
     let url = postgres_url();
     if PgPool::connect(&url).await.is_err() {
-        return Err(skipped("postgres", format!("PostgreSQL not reachable at {url}")));
+        return Err(skipped(
+            "postgres",
+            format!("PostgreSQL not reachable at {url}"),
+        ));
     }
     bare_postgres(&url, events / 10).await;
-    let bare = bare_postgres(&url, events).await;
+    let bare = harness::median_rate(events, || bare_postgres(&url, events)).await;
     let table = format!("bench_{}", suffix());
     let database = SqlConfig {
         url: url.clone(),
@@ -108,7 +119,7 @@ pub async fn postgres(events: u64) -> Outcome {
 
 /// The bare loop on PostgreSQL: inserts by four publishers; one consumer claims `BATCH` rows
 /// with `FOR UPDATE SKIP LOCKED` and marks them completed in one statement.
-async fn bare_postgres(url: &str, events: u64) -> f64 {
+async fn bare_postgres(url: &str, events: u64) -> Duration {
     let pool = PgPool::connect(url).await.expect("connect");
     let table = format!("bench_bare_{}", suffix());
     pool.execute(sqlx::AssertSqlSafe(format!(
@@ -174,13 +185,13 @@ async fn bare_postgres(url: &str, events: u64) -> f64 {
     pool.execute(sqlx::AssertSqlSafe(format!("DROP TABLE {table}")))
         .await
         .expect("drop");
-    rate(events, elapsed)
+    elapsed
 }
 
 /// The bare loop on SQLite (WAL, synchronous=NORMAL, one writer connection like the provider):
 /// inserts by four publishers; one consumer claims `BATCH` rows with `UPDATE … RETURNING` and
 /// marks them completed in one statement.
-async fn bare_sqlite(path: &std::path::Path, events: u64) -> f64 {
+async fn bare_sqlite(path: &std::path::Path, events: u64) -> Duration {
     use sqlx::sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
     };
@@ -258,6 +269,5 @@ async fn bare_sqlite(path: &std::path::Path, events: u64) -> f64 {
         publisher.await.expect("publisher");
     }
     pool.close().await;
-    rate(events, elapsed)
+    elapsed
 }
-

@@ -12,7 +12,7 @@ use eventbroker_wasm::config::{HandlersConfig, PoolConfig};
 use eventbroker_wasm::{HandlerSet, WasmEngine};
 
 use crate::Row;
-use crate::harness::{self, broker_config, rate};
+use crate::harness::{self, broker_config};
 
 /// The guest every WebAssembly row runs.
 pub const GUEST: &str = "rust_audit_logger";
@@ -46,7 +46,8 @@ async fn broker(engine: &WasmEngine, bytes: &[u8], policy: &str) -> (Broker, Han
     let provider = Arc::new(MemoryProvider::new(&config));
     let broker = Broker::new(config, provider);
     let handlers = HandlerSet::new(engine.clone(), broker.clone(), HandlersConfig::default());
-    let manifest = format!("patterns = [\"bench.>\"]\ninstances = \"{policy}\"\nconcurrency = 64\n");
+    let manifest =
+        format!("patterns = [\"bench.>\"]\ninstances = \"{policy}\"\nconcurrency = 64\n");
     handlers
         .apply("guest", bytes.to_vec(), Some(&manifest))
         .await
@@ -66,11 +67,11 @@ pub async fn run(events: u64) -> Vec<Row> {
         let bare = match policy {
             "fresh" => {
                 bare_fresh(&guest, events / 10).await;
-                rate(events, bare_fresh(&guest, events).await)
+                harness::median_rate(events, || bare_fresh(&guest, events)).await
             }
             _ => {
                 bare_reuse(&guest, events / 10).await;
-                rate(events, bare_reuse(&guest, events).await)
+                harness::median_rate(events, || bare_reuse(&guest, events)).await
             }
         };
         let (broker, handlers) = broker(&engine, &bytes, policy).await;

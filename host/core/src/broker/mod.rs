@@ -57,7 +57,7 @@ use crate::config::{BrokerConfig, InvalidValue, ProcessingMode};
 use crate::event::{Event, EventStatus, ValidationError};
 use crate::metrics::Metrics;
 use crate::pattern::{Pattern, PatternError};
-use crate::provider::{Provider, ProviderError};
+use crate::provider::{Provider, ProviderError, StatusUpdate};
 use dispatch::Decision;
 use outstanding::Outstanding;
 use registry::{Registry, Subscription, SubscriptionCounters};
@@ -632,7 +632,15 @@ impl Inner {
     /// Records a decision: the one place broker counters change after an attempt, drain
     /// bookkeeping ends and waiting sync publishes learn the final state. `event` carries the
     /// recorded update.
-    fn record_decision(&self, event: &Event, decision: &Decision, elapsed: Duration) {
+    /// Counts the decision taken on `event` (as it was before `update`) and, when it is
+    /// final, hands the event in its final state to sync publishers waiting for it.
+    fn record_decision(
+        &self,
+        event: &Event,
+        update: &StatusUpdate,
+        decision: &Decision,
+        elapsed: Duration,
+    ) {
         let counters = &self.counters;
         let status = match decision {
             Decision::Retry { .. } => None,
@@ -659,7 +667,11 @@ impl Inner {
         counters.processed.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(event_id = %event.id, ?elapsed, "event finished");
         self.outstanding.finish(&event.id);
-        self.waiters.finish(event);
+        if self.waiters.any() {
+            let mut finished = event.clone();
+            update.apply(&mut finished);
+            self.waiters.finish(&finished);
+        }
     }
 }
 

@@ -54,6 +54,11 @@ impl Waiters {
         }
     }
 
+    /// Whether anyone waits for any event (a lock-free check).
+    pub(crate) fn any(&self) -> bool {
+        self.count.load(Ordering::SeqCst) > 0
+    }
+
     /// Hands `event`, in its final state, to everyone waiting for it.
     pub(crate) fn finish(&self, event: &Event) {
         if self.count.load(Ordering::SeqCst) == 0 {

@@ -38,11 +38,11 @@ pub(crate) struct Pool {
 /// Deliveries held locally (queued or running), for lease renewal and accounting.
 #[derive(Default)]
 struct Held {
-    deliveries: Mutex<HashMap<String, Delivery>>,
+    deliveries: Mutex<HashMap<String, Arc<Delivery>>>,
 }
 
 impl Held {
-    fn insert(&self, delivery: &Delivery) {
+    fn insert(&self, delivery: &Arc<Delivery>) {
         self.lock().insert(delivery.token.clone(), delivery.clone());
     }
 
@@ -54,11 +54,11 @@ impl Held {
         self.lock().len()
     }
 
-    fn snapshot(&self) -> Vec<Delivery> {
+    fn snapshot(&self) -> Vec<Arc<Delivery>> {
         self.lock().values().cloned().collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Delivery>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Delivery>>> {
         self.deliveries.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -82,7 +82,7 @@ impl Pool {
             })
             .await?;
         let capacity = config.buffer_size.min(config.worker_count * 2).max(1);
-        let (sender, receiver) = mpsc::channel::<Delivery>(capacity);
+        let (sender, receiver) = mpsc::channel::<Arc<Delivery>>(capacity);
         let receiver = Arc::new(AsyncMutex::new(receiver));
         let stop_reading = CancellationToken::new();
         let abort = CancellationToken::new();
@@ -178,7 +178,7 @@ impl Pool {
 async fn read_loop(
     inner: Arc<Inner>,
     consumer: Arc<dyn Consumer>,
-    sender: mpsc::Sender<Delivery>,
+    sender: mpsc::Sender<Arc<Delivery>>,
     stop: CancellationToken,
     held: Arc<Held>,
 ) {
@@ -209,6 +209,7 @@ async fn read_loop(
                         }
                         continue;
                     };
+                    let delivery = Arc::new(delivery);
                     held.insert(&delivery);
                     inner.counters.queue_depth.fetch_add(1, Ordering::Relaxed);
                     inner.update_pool_gauges();
@@ -233,7 +234,7 @@ async fn work_loop(
     inner: Arc<Inner>,
     weak: WeakBroker,
     consumer: Arc<dyn Consumer>,
-    receiver: Arc<AsyncMutex<mpsc::Receiver<Delivery>>>,
+    receiver: Arc<AsyncMutex<mpsc::Receiver<Arc<Delivery>>>>,
     abort: CancellationToken,
     held: Arc<Held>,
     done: Arc<tokio::sync::Notify>,
@@ -284,15 +285,22 @@ async fn process(
     consumer: &dyn Consumer,
     delivery: &Delivery,
 ) -> Result<(), ProviderError> {
-    let mut event = delivery.event.clone();
-    let subscriptions = inner.registry.matching(&event.event_type);
-    if !subscriptions.is_empty() {
+    let subscriptions = inner.registry.matching(&delivery.event.event_type);
+    // The event as handlers see it: `processing`. Providers that record the mark with the
+    // claim hand it out that way; for the others it is written here, one round trip.
+    let marked;
+    let event = if delivery.processing_recorded || subscriptions.is_empty() {
+        &delivery.event
+    } else {
+        let mut event = delivery.event.clone();
         let processing = StatusUpdate::processing(&event);
         processing.apply(&mut event);
         if let Err(error) = inner.provider.update_status(&event.id, &processing).await {
             tracing::warn!(event_id = %event.id, %error, "could not mark event as processing");
         }
-    }
+        marked = event;
+        &marked
+    };
     let started = Instant::now();
     let span = tracing::info_span!(
         "event",
@@ -301,15 +309,14 @@ async fn process(
         delivery = delivery.delivery_count
     );
     let outcomes =
-        tracing::Instrument::instrument(run_handlers(&event, &subscriptions, weak), span).await;
+        tracing::Instrument::instrument(run_handlers(event, &subscriptions, weak), span).await;
     let decision = decide(&outcomes, &subscriptions);
-    let update = status_update(&event, outcomes, &decision);
+    let update = status_update(event, outcomes, &decision);
     match &decision {
         Decision::Retry { delay, .. } => consumer.retry(delivery, &update, *delay).await?,
         Decision::Complete | Decision::Fail { .. } => consumer.complete(delivery, &update).await?,
     }
-    update.apply(&mut event);
-    inner.record_decision(&event, &decision, started.elapsed());
+    inner.record_decision(event, &update, &decision, started.elapsed());
     Ok(())
 }
 

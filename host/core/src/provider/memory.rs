@@ -18,13 +18,14 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use lru::LruCache;
+use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 use tokio_stream::wrappers::BroadcastStream;
@@ -36,7 +37,7 @@ use super::{
     ProviderError, ProviderFeatures, ProviderStats, StatusUpdate,
 };
 use crate::config::BrokerConfig;
-use crate::event::Event;
+use crate::event::{Event, EventStatus};
 use crate::pattern::Pattern;
 
 const NAME: &str = "memory";
@@ -308,12 +309,12 @@ async fn cleanup_loop(inner: Weak<Inner>) {
 }
 
 impl Inner {
+    /// The state lock. Every publisher, reader and worker takes it for a few microseconds;
+    /// `parking_lot`'s lock spins briefly before it parks a thread, which under that load
+    /// costs far less than putting the thread to sleep and waking it (a panic while holding
+    /// it leaves nothing that matters more than stopping the host, so it does not poison).
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave the maps half-updated in a way that
-        // matters more than stopping the host, so a poisoned lock is simply taken over.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock()
     }
 
     fn check_open(&self) -> Result<(), ProviderError> {
@@ -371,18 +372,21 @@ impl Inner {
 
     /// Inserts an event; its own state becomes the state of the inserting handle's `group`.
     fn try_insert(&self, event: &Event, deliver: bool, group: &str) -> Result<(), InsertError> {
-        let mut state = self.lock();
-        if state.events.contains_key(&event.id) {
-            return Err(InsertError::Provider(ProviderError::Duplicate(
-                event.id.clone(),
-            )));
-        }
+        // Built before taking the lock: cloning an event allocates, and every publisher,
+        // reader and worker waits on this lock.
         let mut entry = Entry {
             event: event.clone(),
-            seq: deliver.then_some(state.next_seq),
+            seq: None,
             states: HashMap::from([(group.to_owned(), GroupState::of(event))]),
             settled: false,
         };
+        let id = event.id.clone();
+        let mut state = self.lock();
+        if state.events.contains_key(&event.id) {
+            drop(state);
+            return Err(InsertError::Provider(ProviderError::Duplicate(id)));
+        }
+        entry.seq = deliver.then_some(state.next_seq);
         entry.settled = entry.is_settled(&state.groups);
         if !entry.settled && state.unsettled >= self.options.max_pending {
             return Err(InsertError::NoRoom(format!(
@@ -402,55 +406,73 @@ impl Inner {
         }
         if let Some(seq) = entry.seq {
             state.next_seq += 1;
-            state.log.insert(seq, event.id.clone());
+            state.log.insert(seq, id.clone());
         }
         if entry.settled {
-            state.settled.put(event.id.clone(), ());
+            state.settled.put(id.clone(), ());
         } else {
             state.unsettled += 1;
         }
-        state.events.insert(event.id.clone(), entry);
+        state.events.insert(id, entry);
         if deliver {
             for group in state.groups.values() {
                 group.wake.notify_waiters();
             }
         }
         drop(state);
-        let _ = self.watchers.send(Change {
-            group: None,
-            event: event.clone(),
-        });
+        if self.watching() {
+            let _ = self.watchers.send(Change {
+                group: None,
+                event: event.clone(),
+            });
+        }
         Ok(())
     }
 
+    /// Whether any watcher is subscribed: changes are only rendered for watchers when one is.
+    fn watching(&self) -> bool {
+        self.watchers.receiver_count() > 0
+    }
+
     /// Applies `change` to the state of `group` of a stored event, keeping the settled count
-    /// and LRU right. Returns the event in the group's new state, and whether it settled.
+    /// and LRU right. Returns the event in the group's new state when `render` is set (for
+    /// watchers), and whether it settled.
     fn change(
         state: &mut State,
         id: &str,
         group: &str,
+        render: bool,
         change: impl FnOnce(&mut GroupState),
-    ) -> Result<(Event, bool), ProviderError> {
+    ) -> Result<(Option<Event>, bool), ProviderError> {
         let entry = state
             .events
             .get_mut(id)
             .ok_or_else(|| ProviderError::NotFound(id.to_owned()))?;
-        let mut current = entry.state(group);
-        change(&mut current);
-        entry.states.insert(group.to_owned(), current);
-        let event = entry.view(group);
+        match entry.states.get_mut(group) {
+            Some(current) => change(current),
+            None => {
+                let mut current = GroupState::of(&entry.event);
+                change(&mut current);
+                entry.states.insert(group.to_owned(), current);
+            }
+        }
+        let event = render.then(|| entry.view(group));
         let settled = state.resettle(id);
         Ok((event, settled))
     }
 
-    fn notify_change(&self, group: &str, event: Event, settled: bool) {
+    fn notify_change(&self, group: &str, event: Option<Event>, settled: bool) {
         if settled {
-            self.room.notify_waiters();
+            // One event settled: room for one publisher. Waking every waiting publisher
+            // made them all fight for the lock under load, and all but one wait again.
+            self.room.notify_one();
         }
-        let _ = self.watchers.send(Change {
-            group: Some(Arc::from(group)),
-            event,
-        });
+        if let Some(event) = event {
+            let _ = self.watchers.send(Change {
+                group: Some(Arc::from(group)),
+                event,
+            });
+        }
     }
 }
 
@@ -581,8 +603,11 @@ impl Provider for MemoryProvider {
 
     async fn update_status(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
         self.inner.check_open()?;
+        let render = self.inner.watching();
         let (event, settled) =
-            Inner::change(&mut self.inner.lock(), id, &self.group, |s| s.apply(update))?;
+            Inner::change(&mut self.inner.lock(), id, &self.group, render, |s| {
+                s.apply(update)
+            })?;
         self.inner.notify_change(&self.group, event, settled);
         Ok(())
     }
@@ -629,7 +654,8 @@ impl Provider for MemoryProvider {
                 queue.schedule(now, seq.unwrap_or(0), id.to_owned(), 0);
             }
             queue.wake.notify_waiters();
-            Inner::change(&mut state, id, group, |s| s.apply(update))?
+            let render = self.inner.watching();
+            Inner::change(&mut state, id, group, render, |s| s.apply(update))?
         };
         self.inner.notify_change(group, event, settled);
         Ok(())
@@ -760,10 +786,14 @@ impl MemoryConsumer {
         self.closed.load(Ordering::Acquire) || self.provider.closed.load(Ordering::Acquire)
     }
 
-    /// Takes up to `max` deliveries; also returns when the next timed redelivery or lease
-    /// expiry is due, so the caller can sleep until then.
-    fn take(&self, max: usize) -> (Vec<Delivery>, Option<Instant>) {
+    /// Takes up to `max` deliveries, recording `processing` for each in the same step; also
+    /// returns when the next timed redelivery or lease expiry is due, so the caller can sleep
+    /// until then, and the changed events for watchers (only when some watcher listens).
+    fn take(&self, max: usize) -> (Vec<Delivery>, Option<Instant>, Vec<Event>) {
         let now = Instant::now();
+        let started_at = Utc::now();
+        let render = self.provider.watching();
+        let mut changes = Vec::new();
         let mut state = self.provider.lock();
         let State {
             events,
@@ -773,13 +803,34 @@ impl MemoryConsumer {
             ..
         } = &mut *state;
         let Some(group) = groups.get_mut(&self.group) else {
-            return (Vec::new(), None);
+            return (Vec::new(), None, Vec::new());
         };
         State::expire_leases(group, now);
         let mut out = Vec::new();
-        let mut lease = |group: &mut Group, id: String, seq: u64, count: u32, event: &Event| {
+        // Leases the delivery and, unless the group already finished the event, records
+        // `processing` in the same step (the claim is the mark).
+        let mut lease = |group: &mut Group, id: String, seq: u64, count: u32, entry: &mut Entry| {
             let token = *next_token;
             *next_token += 1;
+            let processing_recorded = !entry.finished_in(&self.group);
+            if processing_recorded {
+                let mark = |state: &mut GroupState| {
+                    state.status = EventStatus::Processing;
+                    state.processed_at = Some(started_at);
+                };
+                match entry.states.get_mut(&*self.group) {
+                    Some(current) => mark(current),
+                    None => {
+                        let mut current = GroupState::of(&entry.event);
+                        mark(&mut current);
+                        entry.states.insert(self.group.to_string(), current);
+                    }
+                }
+            }
+            let event = entry.view(&self.group);
+            if render && processing_recorded {
+                changes.push(event.clone());
+            }
             group.leased.insert(
                 token,
                 Lease {
@@ -792,9 +843,10 @@ impl MemoryConsumer {
                 },
             );
             Delivery {
-                event: event.clone(),
+                event,
                 token: token.to_string(),
                 delivery_count: count,
+                processing_recorded,
             }
         };
         while out.len() < max {
@@ -810,12 +862,11 @@ impl MemoryConsumer {
                 continue;
             }
             group.queued.remove(&id);
-            let Some(entry) = events.get(&id) else {
+            let Some(entry) = events.get_mut(&id) else {
                 continue;
             };
-            let event = entry.view(&self.group);
-            let delivery = lease(group, id, seq, count + 1, &event);
-            group.counts.insert(event.id.clone(), count + 1);
+            group.counts.insert(id.clone(), count + 1);
+            let delivery = lease(group, id, seq, count + 1, entry);
             out.push(delivery);
         }
         while out.len() < max {
@@ -823,7 +874,7 @@ impl MemoryConsumer {
                 break;
             };
             group.cursor = seq + 1;
-            let Some(entry) = events.get(id) else {
+            let Some(entry) = events.get_mut(id) else {
                 continue;
             };
             if entry.finished_in(&self.group) {
@@ -831,7 +882,7 @@ impl MemoryConsumer {
             }
             let count = group.counts.get(id).copied().unwrap_or(0) + 1;
             group.counts.insert(id.clone(), count);
-            let delivery = lease(group, id.clone(), seq, count, &entry.view(&self.group));
+            let delivery = lease(group, id.clone(), seq, count, entry);
             out.push(delivery);
         }
         let next_due = group
@@ -841,7 +892,7 @@ impl MemoryConsumer {
             .into_iter()
             .chain(group.leased.values().map(|lease| lease.deadline))
             .min();
-        (out, next_due)
+        (out, next_due, changes)
     }
 
     /// Closes this consumer once: wakes a pending fetch and returns every delivery it still
@@ -872,11 +923,19 @@ impl MemoryConsumer {
     }
 
     fn take_lease(&self, delivery: &Delivery) -> Result<Lease, ProviderError> {
+        self.take_lease_in(&mut self.provider.lock(), delivery)
+    }
+
+    /// Removes the lease of `delivery` from the group, under the caller's lock.
+    fn take_lease_in(
+        &self,
+        state: &mut State,
+        delivery: &Delivery,
+    ) -> Result<Lease, ProviderError> {
         let token: u64 = delivery
             .token
             .parse()
             .map_err(|_| ProviderError::backend(NAME, "malformed delivery token"))?;
-        let mut state = self.provider.lock();
         state
             .groups
             .get_mut(&self.group)
@@ -918,7 +977,10 @@ impl Consumer for MemoryConsumer {
             if self.is_closed() {
                 return Ok(Vec::new());
             }
-            let (batch, next_due) = self.take(max);
+            let (batch, next_due, changes) = self.take(max);
+            for event in changes {
+                self.provider.notify_change(&self.group, Some(event), false);
+            }
             if !batch.is_empty() {
                 self.provider.counters.delivered(batch.len());
                 return Ok(batch);
@@ -942,13 +1004,17 @@ impl Consumer for MemoryConsumer {
         delivery: &Delivery,
         update: &StatusUpdate,
     ) -> Result<(), ProviderError> {
-        let lease = self.take_lease(delivery)?;
+        let render = self.provider.watching();
         let (event, settled) = {
+            // One lock for the acknowledgement and the final state.
             let mut state = self.provider.lock();
+            let lease = self.take_lease_in(&mut state, delivery)?;
             if let Some(group) = state.groups.get_mut(&self.group) {
                 group.counts.remove(&lease.id);
             }
-            Inner::change(&mut state, &lease.id, &self.group, |s| s.apply(update))?
+            Inner::change(&mut state, &lease.id, &self.group, render, |s| {
+                s.apply(update)
+            })?
         };
         self.provider.counters.acknowledged();
         self.provider.notify_change(&self.group, event, settled);
@@ -962,10 +1028,14 @@ impl Consumer for MemoryConsumer {
         delay: Duration,
     ) -> Result<(), ProviderError> {
         let lease = self.take_lease(delivery)?;
-        let (event, settled) =
-            Inner::change(&mut self.provider.lock(), &lease.id, &self.group, |s| {
-                s.apply(update)
-            })?;
+        let render = self.provider.watching();
+        let (event, settled) = Inner::change(
+            &mut self.provider.lock(),
+            &lease.id,
+            &self.group,
+            render,
+            |s| s.apply(update),
+        )?;
         self.requeue_lease(lease, Instant::now() + delay);
         self.provider.notify_change(&self.group, event, settled);
         Ok(())
@@ -975,10 +1045,12 @@ impl Consumer for MemoryConsumer {
         let mut lease = self.take_lease(delivery)?;
         // A released delivery was not attempted: do not count it.
         lease.count = lease.count.saturating_sub(1);
+        let render = self.provider.watching();
         let (event, settled) = Inner::change(
             &mut self.provider.lock(),
             &lease.id,
             &self.group,
+            render,
             GroupState::release,
         )?;
         self.requeue_lease(lease, Instant::now());

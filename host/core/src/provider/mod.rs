@@ -213,6 +213,11 @@ pub struct Delivery {
     pub token: String,
     /// How many times this event has been delivered to this group, this one included.
     pub delivery_count: u32,
+    /// The provider recorded `processing` (and the processing time) in the group's state when
+    /// it handed out this delivery, in the same step as the claim, and `event` shows that
+    /// state: the broker does not write the mark again. When `false` the broker records it
+    /// with [`Provider::update_status`] before running handlers.
+    pub processing_recorded: bool,
 }
 
 /// A work-sharing consumer: each event is delivered to one consumer of the group at a time

@@ -1725,3 +1725,46 @@ pub async fn a_release_never_undoes_a_finished_state(backend: &Backend) {
     consumer.close().await;
     provider.close().await;
 }
+
+/// A provider that records `processing` with the claim (`Delivery::processing_recorded`)
+/// hands out the event in that state, shows it to queries and watchers' readers, and a
+/// release returns it to `pending`; one that does not leaves the stored state alone.
+pub async fn a_claim_that_records_processing_shows_it(backend: &Backend) {
+    let provider = backend.connect().await;
+    let event = simple_event("claim.processing");
+    provider.publish(&event).await.expect("publish");
+    let consumer = provider
+        .consume(options(OWN_GROUP, LONG_LEASE))
+        .await
+        .expect("consume");
+    let delivery = fetch_n(&consumer, 1).await.remove(0);
+    assert_eq!(delivery.event.id, event.id);
+    let stored = status_of(&provider, &event.id).await;
+    if delivery.processing_recorded {
+        assert_eq!(
+            delivery.event.status,
+            EventStatus::Processing,
+            "{}: the delivery shows the mark it claims to have recorded",
+            backend.name
+        );
+        assert!(delivery.event.processed_at.is_some(), "{}", backend.name);
+        assert_eq!(stored, Some(EventStatus::Processing), "{}", backend.name);
+        consumer.release(&delivery).await.expect("release");
+        assert_eq!(
+            status_of(&provider, &event.id).await,
+            Some(EventStatus::Pending),
+            "{}: a released claim goes back to pending",
+            backend.name
+        );
+    } else {
+        assert_eq!(
+            delivery.event.status,
+            EventStatus::Pending,
+            "{}",
+            backend.name
+        );
+        assert_eq!(stored, Some(EventStatus::Pending), "{}", backend.name);
+    }
+    consumer.close().await;
+    provider.close().await;
+}

@@ -52,6 +52,7 @@ macro_rules! conformance {
                 a_retry_or_failure_in_one_group_leaves_the_other_completed,
                 requeue_accepts_an_event_whose_processing_was_abandoned,
                 a_release_never_undoes_a_finished_state,
+                a_claim_that_records_processing_shows_it,
             );
         }
     };
