@@ -483,7 +483,7 @@ impl Queries {
                      RETURNING dl.seq, dl.delivery_count), \
                      m AS (INSERT INTO {st} AS cur \
                      (grp, seq, status, error, retry_count, handlers, processed_at, completed_at) \
-                     SELECT $1, e.seq, 'processing', e.error, e.retry_count, e.handlers, $7, NULL \
+                     SELECT $1, e.seq, 'processing', e.error, e.retry_count, e.handlers, $7, CAST(NULL AS BIGINT) \
                      FROM u JOIN {t} e ON e.seq = u.seq \
                      LEFT JOIN {st} s ON s.grp = $1 AND s.seq = e.seq \
                      WHERE COALESCE(s.status, e.status) NOT IN ({kept}) \

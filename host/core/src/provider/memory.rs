@@ -1143,8 +1143,8 @@ mod tests {
         assert_eq!(first.event.id, events[0].id);
         assert_eq!(
             first.event.status,
-            EventStatus::Pending,
-            "group b sees its own state"
+            EventStatus::Processing,
+            "group b sees its own state (claimed), not group a's completed one"
         );
         consumer_b
             .complete(&first, &done())
