@@ -137,7 +137,11 @@ async fn close(opened: Opened) {
 /// each; a backend that cannot be opened returns why.
 pub async fn run(backend: &str, sizes: &[u64]) -> Result<Vec<Reads>, String> {
     let mut config = broker_config();
-    config.memory.max_events = sizes.iter().copied().max().unwrap_or(0) as usize + 1;
+    // Nothing consumes: every stored event stays unfinished, so both memory bounds must
+    // hold them all.
+    let largest = sizes.iter().copied().max().unwrap_or(0) as usize + 1;
+    config.memory.max_events = largest;
+    config.buffer_size = largest;
     let opened = open(backend, &config).await?;
     let provider = opened.provider.clone();
     let mut ids: Vec<String> = Vec::new();
