@@ -256,10 +256,18 @@ impl StateStore {
         consumer: &consumer::PullConsumer,
         mut visit: impl FnMut(Record),
     ) -> Result<(), ProviderError> {
+        // What the scan consumer had to deliver when it was created: asking for exactly what
+        // is left lets the server answer the last request at once, instead of holding it open
+        // until it expires (a scan cost five seconds at any size).
+        let mut left = usize::try_from(consumer.cached_info().num_pending).unwrap_or(usize::MAX);
         loop {
+            if left == 0 {
+                return Ok(());
+            }
+            let wanted = left.min(SCAN_BATCH);
             let mut batch = consumer
                 .fetch()
-                .max_messages(SCAN_BATCH)
+                .max_messages(wanted)
                 .expires(Duration::from_secs(5))
                 .messages()
                 .await
@@ -283,9 +291,10 @@ impl StateStore {
                     }
                 }
             }
-            if received < SCAN_BATCH {
+            if received < wanted {
                 return Ok(());
             }
+            left -= received;
         }
     }
 
