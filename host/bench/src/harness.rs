@@ -53,6 +53,43 @@ pub fn subscribe_trivial(broker: &Broker, name: &str) {
         .expect("subscribe");
 }
 
+/// [`PUBLISHERS`] tasks sharing the events `0..events` between them (task `p` takes every
+/// [`PUBLISHERS`]th from `p`), each awaiting `publish(i)` for its events in turn: the
+/// publishing side of every path, broker and bare alike.
+pub struct Publishers(Vec<tokio::task::JoinHandle<()>>);
+
+impl Publishers {
+    /// Starts the tasks.
+    pub fn spawn<F, Fut>(events: u64, publish: F) -> Self
+    where
+        F: Fn(u64) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        Publishers(
+            (0..PUBLISHERS)
+                .map(|p| {
+                    let publish = publish.clone();
+                    tokio::spawn(async move {
+                        for i in (p..events).step_by(PUBLISHERS as usize) {
+                            publish(i).await;
+                        }
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// Waits until every task published all of its events.
+    ///
+    /// # Panics
+    /// If a publish panicked.
+    pub async fn join(self) {
+        for publisher in self.0 {
+            publisher.await.expect("publisher");
+        }
+    }
+}
+
 /// Publishes `events` events with `publish_async` from [`PUBLISHERS`] tasks and waits until
 /// the broker recorded every one's final state. Returns the time from the first publish to
 /// the last final state.
@@ -62,19 +99,15 @@ pub fn subscribe_trivial(broker: &Broker, name: &str) {
 pub async fn drive(broker: &Broker, events: u64) -> Duration {
     let completed_before = broker.stats().await.expect("stats").completed;
     let started = Instant::now();
-    let publishers: Vec<_> = (0..PUBLISHERS)
-        .map(|p| {
-            let broker = broker.clone();
-            tokio::spawn(async move {
-                for i in (p..events).step_by(PUBLISHERS as usize) {
-                    broker.publish_async(event(i)).await.expect("publish");
-                }
-            })
-        })
-        .collect();
-    for publisher in publishers {
-        publisher.await.expect("publisher");
-    }
+    let publishing = broker.clone();
+    Publishers::spawn(events, move |i| {
+        let broker = publishing.clone();
+        async move {
+            broker.publish_async(event(i)).await.expect("publish");
+        }
+    })
+    .join()
+    .await;
     broker.wait_idle().await;
     let elapsed = started.elapsed();
     let completed = broker.stats().await.expect("stats").completed - completed_before;

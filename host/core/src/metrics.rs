@@ -11,6 +11,8 @@ use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
+
+use crate::event::EventStatus;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -228,20 +230,20 @@ impl Metrics {
             source: source.to_owned(),
             r#type: r#type.clone(),
         };
-        let processed = |status: &str| {
+        let processed = |status: EventStatus| {
             self.processed
                 .get_or_create(&ProcessedLabels {
                     source: source.to_owned(),
                     r#type: r#type.clone(),
-                    status: status.to_owned(),
+                    status: status.as_str().to_owned(),
                 })
                 .clone()
         };
         let series = EventSeries {
             published: self.published.get_or_create(&labels).clone(),
             duration: self.processing_duration.get_or_create(&labels).clone(),
-            completed: processed("completed"),
-            failed: processed("failed"),
+            completed: processed(EventStatus::Completed),
+            failed: processed(EventStatus::Failed),
         };
         f(&series);
         if r#type == "other" && event_type != "other" {
@@ -263,35 +265,23 @@ impl Metrics {
         });
     }
 
-    /// Counts an attempt's end: its duration, and the event's final status when it finished
-    /// (`completed` or `failed`).
+    /// Counts an attempt's end: its duration and, when the attempt finished the event, its
+    /// final status (`completed` or `failed`; any other status counts the duration only).
     pub fn event_attempt(
         &self,
         source: &'static str,
         event_type: &str,
-        status: Option<&str>,
+        finished: Option<EventStatus>,
         elapsed: Duration,
     ) {
         self.with_series(source, event_type, |series| {
             series.duration.observe(elapsed.as_secs_f64());
-            match status {
-                Some("completed") => {
-                    series.completed.inc();
-                }
-                Some("failed") => {
-                    series.failed.inc();
-                }
-                Some(other) => {
-                    self.processed
-                        .get_or_create(&ProcessedLabels {
-                            source: source.to_owned(),
-                            r#type: self.type_label(event_type),
-                            status: other.to_owned(),
-                        })
-                        .inc();
-                }
-                None => {}
-            }
+            let counter = match finished {
+                Some(EventStatus::Completed) => &series.completed,
+                Some(EventStatus::Failed) => &series.failed,
+                _ => return,
+            };
+            counter.inc();
         });
     }
 
@@ -375,7 +365,7 @@ mod tests {
         metrics.event_attempt(
             "database",
             "public.users.create",
-            Some("completed"),
+            Some(EventStatus::Completed),
             Duration::from_millis(3),
         );
         metrics.set_pool(2, 1);

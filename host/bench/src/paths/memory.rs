@@ -9,7 +9,7 @@ use eventbroker::provider::Provider;
 use eventbroker::{Broker, MemoryProvider};
 
 use crate::Row;
-use crate::harness::{self, Counter, broker_config, event, rate, subscribe_trivial};
+use crate::harness::{self, Counter, Publishers, broker_config, event, rate, subscribe_trivial};
 
 /// A bare tokio channel (capacity 1000) from [`harness::PUBLISHERS`] tasks to one consumer
 /// running the trivial handler.
@@ -26,19 +26,15 @@ pub async fn bare(events: u64) -> Duration {
         })
     };
     let started = Instant::now();
-    let publishers: Vec<_> = (0..harness::PUBLISHERS)
-        .map(|p| {
-            let sender = sender.clone();
-            tokio::spawn(async move {
-                for i in (p..events).step_by(harness::PUBLISHERS as usize) {
-                    sender.send(event(i)).await.expect("consumer alive");
-                }
-            })
-        })
-        .collect();
-    for publisher in publishers {
-        publisher.await.expect("publisher");
-    }
+    let publishing = sender.clone();
+    Publishers::spawn(events, move |i| {
+        let sender = publishing.clone();
+        async move {
+            sender.send(event(i)).await.expect("consumer alive");
+        }
+    })
+    .join()
+    .await;
     counter.wait().await;
     let elapsed = started.elapsed();
     drop(sender);

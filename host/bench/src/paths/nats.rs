@@ -11,7 +11,7 @@ use eventbroker_nats::{NatsConfig, NatsProvider, NatsStorage};
 use futures::StreamExt;
 
 use crate::Row;
-use crate::harness::{self, Counter, PUBLISHERS, broker_config, event, subscribe_trivial};
+use crate::harness::{self, Counter, Publishers, broker_config, event, subscribe_trivial};
 use crate::paths::{Outcome, skipped};
 
 /// Largest pull batch on both sides (the broker's worker pool fetches at most 64).
@@ -73,31 +73,26 @@ async fn baseline(url: &str, events: u64) -> Duration {
             }
         })
     };
-    let publishers: Vec<_> = (0..PUBLISHERS)
-        .map(|p| {
-            let js = js.clone();
-            let subject = format!("bench{id}.system.bench.tick");
-            tokio::spawn(async move {
-                for i in (p..events).step_by(PUBLISHERS as usize) {
-                    let e = event(i);
-                    let payload = serde_json::to_vec(&e).expect("encode");
-                    js.send_publish(
-                        subject.clone(),
-                        jetstream::message::PublishMessage::build()
-                            .payload(payload.into())
-                            .message_id(&e.id),
-                    )
-                    .await
-                    .expect("publish")
-                    .await
-                    .expect("ack");
-                }
-            })
-        })
-        .collect();
-    for publisher in publishers {
-        publisher.await.expect("publisher");
-    }
+    let (publishing, subject) = (js.clone(), format!("bench{id}.system.bench.tick"));
+    Publishers::spawn(events, move |i| {
+        let (js, subject) = (publishing.clone(), subject.clone());
+        async move {
+            let e = event(i);
+            let payload = serde_json::to_vec(&e).expect("encode");
+            js.send_publish(
+                subject,
+                jetstream::message::PublishMessage::build()
+                    .payload(payload.into())
+                    .message_id(&e.id),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+        }
+    })
+    .join()
+    .await;
     counter.wait().await;
     let elapsed = started.elapsed();
     worker.await.expect("worker");

@@ -10,7 +10,7 @@ use eventbroker_redis::{RedisConfig, RedisProvider};
 use redis::aio::MultiplexedConnection;
 
 use crate::Row;
-use crate::harness::{self, Counter, PUBLISHERS, broker_config, event, subscribe_trivial};
+use crate::harness::{self, Counter, Publishers, broker_config, event, subscribe_trivial};
 use crate::paths::{Outcome, skipped};
 
 pub(crate) fn addr() -> String {
@@ -93,29 +93,25 @@ async fn baseline(events: u64, batch: usize) -> Duration {
             }
         })
     };
+    // One multiplexed connection shared by the publishers, as the provider shares one.
+    let (publishing, key) = (connection().await, stream.clone());
     let started = Instant::now();
-    let publishers: Vec<_> = (0..PUBLISHERS)
-        .map(|p| {
-            let stream = stream.clone();
-            tokio::spawn(async move {
-                let mut conn = connection().await;
-                for i in (p..events).step_by(PUBLISHERS as usize) {
-                    let json = serde_json::to_string(&event(i)).expect("json");
-                    let _: String = redis::cmd("XADD")
-                        .arg(&stream)
-                        .arg("*")
-                        .arg("event")
-                        .arg(json)
-                        .query_async(&mut conn)
-                        .await
-                        .expect("xadd");
-                }
-            })
-        })
-        .collect();
-    for publisher in publishers {
-        publisher.await.expect("publisher");
-    }
+    Publishers::spawn(events, move |i| {
+        let (mut conn, key) = (publishing.clone(), key.clone());
+        async move {
+            let json = serde_json::to_string(&event(i)).expect("json");
+            let _: String = redis::cmd("XADD")
+                .arg(&key)
+                .arg("*")
+                .arg("event")
+                .arg(json)
+                .query_async(&mut conn)
+                .await
+                .expect("xadd");
+        }
+    })
+    .join()
+    .await;
     counter.wait().await;
     let elapsed = started.elapsed();
     consumer.await.expect("consumer");

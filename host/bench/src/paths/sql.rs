@@ -12,7 +12,7 @@ use eventbroker_sql::{SqlConfig, SqlProvider};
 use sqlx::{Executor, PgPool, Row as _, SqlitePool};
 
 use crate::Row;
-use crate::harness::{self, PUBLISHERS, broker_config, event, subscribe_trivial};
+use crate::harness::{self, Publishers, broker_config, event, subscribe_trivial};
 use crate::paths::{Outcome, skipped};
 
 /// The claim batch of both sides (the provider's `batch_size`).
@@ -138,24 +138,22 @@ async fn bare_postgres(url: &str, events: u64) -> Duration {
     );
     let complete = format!("UPDATE {table} SET status = 'completed' WHERE seq = ANY($1)");
     let started = Instant::now();
-    let publishers: Vec<_> = (0..PUBLISHERS)
-        .map(|p| {
-            let pool = pool.clone();
-            let insert = insert.clone();
-            tokio::spawn(async move {
-                for i in (p..events).step_by(PUBLISHERS as usize) {
-                    let e = event(i);
-                    sqlx::query(sqlx::AssertSqlSafe(insert.clone()))
-                        .bind(e.id)
-                        .bind(e.event_type)
-                        .bind(e.payload.to_string())
-                        .execute(&pool)
-                        .await
-                        .expect("insert");
-                }
-            })
+    let publishers = {
+        let pool = pool.clone();
+        Publishers::spawn(events, move |i| {
+            let (pool, insert) = (pool.clone(), insert.clone());
+            async move {
+                let e = event(i);
+                sqlx::query(sqlx::AssertSqlSafe(insert))
+                    .bind(e.id)
+                    .bind(e.event_type)
+                    .bind(e.payload.to_string())
+                    .execute(&pool)
+                    .await
+                    .expect("insert");
+            }
         })
-        .collect();
+    };
     let mut done = 0u64;
     while done < events {
         let rows = sqlx::query(sqlx::AssertSqlSafe(claim.clone()))
@@ -179,9 +177,7 @@ async fn bare_postgres(url: &str, events: u64) -> Duration {
         done += seqs.len() as u64;
     }
     let elapsed = started.elapsed();
-    for publisher in publishers {
-        publisher.await.expect("publisher");
-    }
+    publishers.join().await;
     pool.execute(sqlx::AssertSqlSafe(format!("DROP TABLE {table}")))
         .await
         .expect("drop");
@@ -213,25 +209,24 @@ async fn bare_sqlite(path: &std::path::Path, events: u64) -> Duration {
     .await
     .expect("create");
     let started = Instant::now();
-    let publishers: Vec<_> = (0..PUBLISHERS)
-        .map(|p| {
+    let publishers = {
+        let pool = pool.clone();
+        Publishers::spawn(events, move |i| {
             let pool = pool.clone();
-            tokio::spawn(async move {
-                for i in (p..events).step_by(PUBLISHERS as usize) {
-                    let e = event(i);
-                    sqlx::query(
-                        "INSERT INTO bare (id, type, payload, status) VALUES ($1, $2, $3, 'pending')",
-                    )
-                    .bind(e.id)
-                    .bind(e.event_type)
-                    .bind(e.payload.to_string())
-                    .execute(&pool)
-                    .await
-                    .expect("insert");
-                }
-            })
+            async move {
+                let e = event(i);
+                sqlx::query(
+                    "INSERT INTO bare (id, type, payload, status) VALUES ($1, $2, $3, 'pending')",
+                )
+                .bind(e.id)
+                .bind(e.event_type)
+                .bind(e.payload.to_string())
+                .execute(&pool)
+                .await
+                .expect("insert");
+            }
         })
-        .collect();
+    };
     let mut done = 0u64;
     while done < events {
         let rows = sqlx::query(
@@ -265,9 +260,7 @@ async fn bare_sqlite(path: &std::path::Path, events: u64) -> Duration {
         done += seqs.len() as u64;
     }
     let elapsed = started.elapsed();
-    for publisher in publishers {
-        publisher.await.expect("publisher");
-    }
+    publishers.join().await;
     pool.close().await;
     elapsed
 }

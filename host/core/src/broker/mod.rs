@@ -630,10 +630,9 @@ impl Inner {
     }
 
     /// Records a decision: the one place broker counters change after an attempt, drain
-    /// bookkeeping ends and waiting sync publishes learn the final state. `event` carries the
-    /// recorded update.
-    /// Counts the decision taken on `event` (as it was before `update`) and, when it is
-    /// final, hands the event in its final state to sync publishers waiting for it.
+    /// bookkeeping ends and waiting sync publishes learn the final state. `event` is the
+    /// event as the attempt saw it, `update` what was recorded; the final event is built
+    /// from both only when a sync publish waits.
     fn record_decision(
         &self,
         event: &Event,
@@ -644,8 +643,8 @@ impl Inner {
         let counters = &self.counters;
         let status = match decision {
             Decision::Retry { .. } => None,
-            Decision::Complete => Some(EventStatus::Completed.as_str()),
-            Decision::Fail { .. } => Some(EventStatus::Failed.as_str()),
+            Decision::Complete => Some(EventStatus::Completed),
+            Decision::Fail { .. } => Some(EventStatus::Failed),
         };
         self.metrics
             .event_attempt(event.source.as_str(), &event.event_type, status, elapsed);

@@ -37,7 +37,7 @@ use super::{
     ProviderError, ProviderFeatures, ProviderStats, StatusUpdate,
 };
 use crate::config::BrokerConfig;
-use crate::event::{Event, EventStatus};
+use crate::event::Event;
 use crate::pattern::Pattern;
 
 const NAME: &str = "memory";
@@ -123,6 +123,17 @@ impl Entry {
             .get(group)
             .cloned()
             .unwrap_or_else(|| GroupState::of(&self.event))
+    }
+
+    /// The group's own state, created from the stored one on its first change.
+    fn state_mut(&mut self, group: &str) -> &mut GroupState {
+        if !self.states.contains_key(group) {
+            let initial = GroupState::of(&self.event);
+            self.states.insert(group.to_owned(), initial);
+        }
+        self.states
+            .get_mut(group)
+            .expect("the group's state was just ensured")
     }
 
     fn view(&self, group: &str) -> Event {
@@ -435,28 +446,21 @@ impl Inner {
     }
 
     /// Applies `change` to the state of `group` of a stored event, keeping the settled count
-    /// and LRU right. Returns the event in the group's new state when `render` is set (for
-    /// watchers), and whether it settled.
+    /// and LRU right. Returns the event in the group's new state when a watcher listens (for
+    /// [`Inner::notify_change`]), and whether it settled.
     fn change(
+        &self,
         state: &mut State,
         id: &str,
         group: &str,
-        render: bool,
         change: impl FnOnce(&mut GroupState),
     ) -> Result<(Option<Event>, bool), ProviderError> {
         let entry = state
             .events
             .get_mut(id)
             .ok_or_else(|| ProviderError::NotFound(id.to_owned()))?;
-        match entry.states.get_mut(group) {
-            Some(current) => change(current),
-            None => {
-                let mut current = GroupState::of(&entry.event);
-                change(&mut current);
-                entry.states.insert(group.to_owned(), current);
-            }
-        }
-        let event = render.then(|| entry.view(group));
+        change(entry.state_mut(group));
+        let event = self.watching().then(|| entry.view(group));
         let settled = state.resettle(id);
         Ok((event, settled))
     }
@@ -603,11 +607,9 @@ impl Provider for MemoryProvider {
 
     async fn update_status(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
         self.inner.check_open()?;
-        let render = self.inner.watching();
-        let (event, settled) =
-            Inner::change(&mut self.inner.lock(), id, &self.group, render, |s| {
-                s.apply(update)
-            })?;
+        let (event, settled) = self
+            .inner
+            .change(&mut self.inner.lock(), id, &self.group, |s| s.apply(update))?;
         self.inner.notify_change(&self.group, event, settled);
         Ok(())
     }
@@ -654,8 +656,8 @@ impl Provider for MemoryProvider {
                 queue.schedule(now, seq.unwrap_or(0), id.to_owned(), 0);
             }
             queue.wake.notify_waiters();
-            let render = self.inner.watching();
-            Inner::change(&mut state, id, group, render, |s| s.apply(update))?
+            self.inner
+                .change(&mut state, id, group, |s| s.apply(update))?
         };
         self.inner.notify_change(group, event, settled);
         Ok(())
@@ -814,18 +816,7 @@ impl MemoryConsumer {
             *next_token += 1;
             let processing_recorded = !entry.finished_in(&self.group);
             if processing_recorded {
-                let mark = |state: &mut GroupState| {
-                    state.status = EventStatus::Processing;
-                    state.processed_at = Some(started_at);
-                };
-                match entry.states.get_mut(&*self.group) {
-                    Some(current) => mark(current),
-                    None => {
-                        let mut current = GroupState::of(&entry.event);
-                        mark(&mut current);
-                        entry.states.insert(self.group.to_string(), current);
-                    }
-                }
+                entry.state_mut(&self.group).claim(started_at);
             }
             let event = entry.view(&self.group);
             if render && processing_recorded {
@@ -1004,7 +995,6 @@ impl Consumer for MemoryConsumer {
         delivery: &Delivery,
         update: &StatusUpdate,
     ) -> Result<(), ProviderError> {
-        let render = self.provider.watching();
         let (event, settled) = {
             // One lock for the acknowledgement and the final state.
             let mut state = self.provider.lock();
@@ -1012,9 +1002,8 @@ impl Consumer for MemoryConsumer {
             if let Some(group) = state.groups.get_mut(&self.group) {
                 group.counts.remove(&lease.id);
             }
-            Inner::change(&mut state, &lease.id, &self.group, render, |s| {
-                s.apply(update)
-            })?
+            self.provider
+                .change(&mut state, &lease.id, &self.group, |s| s.apply(update))?
         };
         self.provider.counters.acknowledged();
         self.provider.notify_change(&self.group, event, settled);
@@ -1028,14 +1017,11 @@ impl Consumer for MemoryConsumer {
         delay: Duration,
     ) -> Result<(), ProviderError> {
         let lease = self.take_lease(delivery)?;
-        let render = self.provider.watching();
-        let (event, settled) = Inner::change(
-            &mut self.provider.lock(),
-            &lease.id,
-            &self.group,
-            render,
-            |s| s.apply(update),
-        )?;
+        let (event, settled) =
+            self.provider
+                .change(&mut self.provider.lock(), &lease.id, &self.group, |s| {
+                    s.apply(update)
+                })?;
         self.requeue_lease(lease, Instant::now() + delay);
         self.provider.notify_change(&self.group, event, settled);
         Ok(())
@@ -1045,12 +1031,10 @@ impl Consumer for MemoryConsumer {
         let mut lease = self.take_lease(delivery)?;
         // A released delivery was not attempted: do not count it.
         lease.count = lease.count.saturating_sub(1);
-        let render = self.provider.watching();
-        let (event, settled) = Inner::change(
+        let (event, settled) = self.provider.change(
             &mut self.provider.lock(),
             &lease.id,
             &self.group,
-            render,
             GroupState::release,
         )?;
         self.requeue_lease(lease, Instant::now());

@@ -70,6 +70,15 @@ impl GroupState {
         event
     }
 
+    /// The state a claim records when the backend marks `processing` with it
+    /// ([`super::Delivery::processing_recorded`]): what [`StatusUpdate::processing`] writes —
+    /// `processing` since `at`, not completed — keeping the error, retry count and outcomes.
+    pub fn claim(&mut self, at: chrono::DateTime<chrono::Utc>) {
+        self.status = EventStatus::Processing;
+        self.processed_at = Some(at);
+        self.completed_at = None;
+    }
+
     /// Applies a broker update, with the rules of [`StatusUpdate::apply`] (a missing
     /// processing time keeps the one recorded).
     pub fn apply(&mut self, update: &StatusUpdate) {
