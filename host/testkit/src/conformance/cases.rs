@@ -1742,6 +1742,10 @@ pub async fn a_release_never_undoes_a_finished_state(backend: &Backend) {
 /// release returns it to `pending`; one that does not leaves the stored state alone.
 pub async fn a_claim_that_records_processing_shows_it(backend: &Backend) {
     let provider = backend.connect().await;
+    let mut watcher = provider
+        .stream(&Pattern::new("claim.>").expect("pattern"))
+        .await
+        .expect("stream");
     let event = simple_event("claim.processing");
     provider.publish(&event).await.expect("publish");
     let consumer = provider
@@ -1760,6 +1764,8 @@ pub async fn a_claim_that_records_processing_shows_it(backend: &Backend) {
         );
         assert!(delivery.event.processed_at.is_some(), "{}", backend.name);
         assert_eq!(stored, Some(EventStatus::Processing), "{}", backend.name);
+        // Watchers see the mark like any other status change.
+        watch_until(&mut watcher, &event.id, EventStatus::Processing).await;
         consumer.release(&delivery).await.expect("release");
         assert_eq!(
             status_of(&provider, &event.id).await,
