@@ -87,6 +87,7 @@ pub struct BrokerConfig {
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
     /// Largest accepted payload (JSON-encoded).
+    #[serde(with = "crate::size::serde")]
     pub max_payload: ByteSize,
     /// Retries of failed handlers.
     pub retry_policy: RetryPolicy,

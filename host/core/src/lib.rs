@@ -56,6 +56,7 @@ pub mod hooks;
 pub mod metrics;
 pub mod pattern;
 pub mod provider;
+pub mod size;
 
 pub use broker::{
     Broker, BrokerError, BrokerStats, EventHandler, HandlerContext, HandlerResult, Published,

@@ -74,6 +74,7 @@ pub struct HandlerDefaults {
     /// Fuel (roughly, WebAssembly instructions) one invocation may burn.
     pub fuel: u64,
     /// Linear memory one instance may use.
+    #[serde(with = "eventbroker::size::serde")]
     pub memory: ByteSize,
     /// Wall-clock deadline of one invocation.
     #[serde(with = "humantime_serde")]
@@ -86,6 +87,7 @@ pub struct HandlerDefaults {
     /// dropped and counted.
     pub max_log_lines: usize,
     /// Bytes of log one invocation may write.
+    #[serde(with = "eventbroker::size::serde")]
     pub max_log_bytes: ByteSize,
     /// Derived events one invocation may publish.
     pub max_publishes: u32,
@@ -116,6 +118,7 @@ pub struct PoolConfig {
     /// spending an attempt.
     pub instances: u32,
     /// Largest memory limit any handler may ask for.
+    #[serde(with = "eventbroker::size::serde")]
     pub max_memory: ByteSize,
     /// Largest table any instance may have (large for Python/JavaScript components).
     pub table_elements: usize,

@@ -37,6 +37,7 @@ pub struct Manifest {
     /// Fuel per invocation.
     pub fuel: Option<u64>,
     /// Memory limit per instance, e.g. `"32MiB"`.
+    #[serde(default, with = "eventbroker::size::serde::option")]
     pub memory: Option<ByteSize>,
     /// Deadline per invocation, e.g. `"5s"`.
     #[serde(default, with = "humantime_serde")]
@@ -48,6 +49,7 @@ pub struct Manifest {
     /// Log lines per invocation.
     pub max_log_lines: Option<usize>,
     /// Log bytes per invocation.
+    #[serde(default, with = "eventbroker::size::serde::option")]
     pub max_log_bytes: Option<ByteSize>,
     /// Derived events per invocation.
     pub max_publishes: Option<u32>,

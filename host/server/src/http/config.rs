@@ -32,8 +32,10 @@ pub struct ServerConfig {
     /// state-changing requests, besides the host's own; `*` allows any.
     pub allowed_origins: Vec<String>,
     /// Largest accepted request body (component uploads excepted).
+    #[serde(with = "eventbroker::size::serde")]
     pub body_limit: ByteSize,
     /// Largest accepted component upload (component plus manifest).
+    #[serde(with = "eventbroker::size::serde")]
     pub upload_limit: ByteSize,
     /// Events in one `POST /v1/events/batch`.
     pub max_batch: usize,
@@ -49,6 +51,7 @@ pub struct ServerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct WebSocketConfig {
     /// Largest message a client may send; a larger one closes the connection (code 1009).
+    #[serde(with = "eventbroker::size::serde")]
     pub max_message_size: ByteSize,
     /// Publishes per second a connection may sustain (token bucket); more are refused with
     /// a `rate_limited` error.
