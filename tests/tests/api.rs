@@ -443,6 +443,75 @@ async fn publish_query_batch_cloudevents_retry_and_stats() {
     assert_eq!(cloudevent["data"]["action"], "ok");
     assert_eq!(cloudevent["status"], "completed");
 
+    // CloudEvents by the spec: a batch on the same endpoint; percent-encoded headers; binary
+    // data and absent data given back as they came; an id the spec allows that is not an
+    // event id here.
+    let batch = json!([
+        {"specversion": "1.0", "id": "ceb-1", "type": "probe.ce", "source": "/b", "data": {"action": "ok"}},
+        {"specversion": "1.0", "id": "ceb-2", "type": "probe.ce", "source": "/b", "datacontenttype": "application/octet-stream", "data_base64": "AJ+Slg=="},
+        {"specversion": "1.0", "id": "ceb 3/ü", "type": "probe.ce", "source": "/b"},
+        {"specversion": "1.0", "id": "ceb-4", "type": "probe.ce"}
+    ]);
+    let (status, reply) = raw(
+        &host,
+        reqwest::Method::POST,
+        "/v1/events",
+        Some("application/cloudevents-batch+json"),
+        serde_json::to_vec(&batch).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        (reply["accepted"].as_u64(), reply["rejected"].as_u64()),
+        (Some(3), Some(1)),
+        "{reply}"
+    );
+    assert_eq!(reply["results"][3]["error"]["code"], "invalid_cloudevent");
+    let as_cloudevent = |id: String| {
+        let host = &host;
+        async move {
+            host.finished(&id).await;
+            host.authed(host.http.get(format!("{}/v1/events/{id}", host.url)))
+                .header("accept", "application/cloudevents+json")
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let binary = as_cloudevent("ceb-2".into()).await;
+    assert_eq!(binary["data_base64"], "AJ+Slg==");
+    assert_eq!(binary["datacontenttype"], "application/octet-stream");
+    assert!(binary.get("data").is_none(), "{binary}");
+    let derived = reply["results"][2]["id"].as_str().unwrap().to_owned();
+    assert_ne!(derived, "ceb 3/ü");
+    let odd_id = as_cloudevent(derived).await;
+    assert_eq!(odd_id["id"], "ceb 3/ü");
+    assert!(
+        odd_id.get("data").is_none(),
+        "absent data stays absent: {odd_id}"
+    );
+    let response = host
+        .authed(host.http.post(format!("{}/v1/events", host.url)))
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "ce-3")
+        .header("ce-type", "probe.ce")
+        .header("ce-source", "/caf%C3%A9")
+        .header("ce-subject", "50%25%20off")
+        .header("content-type", "text/plain")
+        .body("plain text")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let text = as_cloudevent("ce-3".into()).await;
+    assert_eq!(text["source"], "/café");
+    assert_eq!(text["subject"], "50% off");
+    assert_eq!(text["data"], "plain text");
+    assert_eq!(text["datacontenttype"], "text/plain");
+
     // Stats, health, readiness, metrics.
     let (status, stats) = host.get("/v1/stats").await;
     assert_eq!(status, 200);

@@ -90,6 +90,11 @@ pub async fn publish(
     headers: HeaderMap,
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
+    // A CloudEvents batch is accepted where single CloudEvents are (the HTTP binding's one
+    // endpoint), with the answer of `POST /v1/events/batch`.
+    if content_type(&headers) == cloudevents::BATCH && !headers.contains_key("ce-specversion") {
+        return publish_batch(&state, scope, true, &body).await;
+    }
     let draft = read_draft(&headers, &body)?;
     check_claims(&draft, scope)?;
     let broker = state.broker();
@@ -117,7 +122,7 @@ pub async fn batch(
 ) -> Result<Response, ApiError> {
     let cloudevents = match content_type(&headers) {
         "application/json" => false,
-        "application/cloudevents-batch+json" => true,
+        cloudevents::BATCH => true,
         other => {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -128,7 +133,17 @@ pub async fn batch(
             ));
         }
     };
-    let items: Vec<Value> = parse_json(&body, "batch (expected a JSON array)")?;
+    publish_batch(&state, scope, cloudevents, &body).await
+}
+
+/// Publishes each item of a batch on its own; the answer lists every item's outcome in order.
+async fn publish_batch(
+    state: &AppState,
+    scope: super::auth::Scope,
+    cloudevents: bool,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let items: Vec<Value> = parse_json(body, "batch (expected a JSON array)")?;
     let limit = state.limits().max_batch;
     if items.len() > limit {
         return Err(ApiError::new(
