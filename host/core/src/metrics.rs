@@ -63,6 +63,8 @@ struct EventSeries {
     duration: Histogram,
     completed: Counter,
     failed: Counter,
+    retried: Counter,
+    dead_lettered: Counter,
 }
 
 /// Series by event type, then source; bounded like the `type` label (types past the budget
@@ -77,11 +79,14 @@ pub struct Metrics {
     published: Family<EventLabels, Counter>,
     processed: Family<ProcessedLabels, Counter>,
     processing_duration: Family<EventLabels, Histogram>,
+    retried: Family<EventLabels, Counter>,
+    dead_lettered: Family<EventLabels, Counter>,
     queue_size: Gauge,
     workers_active: Gauge,
     invocations: Family<InvocationLabels, Counter>,
     invocation_duration: Family<HandlerLabels, Histogram>,
     fuel: Family<HandlerLabels, Counter>,
+    fuel_per_invocation: Family<HandlerLabels, Histogram>,
     reloads: Family<HandlerLabels, Counter>,
     rejections: Family<HandlerLabels, Counter>,
     source_failures: Family<SourceLabels, Counter>,
@@ -96,6 +101,16 @@ impl std::fmt::Debug for Metrics {
 
 fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.5, 14))
+}
+
+/// Fuel per invocation: 1 000 to about 4 billion, ×4 per bucket.
+fn fuel_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1000.0, 4.0, 12))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
 }
 
 impl Default for Metrics {
@@ -120,6 +135,37 @@ impl Metrics {
             duration_histogram as fn() -> Histogram,
         );
         let fuel = Family::<HandlerLabels, Counter>::default();
+        let fuel_per_invocation = Family::<HandlerLabels, Histogram>::new_with_constructor(
+            fuel_histogram as fn() -> Histogram,
+        );
+        let retried = Family::<EventLabels, Counter>::default();
+        let dead_lettered = Family::<EventLabels, Counter>::default();
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .set(1);
+        registry.register(
+            "eventbroker_build_info",
+            "The host's version (the value is always 1)",
+            build_info,
+        );
+        registry.register(
+            "eventbroker_events_retried",
+            "Attempts that ended with a retry scheduled",
+            retried.clone(),
+        );
+        registry.register(
+            "eventbroker_events_dead_lettered",
+            "Events that failed for good (dead letters)",
+            dead_lettered.clone(),
+        );
+        registry.register(
+            "eventbroker_handler_fuel",
+            "Fuel consumed per WebAssembly handler invocation",
+            fuel_per_invocation.clone(),
+        );
         let reloads = Family::<HandlerLabels, Counter>::default();
         let rejections = Family::<HandlerLabels, Counter>::default();
         let source_failures = Family::<SourceLabels, Counter>::default();
@@ -191,11 +237,14 @@ impl Metrics {
             published,
             processed,
             processing_duration,
+            retried,
+            dead_lettered,
             queue_size,
             workers_active,
             invocations,
             invocation_duration,
             fuel,
+            fuel_per_invocation,
             reloads,
             rejections,
             source_failures,
@@ -244,6 +293,8 @@ impl Metrics {
             duration: self.processing_duration.get_or_create(&labels).clone(),
             completed: processed(EventStatus::Completed),
             failed: processed(EventStatus::Failed),
+            retried: self.retried.get_or_create(&labels).clone(),
+            dead_lettered: self.dead_lettered.get_or_create(&labels).clone(),
         };
         f(&series);
         if r#type == "other" && event_type != "other" {
@@ -266,7 +317,8 @@ impl Metrics {
     }
 
     /// Counts an attempt's end: its duration and, when the attempt finished the event, its
-    /// final status (`completed` or `failed`; any other status counts the duration only).
+    /// final status (`completed`, or `failed`, which is also a dead letter); `None` means a
+    /// retry was scheduled. Any other status counts the duration only.
     pub fn event_attempt(
         &self,
         source: &'static str,
@@ -278,7 +330,11 @@ impl Metrics {
             series.duration.observe(elapsed.as_secs_f64());
             let counter = match finished {
                 Some(EventStatus::Completed) => &series.completed,
-                Some(EventStatus::Failed) => &series.failed,
+                Some(EventStatus::Failed) => {
+                    series.dead_lettered.inc();
+                    &series.failed
+                }
+                None => &series.retried,
                 _ => return,
             };
             counter.inc();
@@ -306,6 +362,9 @@ impl Metrics {
             .get_or_create(&labels)
             .observe(elapsed.as_secs_f64());
         self.fuel.get_or_create(&labels).inc_by(fuel);
+        self.fuel_per_invocation
+            .get_or_create(&labels)
+            .observe(fuel as f64);
     }
 
     /// Counts a loaded handler version.
@@ -368,6 +427,18 @@ mod tests {
             Some(EventStatus::Completed),
             Duration::from_millis(3),
         );
+        metrics.event_attempt(
+            "frontend",
+            "shop.orders.create",
+            None,
+            Duration::from_millis(1),
+        );
+        metrics.event_attempt(
+            "frontend",
+            "shop.orders.create",
+            Some(EventStatus::Failed),
+            Duration::from_millis(1),
+        );
         metrics.set_pool(2, 1);
         metrics.invocation("audit", "ok", 1234, Duration::from_millis(1));
         metrics.handler_loaded("audit");
@@ -382,6 +453,16 @@ mod tests {
             "eventbroker_events_processed_total{source=\"database\",type=\"public.users.create\",status=\"completed\"} 1",
             "eventbroker_event_processing_duration_seconds_bucket",
             "eventbroker_queue_size 2",
+            "eventbroker_events_retried_total{source=\"frontend\",type=\"shop.orders.create\"} 1",
+            "eventbroker_events_dead_lettered_total{source=\"frontend\",type=\"shop.orders.create\"} 1",
+            "eventbroker_events_processed_total{source=\"frontend\",type=\"shop.orders.create\",status=\"failed\"} 1",
+            "eventbroker_handler_fuel_bucket{le=\"4000.0\",handler=\"audit\"} 1",
+            "eventbroker_handler_fuel_count{handler=\"audit\"} 1",
+            concat!(
+                "eventbroker_build_info{version=\"",
+                env!("CARGO_PKG_VERSION"),
+                "\"} 1"
+            ),
             "eventbroker_workers_active 1",
             "eventbroker_handler_invocations_total{handler=\"audit\",outcome=\"ok\"} 1",
             "eventbroker_handler_fuel_consumed_total{handler=\"audit\"} 1234",
