@@ -145,7 +145,7 @@ fn serve_with_no_configuration_accepts_processes_and_reports_events() {
     assert_eq!(sync["status"], "completed");
     // The CLI client talks to the same server.
     let out = eventbroker()
-        .args(["events", "get", &id, "--server", &served.url])
+        .args(["events", "get", &id, "--server", &served.url, "--json"])
         .output()
         .unwrap();
     assert!(
@@ -165,6 +165,7 @@ fn serve_with_no_configuration_accepts_processes_and_reports_events() {
             "--sync",
             "--server",
             &served.url,
+            "--json",
         ])
         .output()
         .unwrap();
@@ -176,7 +177,14 @@ fn serve_with_no_configuration_accepts_processes_and_reports_events() {
     let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(printed["status"], "completed");
     let out = eventbroker()
-        .args(["events", "list", "type=cli.*", "--server", &served.url])
+        .args([
+            "events",
+            "list",
+            "type=cli.*",
+            "--server",
+            &served.url,
+            "--json",
+        ])
         .output()
         .unwrap();
     let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -515,4 +523,212 @@ fn check_and_run_end_and_explain_hostile_components() {
         stderr.contains("neither a core WebAssembly module nor a component"),
         "{stderr}"
     );
+}
+
+/// Runs the CLI with `args` and no inherited server or token settings.
+fn cli(args: &[&str]) -> Output {
+    eventbroker()
+        .args(args)
+        .env_remove("EVENTBROKER_SERVER")
+        .env_remove("EVENTBROKER_TOKEN")
+        .output()
+        .expect("run eventbroker")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn the_cli_prints_tables_json_and_documented_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut served = serve_with(
+        dir.path(),
+        &[],
+        &[("EVENTBROKER_SERVER__ADMIN_TOKEN", "admin-secret")],
+    );
+    // `--server` takes host:port as well as a URL.
+    let addr = served.url.trim_start_matches("http://").to_owned();
+
+    // No token: exit 4, and the message says how to give one.
+    let out = cli(&["events", "list", "-s", &addr]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--token"), "{}", stderr(&out));
+    let out = cli(&["events", "list", "-s", &addr, "--token", "wrong"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+
+    // A table for people.
+    let token = ["-s", addr.as_str(), "--token", "admin-secret"];
+    let with = |args: &[&str]| cli(&[args, &token[..]].concat());
+    let out = with(&["publish", "-t", "cli.table", "-d", "{\"n\":1}", "--sync"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = stdout(&out);
+    assert!(
+        printed
+            .lines()
+            .any(|l| l.starts_with("status") && l.ends_with("completed")),
+        "{printed}"
+    );
+    assert!(printed.contains("{\"n\":1}"), "{printed}");
+    let out = with(&["events", "list", "-t", "cli.*", "-n", "5"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = stdout(&out);
+    let header = printed.lines().next().unwrap_or_default();
+    for column in ["ID", "TYPE", "STATUS", "HANDLERS"] {
+        assert!(header.contains(column), "{printed}");
+    }
+    assert!(
+        printed.contains("cli.table") && printed.contains("completed"),
+        "{printed}"
+    );
+
+    // JSON for scripts: the API's own document.
+    let out = with(&["events", "list", "--status", "completed", "--json"]);
+    let page: Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
+    assert_eq!(page["count"], 1);
+    assert_eq!(page["events"][0]["type"], "cli.table");
+
+    // The live stream: a published event shows up in `events watch`.
+    let mut watch = eventbroker()
+        .args([&["events", "watch", "cli.watched.*", "--json"], &token[..]].concat())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(watch.stdout.take().unwrap());
+    let (line_tx, line_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.lines().map_while(Result::ok) {
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The stream starts when the host has answered; publish until the watcher sees one.
+    let deadline = Instant::now() + PATIENCE;
+    let seen: Value = 'seen: loop {
+        assert!(Instant::now() < deadline, "events watch printed nothing");
+        let out = with(&["publish", "-t", "cli.watched.one", "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        while let Ok(line) = line_rx.recv_timeout(Duration::from_millis(500)) {
+            let event: Value = serde_json::from_str(&line).expect("watch --json prints JSON lines");
+            if event["type"] == "cli.watched.one" {
+                break 'seen event;
+            }
+        }
+    };
+    assert!(seen["id"].is_string());
+    let _ = watch.kill();
+    let _ = watch.wait();
+
+    // A refused action: exit 1 with the API's message.
+    let out = with(&["events", "retry", "no-such-event"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stdout(&out).contains("no-such-event"), "{}", stdout(&out));
+
+    // Nothing listening: exit 3, and the message says where it tried and what to do.
+    let out = cli(&["events", "list", "-s", "127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("127.0.0.1:1") && stderr(&out).contains("--server"),
+        "{}",
+        stderr(&out)
+    );
+    // Usage errors: exit 2.
+    let out = cli(&["events", "list", "-s", "ftp://example"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = cli(&["run", "missing.wasm", "--event", "e.json", "--memory", "16"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("has no unit") && stderr(&out).contains("16MiB"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cli(&["completions", "bash"]);
+    assert!(out.status.success());
+    assert!(
+        stdout(&out).contains("_eventbroker"),
+        "a bash completion script"
+    );
+
+    sigterm(&served.child);
+    assert!(wait_exit(&mut served.child).success());
+}
+
+#[test]
+fn deploy_refuses_a_name_that_disagrees_with_the_manifest_as_http_does() {
+    let built = guests::build();
+    let dir = tempfile::tempdir().unwrap();
+    let mut served = serve(dir.path(), &[]);
+    let logger = built.guest("rust_audit_logger");
+    let manifest = built.guest_dir("rust-audit-logger").join("manifest.toml");
+    let manifest_text = std::fs::read_to_string(&manifest).unwrap();
+    assert!(manifest_text.contains("name = \"audit-logger\""));
+
+    let out = cli(&[
+        "deploy",
+        logger.to_str().unwrap(),
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--name",
+        "other-name",
+        "-s",
+        &served.url,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let from_cli = stderr(&out);
+
+    let form = reqwest::blocking::multipart::Form::new()
+        .part(
+            "component",
+            reqwest::blocking::multipart::Part::bytes(std::fs::read(&logger).unwrap())
+                .file_name("x.wasm"),
+        )
+        .text("manifest", manifest_text);
+    let response = http()
+        .put(format!("{}/v1/handlers/other-name", served.url))
+        .multipart(form)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().unwrap();
+    let from_http = body["error"]["message"].as_str().unwrap().to_owned();
+    assert!(
+        from_http.contains("\"audit-logger\"") && from_http.contains("\"other-name\""),
+        "{from_http}"
+    );
+    assert!(
+        from_cli.contains(&from_http),
+        "the CLI reports the host's own reason\nCLI: {from_cli}\nHTTP: {from_http}"
+    );
+
+    // Agreeing names deploy, and the table shows the handler.
+    let out = cli(&[
+        "deploy",
+        logger.to_str().unwrap(),
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "-s",
+        &served.url,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("deployed audit-logger"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cli(&["handlers", "list", "-s", &served.url]);
+    assert!(
+        stdout(&out)
+            .lines()
+            .any(|l| l.starts_with("audit-logger") && l.contains("active")),
+        "{}",
+        stdout(&out)
+    );
+    sigterm(&served.child);
+    assert!(wait_exit(&mut served.child).success());
 }

@@ -81,23 +81,66 @@ pub fn build(language: Language) -> Option<PathBuf> {
     }
 }
 
-/// `Err` says which toolchain is missing; a failing build panics.
-fn install_and_build(language: Language) -> Result<PathBuf, String> {
+/// Installs the toolchain of `language` (`rust`, `python`, `javascript`, `c` or `go`) with
+/// `guests/install-toolchains.sh`, once per process. Returns `false` after printing why the
+/// test is skipped.
+///
+/// # Panics
+/// If the toolchain cannot be installed and toolchains are required (CI).
+pub fn ensure(language: &'static str) -> bool {
+    static INSTALLED: OnceLock<Mutex<HashMap<&'static str, Result<(), String>>>> = OnceLock::new();
+    let mut installed = INSTALLED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let result = installed
+        .entry(language)
+        .or_insert_with(|| install(language))
+        .clone();
+    match result {
+        Ok(()) => true,
+        Err(missing) => {
+            crate::services::skip(&missing);
+            false
+        }
+    }
+}
+
+fn install(language: &str) -> Result<(), String> {
     let guests = repo_root().join("guests");
     let install = run(
         Command::new("bash")
             .arg(guests.join("install-toolchains.sh"))
-            .arg(language.name),
+            .arg(language),
         &guests,
     );
-    if !install.status.success() {
-        return Err(format!(
-            "the {} toolchain could not be installed by guests/install-toolchains.sh {}:\n{}",
-            language.name,
-            language.name,
+    if install.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the {language} toolchain could not be installed by guests/install-toolchains.sh {language}:\n{}",
             tail(&install)
-        ));
+        ))
     }
+}
+
+/// Runs a build script or tool for a guest in `dir`, without the outer cargo's target and
+/// flags (they must not leak into a guest's own build). Returns its output.
+///
+/// # Panics
+/// If the command cannot be started.
+pub fn run_clean(command: &mut Command, dir: &Path) -> Output {
+    run(command, dir)
+}
+
+/// The last 40 lines of a command's output, for failure messages.
+pub fn output_tail(output: &Output) -> String {
+    tail(output)
+}
+
+/// `Err` says which toolchain is missing; a failing build panics.
+fn install_and_build(language: Language) -> Result<PathBuf, String> {
+    install(language.name)?;
     let output = run(
         Command::new("bash").arg(language.folder().join("build.sh")),
         &language.folder(),

@@ -170,8 +170,12 @@ impl WasmEngine {
                 }
             }
         }
+        let version = checked.version();
+        tracing::info!(%version, size = bytes.len(), "compiling component (not in the cache; large components take a minute)");
+        let started = std::time::Instant::now();
         let component = Component::new(&self.inner.engine, bytes)
             .map_err(|e| WasmError::Compile(format!("{e:#}")))?;
+        tracing::info!(%version, size = bytes.len(), duration = %humantime::format_duration(std::time::Duration::from_millis(started.elapsed().as_millis() as u64)), "component compiled");
         if let Some(path) = cached
             && let Err(error) = cache::write_entry(&component, &path)
         {

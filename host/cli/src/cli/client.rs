@@ -1,38 +1,30 @@
-//! Commands that talk to a running host over HTTP.
+//! Commands that talk to a running host over HTTP: publish, events, deploy, handlers.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Subcommand};
+use reqwest::Method;
+use serde::Deserialize;
 use serde_json::Value;
 
-use eventbroker::event::{EventDraft, EventSource};
+use eventbroker::event::{Event, EventDraft, EventSource, EventStatus};
 
-/// Where the host is, and how to authenticate.
-#[derive(Debug, Args)]
-pub struct ServerArg {
-    /// Base URL of the host.
-    #[arg(
-        long,
-        env = "EVENTBROKER_SERVER_URL",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    pub server: String,
-    /// Bearer token (the admin token for deploy/remove/retry, the publish token to publish).
-    #[arg(long, env = "EVENTBROKER_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-}
+use super::exit::{Exit, fail, usage};
+use super::remote::Remote;
+use super::render;
+use super::spinner::Spinner;
 
 /// `eventbroker deploy`.
 #[derive(Debug, Args)]
 pub struct DeployArgs {
-    #[command(flatten)]
-    server: ServerArg,
     /// The component.
     wasm: PathBuf,
-    /// Handler name (default: the manifest's `name`, else the file name).
-    #[arg(long, short)]
+    /// Handler name (default: the manifest's `name`, else the file name). If the manifest
+    /// names the handler too, both must agree (the host refuses the deploy otherwise).
+    #[arg(long)]
     name: Option<String>,
     /// Subscription pattern (repeatable); overrides the manifest's and the component's.
     #[arg(long = "pattern", short = 'p')]
@@ -45,15 +37,15 @@ pub struct DeployArgs {
 /// `eventbroker handlers …`.
 #[derive(Debug, Subcommand)]
 pub enum HandlersCommand {
-    /// List deployed handlers with their versions, limits, counters and rejections.
-    List {
-        #[command(flatten)]
-        server: ServerArg,
+    /// List deployed handlers with their versions, patterns, counters and rejections.
+    List,
+    /// Show one handler: version, limits, counters, last rejection.
+    Get {
+        /// Handler name.
+        name: String,
     },
     /// Remove a handler (after its running invocations finish) and delete its files.
     Remove {
-        #[command(flatten)]
-        server: ServerArg,
         /// Handler name.
         name: String,
     },
@@ -62,21 +54,19 @@ pub enum HandlersCommand {
 /// `eventbroker publish`.
 #[derive(Debug, Args)]
 pub struct PublishArgs {
-    #[command(flatten)]
-    server: ServerArg,
     /// A JSON file with the event (`-` for stdin); fields as in `POST /v1/events`.
     #[arg(conflicts_with_all = ["event_type", "payload"])]
     file: Option<PathBuf>,
     /// Event type, e.g. `public.users.create`.
     #[arg(long = "type", short = 't')]
     event_type: Option<String>,
-    /// JSON payload.
-    #[arg(long, short = 'p')]
+    /// JSON payload (`-d` as in curl's data).
+    #[arg(long, short = 'd')]
     payload: Option<String>,
     /// Source: database, websocket, frontend, system, internal.
-    #[arg(long, short = 's')]
+    #[arg(long)]
     source: Option<EventSource>,
-    /// Wait for the handlers and print the final event.
+    /// Wait for the handlers and print the final event (exit 1 if it failed).
     #[arg(long)]
     sync: bool,
 }
@@ -84,149 +74,378 @@ pub struct PublishArgs {
 /// `eventbroker events …`.
 #[derive(Debug, Subcommand)]
 pub enum EventsCommand {
-    /// Print one event.
+    /// Print one event: fields, payload, each handler's outcome with its failure and log lines.
     Get {
-        #[command(flatten)]
-        server: ServerArg,
         /// Event id.
         id: String,
     },
-    /// List events; filters as `GET /v1/events` query parameters.
-    List {
-        #[command(flatten)]
-        server: ServerArg,
-        /// Filters such as `status=failed`, `type=public.>`, `limit=10` (repeatable).
-        #[arg(value_name = "KEY=VALUE")]
-        filters: Vec<String>,
+    /// List stored events, newest first.
+    List(ListArgs),
+    /// Follow events as they are published and as their status changes (Ctrl-C to stop).
+    Watch {
+        /// Event types to follow, e.g. 'shop.>' (default: all). Quote patterns with `>`.
+        pattern: Option<String>,
     },
-    /// Re-run a finished (failed) event; handlers that succeeded are not run again.
-    Retry {
-        #[command(flatten)]
-        server: ServerArg,
-        /// Event id.
-        id: String,
-    },
+    /// Re-run failed events; handlers that already succeeded are not run again.
+    Retry(RetryArgs),
 }
 
-fn client() -> anyhow::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .user_agent(concat!("eventbroker-cli/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .context("cannot build HTTP client")
+/// Filters of `events list` (and of `events retry --failed`).
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only events in this status: pending, processing, completed, failed.
+    #[arg(long)]
+    status: Option<EventStatus>,
+    /// Only events whose type matches this pattern, e.g. 'shop.>'.
+    #[arg(long = "type", short = 't')]
+    type_pattern: Option<String>,
+    /// Only events from this source.
+    #[arg(long)]
+    source: Option<EventSource>,
+    /// Only events created at or after this time: RFC 3339, or an age such as `15m` or `2h`.
+    #[arg(long)]
+    since: Option<String>,
+    /// How many events (at most 1000).
+    #[arg(long, short = 'n', default_value_t = 20)]
+    limit: usize,
+    /// Skip this many matching events (paging).
+    #[arg(long, default_value_t = 0)]
+    offset: usize,
+    /// More filters as `GET /v1/events` query parameters, e.g. `user_id=42 entity=orders`.
+    #[arg(value_name = "KEY=VALUE")]
+    filters: Vec<String>,
 }
 
-fn url(server: &ServerArg, path: &str) -> String {
-    format!("{}{path}", server.server.trim_end_matches('/'))
+/// `events retry`.
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    /// Event ids to retry.
+    #[arg(required_unless_present = "failed")]
+    ids: Vec<String>,
+    /// Retry every failed event matching `--type`/`--source`/`--since` instead (all pages).
+    #[arg(long, conflicts_with = "ids")]
+    failed: bool,
+    /// With `--failed`: only events whose type matches this pattern.
+    #[arg(long = "type", short = 't', requires = "failed")]
+    type_pattern: Option<String>,
+    /// With `--failed`: only events from this source.
+    #[arg(long, requires = "failed")]
+    source: Option<EventSource>,
+    /// With `--failed`: only events created at or after this time (RFC 3339 or an age).
+    #[arg(long, requires = "failed")]
+    since: Option<String>,
 }
 
-fn authorized(request: reqwest::RequestBuilder, server: &ServerArg) -> reqwest::RequestBuilder {
-    match &server.token {
-        Some(token) => request.bearer_auth(token),
-        None => request,
+/// The answer of `GET /v1/events`.
+#[derive(Debug, Deserialize)]
+struct EventPage {
+    count: usize,
+    events: Vec<Event>,
+}
+
+/// Turns `--since` (RFC 3339 or an age like `15m`) into RFC 3339.
+fn since(text: &str) -> anyhow::Result<String> {
+    if chrono::DateTime::parse_from_rfc3339(text).is_ok() {
+        return Ok(text.to_owned());
     }
+    let age = humantime::parse_duration(text).map_err(|_| {
+        fail(
+            Exit::Usage,
+            format!("--since {text:?} is neither an RFC 3339 time nor an age such as 15m or 2h"),
+        )
+    })?;
+    let age = chrono::Duration::from_std(age)
+        .map_err(|_| fail(Exit::Usage, format!("--since {text:?} is too long ago")))?;
+    Ok(render::time(&(chrono::Utc::now() - age)))
 }
 
-async fn send(
-    request: reqwest::RequestBuilder,
-    server: &ServerArg,
-) -> anyhow::Result<reqwest::Response> {
-    authorized(request, server)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {}", server.server))
-}
-
-/// Prints the response body; fails with the API's error message on non-2xx.
-async fn print_response(response: reqwest::Response) -> anyhow::Result<ExitCode> {
-    let status = response.status();
-    let body: Value = response
-        .json()
-        .await
-        .with_context(|| format!("server answered {status} with a body that is not JSON"))?;
-    if !status.is_success() {
-        let message = body["error"]["message"].as_str().unwrap_or("unknown error");
-        let code = body["error"]["code"].as_str().unwrap_or("unknown");
-        bail!("server answered {status} ({code}): {message}");
+fn list_query(args: &ListArgs) -> anyhow::Result<Vec<(String, String)>> {
+    let mut query = vec![
+        ("limit".to_owned(), args.limit.to_string()),
+        ("offset".to_owned(), args.offset.to_string()),
+    ];
+    if let Some(status) = args.status {
+        query.push(("status".into(), status.as_str().into()));
     }
-    println!("{}", serde_json::to_string_pretty(&body)?);
-    Ok(ExitCode::SUCCESS)
+    if let Some(pattern) = &args.type_pattern {
+        query.push(("type".into(), pattern.clone()));
+    }
+    if let Some(source) = args.source {
+        query.push(("source".into(), source.as_str().into()));
+    }
+    if let Some(at) = &args.since {
+        query.push(("created_after".into(), since(at)?));
+    }
+    for filter in &args.filters {
+        let Some((key, value)) = filter.split_once('=') else {
+            return Err(fail(
+                Exit::Usage,
+                format!("filter {filter:?} is not KEY=VALUE (e.g. user_id=42)"),
+            ));
+        };
+        query.push((key.to_owned(), value.to_owned()));
+    }
+    Ok(query)
 }
 
-pub async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// `eventbroker publish`.
+pub async fn publish(remote: &Remote, json: bool, args: PublishArgs) -> anyhow::Result<ExitCode> {
     let draft: EventDraft = match (&args.file, &args.event_type) {
         (Some(path), _) => {
             let text = if path.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin()).context("cannot read stdin")?
+                std::io::read_to_string(std::io::stdin())
+                    .context("cannot read stdin")
+                    .map_err(usage)?
             } else {
                 std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read {}", path.display()))?
+                    .with_context(|| format!("cannot read {}", path.display()))
+                    .map_err(usage)?
             };
-            serde_json::from_str(&text).context("the event file is not a valid event")?
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a valid event", path.display()))
+                .map_err(usage)?
         }
         (None, Some(event_type)) => {
             let mut draft = EventDraft::new(event_type.clone());
             draft.source = args.source;
             if let Some(payload) = &args.payload {
-                draft.payload =
-                    Some(serde_json::from_str(payload).context("--payload is not valid JSON")?);
+                draft.payload = Some(
+                    serde_json::from_str(payload)
+                        .context("--payload is not valid JSON")
+                        .map_err(usage)?,
+                );
             }
             draft
         }
-        (None, None) => bail!("give an event file or --type"),
+        (None, None) => {
+            return Err(fail(
+                Exit::Usage,
+                "give an event file (or - for stdin) or --type TYPE [--payload JSON]",
+            ));
+        }
     };
     let mode = if args.sync { "sync" } else { "async" };
-    let request = client()?
-        .post(url(&args.server, &format!("/v1/events?mode={mode}")))
+    let request = remote
+        .request(Method::POST, &format!("v1/events?mode={mode}"))
         .json(&draft);
-    print_response(send(request, &args.server).await?).await
+    if !args.sync {
+        let accepted: Value = remote.call(request).await?;
+        if json {
+            print_json(&accepted)?;
+        } else {
+            println!(
+                "published {} ({})",
+                render::text(&accepted["id"]),
+                render::text(&accepted["status"])
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let event: Event = remote.call(request).await?;
+    if json {
+        print_json(&event)?;
+    } else {
+        render::print_event(&event);
+    }
+    Ok(finished_code(&event))
 }
 
-pub async fn events(command: EventsCommand) -> anyhow::Result<ExitCode> {
-    let client = client()?;
-    let response = match command {
-        EventsCommand::Get { server, id } => {
-            send(
-                client.get(url(&server, &format!("/v1/events/{id}"))),
-                &server,
-            )
-            .await?
-        }
-        EventsCommand::List { server, filters } => {
-            let mut query = Vec::new();
-            for filter in &filters {
-                let Some((key, value)) = filter.split_once('=') else {
-                    bail!("filter {filter:?} is not KEY=VALUE");
-                };
-                query.push((key.to_owned(), value.to_owned()));
+fn finished_code(event: &Event) -> ExitCode {
+    if event.status == EventStatus::Failed {
+        Exit::Failed.code()
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// `eventbroker events …`.
+pub async fn events(
+    remote: &Remote,
+    json: bool,
+    command: EventsCommand,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        EventsCommand::Get { id } => {
+            let event: Event = remote
+                .call(remote.request(Method::GET, &format!("v1/events/{}", encode(&id))))
+                .await?;
+            if json {
+                print_json(&event)?;
+            } else {
+                render::print_event(&event);
             }
-            send(
-                client.get(url(&server, "/v1/events")).query(&query),
-                &server,
-            )
-            .await?
+            Ok(ExitCode::SUCCESS)
         }
-        EventsCommand::Retry { server, id } => {
-            send(
-                client.post(url(&server, &format!("/v1/events/{id}/retry"))),
-                &server,
-            )
-            .await?
+        EventsCommand::List(args) => {
+            let query = list_query(&args)?;
+            let response: Value = remote
+                .call(remote.request(Method::GET, "v1/events").query(&query))
+                .await?;
+            if json {
+                print_json(&response)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let page: EventPage = serde_json::from_value(response)
+                .context("the host's event list is not in the format this CLI knows")?;
+            if page.events.is_empty() {
+                println!("no events match");
+            } else {
+                render::print_table(render::events_table(&page.events));
+                if page.count == args.limit {
+                    println!(
+                        "\n{} shown; next page: --offset {}",
+                        page.count,
+                        args.offset + args.limit
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
-    };
-    print_response(response).await
+        EventsCommand::Watch { pattern } => super::watch::watch(remote, json, pattern).await,
+        EventsCommand::Retry(args) => retry(remote, json, args).await,
+    }
 }
 
-pub async fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
+async fn retry(remote: &Remote, json: bool, args: RetryArgs) -> anyhow::Result<ExitCode> {
+    let ids = if args.failed {
+        let list = ListArgs {
+            status: Some(EventStatus::Failed),
+            type_pattern: args.type_pattern,
+            source: args.source,
+            since: args.since,
+            limit: 1000,
+            offset: 0,
+            filters: Vec::new(),
+        };
+        // Collect first: retried events leave `failed`, which would shift later pages.
+        let mut ids = Vec::new();
+        let mut query = list_query(&list)?;
+        loop {
+            let page: EventPage = remote
+                .call(remote.request(Method::GET, "v1/events").query(&query))
+                .await?;
+            let done = page.count < list.limit;
+            ids.extend(page.events.into_iter().map(|e| e.id));
+            if done {
+                break;
+            }
+            for (key, value) in &mut query {
+                if key == "offset" {
+                    *value = ids.len().to_string();
+                }
+            }
+        }
+        ids
+    } else {
+        args.ids
+    };
+    let mut results = Vec::new();
+    let mut refused = 0usize;
+    for id in &ids {
+        let request = remote.request(Method::POST, &format!("v1/events/{}/retry", encode(id)));
+        match remote.call::<Value>(request).await {
+            Ok(answer) => results.push(serde_json::json!({"id": id, "status": answer["status"]})),
+            Err(error) => {
+                // Authentication and transport problems apply to every id: stop at once.
+                if let Some(failure) = error.downcast_ref::<super::exit::Failure>()
+                    && failure.exit != Exit::Failed
+                {
+                    return Err(error);
+                }
+                refused += 1;
+                results.push(serde_json::json!({"id": id, "error": format!("{error:#}")}));
+            }
+        }
+    }
+    if json {
+        print_json(&serde_json::json!({"retried": results}))?;
+    } else if results.is_empty() {
+        println!("no failed events match");
+    } else {
+        for result in &results {
+            match result["error"].as_str() {
+                Some(error) => println!("not retried {}: {error}", render::text(&result["id"])),
+                None => println!(
+                    "retrying {} ({})",
+                    render::text(&result["id"]),
+                    render::text(&result["status"])
+                ),
+            }
+        }
+    }
+    Ok(if refused == 0 {
+        ExitCode::SUCCESS
+    } else {
+        Exit::Failed.code()
+    })
+}
+
+/// Percent-encodes a path segment (event ids are chosen by publishers).
+fn encode(segment: &str) -> String {
+    let mut url = reqwest::Url::parse("http://x/").expect("a constant URL parses");
+    url.path_segments_mut()
+        .expect("an http URL has path segments")
+        .push(segment);
+    url.path().trim_start_matches('/').to_owned()
+}
+
+/// `eventbroker deploy`.
+pub async fn deploy(remote: &Remote, json: bool, args: DeployArgs) -> anyhow::Result<ExitCode> {
     let component = std::fs::read(&args.wasm)
-        .with_context(|| format!("cannot read {}", args.wasm.display()))?;
-    let mut manifest: toml::Table = match &args.manifest {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?
+        .with_context(|| format!("cannot read {}", args.wasm.display()))
+        .map_err(usage)?;
+    let manifest_text = match &args.manifest {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))
+                .map_err(usage)?,
+        ),
+        None => None,
+    };
+    let mut manifest: toml::Table = match &manifest_text {
+        Some(text) => text
             .parse()
-            .with_context(|| format!("{} is not valid TOML", path.display()))?,
+            .with_context(|| {
+                format!(
+                    "{} is not valid TOML",
+                    args.manifest
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                )
+            })
+            .map_err(usage)?,
         None => toml::Table::new(),
     };
-    if !args.patterns.is_empty() {
+    let declared = manifest
+        .get("name")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned);
+    let name = match (&args.name, declared) {
+        (Some(name), _) => name.clone(),
+        (None, Some(name)) => name,
+        (None, None) => args
+            .wasm
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .map(|s| s.replace('_', "-"))
+            .ok_or_else(|| {
+                fail(
+                    Exit::Usage,
+                    "cannot derive a handler name from the file name; use --name",
+                )
+            })?,
+    };
+    // The manifest goes as written (a `name` in it that disagrees with --name is refused by
+    // the host, the same answer as over HTTP); only --pattern rewrites it.
+    let manifest_text = if args.patterns.is_empty() {
+        manifest_text
+    } else {
         manifest.insert(
             "patterns".into(),
             toml::Value::Array(
@@ -237,49 +456,115 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
                     .collect(),
             ),
         );
-    }
-    let name = match (&args.name, manifest.get("name").and_then(|v| v.as_str())) {
-        (Some(name), _) => name.clone(),
-        (None, Some(name)) => name.to_owned(),
-        (None, None) => args
-            .wasm
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .map(|s| s.replace('_', "-"))
-            .context("cannot derive a handler name from the file name; use --name")?,
+        Some(toml::to_string(&manifest)?)
     };
-    manifest.insert("name".into(), toml::Value::String(name.clone()));
-    let form = reqwest::multipart::Form::new()
-        .part(
-            "component",
-            reqwest::multipart::Part::bytes(component)
-                .file_name(format!("{name}.wasm"))
-                .mime_str("application/wasm")?,
-        )
-        .text("manifest", toml::to_string(&manifest)?);
-    let request = client()?
-        .put(url(&args.server, &format!("/v1/handlers/{name}")))
+    let mut form = reqwest::multipart::Form::new().part(
+        "component",
+        reqwest::multipart::Part::bytes(component)
+            .file_name(format!("{name}.wasm"))
+            .mime_str("application/wasm")?,
+    );
+    if let Some(text) = manifest_text {
+        form = form.text("manifest", text);
+    }
+    let request = remote
+        .request(Method::PUT, &format!("v1/handlers/{}", encode(&name)))
         .multipart(form);
-    print_response(send(request, &args.server).await?).await
+    let spinner = Spinner::start(format!(
+        "deploying {name}: the host compiles and checks it (Python and JavaScript components take a minute or more)"
+    ));
+    let answer = remote.call::<Value>(request).await;
+    let elapsed = spinner.finish();
+    let info = answer?;
+    if json {
+        print_json(&info)?;
+    } else {
+        let current = &info["current"];
+        println!(
+            "deployed {} version {} in {}",
+            render::text(&info["name"]),
+            render::clip(&render::text(&current["version"]), 12),
+            humantime::format_duration(Duration::from_millis(elapsed.as_millis() as u64)),
+        );
+        let patterns: Vec<&str> = current["patterns"]
+            .as_array()
+            .map(|p| p.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        println!("patterns {}", patterns.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
-pub async fn handlers(command: HandlersCommand) -> anyhow::Result<ExitCode> {
-    let client = client()?;
+/// `eventbroker handlers …`.
+pub async fn handlers(
+    remote: &Remote,
+    json: bool,
+    command: HandlersCommand,
+) -> anyhow::Result<ExitCode> {
     match command {
-        HandlersCommand::List { server } => {
-            print_response(send(client.get(url(&server, "/v1/handlers")), &server).await?).await
-        }
-        HandlersCommand::Remove { server, name } => {
-            let response = send(
-                client.delete(url(&server, &format!("/v1/handlers/{name}"))),
-                &server,
-            )
-            .await?;
-            if response.status() == reqwest::StatusCode::NO_CONTENT {
-                println!("removed {name}");
+        HandlersCommand::List => {
+            let answer: Value = remote
+                .call(remote.request(Method::GET, "v1/handlers"))
+                .await?;
+            if json {
+                print_json(&answer)?;
                 return Ok(ExitCode::SUCCESS);
             }
-            print_response(response).await
+            match answer["handlers"].as_array() {
+                Some(list) if !list.is_empty() => {
+                    render::print_table(render::handlers_table(list));
+                }
+                _ => println!("no handlers deployed"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        HandlersCommand::Get { name } => {
+            let info: Value = remote
+                .call(remote.request(Method::GET, &format!("v1/handlers/{}", encode(&name))))
+                .await?;
+            if json {
+                print_json(&info)?;
+            } else {
+                render::print_table(render::handlers_table(std::slice::from_ref(&info)));
+                let spec = &info["current"]["spec"];
+                if !spec.is_null() {
+                    println!();
+                    println!(
+                        "limits  fuel {}, memory {}, timeout {}, concurrency {}, instances {}",
+                        render::text(&spec["fuel"]),
+                        spec["memory"]
+                            .as_u64()
+                            .map(|b| bytesize::ByteSize::b(b).to_string())
+                            .unwrap_or_default(),
+                        render::text(&spec["timeout"]),
+                        render::text(&spec["concurrency"]),
+                        render::text(&spec["instances"]),
+                    );
+                }
+                println!(
+                    "busy    {}, fuel used {}",
+                    render::text(&info["busy_time"]),
+                    render::text(&info["fuel_used"])
+                );
+                if let Some(reason) = info["last_rejection"]["reason"].as_str() {
+                    println!("last rejection: {reason}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        HandlersCommand::Remove { name } => {
+            let response = remote
+                .send(remote.request(Method::DELETE, &format!("v1/handlers/{}", encode(&name))))
+                .await?;
+            if !response.status().is_success() {
+                return Err(remote.refused(response).await);
+            }
+            if json {
+                print_json(&serde_json::json!({"removed": name}))?;
+            } else {
+                println!("removed {name}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

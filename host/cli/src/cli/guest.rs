@@ -13,6 +13,9 @@ use eventbroker_wasm::config::default_cache_dir;
 use eventbroker_wasm::runner::{Overrides, RunReport, parse_events, run};
 use eventbroker_wasm::{WasmEngine, WasmError};
 
+use super::exit::{Exit, fail, usage};
+use super::spinner::Spinner;
+
 /// `eventbroker run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -27,15 +30,12 @@ pub struct RunArgs {
     /// Fuel per invocation (overrides the manifest).
     #[arg(long)]
     fuel: Option<u64>,
-    /// Memory limit, e.g. 32MiB (overrides the manifest).
-    #[arg(long)]
+    /// Memory limit with a unit, e.g. 32MiB (overrides the manifest).
+    #[arg(long, value_parser = parse_size)]
     memory: Option<bytesize::ByteSize>,
     /// Deadline per invocation, e.g. 2s (overrides the manifest).
     #[arg(long, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
-    /// Print the full report as JSON.
-    #[arg(long)]
-    json: bool,
     /// Compiled-component cache (default: the user cache directory).
     #[arg(long, env = "EVENTBROKER_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
@@ -49,9 +49,6 @@ pub struct CheckArgs {
     /// Handler manifest to check with it, as the service would load them together.
     #[arg(long, short)]
     manifest: Option<PathBuf>,
-    /// Print the report as JSON.
-    #[arg(long)]
-    json: bool,
     /// Compiled-component cache (default: the user cache directory).
     #[arg(long, env = "EVENTBROKER_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
@@ -70,43 +67,61 @@ fn engine(cache_dir: Option<PathBuf>) -> anyhow::Result<WasmEngine> {
 
 fn read_manifest(path: Option<&PathBuf>) -> anyhow::Result<Option<String>> {
     path.map(|path| {
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))
+            .map_err(usage)
     })
     .transpose()
 }
 
 fn read_component(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    std::fs::read(path)
+        .with_context(|| format!("cannot read {}", path.display()))
+        .map_err(usage)
 }
 
-pub async fn run_command(args: RunArgs) -> anyhow::Result<ExitCode> {
+/// What the spinner says while a component loads: compiling a large one (an interpreter
+/// inside) takes a minute or more the first time; later runs read the compiled cache.
+fn loading_message(path: &std::path::Path, size: usize) -> String {
+    format!(
+        "loading {} ({}; the first compile of a large component takes a minute or more, later runs use the cache)",
+        path.display(),
+        bytesize::ByteSize::b(size as u64)
+    )
+}
+
+/// `--memory`: a size with a unit.
+fn parse_size(text: &str) -> Result<bytesize::ByteSize, String> {
+    eventbroker::size::parse_size(text).map_err(|e| e.to_string())
+}
+
+pub async fn run_command(json: bool, args: RunArgs) -> anyhow::Result<ExitCode> {
     let bytes = read_component(&args.wasm)?;
     let manifest = read_manifest(args.manifest.as_ref())?;
     let text = if args.event.as_os_str() == "-" {
         let mut text = String::new();
         std::io::stdin()
             .read_to_string(&mut text)
-            .context("cannot read events from stdin")?;
+            .context("cannot read events from stdin")
+            .map_err(usage)?;
         text
     } else {
         std::fs::read_to_string(&args.event)
-            .with_context(|| format!("cannot read {}", args.event.display()))?
+            .with_context(|| format!("cannot read {}", args.event.display()))
+            .map_err(usage)?
     };
-    let events = parse_events(&text)?;
+    let events = parse_events(&text).map_err(|e| usage(e.into()))?;
     let engine = engine(args.cache_dir)?;
     let overrides = Overrides {
         fuel: args.fuel,
         memory: args.memory,
         timeout: args.timeout,
     };
-    let report = match run(&engine, &bytes, manifest.as_deref(), &overrides, events).await {
-        Ok(report) => report,
-        Err(error) => {
-            eprintln!("error: {error}");
-            return Ok(ExitCode::from(2));
-        }
-    };
-    if args.json {
+    let spinner = Spinner::start(loading_message(&args.wasm, bytes.len()));
+    let report = run(&engine, &bytes, manifest.as_deref(), &overrides, events).await;
+    spinner.finish();
+    let report = report.map_err(|error| fail(Exit::Usage, error.to_string()))?;
+    if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_run(&report);
@@ -207,11 +222,14 @@ fn round(duration: Duration) -> Duration {
     }
 }
 
-pub async fn check_command(args: CheckArgs) -> anyhow::Result<ExitCode> {
+pub async fn check_command(json: bool, args: CheckArgs) -> anyhow::Result<ExitCode> {
     let bytes = read_component(&args.wasm)?;
     let manifest = read_manifest(args.manifest.as_ref())?;
     let engine = engine(args.cache_dir)?;
-    let report = match check(&engine, &bytes, manifest.as_deref()).await {
+    let spinner = Spinner::start(loading_message(&args.wasm, bytes.len()));
+    let report = check(&engine, &bytes, manifest.as_deref()).await;
+    spinner.finish();
+    let report = match report {
         Ok(report) => report,
         Err(
             error @ (WasmError::NotWasm
@@ -224,7 +242,7 @@ pub async fn check_command(args: CheckArgs) -> anyhow::Result<ExitCode> {
         }
         Err(error) => return Err(error.into()),
     };
-    if args.json {
+    if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_check(&args.wasm, &report);

@@ -1,15 +1,23 @@
-//! Command line: `serve` runs the host; the other commands talk to a running host over HTTP
-//! (`--server`, default `http://127.0.0.1:8080`, or `EVENTBROKER_SERVER_URL`).
+//! Command line: `serve` runs the host; the client commands talk to a running host over HTTP
+//! (global `--server`/`-s`, default `127.0.0.1:8080`, or `EVENTBROKER_SERVER`); `run`,
+//! `check` and `new` work on a component locally.
 
 mod capture;
 mod client;
+mod exit;
 mod guest;
+mod remote;
+mod render;
+mod scaffold;
+mod spinner;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use reqwest::Url;
 
 use eventbroker_server::config::Config;
 
@@ -17,8 +25,31 @@ use eventbroker_server::config::Config;
 #[derive(Debug, Parser)]
 #[command(name = "eventbroker", version, about)]
 struct Cli {
+    #[command(flatten)]
+    global: Global,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Options every subcommand takes.
+#[derive(Debug, Args)]
+struct Global {
+    /// The host to talk to: host:port, a port, or a URL.
+    #[arg(
+        long,
+        short = 's',
+        global = true,
+        env = "EVENTBROKER_SERVER",
+        default_value = remote::DEFAULT_SERVER,
+        value_parser = remote::parse_server,
+    )]
+    server: Url,
+    /// Bearer token: the admin token for deploy, remove and retry; the publish token to publish.
+    #[arg(long, global = true, env = "EVENTBROKER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON (the API's own documents) instead of tables, for scripts.
+    #[arg(long, global = true)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -32,6 +63,9 @@ enum Command {
     Events(client::EventsCommand),
     /// Deploy a handler component to a running host (persisted in its handlers directory).
     Deploy(client::DeployArgs),
+    /// Create a new handler project in NAME/ that builds with one command and runs on the
+    /// sample event it contains.
+    New(scaffold::NewArgs),
     /// List or remove the handlers of a running host.
     #[command(subcommand)]
     Handlers(client::HandlersCommand),
@@ -42,6 +76,11 @@ enum Command {
     /// Install or remove PostgreSQL change capture (the config's `capture` section).
     #[command(subcommand)]
     Capture(capture::CaptureCommand),
+    /// Print a shell completion script, e.g. `eventbroker completions bash > /etc/bash_completion.d/eventbroker`.
+    Completions {
+        /// bash, zsh, fish, powershell or elvish.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -50,7 +89,7 @@ struct ServeArgs {
     #[arg(long, short, env = "EVENTBROKER_CONFIG")]
     config: Option<PathBuf>,
     /// Listen address, overriding `server.listen`.
-    #[arg(long)]
+    #[arg(long, short)]
     listen: Option<String>,
     /// Handlers directory, overriding `handlers.dir`.
     #[arg(long)]
@@ -69,23 +108,39 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let Global {
+        server,
+        token,
+        json,
+    } = cli.global;
     let result = runtime.block_on(async move {
+        let remote = || remote::Remote::new(server.clone(), token.clone());
         match cli.command {
             Command::Serve(args) => serve(args).await,
-            Command::Publish(args) => client::publish(args).await,
-            Command::Events(command) => client::events(command).await,
-            Command::Deploy(args) => client::deploy(args).await,
-            Command::Handlers(command) => client::handlers(command).await,
-            Command::Run(args) => guest::run_command(args).await,
-            Command::Check(args) => guest::check_command(args).await,
+            Command::Publish(args) => client::publish(&remote()?, json, args).await,
+            Command::Events(command) => client::events(&remote()?, json, command).await,
+            Command::Deploy(args) => client::deploy(&remote()?, json, args).await,
+            Command::Handlers(command) => client::handlers(&remote()?, json, command).await,
+            Command::Run(args) => guest::run_command(json, args).await,
+            Command::Check(args) => guest::check_command(json, args).await,
+            Command::New(args) => scaffold::new_command(json, args),
             Command::Capture(command) => capture::capture(command).await,
+            Command::Completions { shell } => {
+                clap_complete::generate(
+                    shell,
+                    &mut Cli::command(),
+                    "eventbroker",
+                    &mut std::io::stdout(),
+                );
+                Ok(ExitCode::SUCCESS)
+            }
         }
     });
     match result {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::FAILURE
+            exit::code_of(&error)
         }
     }
 }

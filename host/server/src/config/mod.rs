@@ -19,7 +19,7 @@
 //! Environment overrides are `EVENTBROKER_` followed by the key path in upper case with `__`
 //! between levels, e.g. `EVENTBROKER_EVENT_BROKER__WORKER_COUNT=4` or
 //! `EVENTBROKER_SERVER__LISTEN=0.0.0.0:8080`. Variables without `__` after the prefix (such as
-//! `EVENTBROKER_SERVER_URL`, used by the CLI) are not configuration keys.
+//! `EVENTBROKER_SERVER`, used by the CLI) are not configuration keys.
 //!
 //! Unknown keys and bad values are errors naming the key and, for closed sets, the allowed
 //! values.
@@ -650,7 +650,7 @@ mod tests {
             jail.set_env("EVENTBROKER_EVENT_BROKER__WORKER_COUNT", "7");
             jail.set_env("EVENTBROKER_EVENT_BROKER__RETRY_POLICY__MAX_RETRIES", "0");
             jail.set_env("EVENTBROKER_SERVER__LISTEN", "0.0.0.0:9000");
-            jail.set_env("EVENTBROKER_SERVER_URL", "http://not-config");
+            jail.set_env("EVENTBROKER_SERVER", "not-config:1");
             let config = Config::from_text(FileFormat::Yaml, "event_broker:\n  worker_count: 3\n")
                 .expect("env");
             assert_eq!(config.event_broker.worker_count, 7);
