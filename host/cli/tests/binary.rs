@@ -732,3 +732,125 @@ fn deploy_refuses_a_name_that_disagrees_with_the_manifest_as_http_does() {
     sigterm(&served.child);
     assert!(wait_exit(&mut served.child).success());
 }
+
+#[test]
+fn run_from_a_host_compares_a_new_version_with_what_the_deployed_one_recorded() {
+    let built = guests::build();
+    let dir = tempfile::tempdir().unwrap();
+    let mut served = serve(dir.path(), &[]);
+    let validator = built.guest("rust_payload_validator");
+    let validator_manifest = built
+        .guest_dir("rust-payload-validator")
+        .join("manifest.toml");
+    let logger = built.guest("rust_audit_logger");
+    let logger_manifest = built.guest_dir("rust-audit-logger").join("manifest.toml");
+    for (wasm, manifest) in [
+        (&validator, &validator_manifest),
+        (&logger, &logger_manifest),
+    ] {
+        let out = cli(&[
+            "deploy",
+            wasm.to_str().unwrap(),
+            "--manifest",
+            manifest.to_str().unwrap(),
+            "-s",
+            &served.url,
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    // The validator's sample orders (valid, invalid, transient), without the user ids that
+    // only a publisher with a token may set.
+    let samples = std::fs::read_to_string(
+        built
+            .guest_dir("rust-payload-validator")
+            .join("sample-events.jsonl"),
+    )
+    .unwrap();
+    let events: Vec<Value> = samples
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let mut event: Value = serde_json::from_str(l).unwrap();
+            event.as_object_mut().unwrap().remove("user_id");
+            event
+        })
+        .collect();
+    let reply: Value = http()
+        .post(format!("{}/v1/events/batch", served.url))
+        .json(&events)
+        .send()
+        .and_then(|r| r.json())
+        .unwrap();
+    assert_eq!(reply["rejected"], 0, "{reply}");
+    for result in reply["results"].as_array().unwrap() {
+        wait_finished(&served.url, result["id"].as_str().unwrap());
+    }
+
+    // The same version against its own history: every outcome agrees, exit 0.
+    let out = cli(&[
+        "run",
+        validator.to_str().unwrap(),
+        "--manifest",
+        validator_manifest.to_str().unwrap(),
+        "--from",
+        &served.url,
+        "-t",
+        "shop.orders.*",
+        "--last",
+        "50",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["handler"], "payload-validator");
+    assert_eq!(report["differ"], 0, "{report}");
+    let rows = report["events"].as_array().unwrap();
+    assert!(rows.len() >= events.len(), "{report}");
+    assert!(
+        rows.iter()
+            .any(|r| r["recorded"]["outcome"] == "failed" && r["local"]["outcome"] == "failed"),
+        "invalid orders failed on both sides: {report}"
+    );
+
+    // The validator as a new version of the audit logger (which accepts everything): the
+    // invalid orders now fail where the deployed version succeeded, exit 1.
+    let out = cli(&[
+        "run",
+        validator.to_str().unwrap(),
+        "--from",
+        &served.url,
+        "--handler",
+        "audit-logger",
+        "-t",
+        "shop.orders.create",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let printed = stdout(&out);
+    assert!(printed.contains("nothing was published"), "{printed}");
+    assert!(printed.lines().any(|l| l.ends_with("NO")), "{printed}");
+    assert!(printed.contains("succeeded deployed"), "{printed}");
+
+    // Nothing was published by the dry runs: the host holds what it held.
+    let count = |url: &str| -> u64 {
+        http()
+            .get(format!("{url}/v1/events?limit=1000"))
+            .send()
+            .and_then(|r| r.json::<Value>())
+            .unwrap()["count"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = count(&served.url);
+    let out = cli(&[
+        "run",
+        validator.to_str().unwrap(),
+        "--from",
+        &served.url,
+        "--handler",
+        "payload-validator",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(count(&served.url), before);
+    sigterm(&served.child);
+    assert!(wait_exit(&mut served.child).success());
+}

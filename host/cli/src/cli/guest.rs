@@ -22,8 +22,23 @@ pub struct RunArgs {
     /// The component to run.
     wasm: PathBuf,
     /// Sample event file (JSON, or JSON lines for several events run in order); `-` for stdin.
-    #[arg(long, short)]
-    event: PathBuf,
+    #[arg(long, short, required_unless_present = "from", conflicts_with = "from")]
+    event: Option<PathBuf>,
+    /// Instead of sample events: run the host's stored events (a dry run of this version
+    /// against real history; nothing is published) and show what the deployed version
+    /// recorded for each, side by side. HOST as for --server; the token is --token.
+    #[arg(long, value_name = "HOST", value_parser = super::remote::parse_server)]
+    from: Option<reqwest::Url>,
+    /// With --from: only events whose type matches this pattern, e.g. 'shop.>'.
+    #[arg(long = "type", short = 't', requires = "from")]
+    type_pattern: Option<String>,
+    /// With --from: how many of the newest matching events (run oldest first).
+    #[arg(long, default_value_t = 10, requires = "from")]
+    last: usize,
+    /// With --from: the deployed handler to compare with (default: the manifest's name, else
+    /// the file name, as `deploy` names it).
+    #[arg(long, requires = "from")]
+    handler: Option<String>,
     /// Handler manifest (limits and `[config]`).
     #[arg(long, short)]
     manifest: Option<PathBuf>,
@@ -95,10 +110,20 @@ fn parse_size(text: &str) -> Result<bytesize::ByteSize, String> {
     eventbroker::size::parse_size(text).map_err(|e| e.to_string())
 }
 
-pub async fn run_command(json: bool, args: RunArgs) -> anyhow::Result<ExitCode> {
+pub async fn run_command(
+    json: bool,
+    token: Option<String>,
+    args: RunArgs,
+) -> anyhow::Result<ExitCode> {
     let bytes = read_component(&args.wasm)?;
     let manifest = read_manifest(args.manifest.as_ref())?;
-    let text = if args.event.as_os_str() == "-" {
+    if let Some(from) = args.from.clone() {
+        return super::replay::replay(json, token, from, args, bytes, manifest).await;
+    }
+    let Some(event_path) = args.event.clone() else {
+        return Err(fail(Exit::Usage, "give --event FILE or --from HOST"));
+    };
+    let text = if event_path.as_os_str() == "-" {
         let mut text = String::new();
         std::io::stdin()
             .read_to_string(&mut text)
@@ -106,21 +131,12 @@ pub async fn run_command(json: bool, args: RunArgs) -> anyhow::Result<ExitCode> 
             .map_err(usage)?;
         text
     } else {
-        std::fs::read_to_string(&args.event)
-            .with_context(|| format!("cannot read {}", args.event.display()))
+        std::fs::read_to_string(&event_path)
+            .with_context(|| format!("cannot read {}", event_path.display()))
             .map_err(usage)?
     };
     let events = parse_events(&text).map_err(|e| usage(e.into()))?;
-    let engine = engine(args.cache_dir)?;
-    let overrides = Overrides {
-        fuel: args.fuel,
-        memory: args.memory,
-        timeout: args.timeout,
-    };
-    let spinner = Spinner::start(loading_message(&args.wasm, bytes.len()));
-    let report = run(&engine, &bytes, manifest.as_deref(), &overrides, events).await;
-    spinner.finish();
-    let report = report.map_err(|error| fail(Exit::Usage, error.to_string()))?;
+    let report = run_events(&args, &bytes, manifest.as_deref(), events).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -131,6 +147,42 @@ pub async fn run_command(json: bool, args: RunArgs) -> anyhow::Result<ExitCode> 
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Loads the component as `serve` would and runs `events` in order, with a spinner while it
+/// compiles.
+pub(super) async fn run_events(
+    args: &RunArgs,
+    bytes: &[u8],
+    manifest: Option<&str>,
+    events: Vec<eventbroker::event::Event>,
+) -> anyhow::Result<RunReport> {
+    let engine = engine(args.cache_dir.clone())?;
+    let overrides = Overrides {
+        fuel: args.fuel,
+        memory: args.memory,
+        timeout: args.timeout,
+    };
+    let spinner = Spinner::start(loading_message(&args.wasm, bytes.len()));
+    let report = run(&engine, bytes, manifest, &overrides, events).await;
+    spinner.finish();
+    report.map_err(|error| fail(Exit::Usage, error.to_string()))
+}
+
+impl RunArgs {
+    /// The component's path.
+    pub(super) fn wasm(&self) -> &std::path::Path {
+        &self.wasm
+    }
+
+    /// `--type`, `--last` and `--handler` of a dry run.
+    pub(super) fn replay_filters(&self) -> (Option<&str>, usize, Option<&str>) {
+        (
+            self.type_pattern.as_deref(),
+            self.last,
+            self.handler.as_deref(),
+        )
+    }
 }
 
 fn print_run(report: &RunReport) {

@@ -8,6 +8,7 @@ mod exit;
 mod guest;
 mod remote;
 mod render;
+mod replay;
 mod scaffold;
 mod spinner;
 mod watch;
@@ -121,7 +122,7 @@ pub fn main() -> ExitCode {
             Command::Events(command) => client::events(&remote()?, json, command).await,
             Command::Deploy(args) => client::deploy(&remote()?, json, args).await,
             Command::Handlers(command) => client::handlers(&remote()?, json, command).await,
-            Command::Run(args) => guest::run_command(json, args).await,
+            Command::Run(args) => guest::run_command(json, token.clone(), args).await,
             Command::Check(args) => guest::check_command(json, args).await,
             Command::New(args) => scaffold::new_command(json, args),
             Command::Capture(command) => capture::capture(command).await,

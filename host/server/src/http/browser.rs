@@ -15,7 +15,9 @@
 //!   `forbidden_origin`.
 //! - **Form posts**: a `POST` without `Origin` whose content type an HTML form can send
 //!   (old browsers omit `Origin` on cross-site form posts) is refused with 415
-//!   `unsupported_media_type`; no endpoint takes such a body.
+//!   `unsupported_media_type`. The one endpoint that takes such a body is a binary-mode
+//!   CloudEvent (`text/plain` data with `ce-*` headers): a form cannot send headers, and a
+//!   cross-site `fetch` with them needs a CORS preflight the host never grants.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -283,7 +285,10 @@ impl BrowserPolicy {
         // No endpoint takes a form body, and an old browser's cross-site form post carries
         // no Origin: refused as the wrong media type, which is what a client that forgot its
         // content type needs to hear.
-        if *method == Method::POST && form_content_type(headers) {
+        if *method == Method::POST
+            && form_content_type(headers)
+            && !headers.contains_key("ce-specversion")
+        {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
@@ -524,6 +529,19 @@ mod tests {
                 &local,
                 Method::POST,
                 &[host, ("content-type", "application/json")]
+            ),
+            None
+        );
+        // A binary-mode CloudEvent with text data: headers no form can send.
+        assert_eq!(
+            code(
+                &local,
+                Method::POST,
+                &[
+                    host,
+                    ("content-type", "text/plain"),
+                    ("ce-specversion", "1.0")
+                ]
             ),
             None
         );
