@@ -122,3 +122,17 @@ ensure_python() { ensure_venv; }
 ensure_javascript() { ensure_node; }
 ensure_c() { ensure_clang; ensure_venv; ensure_wit_bindgen; ensure_adapter; }
 ensure_go() { ensure_venv; ensure_adapter; }
+
+# The API fuzzer the test suite runs against a live host's /openapi.json (not a guest
+# toolchain; it lives here so that one script installs every tool the tests use).
+SCHEMATHESIS_VERSION=4.32.5
+ensure_api_fuzzer() {
+  local venv=$TOOLCHAINS/api-fuzzer
+  SCHEMATHESIS=$venv/bin/schemathesis
+  if [ "$("$SCHEMATHESIS" --version 2>/dev/null | grep -Eo '[0-9]+\.[0-9]+\.[0-9]+' | head -1)" != "$SCHEMATHESIS_VERSION" ]; then
+    toolchain_note "installing schemathesis==$SCHEMATHESIS_VERSION into $venv"
+    mkdir -p "$TOOLCHAINS"
+    python3 -m venv --clear "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+  fi
+}

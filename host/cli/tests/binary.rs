@@ -854,3 +854,71 @@ fn run_from_a_host_compares_a_new_version_with_what_the_deployed_one_recorded() 
     sigterm(&served.child);
     assert!(wait_exit(&mut served.child).success());
 }
+
+#[test]
+fn json_logs_are_json_without_rust_debug_text() {
+    let built = guests::build();
+    let dir = tempfile::tempdir().unwrap();
+    let handlers = dir.path().join("handlers");
+    std::fs::create_dir(&handlers).unwrap();
+    std::fs::copy(
+        built.guest("rust_audit_logger"),
+        handlers.join("audit-logger.wasm"),
+    )
+    .unwrap();
+    std::fs::copy(
+        built.guest_dir("rust-audit-logger").join("manifest.toml"),
+        handlers.join("audit-logger.toml"),
+    )
+    .unwrap();
+    let mut child = eventbroker()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "info")
+        .env("EVENTBROKER_LOG__FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr_pipe = child.stderr.take().unwrap();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
+            if let Ok(entry) = serde_json::from_str::<Value>(&line)
+                && entry["message"] == "eventbroker listening"
+            {
+                let _ = addr_tx.send(entry["addr"].as_str().unwrap_or("").to_owned());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let addr = addr_rx
+        .recv_timeout(PATIENCE)
+        .expect("serve logs its address");
+    let url = format!("http://{addr}");
+    let out = cli(&["publish", "-t", "logs.json", "--sync", "-s", &url]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    sigterm(&child);
+    assert!(wait_exit(&mut child).success());
+    let lines = reader.join().unwrap();
+    assert!(
+        lines.iter().any(|l| l.contains("handler loaded")),
+        "{lines:#?}"
+    );
+    for line in &lines {
+        let entry: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        for (key, value) in entry.as_object().unwrap() {
+            if let Value::String(text) = value {
+                for debug in ["Some(", "None", "Object {", "String(", "\\\""] {
+                    assert!(
+                        !text.contains(debug),
+                        "{key} holds Rust debug text {debug:?}: {line}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -47,6 +47,7 @@ pub fn require_positive<'a>(
 }
 
 /// Whether `publish` waits for handlers.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ProcessingMode {

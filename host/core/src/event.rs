@@ -24,6 +24,7 @@ pub const MAX_FIELD_LEN: usize = 255;
 pub const MAX_METADATA_BYTES: usize = 64 * 1024;
 
 /// Where an event came from.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum EventSource {
@@ -84,6 +85,7 @@ impl FromStr for EventSource {
 }
 
 /// The processing state of an event.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum EventStatus {
@@ -145,6 +147,7 @@ impl FromStr for EventStatus {
 }
 
 /// Why one handler invocation failed.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureKind {
@@ -205,6 +208,7 @@ impl fmt::Display for FailureKind {
 }
 
 /// The record of one failed handler invocation.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Failure {
     /// What kind of failure it was.
@@ -241,6 +245,7 @@ impl fmt::Display for Failure {
 }
 
 /// Where one handler stands with one event.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OutcomeState {
@@ -253,6 +258,7 @@ pub enum OutcomeState {
 }
 
 /// What one handler did with one event, kept across retries and hosts.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HandlerOutcome {
     /// The subscription name (stable across restarts and hosts).
@@ -272,6 +278,7 @@ pub struct HandlerOutcome {
 }
 
 /// An event, as published, stored, delivered and reported.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Event {
@@ -287,6 +294,7 @@ pub struct Event {
     pub status: EventStatus,
     /// Arbitrary JSON payload.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub payload: Value,
     /// The user the event concerns or came from, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -319,6 +327,7 @@ pub struct Event {
     pub error: Option<String>,
     /// Free-form JSON object.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub metadata: Map<String, Value>,
     /// How many times processing was retried.
     #[serde(default)]
@@ -330,6 +339,7 @@ pub struct Event {
 
 /// An event as a publisher submits it (HTTP, CLI, guests): only `type` is required; the host
 /// fills id, status, timestamps and instance id.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventDraft {
@@ -341,9 +351,14 @@ pub struct EventDraft {
     pub source: Option<EventSource>,
     /// Dotted type.
     #[serde(rename = "type")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(max_length = 255, pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+    )]
     pub event_type: String,
     /// JSON payload (default `{}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub payload: Option<Value>,
     /// User id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -362,6 +377,7 @@ pub struct EventDraft {
     pub operation: Option<String>,
     /// Metadata object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub metadata: Option<Map<String, Value>>,
     /// When the event happened (default: when it is accepted).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -124,6 +124,17 @@ fn install(language: &str) -> Result<(), String> {
     }
 }
 
+/// Where `guests/install-toolchains.sh` puts what it installs (`EVENTBROKER_TOOLCHAINS`,
+/// default `~/.cache/eventbroker-toolchains`).
+pub fn dir() -> PathBuf {
+    match std::env::var_os("EVENTBROKER_TOOLCHAINS") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+            .join(".cache")
+            .join("eventbroker-toolchains"),
+    }
+}
+
 /// Runs a build script or tool for a guest in `dir`, without the outer cargo's target and
 /// flags (they must not leak into a guest's own build). Returns its output.
 ///

@@ -229,7 +229,12 @@ impl HandlerSet {
         for (path, compiled) in files.into_iter().zip(compiled) {
             match self.read_and_apply(&path, compiled).await.map(|a| a.info) {
                 Ok(info) => {
-                    tracing::info!(handler = %info.name, version = ?info.current.as_ref().map(|c| &c.version), patterns = ?info.current.as_ref().map(|c| &c.patterns), "handler loaded");
+                    let (version, patterns) = info
+                        .current
+                        .as_ref()
+                        .map(|c| (c.version.as_str(), c.patterns.join(" ")))
+                        .unwrap_or_default();
+                    tracing::info!(handler = %info.name, %version, %patterns, "handler loaded");
                     report.loaded.push(info.name);
                 }
                 Err(error) => {

@@ -128,7 +128,7 @@ async fn apply_changes(
                 match handlers.reload_file(&wasm).await {
                     Ok(Some(info)) => tracing::info!(
                         handler = %name,
-                        version = ?info.current.as_ref().map(|c| &c.version),
+                        version = %info.current.as_ref().map(|c| c.version.as_str()).unwrap_or(""),
                         "handler (re)loaded from the handlers directory"
                     ),
                     Ok(None) => {

@@ -12,6 +12,7 @@ pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 1000;
 
 /// Order of listed events by creation time (ties broken by id).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SortOrder {
@@ -25,6 +26,8 @@ pub enum SortOrder {
 /// Which events to list. Every field is optional; set fields must all match.
 ///
 /// The same names are the query parameters of `GET /v1/events`.
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventFilter {
@@ -46,6 +49,7 @@ pub struct EventFilter {
     pub instance_id: Option<String>,
     /// Only events whose type matches this pattern.
     #[serde(rename = "type")]
+    #[cfg_attr(feature = "openapi", param(value_type = Option<String>))]
     pub type_pattern: Option<Pattern>,
     /// Only events created at or after this time (RFC 3339).
     pub created_after: Option<DateTime<Utc>>,

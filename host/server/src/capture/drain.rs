@@ -144,7 +144,7 @@ async fn publish(broker: &Broker, change: &Change, key: &[String]) -> Result<(),
                         schema = %change.schema,
                         table = %change.table,
                         op = %change.op,
-                        row = ?row,
+                        row = %row.map(|r| r.to_string()).unwrap_or_default(),
                         error = %invalid,
                         "captured change dropped: it cannot be expressed as an event"
                     );

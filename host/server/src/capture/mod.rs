@@ -218,8 +218,8 @@ impl Capture {
         if config.install {
             let report = install(&pool, config).await?;
             tracing::info!(
-                tables = ?report.tables,
-                removed = ?report.removed,
+                tables = %report.tables.join(" "),
+                removed = %report.removed.join(" "),
                 pending = report.pending,
                 "change capture installed"
             );

@@ -83,6 +83,26 @@ fn read_draft(headers: &HeaderMap, body: &[u8]) -> Result<EventDraft, ApiError> 
 /// client that gives up does not affect the event's processing (see [`crate::broker`]). A
 /// publisher without a token may not set `user_id` or source `database` or `internal` (403
 /// `forbidden`).
+#[utoipa::path(
+    post,
+    path = "/v1/events",
+    tag = "events",
+    params(("mode" = Option<eventbroker::config::ProcessingMode>, Query, description = "`sync` waits for the handlers; default `event_broker.mode`")),
+    request_body(
+        description = "An event; a structured CloudEvent; a CloudEvents batch; or binary mode (`ce-*` headers, the data as the body)",
+        content(
+            (eventbroker::event::EventDraft = "application/json"),
+            (Object = "application/cloudevents+json"),
+            (Vec<Object> = "application/cloudevents-batch+json")
+        )
+    ),
+    responses(
+        (status = 202, description = "Queued", body = crate::http::openapi::Accepted),
+        (status = 200, description = "Sync mode: the final event. A CloudEvents batch: the batch result", body = Object),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    ),
+    security((), ("bearer" = []))
+)]
 pub async fn publish(
     State(state): State<AppState>,
     Caller(scope): Caller,
@@ -114,6 +134,23 @@ pub async fn publish(
 /// `Content-Type: application/cloudevents-batch+json`), each published on its own; the answer
 /// lists, in order, `{"id","status":"pending"}` or `{"error":{"code","message"}}` per item
 /// (an item claiming what its publisher may not claim is refused like `POST /v1/events`).
+#[utoipa::path(
+    post,
+    path = "/v1/events/batch",
+    tag = "events",
+    request_body(
+        description = "Events, each published on its own",
+        content(
+            (Vec<eventbroker::event::EventDraft> = "application/json"),
+            (Vec<Object> = "application/cloudevents-batch+json")
+        )
+    ),
+    responses(
+        (status = 200, description = "Every item's outcome, in order", body = crate::http::openapi::BatchResult),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    ),
+    security((), ("bearer" = []))
+)]
 pub async fn batch(
     State(state): State<AppState>,
     Caller(scope): Caller,
@@ -201,6 +238,18 @@ async fn publish_batch(
 
 /// `GET /v1/events/{id}`: the event as JSON, or as a structured CloudEvent when the request
 /// accepts `application/cloudevents+json`.
+#[utoipa::path(
+    get,
+    path = "/v1/events/{id}",
+    tag = "events",
+    params(("id" = String, Path, description = "Event id")),
+    responses(
+        (status = 200, description = "The event (a structured CloudEvent with `Accept: application/cloudevents+json`)",
+            content((eventbroker::event::Event = "application/json"), (Object = "application/cloudevents+json"))),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    ),
+    security((), ("bearer" = []))
+)]
 pub async fn get(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -227,7 +276,7 @@ pub async fn get(
 }
 
 /// The body of `GET /v1/events`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventPage {
     /// The events of this page.
     pub events: Vec<Event>,
@@ -240,6 +289,17 @@ pub struct EventPage {
 }
 
 /// `GET /v1/events?…`: every [`EventFilter`] field as a query parameter.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "events",
+    params(eventbroker::provider::EventFilter),
+    responses(
+        (status = 200, description = "A page of events, newest first unless `order=asc`", body = EventPage),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    ),
+    security((), ("bearer" = []))
+)]
 pub async fn list(
     State(state): State<AppState>,
     ApiQuery(filter): ApiQuery<EventFilter>,
@@ -255,6 +315,17 @@ pub async fn list(
 
 /// `POST /v1/events/{id}/retry`: re-runs a finished event (handlers that succeeded are not run
 /// again). 202 when queued.
+#[utoipa::path(
+    post,
+    path = "/v1/events/{id}/retry",
+    tag = "events",
+    params(("id" = String, Path, description = "Event id")),
+    responses(
+        (status = 202, description = "Queued again; handlers that succeeded are not run again", body = crate::http::openapi::Accepted),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    ),
+    security((), ("bearer" = []))
+)]
 pub async fn retry(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -268,6 +339,16 @@ pub async fn retry(
 }
 
 /// `GET /v1/stats`.
+#[utoipa::path(
+    get,
+    path = "/v1/stats",
+    tag = "events",
+    responses(
+        (status = 200, description = "Counters of the broker, its subscriptions and its provider", body = Object),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    ),
+    security((), ("bearer" = []))
+)]
 pub async fn stats(State(state): State<AppState>) -> Result<Json<BrokerStats>, ApiError> {
     Ok(Json(state.broker().stats().await?))
 }

@@ -10,12 +10,33 @@ use super::{ApiError, ApiPath, AppState};
 use eventbroker_wasm::HandlerInfo;
 
 /// `GET /v1/handlers`.
+#[utoipa::path(
+    get,
+    path = "/v1/handlers",
+    tag = "handlers",
+    responses(
+        (status = 200, description = "Every handler with its version, limits, counters and last rejection", body = crate::http::openapi::HandlerList),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    ),
+    security((), ("bearer" = []))
+)]
 pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
     let handlers = state.handlers()?.list();
     Ok(Json(json!({"handlers": handlers})).into_response())
 }
 
 /// `GET /v1/handlers/{name}`.
+#[utoipa::path(
+    get,
+    path = "/v1/handlers/{name}",
+    tag = "handlers",
+    params(("name" = String, Path, description = "Handler name", pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    responses(
+        (status = 200, description = "The handler", body = Object),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    ),
+    security((), ("bearer" = []))
+)]
 pub async fn get(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -33,6 +54,24 @@ pub async fn get(
 /// upload answers 422 with the reason and the previous version keeps serving. On success the
 /// files are written to the handlers directory (so the deploy survives a restart) and the new
 /// version serves every later event.
+#[utoipa::path(
+    put,
+    path = "/v1/handlers/{name}",
+    tag = "handlers",
+    params(("name" = String, Path, description = "Handler name: 1-64 letters, digits, `-` or `_`", pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    request_body(
+        description = "The component (and optionally its TOML manifest as a `manifest` part)",
+        content(
+            (crate::http::openapi::DeployForm = "multipart/form-data"),
+            (Vec<u8> = "application/wasm")
+        )
+    ),
+    responses(
+        (status = 200, description = "Deployed: the handler as now serving", body = Object),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    ),
+    security((), ("bearer" = []))
+)]
 pub async fn deploy(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -95,6 +134,17 @@ pub async fn deploy(
 
 /// `DELETE /v1/handlers/{name}`: unsubscribes the handler, waits for its running invocations,
 /// and deletes its files. 204 when done.
+#[utoipa::path(
+    delete,
+    path = "/v1/handlers/{name}",
+    tag = "handlers",
+    params(("name" = String, Path, description = "Handler name", pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    responses(
+        (status = 204, description = "Removed, after its running invocations finished"),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    ),
+    security((), ("bearer" = []))
+)]
 pub async fn remove(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,

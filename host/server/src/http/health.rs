@@ -15,12 +15,30 @@ use super::{ApiError, AppState};
 const PROVIDER_CHECK: Duration = Duration::from_secs(2);
 
 /// `GET /healthz`: the process is up.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The process is alive", body = crate::http::openapi::Health),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    )
+)]
 pub async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
 /// `GET /readyz`: 200 when the provider answers, the initial handler load is done and the host
 /// is not shutting down; 503 with the reason otherwise.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready to take traffic", body = crate::http::openapi::Health),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    )
+)]
 pub async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError> {
     if !state.is_accepting() {
         return Err(ApiError::unavailable("host is shutting down"));
@@ -50,6 +68,16 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError>
 
 /// `GET /metrics`: Prometheus (OpenMetrics) text; needs `Authorization: Bearer
 /// <server.metrics_token>` (or an admin-scope token) when `server.metrics_token` is set.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus metrics (OpenMetrics text)", content_type = "application/openmetrics-text", body = String),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    ),
+    security((), ("bearer" = []))
+)]
 pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if let Err(error) = authorize(state.tokens(), bearer(&headers), Access::Metrics) {
         return challenge(error);

@@ -18,6 +18,7 @@ mod error;
 mod events;
 mod handlers;
 mod health;
+pub mod openapi;
 mod page;
 mod stream;
 mod trace;
@@ -281,6 +282,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
         .nest("/v1", v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -5,6 +5,15 @@
 use axum::response::Html;
 
 /// The page.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The operator page", content_type = "text/html", body = String),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    )
+)]
 pub async fn page() -> Html<&'static str> {
     Html(include_str!("page.html"))
 }

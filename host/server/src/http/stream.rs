@@ -26,6 +26,17 @@ pub struct StreamQuery {
 }
 
 /// `GET /v1/stream`.
+#[utoipa::path(
+    get,
+    path = "/v1/stream",
+    tag = "events",
+    params(("pattern" = Option<String>, Query, description = "Event types to follow (default `*`)")),
+    responses(
+        (status = 200, description = "Server-Sent Events: `event: <status>`, `id: <event id>`, the event as JSON data", content_type = "text/event-stream", body = String),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    ),
+    security((), ("bearer" = []))
+)]
 pub async fn stream(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<StreamQuery>,

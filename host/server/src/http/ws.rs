@@ -111,6 +111,16 @@ fn subprotocol_token(headers: &HeaderMap) -> Option<String> {
 }
 
 /// `GET /v1/ws`: authenticates, then upgrades.
+#[utoipa::path(
+    get,
+    path = "/v1/ws",
+    tag = "events",
+    params(("token" = Option<String>, Query, description = "Token, for browsers (prefer the subprotocol `bearer.<token>`)")),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    )
+)]
 pub async fn ws(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<WsQuery>,
