@@ -55,6 +55,8 @@ mod global;
 pub mod hooks;
 pub mod metrics;
 pub mod pattern;
+#[cfg(target_os = "linux")]
+mod process_metrics;
 pub mod provider;
 pub mod size;
 

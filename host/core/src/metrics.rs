@@ -151,6 +151,8 @@ impl Metrics {
             "The host's version (the value is always 1)",
             build_info,
         );
+        #[cfg(target_os = "linux")]
+        registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
         registry.register(
             "eventbroker_events_retried",
             "Attempts that ended with a retry scheduled",
@@ -463,6 +465,13 @@ mod tests {
                 env!("CARGO_PKG_VERSION"),
                 "\"} 1"
             ),
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_virtual_memory_bytes ",
+            "process_open_fds ",
+            "process_max_fds ",
+            "process_threads ",
+            "process_start_time_seconds ",
             "eventbroker_workers_active 1",
             "eventbroker_handler_invocations_total{handler=\"audit\",outcome=\"ok\"} 1",
             "eventbroker_handler_fuel_consumed_total{handler=\"audit\"} 1234",
