@@ -638,6 +638,18 @@ fn the_cli_prints_tables_json_and_documented_exit_codes() {
         "{}",
         stderr(&out)
     );
+    // The variable of earlier versions is not read, and the CLI says so.
+    let out = eventbroker()
+        .args(["events", "list", "-s", "127.0.0.1:1"])
+        .env_remove("EVENTBROKER_SERVER")
+        .env("EVENTBROKER_SERVER_URL", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&out).contains("EVENTBROKER_SERVER_URL is no longer read"),
+        "{}",
+        stderr(&out)
+    );
     // Usage errors: exit 2.
     let out = cli(&["events", "list", "-s", "ftp://example"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));

@@ -100,6 +100,13 @@ struct ServeArgs {
 /// Parses arguments and runs the command; the process exit code says how it went.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if std::env::var_os("EVENTBROKER_SERVER_URL").is_some()
+        && std::env::var_os("EVENTBROKER_SERVER").is_none()
+    {
+        eprintln!(
+            "warning: EVENTBROKER_SERVER_URL is no longer read; set EVENTBROKER_SERVER (host:port or a URL) instead"
+        );
+    }
     // Both rustls crypto backends can end up linked; pick one before any TLS connection.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
