@@ -642,6 +642,12 @@ fn writes(id: &str) -> Vec<(reqwest::Method, String, &'static str, Vec<u8>)> {
             vec![],
         ),
         (
+            Method::POST,
+            "/v1/events/retry".into(),
+            "application/json",
+            vec![],
+        ),
+        (
             Method::PUT,
             "/v1/handlers/w".into(),
             "application/wasm",

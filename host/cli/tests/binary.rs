@@ -863,6 +863,60 @@ fn run_from_a_host_compares_a_new_version_with_what_the_deployed_one_recorded() 
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(count(&served.url), before);
+
+    // Retry the failed orders as a set: the host retries them (`POST /v1/events/retry`), and
+    // the validator fails them again.
+    let failed = |url: &str| -> Vec<String> {
+        let page: Value = http()
+            .get(format!(
+                "{url}/v1/events?status=failed&type=shop.orders.create"
+            ))
+            .send()
+            .and_then(|r| r.json())
+            .unwrap();
+        page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let failed_before = failed(&served.url);
+    assert!(!failed_before.is_empty());
+    let out = cli(&[
+        "events",
+        "retry",
+        "--failed",
+        "-t",
+        "shop.orders.create",
+        "-s",
+        &served.url,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut retried: Vec<String> = report["retried"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["status"], "pending", "{r}");
+            r["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    retried.sort();
+    let mut expected = failed_before.clone();
+    expected.sort();
+    assert_eq!(retried, expected, "every failed order, once");
+    for id in &retried {
+        let event = wait_finished(&served.url, id);
+        assert_eq!(event["status"], "failed", "fails again: {event}");
+    }
+    let refused = http()
+        .post(format!("{}/v1/events/retry?status=completed", served.url))
+        .send()
+        .unwrap();
+    assert_eq!(refused.status(), 422);
     sigterm(&served.child);
     assert!(wait_exit(&mut served.child).success());
 }

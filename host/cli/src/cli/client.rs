@@ -122,7 +122,8 @@ pub struct RetryArgs {
     /// Event ids to retry.
     #[arg(required_unless_present = "failed")]
     ids: Vec<String>,
-    /// Retry every failed event matching `--type`/`--source`/`--since` instead (all pages).
+    /// Retry every failed event matching `--type`/`--source`/`--since` instead (the host
+    /// retries them a page at a time, `POST /v1/events/retry`).
     #[arg(long, conflicts_with = "ids")]
     failed: bool,
     /// With `--failed`: only events whose type matches this pattern.
@@ -312,9 +313,12 @@ pub async fn events(
 }
 
 async fn retry(remote: &Remote, json: bool, args: RetryArgs) -> anyhow::Result<ExitCode> {
-    let ids = if args.failed {
+    let mut results: Vec<Value> = Vec::new();
+    if args.failed {
+        // The host retries the matching failed events a page at a time; retried events leave
+        // `failed`, so the same filter gives the next page until none is left.
         let list = ListArgs {
-            status: Some(EventStatus::Failed),
+            status: None,
             type_pattern: args.type_pattern,
             source: args.source,
             since: args.since,
@@ -322,54 +326,60 @@ async fn retry(remote: &Remote, json: bool, args: RetryArgs) -> anyhow::Result<E
             offset: 0,
             filters: Vec::new(),
         };
-        // Collect first: retried events leave `failed`, which would shift later pages.
-        let mut ids = Vec::new();
-        let mut query = list_query(&list)?;
+        let query: Vec<(String, String)> = list_query(&list)?
+            .into_iter()
+            .filter(|(key, _)| key != "offset")
+            .collect();
         loop {
-            let page: EventPage = remote
-                .call(remote.request(Method::GET, "v1/events").query(&query))
+            let page: Value = remote
+                .call(
+                    remote
+                        .request(Method::POST, "v1/events/retry")
+                        .query(&query),
+                )
                 .await?;
-            let done = page.count < list.limit;
-            ids.extend(page.events.into_iter().map(|e| e.id));
-            if done {
+            let retried = page["retried"].as_u64().unwrap_or(0);
+            results.extend(page["results"].as_array().cloned().unwrap_or_default());
+            // Stop when the page was not full, or when nothing on it could be retried (the
+            // same events would come back).
+            if page["more"] != Value::Bool(true) || retried == 0 {
                 break;
             }
-            for (key, value) in &mut query {
-                if key == "offset" {
-                    *value = ids.len().to_string();
-                }
-            }
         }
-        ids
     } else {
-        args.ids
-    };
-    let mut results = Vec::new();
-    let mut refused = 0usize;
-    for id in &ids {
-        let request = remote.request(Method::POST, &format!("v1/events/{}/retry", encode(id)));
-        match remote.call::<Value>(request).await {
-            Ok(answer) => results.push(serde_json::json!({"id": id, "status": answer["status"]})),
-            Err(error) => {
-                // Authentication and transport problems apply to every id: stop at once.
-                if let Some(failure) = error.downcast_ref::<super::exit::Failure>()
-                    && failure.exit != Exit::Failed
-                {
-                    return Err(error);
+        for id in &args.ids {
+            let request = remote.request(Method::POST, &format!("v1/events/{}/retry", encode(id)));
+            match remote.call::<Value>(request).await {
+                Ok(answer) => {
+                    results.push(serde_json::json!({"id": id, "status": answer["status"]}))
                 }
-                refused += 1;
-                results.push(serde_json::json!({"id": id, "error": format!("{error:#}")}));
+                Err(error) => {
+                    // Authentication and transport problems apply to every id: stop at once.
+                    if let Some(failure) = error.downcast_ref::<super::exit::Failure>()
+                        && failure.exit != Exit::Failed
+                    {
+                        return Err(error);
+                    }
+                    results.push(serde_json::json!({"id": id, "error": format!("{error:#}")}));
+                }
             }
         }
     }
+    let refused = results.iter().filter(|r| r.get("error").is_some()).count();
     if json {
         print_json(&serde_json::json!({"retried": results}))?;
     } else if results.is_empty() {
         println!("no failed events match");
     } else {
         for result in &results {
-            match result["error"].as_str() {
-                Some(error) => println!("not retried {}: {error}", render::text(&result["id"])),
+            match result.get("error") {
+                Some(error) => {
+                    let reason = error["message"]
+                        .as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| render::text(error));
+                    println!("not retried {}: {reason}", render::text(&result["id"]));
+                }
                 None => println!(
                     "retrying {} ({})",
                     render::text(&result["id"]),

@@ -13,7 +13,7 @@ use super::cloudevents;
 use super::{ApiBody, ApiError, ApiPath, ApiQuery, AppState};
 use eventbroker::broker::{BrokerStats, Published};
 use eventbroker::config::ProcessingMode;
-use eventbroker::event::{Event, EventDraft};
+use eventbroker::event::{Event, EventDraft, EventStatus};
 use eventbroker::provider::EventFilter;
 
 /// Query parameters of `POST /v1/events`.
@@ -336,6 +336,79 @@ pub async fn retry(
         Json(json!({"id": id, "status": "pending"})),
     )
         .into_response())
+}
+
+/// The answer of `POST /v1/events/retry`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RetriedSet {
+    /// Events queued again.
+    pub retried: usize,
+    /// Events that could not be retried (each with its error in `results`).
+    pub refused: usize,
+    /// One result per event: `{"id", "status": "pending"}` or `{"id", "error": {...}}`.
+    #[schema(value_type = Vec<Object>)]
+    pub results: Vec<Value>,
+    /// Whether more failed events may match: the page was full. Retried events leave
+    /// `failed`, so calling again with the same filter continues with the next ones.
+    pub more: bool,
+}
+
+/// `POST /v1/events/retry?…`: re-runs a filtered set of failed events (the filters of
+/// `GET /v1/events`; `status` may be left out and can only be `failed`), at most `limit`
+/// (default 100, at most 1000) per call.
+#[utoipa::path(
+    post,
+    path = "/v1/events/retry",
+    tag = "events",
+    params(eventbroker::provider::EventFilter),
+    responses(
+        (status = 200, description = "Each matching failed event retried, or why not", body = RetriedSet),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn retry_set(
+    State(state): State<AppState>,
+    ApiQuery(mut filter): ApiQuery<EventFilter>,
+) -> Result<Json<RetriedSet>, ApiError> {
+    match filter.status {
+        None | Some(EventStatus::Failed) => filter.status = Some(EventStatus::Failed),
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_query",
+                format!(
+                    "status={} cannot be retried: only failed events are (leave status out)",
+                    other.as_str()
+                ),
+            ));
+        }
+    }
+    let broker = state.broker();
+    let events = broker.provider().list(&filter).await?;
+    let more = events.len() == filter.effective_limit();
+    let mut set = RetriedSet {
+        retried: 0,
+        refused: 0,
+        results: Vec::with_capacity(events.len()),
+        more,
+    };
+    for event in events {
+        match broker.retry_event(&event.id).await.map_err(ApiError::from) {
+            Ok(()) => {
+                set.retried += 1;
+                set.results
+                    .push(json!({"id": event.id, "status": "pending"}));
+            }
+            Err(error) => {
+                set.refused += 1;
+                set.results.push(
+                    json!({"id": event.id, "error": {"code": error.code, "message": error.message}}),
+                );
+            }
+        }
+    }
+    Ok(Json(set))
 }
 
 /// `GET /v1/stats`.

@@ -265,6 +265,7 @@ pub fn router(state: AppState) -> Router {
         .route("/events", post(events::publish))
         .route("/events/batch", post(events::batch));
     let admin = Router::new()
+        .route("/events/retry", post(events::retry_set))
         .route("/events/{id}/retry", post(events::retry))
         .route(
             "/handlers/{name}",
