@@ -346,6 +346,17 @@ async fn publish_query_batch_cloudevents_retry_and_stats() {
         .publish(json!({"type": "probe.ok", "id": "chosen-id"}), "")
         .await;
     assert_eq!((status, code(&duplicate)), (409, "duplicate_id"));
+    // Ids the API could not address afterwards (`/v1/events/batch` is another endpoint).
+    for reserved in ["batch", "retry"] {
+        let (status, refused) = host
+            .publish(json!({"type": "probe.ok", "id": reserved}), "")
+            .await;
+        assert_eq!(
+            (status, code(&refused)),
+            (422, "invalid_event"),
+            "{refused}"
+        );
+    }
 
     // Every filter field.
     for query in [
@@ -450,7 +461,8 @@ async fn publish_query_batch_cloudevents_retry_and_stats() {
         {"specversion": "1.0", "id": "ceb-1", "type": "probe.ce", "source": "/b", "data": {"action": "ok"}},
         {"specversion": "1.0", "id": "ceb-2", "type": "probe.ce", "source": "/b", "datacontenttype": "application/octet-stream", "data_base64": "AJ+Slg=="},
         {"specversion": "1.0", "id": "ceb 3/ü", "type": "probe.ce", "source": "/b"},
-        {"specversion": "1.0", "id": "ceb-4", "type": "probe.ce"}
+        {"specversion": "1.0", "id": "ceb-4", "type": "probe.ce"},
+        {"specversion": "1.0", "id": "retry", "type": "probe.ce", "source": "/b"}
     ]);
     let (status, reply) = raw(
         &host,
@@ -463,7 +475,7 @@ async fn publish_query_batch_cloudevents_retry_and_stats() {
     assert_eq!(status, 200, "{reply}");
     assert_eq!(
         (reply["accepted"].as_u64(), reply["rejected"].as_u64()),
-        (Some(3), Some(1)),
+        (Some(4), Some(1)),
         "{reply}"
     );
     assert_eq!(reply["results"][3]["error"]["code"], "invalid_cloudevent");
@@ -481,6 +493,12 @@ async fn publish_query_batch_cloudevents_retry_and_stats() {
                 .unwrap()
         }
     };
+    let reserved = reply["results"][4]["id"].as_str().unwrap().to_owned();
+    assert_ne!(
+        reserved, "retry",
+        "a reserved CloudEvents id maps to a derived one"
+    );
+    assert_eq!(as_cloudevent(reserved).await["id"], "retry");
     let binary = as_cloudevent("ceb-2".into()).await;
     assert_eq!(binary["data_base64"], "AJ+Slg==");
     assert_eq!(binary["datacontenttype"], "application/octet-stream");

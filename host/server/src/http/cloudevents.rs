@@ -200,16 +200,17 @@ fn build(attributes: Map<String, Value>, data: Data) -> Result<EventDraft, ApiEr
     let mut metadata = Map::new();
     // Ids unique per source, as the spec allows, that are not valid event ids: a stable id
     // derived from both, the original given back on the way out.
-    let event_id = if validate_id(&id).is_ok() {
-        id
-    } else {
-        let derived = uuid::Uuid::new_v5(
-            &uuid::Uuid::NAMESPACE_URL,
-            format!("{source_uri}\n{id}").as_bytes(),
-        );
-        metadata.insert("ce_id".into(), Value::String(id));
-        derived.to_string()
-    };
+    let event_id =
+        if validate_id(&id).is_ok() && !super::events::RESERVED_IDS.contains(&id.as_str()) {
+            id
+        } else {
+            let derived = uuid::Uuid::new_v5(
+                &uuid::Uuid::NAMESPACE_URL,
+                format!("{source_uri}\n{id}").as_bytes(),
+            );
+            metadata.insert("ce_id".into(), Value::String(id));
+            derived.to_string()
+        };
     let payload = match data {
         Data::Absent => Value::Null,
         Data::Value(value) => {

@@ -24,6 +24,21 @@ pub struct PublishQuery {
     pub mode: Option<ProcessingMode>,
 }
 
+/// Event ids the API could not address: `/v1/events/{id}` would be another endpoint.
+pub(crate) const RESERVED_IDS: [&str; 2] = ["batch", "retry"];
+
+/// Refuses an id chosen by a publisher that `GET /v1/events/{id}` could never reach.
+pub(crate) fn check_addressable_id(draft: &EventDraft) -> Result<(), ApiError> {
+    match draft.id.as_deref() {
+        Some(id) if RESERVED_IDS.contains(&id) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_event",
+            format!("invalid id: {id:?} is reserved (/v1/events/{id} is another endpoint)"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn content_type(headers: &HeaderMap) -> &str {
     headers
         .get(header::CONTENT_TYPE)
@@ -117,6 +132,7 @@ pub async fn publish(
     }
     let draft = read_draft(&headers, &body)?;
     check_claims(&draft, scope)?;
+    check_addressable_id(&draft)?;
     let broker = state.broker();
     let event = draft.into_event(broker.instance_id());
     let mode = query.mode.unwrap_or(broker.config().mode);
@@ -211,7 +227,12 @@ async fn publish_batch(
                 )
             })
         };
-        let outcome = match draft.and_then(|draft| check_claims(&draft, scope).map(|()| draft)) {
+        let checked = draft.and_then(|draft| {
+            check_claims(&draft, scope)?;
+            check_addressable_id(&draft)?;
+            Ok(draft)
+        });
+        let outcome = match checked {
             Ok(draft) => broker
                 .publish_async(draft.into_event(broker.instance_id()))
                 .await

@@ -472,6 +472,9 @@ impl Connection {
                 "user_id may only be set on a connection authenticated with a token",
             );
         }
+        if let Err(error) = super::events::check_addressable_id(&draft) {
+            return out.error(r#ref, error.code, error.message);
+        }
         draft.source = Some(source);
         draft.session_id = Some(self.session_id.clone());
         let broker = self.state.broker();
