@@ -2,10 +2,12 @@
 //! `run` and `check` with their output and exit codes.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::serve::{serve, serve_with, sigterm, wait_exit};
 use eventbroker_testkit::guests;
 
 use serde_json::{Value, json};
@@ -14,55 +16,6 @@ const PATIENCE: Duration = Duration::from_secs(60);
 
 fn eventbroker() -> Command {
     Command::new(env!("CARGO_BIN_EXE_eventbroker"))
-}
-
-/// A `serve` process and the address it bound.
-struct Served {
-    child: Child,
-    url: String,
-    logs: std::thread::JoinHandle<Vec<String>>,
-}
-
-/// Starts `eventbroker serve ARGS` in `dir` and waits for its "listening" log line.
-fn serve(dir: &Path, args: &[&str]) -> Served {
-    serve_with(dir, args, &[])
-}
-
-/// Like [`serve`], with extra environment variables (`RUST_LOG` defaults to `info`).
-fn serve_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
-    let mut child = eventbroker()
-        .arg("serve")
-        .args(["--listen", "127.0.0.1:0"])
-        .args(args)
-        .current_dir(dir)
-        .env("RUST_LOG", "info")
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start eventbroker serve");
-    let stderr = child.stderr.take().expect("stderr");
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let logs = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("eventbroker listening")
-                && let Some(addr) = line.split("addr=").nth(1)
-            {
-                let _ = addr_tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let addr = addr_rx
-        .recv_timeout(PATIENCE)
-        .expect("serve logs its listening address");
-    Served {
-        child,
-        url: format!("http://{addr}"),
-        logs,
-    }
 }
 
 fn http() -> reqwest::blocking::Client {
@@ -86,28 +39,6 @@ fn wait_finished(url: &str, id: &str) -> Value {
         assert!(
             Instant::now() < deadline,
             "event {id} did not finish: {event}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn sigterm(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
-
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "serve did not exit after SIGTERM"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -937,38 +868,14 @@ fn json_logs_are_json_without_rust_debug_text() {
         handlers.join("audit-logger.toml"),
     )
     .unwrap();
-    let mut child = eventbroker()
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .current_dir(dir.path())
-        .env("RUST_LOG", "info")
-        .env("EVENTBROKER_LOG__FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr_pipe = child.stderr.take().unwrap();
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
-            if let Ok(entry) = serde_json::from_str::<Value>(&line)
-                && entry["message"] == "eventbroker listening"
-            {
-                let _ = addr_tx.send(entry["addr"].as_str().unwrap_or("").to_owned());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let addr = addr_rx
-        .recv_timeout(PATIENCE)
-        .expect("serve logs its address");
-    let url = format!("http://{addr}");
-    let out = cli(&["publish", "-t", "logs.json", "--sync", "-s", &url]);
+    let served = serve_with(
+        dir.path(),
+        &[],
+        &[("RUST_LOG", "info"), ("EVENTBROKER_LOG__FORMAT", "json")],
+    );
+    let out = cli(&["publish", "-t", "logs.json", "--sync", "-s", &served.url]);
     assert!(out.status.success(), "{}", stderr(&out));
-    sigterm(&child);
-    assert!(wait_exit(&mut child).success());
-    let lines = reader.join().unwrap();
+    let lines = served.stop();
     assert!(
         lines.iter().any(|l| l.contains("handler loaded")),
         "{lines:#?}"

@@ -8,10 +8,11 @@
 //! `/v1/stream` (Server-Sent Events, an answer that never ends) and `/v1/ws` (a WebSocket
 //! upgrade) are left out: the fuzzer waits for a whole response.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+mod common;
 
+use std::process::Command;
+
+use common::serve::serve;
 use eventbroker_testkit::{guests, toolchains};
 
 #[test]
@@ -30,32 +31,8 @@ fn every_response_matches_the_openapi_document() {
         handlers.join("audit-logger.wasm"),
     )
     .expect("copy guest");
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_eventbroker"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .current_dir(dir.path())
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start serve");
-    let stderr = serve.stderr.take().expect("stderr");
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let logs = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("eventbroker listening")
-                && let Some(addr) = line.split("addr=").nth(1)
-            {
-                let _ = addr_tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let addr = addr_rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("serve logs its address");
-    let url = format!("http://{addr}");
+    let served = serve(dir.path(), &[]);
+    let url = served.url.clone();
     let output = toolchains::run_clean(
         Command::new(&fuzzer).args([
             "run",
@@ -76,11 +53,7 @@ fn every_response_matches_the_openapi_document() {
         ]),
         dir.path(),
     );
-    let _ = Command::new("kill")
-        .args(["-TERM", &serve.id().to_string()])
-        .status();
-    let _ = serve.wait();
-    let logs = logs.join().expect("log reader").join("\n");
+    let logs = served.stop().join("\n");
     let report = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),

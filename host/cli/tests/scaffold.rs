@@ -4,11 +4,12 @@
 //! sample event. The scaffold must build with its one command and greet the sample event's
 //! name; a payload that is not an object must fail.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+mod common;
 
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::serve::serve_with;
 use eventbroker_testkit::toolchains;
 use serde_json::Value;
 
@@ -128,7 +129,16 @@ fn scaffold_builds_and_runs(lang: &'static str) {
     );
 
     // Deployed to a running host, it handles the sample event there.
-    let (mut host, url) = serve(work.path(), &cache);
+    let handlers = work.path().join("handlers");
+    let host = serve_with(
+        work.path(),
+        &["--handlers", handlers.to_str().expect("UTF-8 path")],
+        &[(
+            "EVENTBROKER_HANDLERS__CACHE_DIR",
+            cache.to_str().expect("UTF-8 path"),
+        )],
+    );
+    let url = host.url.clone();
     let deployed = eventbroker(&project)
         .args([
             "deploy",
@@ -156,39 +166,7 @@ fn scaffold_builds_and_runs(lang: &'static str) {
     let event: Value = serde_json::from_slice(&published.stdout).expect("publish --json");
     assert_eq!(event["status"], "completed", "{event}");
     assert_eq!(event["handlers"][0]["handler"], name.as_str(), "{event}");
-    let _ = Command::new("kill")
-        .args(["-TERM", &host.id().to_string()])
-        .status();
-    let _ = host.wait();
-}
-
-/// Starts `eventbroker serve` on a free port with its compiled-component cache at `cache`.
-fn serve(dir: &Path, cache: &Path) -> (std::process::Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_eventbroker"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--handlers"])
-        .arg(dir.join("handlers"))
-        .current_dir(dir)
-        .env("RUST_LOG", "info")
-        .env("EVENTBROKER_HANDLERS__CACHE_DIR", cache)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start eventbroker serve");
-    let stderr = child.stderr.take().expect("stderr");
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("eventbroker listening")
-                && let Some(addr) = line.split("addr=").nth(1)
-            {
-                let _ = addr_tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
-            }
-        }
-    });
-    let addr = addr_rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("serve logs its address");
-    (child, format!("http://{addr}"))
+    host.stop();
 }
 
 #[test]

@@ -108,7 +108,7 @@ pub fn ensure(language: &'static str) -> bool {
 
 fn install(language: &str) -> Result<(), String> {
     let guests = repo_root().join("guests");
-    let install = run(
+    let install = run_clean(
         Command::new("bash")
             .arg(guests.join("install-toolchains.sh"))
             .arg(language),
@@ -119,7 +119,7 @@ fn install(language: &str) -> Result<(), String> {
     } else {
         Err(format!(
             "the {language} toolchain could not be installed by guests/install-toolchains.sh {language}:\n{}",
-            tail(&install)
+            output_tail(&install)
         ))
     }
 }
@@ -135,24 +135,10 @@ pub fn dir() -> PathBuf {
     }
 }
 
-/// Runs a build script or tool for a guest in `dir`, without the outer cargo's target and
-/// flags (they must not leak into a guest's own build). Returns its output.
-///
-/// # Panics
-/// If the command cannot be started.
-pub fn run_clean(command: &mut Command, dir: &Path) -> Output {
-    run(command, dir)
-}
-
-/// The last 40 lines of a command's output, for failure messages.
-pub fn output_tail(output: &Output) -> String {
-    tail(output)
-}
-
 /// `Err` says which toolchain is missing; a failing build panics.
 fn install_and_build(language: Language) -> Result<PathBuf, String> {
     install(language.name)?;
-    let output = run(
+    let output = run_clean(
         Command::new("bash").arg(language.folder().join("build.sh")),
         &language.folder(),
     );
@@ -160,7 +146,7 @@ fn install_and_build(language: Language) -> Result<PathBuf, String> {
         output.status.success(),
         "guests/{}/build.sh failed:\n{}",
         language.dir,
-        tail(&output)
+        output_tail(&output)
     );
     let component = language.component();
     assert!(
@@ -172,7 +158,12 @@ fn install_and_build(language: Language) -> Result<PathBuf, String> {
     Ok(component)
 }
 
-fn run(command: &mut Command, dir: &Path) -> Output {
+/// Runs a build script or tool for a guest in `dir`, without the outer cargo's target and
+/// flags (they must not leak into a guest's own build). Returns its output.
+///
+/// # Panics
+/// If the command cannot be started.
+pub fn run_clean(command: &mut Command, dir: &Path) -> Output {
     command
         .current_dir(dir)
         // The outer cargo's settings must not leak into `cargo install` or the guests' builds.
@@ -184,8 +175,8 @@ fn run(command: &mut Command, dir: &Path) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"))
 }
 
-/// The last lines of a command's output, for error messages.
-fn tail(output: &Output) -> String {
+/// The last 40 lines of a command's output, for failure messages.
+pub fn output_tail(output: &Output) -> String {
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),

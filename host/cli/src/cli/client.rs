@@ -139,9 +139,28 @@ pub struct RetryArgs {
 
 /// The answer of `GET /v1/events`.
 #[derive(Debug, Deserialize)]
-struct EventPage {
-    count: usize,
-    events: Vec<Event>,
+pub(super) struct EventPage {
+    pub count: usize,
+    pub events: Vec<Event>,
+}
+
+/// The handler name `deploy` uses: the manifest's `name`, else the file name (`_` as `-`).
+pub(super) fn handler_name(
+    declared: Option<&str>,
+    wasm: &std::path::Path,
+) -> anyhow::Result<String> {
+    if let Some(name) = declared {
+        return Ok(name.to_owned());
+    }
+    wasm.file_stem()
+        .and_then(|s| s.to_str())
+        .map(|s| s.replace('_', "-"))
+        .ok_or_else(|| {
+            fail(
+                Exit::Usage,
+                "cannot derive a handler name from the file name; give it (--name or --handler)",
+            )
+        })
 }
 
 /// Turns `--since` (RFC 3339 or an age like `15m`) into RFC 3339.
@@ -436,20 +455,9 @@ pub async fn deploy(remote: &Remote, json: bool, args: DeployArgs) -> anyhow::Re
         .get("name")
         .and_then(|v| v.as_str())
         .map(str::to_owned);
-    let name = match (&args.name, declared) {
-        (Some(name), _) => name.clone(),
-        (None, Some(name)) => name,
-        (None, None) => args
-            .wasm
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .map(|s| s.replace('_', "-"))
-            .ok_or_else(|| {
-                fail(
-                    Exit::Usage,
-                    "cannot derive a handler name from the file name; use --name",
-                )
-            })?,
+    let name = match &args.name {
+        Some(name) => name.clone(),
+        None => handler_name(declared.as_deref(), &args.wasm)?,
     };
     // The manifest goes as written (a `name` in it that disagrees with --name is refused by
     // the host, the same answer as over HTTP); only --pattern rewrites it.

@@ -20,7 +20,7 @@ use super::spinner::Spinner;
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The component to run.
-    wasm: PathBuf,
+    pub(super) wasm: PathBuf,
     /// Sample event file (JSON, or JSON lines for several events run in order); `-` for stdin.
     #[arg(long, short, required_unless_present = "from", conflicts_with = "from")]
     event: Option<PathBuf>,
@@ -31,14 +31,14 @@ pub struct RunArgs {
     from: Option<reqwest::Url>,
     /// With --from: only events whose type matches this pattern, e.g. 'shop.>'.
     #[arg(long = "type", short = 't', requires = "from")]
-    type_pattern: Option<String>,
+    pub(super) type_pattern: Option<String>,
     /// With --from: how many of the newest matching events (run oldest first).
     #[arg(long, default_value_t = 10, requires = "from")]
-    last: usize,
+    pub(super) last: usize,
     /// With --from: the deployed handler to compare with (default: the manifest's name, else
     /// the file name, as `deploy` names it).
     #[arg(long, requires = "from")]
-    handler: Option<String>,
+    pub(super) handler: Option<String>,
     /// Handler manifest (limits and `[config]`).
     #[arg(long, short)]
     manifest: Option<PathBuf>,
@@ -167,22 +167,6 @@ pub(super) async fn run_events(
     let report = run(&engine, bytes, manifest, &overrides, events).await;
     spinner.finish();
     report.map_err(|error| fail(Exit::Usage, error.to_string()))
-}
-
-impl RunArgs {
-    /// The component's path.
-    pub(super) fn wasm(&self) -> &std::path::Path {
-        &self.wasm
-    }
-
-    /// `--type`, `--last` and `--handler` of a dry run.
-    pub(super) fn replay_filters(&self) -> (Option<&str>, usize, Option<&str>) {
-        (
-            self.type_pattern.as_deref(),
-            self.last,
-            self.handler.as_deref(),
-        )
-    }
 }
 
 fn print_run(report: &RunReport) {

@@ -9,10 +9,11 @@
 use std::process::ExitCode;
 
 use reqwest::{Method, Url};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use eventbroker::event::{Event, OutcomeState};
 
+use super::client::{EventPage, handler_name};
 use super::exit::{Exit, fail};
 use super::guest::{RunArgs, run_events};
 use super::remote::Remote;
@@ -60,11 +61,6 @@ struct Compared {
     local: Side,
 }
 
-#[derive(Debug, Deserialize)]
-struct EventPage {
-    events: Vec<Event>,
-}
-
 /// Runs the dry run.
 ///
 /// # Errors
@@ -77,13 +73,17 @@ pub async fn replay(
     bytes: Vec<u8>,
     manifest: Option<String>,
 ) -> anyhow::Result<ExitCode> {
-    let (type_pattern, last, handler) = args.replay_filters();
+    let (type_pattern, last, handler) = (
+        args.type_pattern.as_deref(),
+        args.last,
+        args.handler.as_deref(),
+    );
     if last == 0 || last > 1000 {
         return Err(fail(Exit::Usage, "--last takes 1 to 1000 events"));
     }
     let handler = match handler {
         Some(name) => name.to_owned(),
-        None => deployed_name(manifest.as_deref(), args.wasm())?,
+        None => deployed_name(manifest.as_deref(), &args.wasm)?,
     };
     let remote = Remote::new(from, token)?;
     let mut query = vec![("limit", last.to_string())];
@@ -148,7 +148,7 @@ pub async fn replay(
     } else {
         println!(
             "dry run of {} (version {}) against {} events from {}; compared with handler {handler:?}; nothing was published",
-            args.wasm().display(),
+            &args.wasm.display(),
             render::clip(&report.handler.version, 12),
             rows.len(),
             remote.base()
@@ -217,22 +217,15 @@ fn recorded_side(event: &Event, name: &str) -> (Option<String>, Side) {
     (outcome.version.clone(), side)
 }
 
-/// The handler name `deploy` would use: the manifest's `name`, else the file name.
+/// The handler name `deploy` would use for this component and manifest.
 fn deployed_name(manifest: Option<&str>, wasm: &std::path::Path) -> anyhow::Result<String> {
-    if let Some(text) = manifest {
-        let parsed = eventbroker_wasm::Manifest::parse(text)
-            .map_err(|e| fail(Exit::Usage, e.to_string()))?;
-        if let Some(name) = parsed.name {
-            return Ok(name);
+    let declared = match manifest {
+        Some(text) => {
+            eventbroker_wasm::Manifest::parse(text)
+                .map_err(|e| fail(Exit::Usage, e.to_string()))?
+                .name
         }
-    }
-    wasm.file_stem()
-        .and_then(|s| s.to_str())
-        .map(|s| s.replace('_', "-"))
-        .ok_or_else(|| {
-            fail(
-                Exit::Usage,
-                "cannot derive the handler name from the file name; use --handler",
-            )
-        })
+        None => None,
+    };
+    handler_name(declared.as_deref(), wasm)
 }

@@ -5,10 +5,8 @@
 //! stored outcome for `counter` says how often it ran (`attempts`), which is how the tests see
 //! "handled exactly once" across hosts.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Child;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -235,41 +233,12 @@ fn merge(base: &mut Value, overlay: Value) {
 
 /// Starts `eventbroker serve --config CONFIG` in `dir` and waits for its "listening" line.
 pub fn start_serve(config: &Path, dir: &Path) -> Host {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_eventbroker"))
-        .arg("serve")
-        .args(["--listen", "127.0.0.1:0", "--config"])
-        .arg(config)
-        .current_dir(dir)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start eventbroker serve");
-    let stderr = child.stderr.take().expect("stderr");
-    let (addr_tx, addr_rx) = mpsc::channel();
-    let logs = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("eventbroker listening")
-                && let Some(addr) = line.split("addr=").nth(1)
-            {
-                let _ = addr_tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    match addr_rx.recv_timeout(PATIENCE) {
-        Ok(addr) => Host {
-            child,
-            url: format!("http://{addr}"),
-            logs: Some(logs),
-        },
-        Err(_) => {
-            let _ = child.kill();
-            let lines = logs.join().unwrap_or_default();
-            panic!("serve did not start; its log:\n{}", lines.join("\n"));
-        }
+    let config = config.to_str().expect("UTF-8 config path");
+    let served = super::serve::serve_with(dir, &["--config", config], &[]);
+    Host {
+        child: served.child,
+        url: served.url,
+        logs: Some(served.logs),
     }
 }
 

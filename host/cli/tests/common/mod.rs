@@ -1,9 +1,10 @@
-//! Shared harness of the binary's tests: clusters of `serve` processes, and the namespaces
-//! of the shared backends they run on.
+//! Shared harness of the binary's tests: `serve` processes alone and in clusters, and the
+//! namespaces of the shared backends they run on.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod cluster;
+pub mod serve;
 
 pub use eventbroker_testkit::{PATIENCE, guests, services, unique_suffix};
 

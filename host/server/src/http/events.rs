@@ -423,9 +423,9 @@ pub async fn retry_set(
             }
             Err(error) => {
                 set.refused += 1;
-                set.results.push(
-                    json!({"id": event.id, "error": {"code": error.code, "message": error.message}}),
-                );
+                let mut item = error.body();
+                item["id"] = json!(event.id);
+                set.results.push(item);
             }
         }
     }
