@@ -294,7 +294,6 @@ pub struct Event {
     pub status: EventStatus,
     /// Arbitrary JSON payload.
     #[serde(default)]
-    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub payload: Value,
     /// The user the event concerns or came from, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -358,7 +357,6 @@ pub struct EventDraft {
     pub event_type: String,
     /// JSON payload (default `{}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub payload: Option<Value>,
     /// User id.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -200,6 +200,15 @@ mod tests {
         .to_vec();
         served.sort();
         assert_eq!(documented, served);
+        // A payload is any JSON value (arrays, strings, numbers too), in events and drafts.
+        for schema in ["Event", "EventDraft"] {
+            let payload = &document["components"]["schemas"][schema]["properties"]["payload"];
+            assert!(!payload.is_null(), "{schema} has a payload");
+            assert!(
+                !payload.to_string().contains("\"object\""),
+                "{schema}.payload must admit any JSON value: {payload}"
+            );
+        }
         // Every operation documents its errors as the envelope.
         for (path, item) in document["paths"].as_object().unwrap() {
             for (method, operation) in item.as_object().unwrap() {
