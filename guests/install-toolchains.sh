@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the pinned toolchains that build the example guests, for the languages named on
-# the command line (rust, python, javascript, c, go, and api-fuzzer, the test suite's OpenAPI
-# fuzzer; default: all). Idempotent: a toolchain
+# the command line (rust, python, javascript, c, go; api-fuzzer, the test suite's OpenAPI
+# fuzzer; browser, Chromium and playwright-core for the console test; default: all). Idempotent: a toolchain
 # already at its pinned version is left alone, so a second run takes a second or two.
 #
 # Versions and install steps: toolchains/lib.sh and toolchains/requirements.txt.
@@ -11,12 +11,13 @@ set -euo pipefail
 source "$(dirname "$0")/toolchains/lib.sh"
 
 languages=("$@")
-[ ${#languages[@]} -gt 0 ] || languages=(rust python javascript c go api-fuzzer)
+[ ${#languages[@]} -gt 0 ] || languages=(rust python javascript c go api-fuzzer browser)
 for language in "${languages[@]}"; do
   case $language in
     rust | python | javascript | c | go) "ensure_$language" ;;
     api-fuzzer) ensure_api_fuzzer ;;
-    *) echo "unknown language '$language' (expected rust, python, javascript, c, go or api-fuzzer)" >&2; exit 2 ;;
+    browser) ensure_browser ;;
+    *) echo "unknown language '$language' (expected rust, python, javascript, c, go, api-fuzzer or browser)" >&2; exit 2 ;;
   esac
 done
 echo "toolchains ready for: ${languages[*]} (in $TOOLCHAINS)"

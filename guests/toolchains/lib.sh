@@ -136,3 +136,29 @@ ensure_api_fuzzer() {
     "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
   fi
 }
+
+# The browser the console test drives: Debian's Chromium, through playwright-core from npm
+# (no bundled browser download; the test points it at /usr/bin/chromium).
+PLAYWRIGHT_CORE_VERSION=1.65.1
+ensure_browser() {
+  ensure_node
+  CHROMIUM=/usr/bin/chromium
+  if [ ! -x "$CHROMIUM" ]; then
+    toolchain_note "installing chromium with apt-get"
+    local sudo=
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 ||
+      { $sudo apt-get update -q >/dev/null &&
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+  fi
+  local dir=$TOOLCHAINS/browser
+  local installed
+  installed=$("$NODE" -p "require('$dir/node_modules/playwright-core/package.json').version" 2>/dev/null || true)
+  if [ "$installed" != "$PLAYWRIGHT_CORE_VERSION" ]; then
+    toolchain_note "installing playwright-core@$PLAYWRIGHT_CORE_VERSION into $dir"
+    mkdir -p "$dir"
+    (cd "$dir" && "$NPM" install --silent --no-save --no-audit --no-fund --ignore-scripts \
+      "playwright-core@$PLAYWRIGHT_CORE_VERSION" >/dev/null)
+  fi
+  PLAYWRIGHT_CORE=$dir/node_modules/playwright-core
+}

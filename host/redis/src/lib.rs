@@ -450,6 +450,8 @@ impl Shared {
     /// range, which is checked exactly in the host).
     fn index_for(&self, filter: &EventFilter) -> (String, bool) {
         let others = filter.user_id.is_some()
+            || filter.handler.is_some()
+            || filter.caused_by.is_some()
             || filter.session_id.is_some()
             || filter.schema.is_some()
             || filter.entity.is_some()

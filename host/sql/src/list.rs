@@ -13,6 +13,7 @@ use super::dialect::Dialect;
 use super::row::{AnyQuery, EVENT_COLUMNS, decode_event, nanos};
 use super::schema::{view_columns, view_from};
 use super::{Shared, db_error};
+use eventbroker::broker::CAUSED_BY_KEY;
 use eventbroker::event::Event;
 use eventbroker::pattern::{Pattern, Segment};
 use eventbroker::provider::{EventFilter, ProviderError, SortOrder};
@@ -113,6 +114,31 @@ fn build(dialect: Dialect, group: &str, filter: &EventFilter) -> Result<Clause, 
     ] {
         if let Some(value) = value {
             clause.push(&format!("{column} = ?"), text(value));
+        }
+    }
+    if let Some(handler) = &filter.handler {
+        match dialect {
+            Dialect::Postgres => clause.push(
+                "CAST(handlers AS jsonb) @> CAST(? AS jsonb)",
+                Value::Text(serde_json::json!([{ "handler": handler }]).to_string()),
+            ),
+            Dialect::Sqlite => clause.push(
+                "EXISTS (SELECT 1 FROM json_each(handlers) AS o \
+                 WHERE json_extract(o.value, '$.handler') = ?)",
+                text(handler),
+            ),
+        }
+    }
+    if let Some(cause) = &filter.caused_by {
+        match dialect {
+            Dialect::Postgres => clause.push(
+                &format!("CAST(metadata AS jsonb) ->> '{CAUSED_BY_KEY}' = ?"),
+                text(cause),
+            ),
+            Dialect::Sqlite => clause.push(
+                &format!("json_extract(metadata, '$.{CAUSED_BY_KEY}') = ?"),
+                text(cause),
+            ),
         }
     }
     if let Some(pattern) = &filter.type_pattern {

@@ -20,6 +20,7 @@ use super::limits;
 use super::log::LogLine;
 use super::manifest::HandlerSpec;
 use super::outcome::{Classifier, with_details};
+use super::percentiles::Distribution;
 use super::slots::{Live, WarmPool};
 use super::state::{HostState, Publisher, StoreSettings};
 use crate::config::InstancePolicy;
@@ -68,6 +69,10 @@ pub struct HandlerCounters {
     pub fuel: AtomicU64,
     /// Total invocation time in microseconds.
     pub micros: AtomicU64,
+    /// Invocation durations in microseconds.
+    pub durations: Distribution,
+    /// Fuel consumed per invocation.
+    pub fuel_per_invocation: Distribution,
     /// The host's Prometheus metrics, when running in a host.
     pub metrics: Option<Arc<Metrics>>,
 }
@@ -418,9 +423,10 @@ impl CompiledHandler {
         counters
             .fuel
             .fetch_add(invocation.fuel_used, Ordering::Relaxed);
-        counters
-            .micros
-            .fetch_add(invocation.duration.as_micros() as u64, Ordering::Relaxed);
+        let micros = u64::try_from(invocation.duration.as_micros()).unwrap_or(u64::MAX);
+        counters.micros.fetch_add(micros, Ordering::Relaxed);
+        counters.durations.record(micros);
+        counters.fuel_per_invocation.record(invocation.fuel_used);
         invocation
     }
 

@@ -47,6 +47,7 @@ pub mod limits;
 mod log;
 mod manifest;
 mod outcome;
+pub mod percentiles;
 mod registry;
 pub mod runner;
 mod slots;

@@ -24,6 +24,7 @@ use super::component::{CompiledHandler, HandlerCounters, OUTCOMES, VersionInfo};
 use super::engine::{Compiled, ComponentBytes, WasmEngine};
 use super::handler::WasmHandler;
 use super::manifest::{Manifest, validate_name};
+use super::percentiles::Percentiles;
 use crate::config::HandlersConfig;
 use eventbroker::broker::{Broker, SubscribeOptions};
 use eventbroker::config::RetryPolicy;
@@ -62,6 +63,11 @@ pub struct HandlerInfo {
     /// Total invocation time.
     #[serde(with = "humantime_serde")]
     pub busy_time: Duration,
+    /// Percentiles of invocation durations in microseconds since start (`null` before the
+    /// first invocation).
+    pub duration_us: Option<Percentiles>,
+    /// Percentiles of fuel consumed per invocation since start.
+    pub fuel_per_invocation: Option<Percentiles>,
     /// Versions loaded since start (first load included).
     pub loads: u64,
     /// Versions rejected since start.
@@ -648,6 +654,8 @@ fn info(name: &str, entry: &Entry) -> HandlerInfo {
         invocations,
         fuel_used: entry.counters.fuel.load(Ordering::Relaxed),
         busy_time: Duration::from_micros(entry.counters.micros.load(Ordering::Relaxed)),
+        duration_us: entry.counters.durations.percentiles(),
+        fuel_per_invocation: entry.counters.fuel_per_invocation.percentiles(),
         loads: entry.loads,
         rejections: entry.rejections,
         unchanged: entry.unchanged,

@@ -51,7 +51,7 @@ pub use handler::{
     HandlerContext, HandlerResult, MAX_CAUSATION_DEPTH, derived_event_id, handler_fn,
 };
 pub use registry::{SubscribeOptions, SubscriptionId, SubscriptionStats};
-pub use stats::BrokerStats;
+pub use stats::{Activity, BrokerStats};
 
 use crate::config::{BrokerConfig, InvalidValue, ProcessingMode};
 use crate::event::{Event, EventStatus, ValidationError};
@@ -524,6 +524,19 @@ impl Broker {
         event.handlers.clear();
         event.validate(self.inner.config.max_payload.as_u64() as usize)?;
         Ok(event)
+    }
+
+    /// This host's counters and gauges, without the provider's view (no round trip).
+    pub fn activity(&self) -> Activity {
+        let counters = &self.inner.counters;
+        Activity {
+            published: Counters::load(&counters.published),
+            completed: Counters::load(&counters.completed),
+            failed: Counters::load(&counters.failed),
+            retried: Counters::load(&counters.retried),
+            queue_depth: counters.queue_depth.load(Ordering::Relaxed),
+            active_workers: counters.active_workers.load(Ordering::Relaxed),
+        }
     }
 
     /// A snapshot of counters, gauges and the provider's stats.

@@ -26,6 +26,25 @@ impl Counters {
     }
 }
 
+/// This host's in-process counters and gauges, read without asking the provider: cheap
+/// enough to sample every few seconds ([`Broker::activity`](super::Broker::activity)).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Activity {
+    /// Events accepted by `publish` since start.
+    pub published: u64,
+    /// Events that reached `completed` here since start.
+    pub completed: u64,
+    /// Events that reached `failed` here since start.
+    pub failed: u64,
+    /// Retries scheduled since start.
+    pub retried: u64,
+    /// Deliveries fetched from the provider and waiting for a worker.
+    pub queue_depth: usize,
+    /// Workers running handlers right now.
+    pub active_workers: usize,
+}
+
 /// A snapshot of the broker's activity.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BrokerStats {

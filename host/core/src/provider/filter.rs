@@ -51,6 +51,11 @@ pub struct EventFilter {
     #[serde(rename = "type")]
     #[cfg_attr(feature = "openapi", param(value_type = Option<String>))]
     pub type_pattern: Option<Pattern>,
+    /// Only events with an outcome recorded for this handler (it ran on them, in any state).
+    pub handler: Option<String>,
+    /// Only events a handler published while handling this event (derived events, whose
+    /// `metadata.caused_by` is this id).
+    pub caused_by: Option<String>,
     /// Only events created at or after this time (RFC 3339).
     pub created_after: Option<DateTime<Utc>>,
     /// Only events created before this time (RFC 3339).
@@ -94,6 +99,17 @@ impl EventFilter {
                 .type_pattern
                 .as_ref()
                 .is_none_or(|p| p.matches(&event.event_type))
+            && self
+                .handler
+                .as_ref()
+                .is_none_or(|name| event.handlers.iter().any(|o| &o.handler == name))
+            && self.caused_by.as_ref().is_none_or(|cause| {
+                event
+                    .metadata
+                    .get(crate::broker::CAUSED_BY_KEY)
+                    .and_then(serde_json::Value::as_str)
+                    == Some(cause.as_str())
+            })
             && self.created_after.is_none_or(|t| event.created_at >= t)
             && self.created_before.is_none_or(|t| event.created_at < t)
     }

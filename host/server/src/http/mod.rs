@@ -10,6 +10,7 @@
 //! hyper cannot parse are answered with the JSON envelope too (see [`wire`]). While the host
 //! shuts down, publish and admin routes answer 503.
 
+mod activity;
 pub mod auth;
 pub mod browser;
 pub mod cloudevents;
@@ -58,6 +59,7 @@ struct StateInner {
     handlers: Option<HandlerSet>,
     limits: RouterLimits,
     security: Security,
+    activity: Arc<activity::ActivityLog>,
     accepting: AtomicBool,
     handlers_loaded: AtomicBool,
 }
@@ -188,6 +190,7 @@ impl AppState {
     ) -> Self {
         AppState {
             inner: Arc::new(StateInner {
+                activity: activity::ActivityLog::start(&broker),
                 broker,
                 handlers,
                 limits,
@@ -211,6 +214,10 @@ impl AppState {
                 "this host runs without WebAssembly handlers",
             )
         })
+    }
+
+    pub(crate) fn activity(&self) -> &activity::ActivityLog {
+        &self.inner.activity
     }
 
     pub(crate) fn limits(&self) -> &RouterLimits {
@@ -258,6 +265,7 @@ pub fn router(state: AppState) -> Router {
         .route("/events", get(events::list))
         .route("/events/{id}", get(events::get))
         .route("/stats", get(events::stats))
+        .route("/stats/history", get(activity::history))
         .route("/stream", get(stream::stream))
         .route("/handlers", get(handlers::list))
         .route("/handlers/{name}", get(handlers::get));

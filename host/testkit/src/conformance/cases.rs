@@ -697,14 +697,29 @@ pub async fn list_filters_order_and_paginate(backend: &Backend) {
         event.user_id = Some((n % 4) as i64);
         event.session_id = format!("sess-{}", n % 2);
         event.created_at = base + TimeDelta::milliseconds(n as i64);
+        if n % 5 == 2 {
+            // Events 2 and 7 are derived from event 0.
+            let cause = events
+                .first()
+                .map(|e: &Event| e.id.clone())
+                .unwrap_or_default();
+            event.metadata.insert(
+                eventbroker::broker::CAUSED_BY_KEY.to_owned(),
+                serde_json::Value::String(cause),
+            );
+        }
         events.push(event);
     }
     for event in &events {
         provider.publish(event).await.expect("publish");
     }
-    // Two of them finished.
+    // Two of them finished; event 0 ran a second handler too.
+    let mut first = completed(&events[0]);
+    let mut other = first.handlers[0].clone();
+    other.handler = "second-handler".into();
+    first.handlers.push(other);
     provider
-        .update_status(&events[0].id, &completed(&events[0]))
+        .update_status(&events[0].id, &first)
         .await
         .expect("update");
     provider
@@ -818,6 +833,30 @@ pub async fn list_filters_order_and_paginate(backend: &Backend) {
                 ..EventFilter::default()
             },
             Box::new(|_, _| true),
+        ),
+        (
+            "handler",
+            EventFilter {
+                handler: Some("second-handler".into()),
+                ..EventFilter::default()
+            },
+            Box::new(|n, _| n == 0),
+        ),
+        (
+            "handler shared by two outcomes",
+            EventFilter {
+                handler: Some("h".into()),
+                ..EventFilter::default()
+            },
+            Box::new(|n, _| n <= 1),
+        ),
+        (
+            "caused_by",
+            EventFilter {
+                caused_by: Some(events[0].id.clone()),
+                ..EventFilter::default()
+            },
+            Box::new(|n, _| n % 5 == 2),
         ),
         (
             "created range",
