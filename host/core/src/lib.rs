@@ -59,6 +59,7 @@ pub mod pattern;
 mod process_metrics;
 pub mod provider;
 pub mod size;
+pub mod trace_context;
 
 pub use broker::{
     Broker, BrokerError, BrokerStats, EventHandler, HandlerContext, HandlerResult, Published,

@@ -102,6 +102,9 @@ pub struct ListArgs {
     /// Only events from this source.
     #[arg(long)]
     source: Option<EventSource>,
+    /// Only events this handler ran on.
+    #[arg(long)]
+    handler: Option<String>,
     /// Only events created at or after this time: RFC 3339, or an age such as `15m` or `2h`.
     #[arg(long)]
     since: Option<String>,
@@ -122,7 +125,7 @@ pub struct RetryArgs {
     /// Event ids to retry.
     #[arg(required_unless_present = "failed")]
     ids: Vec<String>,
-    /// Retry every failed event matching `--type`/`--source`/`--since` instead (the host
+    /// Retry every failed event matching `--type`/`--source`/`--handler`/`--since` instead (the host
     /// retries them a page at a time, `POST /v1/events/retry`).
     #[arg(long, conflicts_with = "ids")]
     failed: bool,
@@ -132,6 +135,9 @@ pub struct RetryArgs {
     /// With `--failed`: only events from this source.
     #[arg(long, requires = "failed")]
     source: Option<EventSource>,
+    /// With `--failed`: only events this handler ran on.
+    #[arg(long, requires = "failed")]
+    handler: Option<String>,
     /// With `--failed`: only events created at or after this time (RFC 3339 or an age).
     #[arg(long, requires = "failed")]
     since: Option<String>,
@@ -192,6 +198,9 @@ fn list_query(args: &ListArgs) -> anyhow::Result<Vec<(String, String)>> {
     }
     if let Some(source) = args.source {
         query.push(("source".into(), source.as_str().into()));
+    }
+    if let Some(handler) = &args.handler {
+        query.push(("handler".into(), handler.clone()));
     }
     if let Some(at) = &args.since {
         query.push(("created_after".into(), since(at)?));
@@ -340,6 +349,7 @@ async fn retry(remote: &Remote, json: bool, args: RetryArgs) -> anyhow::Result<E
             status: None,
             type_pattern: args.type_pattern,
             source: args.source,
+            handler: args.handler,
             since: args.since,
             limit: 1000,
             offset: 0,

@@ -162,10 +162,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config.handlers.dir = dir;
     }
     config.validate()?;
-    eventbroker_server::telemetry::init(&config.log);
-    eventbroker_server::run(config, shutdown_signal())
+    // The OTLP exporter's HTTP client blocks: build and drop it off the async workers.
+    let log = config.log.clone();
+    let telemetry = tokio::task::spawn_blocking(move || eventbroker_server::telemetry::init(&log))
         .await
-        .context("eventbroker serve failed")?;
+        .context("setting up logging")??;
+    let served = eventbroker_server::run(config, shutdown_signal()).await;
+    let _ = tokio::task::spawn_blocking(move || drop(telemetry)).await;
+    served.context("eventbroker serve failed")?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -308,6 +308,7 @@ async fn process(
         r#type = %event.event_type,
         delivery = delivery.delivery_count
     );
+    crate::trace_context::adopt(&span, &event.metadata);
     let outcomes =
         tracing::Instrument::instrument(run_handlers(event, &subscriptions, weak), span).await;
     let decision = decide(&outcomes, &subscriptions);

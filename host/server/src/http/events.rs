@@ -128,13 +128,14 @@ pub async fn publish(
     // A CloudEvents batch is accepted where single CloudEvents are (the HTTP binding's one
     // endpoint), with the answer of `POST /v1/events/batch`.
     if content_type(&headers) == cloudevents::BATCH && !headers.contains_key("ce-specversion") {
-        return publish_batch(&state, scope, true, &body).await;
+        return publish_batch(&state, scope, true, &headers, &body).await;
     }
     let draft = read_draft(&headers, &body)?;
     check_claims(&draft, scope)?;
     check_addressable_id(&draft)?;
     let broker = state.broker();
-    let event = draft.into_event(broker.instance_id());
+    let mut event = draft.into_event(broker.instance_id());
+    carry_trace_context(&headers, &mut event.metadata);
     let mode = query.mode.unwrap_or(broker.config().mode);
     Ok(match broker.publish_with_mode(mode, event).await? {
         Published::Queued(id) => (
@@ -144,6 +145,15 @@ pub async fn publish(
             .into_response(),
         Published::Processed(event) => (StatusCode::OK, Json(event)).into_response(),
     })
+}
+
+/// Copies the request's W3C `traceparent`/`tracestate` headers into an event that carries no
+/// trace context of its own (see [`eventbroker::trace_context`]).
+fn carry_trace_context(headers: &HeaderMap, metadata: &mut serde_json::Map<String, Value>) {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(parent) = header("traceparent") {
+        eventbroker::trace_context::carry(metadata, parent, header("tracestate"));
+    }
 }
 
 /// `POST /v1/events/batch`: a JSON array of events (or of structured CloudEvents with
@@ -186,7 +196,7 @@ pub async fn batch(
             ));
         }
     };
-    publish_batch(&state, scope, cloudevents, &body).await
+    publish_batch(&state, scope, cloudevents, &headers, &body).await
 }
 
 /// Publishes each item of a batch on its own; the answer lists every item's outcome in order.
@@ -194,6 +204,7 @@ async fn publish_batch(
     state: &AppState,
     scope: super::auth::Scope,
     cloudevents: bool,
+    headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, ApiError> {
     let items: Vec<Value> = parse_json(body, "batch (expected a JSON array)")?;
@@ -233,10 +244,11 @@ async fn publish_batch(
             Ok(draft)
         });
         let outcome = match checked {
-            Ok(draft) => broker
-                .publish_async(draft.into_event(broker.instance_id()))
-                .await
-                .map_err(ApiError::from),
+            Ok(draft) => {
+                let mut event = draft.into_event(broker.instance_id());
+                carry_trace_context(headers, &mut event.metadata);
+                broker.publish_async(event).await.map_err(ApiError::from)
+            }
             Err(error) => Err(error),
         };
         match outcome {

@@ -193,6 +193,7 @@ mod tests {
             "POST /v1/events/{id}/retry",
             "POST /v1/events/retry",
             "GET /v1/stats",
+            "GET /v1/stats/history",
             "GET /v1/stream",
             "GET /v1/handlers",
             "GET /v1/handlers/{name}",
