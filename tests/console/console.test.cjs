@@ -5,7 +5,7 @@
 //
 // Run by tests/tests/browser.rs, which starts the host, seeds the events and passes:
 //   CONSOLE_URL, CONSOLE_TOKEN, CHROMIUM, PLAYWRIGHT_CORE, SCREENSHOTS,
-//   TRANSIENT_ID (failed after retries, with log lines), BIG_ID (failed: quantity too large),
+//   HOSTILE_ID (completed; its sku is markup), TRANSIENT_ID (failed after retries, with log lines), BIG_ID (failed: quantity too large),
 //   COMPONENT and MANIFEST (the version to deploy from the page, which accepts BIG_ID).
 "use strict";
 const path = require("node:path");
@@ -58,6 +58,19 @@ async function main() {
     await page.waitForFunction((s) => document.querySelectorAll(s).length >= 4, rows);
     await page.waitForFunction(() => document.querySelectorAll("#chart svg polyline").length === 4);
     await shot("events");
+
+    step("a hostile payload renders as text and runs nothing");
+    await page.click(`${rows}[data-id="${env("HOSTILE_ID")}"]`);
+    await page.locator("#event-payload", { hasText: "<img src=x onerror" }).waitFor();
+    await page.locator("#derived tr[data-id]", { hasText: "shop.orders.validated" }).waitFor();
+    const injected = await page.evaluate(() => ({
+      pwned: window.pwned === 1,
+      images: document.querySelectorAll("main img").length,
+    }));
+    if (injected.pwned || injected.images) throw new Error(`event data ran as HTML: ${JSON.stringify(injected)}`);
+    await shot("event-hostile-payload-as-text");
+    await page.click('header nav a[data-view="events"]');
+    await page.waitForFunction((s) => document.querySelectorAll(s).length >= 4, rows);
 
     step("filter: failed events of the payload validator");
     await page.selectOption("#filters select[name=status]", "failed");

@@ -55,11 +55,13 @@ async fn the_console_shows_a_failed_event_with_its_logs_and_retries_it_to_comple
     })
     .await;
 
-    // History the console shows on open: one valid order (and the event it derives), one that
-    // fails after its retries with log lines, one over the quantity limit.
+    // History the console shows on open: one valid order whose sku is markup (and the event it
+    // derives), one that fails after its retries with log lines, one over the quantity limit.
     let mut ids = Vec::new();
     for payload in [
-        json!({"sku": "A-1", "quantity": 2}),
+        // A hostile page's payload: markup that runs script if the console ever renders
+        // event data as HTML (the browser script checks it shows as text and runs nothing).
+        json!({"sku": "<img src=x onerror=\"window.pwned=1\">", "quantity": 2}),
         json!({"sku": "B-2", "quantity": 1, "simulate": "transient"}),
         json!({"sku": "C-3", "quantity": 500}),
     ] {
@@ -83,7 +85,7 @@ async fn the_console_shows_a_failed_event_with_its_logs_and_retries_it_to_comple
     let url = host.url.clone();
     let script = repo_root().join("tests/console/console.test.cjs");
     let playwright = toolchains::dir().join("browser/node_modules/playwright-core");
-    let (transient, big) = (ids[1].clone(), ids[2].clone());
+    let (hostile, transient, big) = (ids[0].clone(), ids[1].clone(), ids[2].clone());
     let output = tokio::task::spawn_blocking(move || {
         Command::new("node")
             .arg(script)
@@ -92,6 +94,7 @@ async fn the_console_shows_a_failed_event_with_its_logs_and_retries_it_to_comple
             .env("CHROMIUM", "/usr/bin/chromium")
             .env("PLAYWRIGHT_CORE", playwright)
             .env("SCREENSHOTS", &screenshots)
+            .env("HOSTILE_ID", hostile)
             .env("TRANSIENT_ID", transient)
             .env("BIG_ID", big)
             .env("COMPONENT", component)
@@ -113,7 +116,7 @@ async fn the_console_shows_a_failed_event_with_its_logs_and_retries_it_to_comple
         .lines()
         .filter_map(|line| line.strip_prefix("screenshot: "))
         .collect();
-    assert!(shots.len() >= 10, "one screenshot per view: {shots:?}");
+    assert!(shots.len() >= 11, "one screenshot per view: {shots:?}");
     for shot in shots {
         let size = std::fs::metadata(shot).map(|m| m.len()).unwrap_or(0);
         assert!(size > 1000, "{shot} is {size} bytes");

@@ -63,10 +63,13 @@ pub fn carry(metadata: &mut Map<String, Value>, traceparent: &str, tracestate: O
 /// Whether `text` is a W3C `traceparent`: `VV-TTTT…(32)-PPPP…(16)-FF`, lowercase hex, version
 /// not `ff`, trace and parent ids not all zero.
 pub fn is_traceparent(text: &str) -> bool {
-    let parts: Vec<&str> = text.split('-').collect();
-    let [version, trace, parent, flags, ..] = parts.as_slice() else {
+    let mut parts = text.split('-');
+    let (Some(version), Some(trace), Some(parent), Some(flags)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return false;
     };
+    let more = parts.next().is_some();
     let hex = |s: &str, len: usize| {
         s.len() == len
             && s.bytes()
@@ -74,9 +77,9 @@ pub fn is_traceparent(text: &str) -> bool {
     };
     let zero = |s: &str| s.bytes().all(|b| b == b'0');
     hex(version, 2)
-        && *version != "ff"
+        && version != "ff"
         // Version 00 has exactly four fields; later versions may append more.
-        && (parts.len() == 4 || *version != "00")
+        && !(more && version == "00")
         && hex(trace, 32)
         && !zero(trace)
         && hex(parent, 16)

@@ -547,6 +547,7 @@ impl Broker {
         let provider = self.inner.provider.stats().await?;
         let state = self.inner.lifecycle.read().await.name();
         let counters = &self.inner.counters;
+        let activity = self.activity();
         Ok(BrokerStats {
             instance_id: self.inner.config.instance_id.clone(),
             state,
@@ -554,14 +555,14 @@ impl Broker {
                 ProcessingMode::Sync => "sync",
                 ProcessingMode::Async => "async",
             },
-            published: Counters::load(&counters.published),
+            published: activity.published,
             processed: Counters::load(&counters.processed),
-            completed: Counters::load(&counters.completed),
-            failed: Counters::load(&counters.failed),
-            retried: Counters::load(&counters.retried),
+            completed: activity.completed,
+            failed: activity.failed,
+            retried: activity.retried,
             dead_lettered: Counters::load(&counters.dead_lettered),
-            queue_depth: counters.queue_depth.load(Ordering::Relaxed),
-            active_workers: counters.active_workers.load(Ordering::Relaxed),
+            queue_depth: activity.queue_depth,
+            active_workers: activity.active_workers,
             worker_count: self.inner.config.worker_count,
             subscriptions: self
                 .inner
