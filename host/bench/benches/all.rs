@@ -94,6 +94,8 @@ fn main() {
         if !rows.is_empty() || !skipped.is_empty() {
             println!("\nThroughput (publish → final state recorded) and latency at 50% of the broker's peak:\n");
             print!("{}", report::table(&rows, &skipped));
+            println!("\nCPU time per event, this process (host) and the backend server, over the peak runs:\n");
+            print!("{}", report::cpu_table(&rows));
         }
         for note in notes {
             println!("\n{note}");

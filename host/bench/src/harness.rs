@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use eventbroker::{Broker, BrokerConfig, Event, EventSource, HandlerResult, handler_fn};
 
+use crate::cpu::CpuMeter;
+
 /// Publishing tasks, on the broker side and on the bare side.
 pub const PUBLISHERS: u64 = 4;
 
@@ -243,12 +245,39 @@ where
     rates[rates.len() / 2]
 }
 
+/// A rate with the CPU time each side spent per event while it was measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured {
+    /// Events (or operations) per second: the median of [`RUNS`] runs.
+    pub rate: f64,
+    /// CPU microseconds per event over those runs: (this process, the backend server).
+    pub cpu: (f64, f64),
+}
+
+/// [`median_rate`], also measuring the CPU time of this process and of the processes named
+/// `server` (the backend's) over the runs.
+pub async fn median_rate_cpu<F, Fut>(server: Option<&'static str>, events: u64, run: F) -> Measured
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Duration>,
+{
+    let meter = CpuMeter::start(server);
+    let rate = median_rate(events, run).await;
+    let cpu = meter.stop().per_event(events * RUNS as u64);
+    Measured { rate, cpu }
+}
+
 /// Measures a running broker: a warm-up run, the peak (median of [`RUNS`] runs of `events`
-/// events), then the latency run at half the peak.
-pub async fn broker_run(broker: &Broker, events: u64) -> (f64, Latency) {
+/// events, with the CPU time per event of this process and of the processes named `server`),
+/// then the latency run at half the peak.
+pub async fn broker_run(
+    broker: &Broker,
+    events: u64,
+    server: Option<&'static str>,
+) -> (Measured, Latency) {
     drive(broker, (events / 10).max(1)).await;
-    let peak = median_rate(events, || drive(broker, events)).await;
-    let load = peak / 2.0;
+    let peak = median_rate_cpu(server, events, || drive(broker, events)).await;
+    let load = peak.rate / 2.0;
     let latency = latency(broker, load, latency_samples(load)).await;
     (peak, latency)
 }

@@ -7,8 +7,9 @@
 //! options). Speed is never asserted: the benchmark prints ratios to baselines measured in
 //! the same run, so that a noisy machine shifts both sides alike.
 
+pub mod cpu;
 pub mod harness;
 pub mod paths;
 pub mod report;
 
-pub use report::{Row, Skipped};
+pub use report::{CpuRow, Row, Skipped};

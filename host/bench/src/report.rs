@@ -18,6 +18,18 @@ pub struct Row {
     pub broker: f64,
     /// End-to-end latency at half the broker's peak.
     pub latency: Option<Latency>,
+    /// CPU time per event of each side, where measured.
+    pub cpu: Option<CpuRow>,
+}
+
+/// CPU microseconds per event, of this process (host) and of the backend server, for the bare
+/// loop and for the broker: where the work of each event is done.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuRow {
+    /// The bare loop: (host, server).
+    pub bare: (f64, f64),
+    /// The broker: (host, server).
+    pub broker: (f64, f64),
 }
 
 impl Row {
@@ -73,6 +85,27 @@ pub fn table(rows: &[Row], skipped: &[Skipped]) -> String {
             "| {} | SKIPPED: {} | | | | | |",
             skip.path, skip.reason
         );
+    }
+    out
+}
+
+/// The CPU table of the rows that measured it (Markdown): microseconds of CPU per event on
+/// each side, bare and broker.
+pub fn cpu_table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| path | host µs/event bare | host µs/event broker | server µs/event bare | server µs/event broker |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    for row in rows {
+        if let Some(cpu) = row.cpu {
+            let _ = writeln!(
+                out,
+                "| {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                row.path, cpu.bare.0, cpu.broker.0, cpu.bare.1, cpu.broker.1
+            );
+        }
     }
     out
 }

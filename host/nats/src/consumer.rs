@@ -72,8 +72,18 @@ pub(crate) struct NatsConsumer {
     lease: chrono::Duration,
     closed: CancellationToken,
     counted: AtomicBool,
-    /// Event ids of deliveries handed out and not yet settled, by acknowledgement subject.
-    outstanding: Arc<Mutex<HashMap<String, String>>>,
+    /// Deliveries handed out and not yet settled, by acknowledgement subject.
+    outstanding: Arc<Mutex<HashMap<String, Outstanding>>>,
+}
+
+/// A delivery handed out and not yet settled.
+struct Outstanding {
+    /// Its event.
+    id: String,
+    /// The record as this consumer last wrote it, with its revision: the next write tries a
+    /// compare-and-set from it without reading the record first (and reads it when the
+    /// record changed meanwhile).
+    known: Option<Versioned>,
 }
 
 /// What a delivered message says about itself.
@@ -111,8 +121,15 @@ impl NatsConsumer {
         }
     }
 
-    fn outstanding(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+    fn outstanding(&self) -> std::sync::MutexGuard<'_, HashMap<String, Outstanding>> {
         self.outstanding.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The record last written for `delivery`, taken out for its next write.
+    fn take_known(&self, delivery: &Delivery) -> Option<Versioned> {
+        self.outstanding()
+            .get_mut(&delivery.token)
+            .and_then(|held| held.known.take())
     }
 
     /// Messages available right now, up to `max`.
@@ -196,14 +213,23 @@ impl NatsConsumer {
             rerun,
         };
         match self.claim(&arrival).await {
-            Ok(Some((event, delivery_count))) => {
-                self.outstanding()
-                    .insert(arrival.token.clone(), event.id.clone());
+            Ok(Some(claimed)) => {
+                let event = claimed.record.view(&self.group);
+                let delivery_count = claimed.record.deliveries(&self.group);
+                // Unfinished events are `processing` since the claim ([`Self::owned`]).
+                let processing_recorded = !event.status.is_finished();
+                self.outstanding().insert(
+                    arrival.token.clone(),
+                    Outstanding {
+                        id: event.id.clone(),
+                        known: Some(claimed),
+                    },
+                );
                 Some(Delivery {
                     event,
                     token: arrival.token,
                     delivery_count,
-                    processing_recorded: false,
+                    processing_recorded,
                 })
             }
             Ok(None) => {
@@ -225,7 +251,7 @@ impl NatsConsumer {
     /// repeated when the state changes meanwhile). Returns the event as the group sees it with
     /// the delivery's number ([`Record::next_delivery`]), or `None` when there is nothing to do
     /// (the message is then acknowledged and skipped).
-    async fn claim(&self, arrival: &Arrival) -> Result<Option<(Event, u32)>, ProviderError> {
+    async fn claim(&self, arrival: &Arrival) -> Result<Option<Versioned>, ProviderError> {
         let store = &self.shared.store;
         let id = &arrival.published.id;
         let group = &self.group;
@@ -241,7 +267,7 @@ impl NatsConsumer {
                         Record::new(arrival.published.clone(), Some(arrival.seq)),
                         arrival,
                     );
-                    let written = store.create(&record).await.map(drop);
+                    let written = store.create(&record).await;
                     (record, written)
                 }
                 Lookup::Deleted => return Ok(None),
@@ -252,7 +278,7 @@ impl NatsConsumer {
                         Record::new(arrival.published.clone(), Some(arrival.seq)),
                         arrival,
                     );
-                    let written = store.replace(&record, revision).await.map(drop);
+                    let written = store.replace(&record, revision).await;
                     (record, written)
                 }
                 Lookup::Live(current) => {
@@ -277,12 +303,12 @@ impl NatsConsumer {
                         record.changed = None;
                     }
                     let record = self.owned(record, arrival);
-                    let written = store.replace(&record, revision).await.map(drop);
+                    let written = store.replace(&record, revision).await;
                     (record, written)
                 }
             };
             match written {
-                Ok(()) => return Ok(Some((record.view(group), record.deliveries(group)))),
+                Ok(revision) => return Ok(Some(Versioned { record, revision })),
                 Err(error) => {
                     tracing::debug!(event_id = %id, %error, "event changed while being claimed; looking again")
                 }
@@ -300,8 +326,9 @@ impl NatsConsumer {
             .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC)
     }
 
-    /// `record`, owned by the delivery of `arrival` in this group and counted as its next
-    /// delivery.
+    /// `record`, owned by the delivery of `arrival` in this group, counted as its next
+    /// delivery and, unless the group already finished the event, `processing` since now:
+    /// the claim is the mark ([`Delivery::processing_recorded`]), one write instead of two.
     fn owned(&self, mut record: Record, arrival: &Arrival) -> Record {
         let number = record.next_delivery(&self.group, arrival.delivered);
         record.claim(
@@ -312,6 +339,9 @@ impl NatsConsumer {
             },
             number,
         );
+        if !record.state(&self.group).is_finished() {
+            record.change(&self.group, |state| state.claim(Utc::now()));
+        }
         record
     }
 
@@ -326,10 +356,11 @@ impl NatsConsumer {
         mut change: impl FnMut(&mut GroupState),
     ) -> Result<(), ProviderError> {
         let mut lost = false;
+        let known = self.take_known(delivery);
         let written = self
             .shared
             .store
-            .modify(&delivery.event.id, |record| {
+            .modify_from(&delivery.event.id, known, |record| {
                 lost = !record.owned_by(&self.group, &delivery.token);
                 record.settle(&self.group, &delivery.token)?;
                 record.change(&self.group, &mut change);
@@ -381,7 +412,11 @@ impl NatsConsumer {
         }
         self.closed.cancel();
         self.shared.counters.consumer_closed();
-        let held: Vec<(String, String)> = self.outstanding().drain().collect();
+        let held: Vec<(String, String)> = self
+            .outstanding()
+            .drain()
+            .map(|(token, held)| (token, held.id))
+            .collect();
         if held.is_empty() {
             return None;
         }
@@ -519,14 +554,21 @@ impl Consumer for NatsConsumer {
     async fn keep_alive(&self, delivery: &Delivery) -> Result<(), ProviderError> {
         let expires = self.expiry();
         let mut lost = false;
+        let known = self.take_known(delivery);
         let renewed = self
             .shared
             .store
-            .modify(&delivery.event.id, |record| {
+            .modify_from(&delivery.event.id, known, |record| {
                 lost = !record.owned_by(&self.group, &delivery.token);
                 record.renew(&self.group, &delivery.token, expires)
             })
             .await;
+        if let Ok(written) = &renewed
+            && !lost
+            && let Some(held) = self.outstanding().get_mut(&delivery.token)
+        {
+            held.known = Some(written.clone());
+        }
         if lost {
             // Another delivery owns it (or it was re-run): extending this one on the server
             // would extend the newer delivery of the same message.

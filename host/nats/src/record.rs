@@ -24,7 +24,8 @@
 //!   (delivered count 1). A delivery the server made that claimed nothing (given
 //!   back unread, or whose claim failed) is known from the server's count only.
 //! - `changed` names the group whose state the last write changed, for watchers; `None` when the
-//!   write changed no group's state (the event's creation, a claim, a renewal).
+//!   write changed no group's state (the event's creation, a renewal, a claim of an event the
+//!   group already finished; a claim of an unfinished one records `processing`).
 //!
 //! Stored as `{"event": {..}, "seq": N, "groups": {"g": {"status": .., "seq": N, "version": N,
 //! "claim": {..}, "deliveries": N}}, "changed": "g"}`. States written before this format (the

@@ -50,6 +50,7 @@ pub(crate) enum Lookup {
 }
 
 /// A record read together with its revision.
+#[derive(Clone)]
 pub(crate) struct Versioned {
     pub record: Record,
     pub revision: u64,
@@ -187,6 +188,40 @@ impl StateStore {
         Err(backend(format!(
             "event {id} changed {MAX_CAS_ATTEMPTS} times while being updated; giving up"
         )))
+    }
+
+    /// [`Store::modify`], starting from `known` (a record read or written earlier, with its
+    /// revision) instead of reading it: one round trip when nothing changed the record since,
+    /// and [`Store::modify`]'s read-and-retry when something did. `change` may run twice.
+    ///
+    /// # Errors
+    /// As [`Store::modify`].
+    pub(crate) async fn modify_from<F>(
+        &self,
+        id: &str,
+        known: Option<Versioned>,
+        mut change: F,
+    ) -> Result<Versioned, ProviderError>
+    where
+        F: FnMut(&mut Record) -> Result<(), ProviderError>,
+    {
+        if let Some(Versioned {
+            mut record,
+            revision,
+        }) = known
+        {
+            change(&mut record)?;
+            match self
+                .kv
+                .update(encode_name(id), record.encode()?, revision)
+                .await
+            {
+                Ok(revision) => return Ok(Versioned { record, revision }),
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {}
+                Err(e) => return Err(backend(format!("cannot update event {id}: {e}"))),
+            }
+        }
+        self.modify(id, change).await
     }
 
     /// Writes `record` if the entry is still at `revision` (which may be a delete marker);

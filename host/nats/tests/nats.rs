@@ -134,7 +134,7 @@ async fn deliveries_carry_the_current_state_and_outcomes_are_recorded() {
     let expected: Vec<_> = published.iter().map(|e| e.id.clone()).collect();
     assert_eq!(ids, expected);
     for (delivery, original) in seen.iter().zip(&published) {
-        assert_eq!(&delivery.event, original);
+        assert_eq!(delivery.event, claimed(original, delivery));
         assert_eq!(delivery.delivery_count, 1);
     }
     // Retry: redelivered with the recorded state.
@@ -210,7 +210,12 @@ async fn deliveries_carry_the_current_state_and_outcomes_are_recorded() {
     }
     assert_eq!(reruns.len(), 1, "{reruns:?}");
     assert_eq!(reruns[0].event.id, retried.event.id);
-    assert_eq!(reruns[0].event.status, EventStatus::Pending);
+    assert_eq!(
+        reruns[0].event.status,
+        EventStatus::Processing,
+        "re-run from pending, and claimed"
+    );
+    assert!(reruns[0].processing_recorded);
     let stats = provider.stats().await.unwrap();
     assert_eq!(stats.by_status["completed"], 21);
     consumer.close().await;
@@ -629,8 +634,13 @@ async fn a_message_stored_despite_a_failed_publish_is_still_processed() {
         .await
         .expect("the stored message is delivered")
         .unwrap();
-    assert_eq!(delivery[0].event, e);
-    assert_eq!(provider.get(&e.id).await.unwrap().as_ref(), Some(&e));
+    let expected = claimed(&e, &delivery[0]);
+    assert_eq!(delivery[0].event, expected);
+    assert_eq!(
+        provider.get(&e.id).await.unwrap().as_ref(),
+        Some(&expected),
+        "the claim's mark is what the store shows"
+    );
     consumer
         .complete(&delivery[0], &finished(EventStatus::Completed))
         .await
@@ -717,6 +727,21 @@ async fn bad_nats_settings_are_refused_at_connect() {
 // --- Faults: stale deliveries, cut-short writes, lost advisories (issue 13, A4 and A10) ---
 
 /// The next delivery of `consumer`, which must come within the patience.
+/// `original` as a claim hands it out: `processing` since the claim, which recorded the mark
+/// (the delivered event's processing time is the claim's).
+fn claimed(original: &Event, delivery: &Delivery) -> Event {
+    assert!(
+        delivery.processing_recorded,
+        "the claim records `processing`"
+    );
+    assert!(delivery.event.processed_at.is_some());
+    let mut expected = original.clone();
+    expected.status = EventStatus::Processing;
+    expected.processed_at = delivery.event.processed_at;
+    expected.completed_at = None;
+    expected
+}
+
 async fn fetch_one(consumer: &std::sync::Arc<dyn Consumer>) -> Delivery {
     let mut batch = tokio::time::timeout(PATIENCE, consumer.fetch(1))
         .await
@@ -1172,7 +1197,11 @@ async fn a_rerun_cut_short_still_runs() {
     );
     let again = fetch_one(&consumer).await;
     assert_eq!(again.event.id, e.id);
-    assert_eq!(again.event.status, EventStatus::Pending);
+    assert_eq!(
+        again.event.status,
+        EventStatus::Processing,
+        "re-run from pending, and claimed"
+    );
     consumer
         .complete(&again, &finished(EventStatus::Completed))
         .await
@@ -1235,7 +1264,11 @@ async fn a_rerun_cut_short_in_one_group_leaves_the_other_alone() {
         .unwrap();
     let again = fetch_one(&workers).await;
     assert_eq!(again.event.id, e.id);
-    assert_eq!(again.event.status, EventStatus::Pending);
+    assert_eq!(
+        again.event.status,
+        EventStatus::Processing,
+        "re-run from pending, and claimed"
+    );
     assert_eq!(again.event.error, None, "the workers' re-run state");
     workers
         .complete(&again, &finished(EventStatus::Completed))
@@ -1463,7 +1496,11 @@ async fn requeue_accepts_an_event_whose_delivery_is_provably_abandoned() {
     provider.requeue(&e.id, &rerun()).await.unwrap();
     let again = fetch_one(&member).await;
     assert_eq!(again.event.id, e.id);
-    assert_eq!(again.event.status, EventStatus::Pending);
+    assert_eq!(
+        again.event.status,
+        EventStatus::Processing,
+        "re-run from pending, and claimed"
+    );
     member
         .complete(&again, &finished(EventStatus::Completed))
         .await

@@ -21,8 +21,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::entries::{self, Entry};
-use super::store::{StoredState, to_json};
+use super::store::{Stored, StoredState, to_json};
 use super::{NAME, Shared, Transition, backend, now_ms};
+use eventbroker::event::{Event, EventStatus};
 use eventbroker::provider::{Consumer, ConsumerOptions, Delivery, ProviderError, StatusUpdate};
 
 /// Largest number of own pending entries handed back per round when closing.
@@ -343,7 +344,8 @@ impl ConsumerInner {
             .iter()
             .filter_map(|e| e.field("id").map(str::to_owned))
             .collect();
-        let events = self.shared.load(&ids, &self.group).await?;
+        let stored = self.shared.load_stored(&ids, &self.group).await?;
+        let events = self.claim(&ids, stored).await?;
         let counts = if redelivered && !wanted.is_empty() {
             self.delivery_counts(&wanted).await?
         } else {
@@ -351,7 +353,7 @@ impl ConsumerInner {
         };
         let mut out = Vec::new();
         for (entry, event) in wanted.into_iter().zip(events) {
-            let Some(event) = event else {
+            let Some((event, processing_recorded)) = event else {
                 skip.push(entry.id);
                 continue;
             };
@@ -361,7 +363,7 @@ impl ConsumerInner {
                 event,
                 token: entry.id,
                 delivery_count: before.saturating_add(times),
-                processing_recorded: false,
+                processing_recorded,
             });
         }
         if !skip.is_empty() {
@@ -372,6 +374,67 @@ impl ConsumerInner {
                 .query_async(&mut self.shared.conn())
                 .await
                 .map_err(backend)?;
+        }
+        Ok(out)
+    }
+
+    /// Decodes the loaded events and records `processing` for the unfinished ones, all in one
+    /// script run ([`super::scripts::Scripts::claim`]); returns each event as the worker
+    /// sees it and whether the mark was recorded (an event changed since it was loaded is
+    /// left as it is: the worker marks it).
+    async fn claim(
+        &self,
+        ids: &[String],
+        stored: Vec<Option<Stored>>,
+    ) -> Result<Vec<Option<(Event, bool)>>, ProviderError> {
+        let now = chrono::Utc::now();
+        let group_json = to_json(&self.group)?;
+        let mut out = Vec::with_capacity(stored.len());
+        let mut script = self.shared.scripts.claim.prepare_invoke();
+        script
+            .arg(&self.shared.keys.stream)
+            .arg(&self.group)
+            .arg(&self.shared.keys.watch);
+        let mut claimed = Vec::new();
+        for (index, (id, stored)) in ids.iter().zip(stored).enumerate() {
+            let Some(stored) = stored else {
+                out.push(None);
+                continue;
+            };
+            let event = stored.decode()?;
+            if event.status.is_finished() {
+                out.push(Some((event, false)));
+                continue;
+            }
+            let mut marked = event.clone();
+            marked.status = EventStatus::Processing;
+            marked.processed_at = Some(now);
+            marked.completed_at = None;
+            let state = to_json(&StoredState::of_event(&marked))?;
+            let message = format!(
+                r#"{{"event":{},"status":"processing","state":{state},"group":{group_json}}}"#,
+                stored.event
+            );
+            script
+                .arg(id)
+                .arg(stored.status.as_deref().unwrap_or(""))
+                .arg(stored.state.as_deref().unwrap_or(""))
+                .arg(state)
+                .arg(message);
+            claimed.push((index, marked));
+            out.push(Some((event, false)));
+        }
+        if claimed.is_empty() {
+            return Ok(out);
+        }
+        let recorded: Vec<i64> = script
+            .invoke_async(&mut self.shared.conn())
+            .await
+            .map_err(backend)?;
+        for ((index, marked), recorded) in claimed.into_iter().zip(recorded) {
+            if recorded == 1 {
+                out[index] = Some((marked, true));
+            }
         }
         Ok(out)
     }

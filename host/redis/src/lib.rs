@@ -374,6 +374,19 @@ impl Shared {
         ids: &[String],
         group: &str,
     ) -> Result<Vec<Option<Event>>, ProviderError> {
+        self.load_stored(ids, group)
+            .await?
+            .into_iter()
+            .map(|stored| stored.map(|stored| stored.decode()).transpose())
+            .collect()
+    }
+
+    /// The stored fields of events as `group` sees them, undecoded (`None`: no such event).
+    pub(crate) async fn load_stored(
+        &self,
+        ids: &[String],
+        group: &str,
+    ) -> Result<Vec<Option<store::Stored>>, ProviderError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -395,19 +408,16 @@ impl Shared {
             Option<String>,
         );
         let rows: Vec<Row> = pipe.query_async(&mut self.conn()).await.map_err(backend)?;
-        rows.into_iter()
-            .map(
-                |(event, status, state, group_status, group_state)| match event {
-                    Some(event) => store::decode(
-                        &event,
-                        group_status.or(status).as_deref(),
-                        group_state.or(state).as_deref(),
-                    )
-                    .map(Some),
-                    None => Ok(None),
-                },
-            )
-            .collect()
+        Ok(rows
+            .into_iter()
+            .map(|(event, status, state, group_status, group_state)| {
+                event.map(|event| store::Stored {
+                    event,
+                    status: group_status.or(status),
+                    state: group_state.or(state),
+                })
+            })
+            .collect())
     }
 
     async fn insert(&self, event: &Event, deliver: bool) -> Result<(), ProviderError> {

@@ -104,6 +104,23 @@ pub(crate) fn decode(
     Ok(decoded)
 }
 
+/// The stored fields of an event as one group sees them, as read from its hash.
+pub(crate) struct Stored {
+    /// The event's JSON.
+    pub event: String,
+    /// The group's status, or the event's own.
+    pub status: Option<String>,
+    /// The group's state JSON, or the event's own.
+    pub state: Option<String>,
+}
+
+impl Stored {
+    /// The event in this state.
+    pub(crate) fn decode(&self) -> Result<Event, ProviderError> {
+        decode(&self.event, self.status.as_deref(), self.state.as_deref())
+    }
+}
+
 /// A watcher message: the stored fields of an event at one change, built by the scripts.
 #[derive(Deserialize)]
 struct WatchMessage {

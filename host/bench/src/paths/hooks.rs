@@ -84,6 +84,7 @@ pub async fn run(events: u64) -> (Row, Duration) {
         bare,
         broker: rate(events, elapsed),
         latency: None,
+        cpu: None,
     };
     (row, calls / events.max(1) as u32)
 }

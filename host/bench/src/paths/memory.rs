@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use eventbroker::provider::Provider;
 use eventbroker::{Broker, MemoryProvider};
 
-use crate::Row;
 use crate::harness::{self, Counter, Publishers, broker_config, event, rate, subscribe_trivial};
+use crate::{CpuRow, Row};
 
 /// A bare tokio channel (capacity 1000) from [`harness::PUBLISHERS`] tasks to one consumer
 /// running the trivial handler.
@@ -57,16 +57,20 @@ pub async fn broker(handlers: usize) -> Broker {
 /// The `memory` row.
 pub async fn run(events: u64) -> Row {
     bare(events / 10).await;
-    let bare = harness::median_rate(events, || bare(events)).await;
+    let bare = harness::median_rate_cpu(None, events, || bare(events)).await;
     let broker = broker(1).await;
-    let (peak, latency) = harness::broker_run(&broker, events).await;
+    let (peak, latency) = harness::broker_run(&broker, events, None).await;
     broker.stop().await.expect("stop");
     Row {
         path: "memory, native handler".into(),
         baseline: "tokio mpsc channel".into(),
-        bare,
-        broker: peak,
+        bare: bare.rate,
+        broker: peak.rate,
         latency: Some(latency),
+        cpu: Some(CpuRow {
+            bare: bare.cpu,
+            broker: peak.cpu,
+        }),
     }
 }
 

@@ -10,9 +10,9 @@ use eventbroker::{Broker, Event};
 use eventbroker_nats::{NatsConfig, NatsProvider, NatsStorage};
 use futures::StreamExt;
 
-use crate::Row;
 use crate::harness::{self, Counter, Publishers, broker_config, event, subscribe_trivial};
 use crate::paths::{Outcome, skipped};
+use crate::{CpuRow, Row};
 
 /// Largest pull batch on both sides (the broker's worker pool fetches at most 64).
 const BATCH: usize = 64;
@@ -100,7 +100,10 @@ async fn baseline(url: &str, events: u64) -> Duration {
     elapsed
 }
 
-async fn measure(url: &str, events: u64) -> (f64, harness::Latency) {
+/// The server's process name, for the CPU figures.
+const SERVER: &str = "nats-server";
+
+async fn measure(url: &str, events: u64) -> (harness::Measured, harness::Latency) {
     let id = unique();
     let config = broker_config();
     let nats = NatsConfig {
@@ -118,7 +121,7 @@ async fn measure(url: &str, events: u64) -> (f64, harness::Latency) {
     let broker = Broker::new(config, provider.clone());
     subscribe_trivial(&broker, "trivial");
     broker.start().await.expect("start");
-    let measured = harness::broker_run(&broker, events).await;
+    let measured = harness::broker_run(&broker, events, Some(SERVER)).await;
     broker.stop().await.expect("stop");
     provider.destroy().await.expect("destroy");
     measured
@@ -131,13 +134,17 @@ pub async fn run(events: u64) -> Outcome {
         return Err(skipped("nats", format!("NATS not reachable at {url}")));
     }
     baseline(&url, events / 10).await;
-    let bare = harness::median_rate(events, || baseline(&url, events)).await;
+    let bare = harness::median_rate_cpu(Some(SERVER), events, || baseline(&url, events)).await;
     let (peak, latency) = measure(&url, events).await;
     Ok(Row {
         path: "nats".into(),
         baseline: format!("publish (acked) + pull {BATCH} + ack"),
-        bare,
-        broker: peak,
+        bare: bare.rate,
+        broker: peak.rate,
         latency: Some(latency),
+        cpu: Some(CpuRow {
+            bare: bare.cpu,
+            broker: peak.cpu,
+        }),
     })
 }

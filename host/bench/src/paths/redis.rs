@@ -9,9 +9,12 @@ use eventbroker::Broker;
 use eventbroker_redis::{RedisConfig, RedisProvider};
 use redis::aio::MultiplexedConnection;
 
-use crate::Row;
 use crate::harness::{self, Counter, Publishers, broker_config, event, subscribe_trivial};
 use crate::paths::{Outcome, skipped};
+use crate::{CpuRow, Row};
+
+/// The server's process name, for the CPU figures.
+const SERVER: &str = "redis-server";
 
 pub(crate) fn addr() -> String {
     std::env::var("REDIS_ADDR").unwrap_or_else(|_| "127.0.0.1:6379".into())
@@ -119,7 +122,7 @@ async fn baseline(events: u64, batch: usize) -> Duration {
     elapsed
 }
 
-async fn measure(events: u64, batch: usize) -> (f64, harness::Latency) {
+async fn measure(events: u64, batch: usize) -> (harness::Measured, harness::Latency) {
     let config = broker_config();
     let redis = RedisConfig {
         url: Some(format!("redis://{}/0", addr())),
@@ -135,7 +138,7 @@ async fn measure(events: u64, batch: usize) -> (f64, harness::Latency) {
     let broker = Broker::new(config, provider.clone());
     subscribe_trivial(&broker, "trivial");
     broker.start().await.expect("start");
-    let measured = harness::broker_run(&broker, events).await;
+    let measured = harness::broker_run(&broker, events, Some(SERVER)).await;
     broker.stop().await.expect("stop");
     provider.close().await;
     delete_keys(&redis.stream_name).await;
@@ -158,13 +161,17 @@ pub async fn run(events: u64) -> Outcome {
     }
     let batch = RedisConfig::default().batch_size;
     baseline(events / 10, batch).await;
-    let bare = harness::median_rate(events, || baseline(events, batch)).await;
+    let bare = harness::median_rate_cpu(Some(SERVER), events, || baseline(events, batch)).await;
     let (peak, latency) = measure(events, batch).await;
     Ok(Row {
         path: "redis".into(),
         baseline: format!("XADD + XREADGROUP {batch} + XACK"),
-        bare,
-        broker: peak,
+        bare: bare.rate,
+        broker: peak.rate,
         latency: Some(latency),
+        cpu: Some(CpuRow {
+            bare: bare.cpu,
+            broker: peak.cpu,
+        }),
     })
 }

@@ -11,9 +11,9 @@ use eventbroker::provider::Provider;
 use eventbroker_sql::{SqlConfig, SqlProvider};
 use sqlx::{Executor, PgPool, Row as _, SqlitePool};
 
-use crate::Row;
 use crate::harness::{self, Publishers, broker_config, event, subscribe_trivial};
 use crate::paths::{Outcome, skipped};
+use crate::{CpuRow, Row};
 
 /// The claim batch of both sides (the provider's `batch_size`).
 const BATCH: i64 = 64;
@@ -41,9 +41,16 @@ async fn broker(database: SqlConfig) -> (Broker, Arc<dyn Provider>) {
     (broker, provider)
 }
 
-async fn measure(database: SqlConfig, events: u64) -> (f64, harness::Latency) {
+/// The server's process name, for the CPU figures.
+const POSTGRES: &str = "postgres";
+
+async fn measure(
+    database: SqlConfig,
+    events: u64,
+    server: Option<&'static str>,
+) -> (harness::Measured, harness::Latency) {
     let (broker, provider) = broker(database).await;
-    let measured = harness::broker_run(&broker, events).await;
+    let measured = harness::broker_run(&broker, events, server).await;
     broker.stop().await.expect("stop");
     provider.close().await;
     measured
@@ -54,7 +61,7 @@ pub async fn sqlite(events: u64) -> Row {
     let dir = tempfile::tempdir().expect("temp dir");
     bare_sqlite(&dir.path().join("warm-bare.db"), events / 10).await;
     let mut run = 0;
-    let bare = harness::median_rate(events, || {
+    let bare = harness::median_rate_cpu(None, events, || {
         run += 1;
         let path = dir.path().join(format!("bare-{run}.db"));
         async move { bare_sqlite(&path, events).await }
@@ -65,13 +72,17 @@ pub async fn sqlite(events: u64) -> Row {
         batch_size: BATCH as usize,
         ..SqlConfig::default()
     };
-    let (peak, latency) = measure(database, events).await;
+    let (peak, latency) = measure(database, events, None).await;
     Row {
         path: "sqlite".into(),
         baseline: "insert + claim batch + update".into(),
-        bare,
-        broker: peak,
+        bare: bare.rate,
+        broker: peak.rate,
         latency: Some(latency),
+        cpu: Some(CpuRow {
+            bare: bare.cpu,
+            broker: peak.cpu,
+        }),
     }
 }
 
@@ -98,7 +109,8 @@ pub async fn postgres(events: u64) -> Outcome {
         ));
     }
     bare_postgres(&url, events / 10).await;
-    let bare = harness::median_rate(events, || bare_postgres(&url, events)).await;
+    let bare =
+        harness::median_rate_cpu(Some(POSTGRES), events, || bare_postgres(&url, events)).await;
     let table = format!("bench_{}", suffix());
     let database = SqlConfig {
         url: url.clone(),
@@ -106,14 +118,18 @@ pub async fn postgres(events: u64) -> Outcome {
         batch_size: BATCH as usize,
         ..SqlConfig::default()
     };
-    let (peak, latency) = measure(database, events).await;
+    let (peak, latency) = measure(database, events, Some(POSTGRES)).await;
     drop_tables(&url, &table).await;
     Ok(Row {
         path: "postgres".into(),
         baseline: "insert + claim batch + update".into(),
-        bare,
-        broker: peak,
+        bare: bare.rate,
+        broker: peak.rate,
         latency: Some(latency),
+        cpu: Some(CpuRow {
+            bare: bare.cpu,
+            broker: peak.cpu,
+        }),
     })
 }
 

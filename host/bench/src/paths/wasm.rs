@@ -11,8 +11,8 @@ use eventbroker_wasm::bare::BareGuest;
 use eventbroker_wasm::config::{HandlersConfig, PoolConfig};
 use eventbroker_wasm::{HandlerSet, WasmEngine};
 
-use crate::Row;
 use crate::harness::{self, broker_config};
+use crate::{CpuRow, Row};
 
 /// The guest every WebAssembly row runs.
 pub const GUEST: &str = "rust_audit_logger";
@@ -67,23 +67,27 @@ pub async fn run(events: u64) -> Vec<Row> {
         let bare = match policy {
             "fresh" => {
                 bare_fresh(&guest, events / 10).await;
-                harness::median_rate(events, || bare_fresh(&guest, events)).await
+                harness::median_rate_cpu(None, events, || bare_fresh(&guest, events)).await
             }
             _ => {
                 bare_reuse(&guest, events / 10).await;
-                harness::median_rate(events, || bare_reuse(&guest, events)).await
+                harness::median_rate_cpu(None, events, || bare_reuse(&guest, events)).await
             }
         };
         let (broker, handlers) = broker(&engine, &bytes, policy).await;
-        let (peak, latency) = harness::broker_run(&broker, events).await;
+        let (peak, latency) = harness::broker_run(&broker, events, None).await;
         broker.stop().await.expect("stop");
         drop(handlers);
         rows.push(Row {
             path: format!("wasm {policy}, memory"),
             baseline: format!("wasmtime call, {policy} instance"),
-            bare,
-            broker: peak,
+            bare: bare.rate,
+            broker: peak.rate,
             latency: Some(latency),
+            cpu: Some(CpuRow {
+                bare: bare.cpu,
+                broker: peak.cpu,
+            }),
         });
     }
     rows

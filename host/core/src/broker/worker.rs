@@ -1,6 +1,11 @@
 //! The worker pool: a reader pulls deliveries from the provider's consumer into a bounded local
-//! queue, workers run them through the dispatch path, a lease keeper renews the leases of
-//! everything held locally, and `drain` takes it all down without losing a delivery.
+//! queue, workers run them through the dispatch path, an acknowledger records the final states
+//! of finished deliveries in batches ([`Consumer::complete_batch`]: one lock or round trip for
+//! what every worker finished meanwhile), a lease keeper renews the leases of everything held
+//! locally, and `drain` takes it all down without losing a delivery.
+//!
+//! A delivery stays *held* from its fetch until its outcome is recorded (or it is given back):
+//! its lease is renewed all that time, and `drain` waits for the held set to empty.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -15,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::dispatch::{Decision, decide, run_handlers, status_update};
 use super::{Inner, WeakBroker};
+use crate::event::Event;
 use crate::provider::{Consumer, ConsumerOptions, Delivery, ProviderError, StatusUpdate};
 
 /// Lease renewals in flight at once.
@@ -22,6 +28,27 @@ const RENEWALS_AT_ONCE: usize = 32;
 
 /// Largest batch fetched from the provider at once.
 const MAX_FETCH: usize = 64;
+
+/// Largest batch of final states recorded in one [`Consumer::complete_batch`] call.
+const MAX_ACK: usize = 64;
+
+/// A delivery whose handlers ran to a final decision (completed or failed), waiting for the
+/// acknowledger to record it.
+struct Finished {
+    delivery: Arc<Delivery>,
+    /// The event as the handlers saw it, when the broker wrote the `processing` mark itself
+    /// (otherwise the delivery's event is that view).
+    marked: Option<Event>,
+    update: StatusUpdate,
+    decision: Decision,
+    elapsed: Duration,
+}
+
+impl Finished {
+    fn event(&self) -> &Event {
+        self.marked.as_ref().unwrap_or(&self.delivery.event)
+    }
+}
 
 /// A running pool.
 pub(crate) struct Pool {
@@ -88,6 +115,9 @@ impl Pool {
         let abort = CancellationToken::new();
         let held = Arc::new(Held::default());
         let workers_done = Arc::new(tokio::sync::Notify::new());
+        // Bounded: when recording outcomes falls behind (a slow backend), workers wait to
+        // hand theirs over instead of running ever more events ahead of their acknowledgement.
+        let (finished, to_acknowledge) = mpsc::channel::<Finished>(MAX_ACK.max(capacity));
         let mut tasks = JoinSet::new();
         tasks.spawn(read_loop(
             inner.clone(),
@@ -102,11 +132,21 @@ impl Pool {
                 weak.clone(),
                 consumer.clone(),
                 receiver.clone(),
+                finished.clone(),
                 abort.clone(),
                 held.clone(),
                 workers_done.clone(),
             ));
         }
+        drop(finished);
+        tasks.spawn(acknowledge_loop(
+            inner.clone(),
+            consumer.clone(),
+            to_acknowledge,
+            abort.clone(),
+            held.clone(),
+            workers_done.clone(),
+        ));
         tasks.spawn(keep_leases(
             consumer.clone(),
             held.clone(),
@@ -230,11 +270,13 @@ async fn read_loop(
     }
 }
 
+#[allow(clippy::too_many_arguments)] // the pool's shared parts, passed once per worker
 async fn work_loop(
     inner: Arc<Inner>,
     weak: WeakBroker,
     consumer: Arc<dyn Consumer>,
     receiver: Arc<AsyncMutex<mpsc::Receiver<Arc<Delivery>>>>,
+    finished: mpsc::Sender<Finished>,
     abort: CancellationToken,
     held: Arc<Held>,
     done: Arc<tokio::sync::Notify>,
@@ -251,8 +293,8 @@ async fn work_loop(
             .active_workers
             .fetch_add(1, Ordering::Relaxed);
         inner.update_pool_gauges();
-        let finished = tokio::select! {
-            result = process(&inner, &weak, consumer.as_ref(), &delivery) => Some(result),
+        let outcome = tokio::select! {
+            outcome = process(&inner, &weak, consumer.as_ref(), &delivery) => Some(outcome),
             _ = abort.cancelled() => None,
         };
         inner
@@ -260,37 +302,132 @@ async fn work_loop(
             .active_workers
             .fetch_sub(1, Ordering::Relaxed);
         inner.update_pool_gauges();
-        match finished {
-            Some(Ok(())) => held.remove(&delivery),
+        match outcome {
+            // Final: the acknowledger records it and lets go of the delivery.
+            Some(Ok(Processed::Final {
+                marked,
+                update,
+                decision,
+                elapsed,
+            })) => {
+                let item = Finished {
+                    delivery,
+                    marked,
+                    update,
+                    decision,
+                    elapsed,
+                };
+                let sent = tokio::select! {
+                    sent = finished.send(item) => sent.is_ok(),
+                    _ = abort.cancelled() => false,
+                };
+                if !sent {
+                    // Aborted before it was handed over: it stays held, `drain` gives it back.
+                    return;
+                }
+            }
+            Some(Ok(Processed::Retried)) => {
+                held.remove(&delivery);
+                done.notify_waiters();
+            }
             Some(Err(error)) => {
                 // The outcome could not be recorded: the delivery stays unacknowledged and is
                 // redelivered after its lease.
                 held.remove(&delivery);
+                done.notify_waiters();
                 tracing::error!(event_id = %delivery.event.id, %error, "could not record the outcome of an event; it will be redelivered");
             }
             // Aborted: stays held, `drain` gives it back.
             None => {}
         }
-        done.notify_waiters();
         if abort.is_cancelled() {
             return;
         }
     }
 }
 
-/// Runs one delivery through the dispatch path and records the outcome.
+/// Records the final states the workers hand over, as many at once as are waiting (up to
+/// [`MAX_ACK`]), then counts each decision and lets go of its delivery. Ends when every worker
+/// is gone and nothing is left to record, or at once on abort (what is unrecorded stays held
+/// and is given back).
+async fn acknowledge_loop(
+    inner: Arc<Inner>,
+    consumer: Arc<dyn Consumer>,
+    mut to_acknowledge: mpsc::Receiver<Finished>,
+    abort: CancellationToken,
+    held: Arc<Held>,
+    done: Arc<tokio::sync::Notify>,
+) {
+    let mut batch: Vec<Finished> = Vec::with_capacity(MAX_ACK);
+    loop {
+        let received = tokio::select! {
+            received = to_acknowledge.recv_many(&mut batch, MAX_ACK) => received,
+            _ = abort.cancelled() => return,
+        };
+        if received == 0 {
+            return; // every worker is gone
+        }
+        let results = {
+            let items: Vec<(&Delivery, &StatusUpdate)> = batch
+                .iter()
+                .map(|item| (&*item.delivery, &item.update))
+                .collect();
+            tokio::select! {
+                biased;
+                results = consumer.complete_batch(&items) => results,
+                // Unrecorded: the batch stays held, `drain` gives it back.
+                _ = abort.cancelled() => return,
+            }
+        };
+        let mut results = results.into_iter();
+        for item in batch.drain(..) {
+            let result = results.next().unwrap_or_else(|| {
+                Err(ProviderError::backend(
+                    "broker",
+                    "the provider returned fewer results than outcomes it was given",
+                ))
+            });
+            match result {
+                Ok(()) => {
+                    inner.record_decision(item.event(), &item.update, &item.decision, item.elapsed)
+                }
+                Err(error) => {
+                    // Unacknowledged: redelivered after its lease.
+                    tracing::error!(event_id = %item.delivery.event.id, %error, "could not record the outcome of an event; it will be redelivered");
+                }
+            }
+            held.remove(&item.delivery);
+        }
+        done.notify_waiters();
+    }
+}
+
+/// How the dispatch path ended for one delivery.
+enum Processed {
+    /// A final decision, still to be recorded by the acknowledger.
+    Final {
+        marked: Option<Event>,
+        update: StatusUpdate,
+        decision: Decision,
+        elapsed: Duration,
+    },
+    /// A retry, already recorded.
+    Retried,
+}
+
+/// Runs one delivery through the dispatch path. A retry is recorded here; a final decision is
+/// returned for the acknowledger.
 async fn process(
     inner: &Inner,
     weak: &WeakBroker,
     consumer: &dyn Consumer,
     delivery: &Delivery,
-) -> Result<(), ProviderError> {
+) -> Result<Processed, ProviderError> {
     let subscriptions = inner.registry.matching(&delivery.event.event_type);
     // The event as handlers see it: `processing`. Providers that record the mark with the
     // claim hand it out that way; for the others it is written here, one round trip.
-    let marked;
-    let event = if delivery.processing_recorded || subscriptions.is_empty() {
-        &delivery.event
+    let marked = if delivery.processing_recorded || subscriptions.is_empty() {
+        None
     } else {
         let mut event = delivery.event.clone();
         let processing = StatusUpdate::processing(&event);
@@ -298,9 +435,9 @@ async fn process(
         if let Err(error) = inner.provider.update_status(&event.id, &processing).await {
             tracing::warn!(event_id = %event.id, %error, "could not mark event as processing");
         }
-        marked = event;
-        &marked
+        Some(event)
     };
+    let event = marked.as_ref().unwrap_or(&delivery.event);
     let started = Instant::now();
     let span = tracing::info_span!(
         "event",
@@ -313,12 +450,17 @@ async fn process(
         tracing::Instrument::instrument(run_handlers(event, &subscriptions, weak), span).await;
     let decision = decide(&outcomes, &subscriptions);
     let update = status_update(event, outcomes, &decision);
-    match &decision {
-        Decision::Retry { delay, .. } => consumer.retry(delivery, &update, *delay).await?,
-        Decision::Complete | Decision::Fail { .. } => consumer.complete(delivery, &update).await?,
+    if let Decision::Retry { delay, .. } = &decision {
+        consumer.retry(delivery, &update, *delay).await?;
+        inner.record_decision(event, &update, &decision, started.elapsed());
+        return Ok(Processed::Retried);
     }
-    inner.record_decision(event, &update, &decision, started.elapsed());
-    Ok(())
+    Ok(Processed::Final {
+        marked,
+        update,
+        decision,
+        elapsed: started.elapsed(),
+    })
 }
 
 /// Renews the leases of every delivery held locally, every `period`

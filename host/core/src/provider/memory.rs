@@ -37,7 +37,7 @@ use super::{
     ProviderError, ProviderFeatures, ProviderStats, StatusUpdate,
 };
 use crate::config::BrokerConfig;
-use crate::event::Event;
+use crate::event::{Event, EventStatus};
 use crate::pattern::Pattern;
 
 const NAME: &str = "memory";
@@ -123,6 +123,13 @@ impl Entry {
             .get(group)
             .cloned()
             .unwrap_or_else(|| GroupState::of(&self.event))
+    }
+
+    /// The group's status, without copying its state.
+    fn status(&self, group: &str) -> EventStatus {
+        self.states
+            .get(group)
+            .map_or(self.event.status, |state| state.status)
     }
 
     /// The group's own state, created from the stored one on its first change.
@@ -728,11 +735,16 @@ impl Provider for MemoryProvider {
         let mut stats = ProviderStats::empty(NAME);
         {
             let state = self.inner.lock();
+            // Counted without copying any state: this scans every stored event.
+            let mut counts = [0u64; EventStatus::ALL.len()];
             for entry in state.events.values() {
-                *stats
-                    .by_status
-                    .entry(entry.state(&self.group).status.as_str().into())
-                    .or_default() += 1;
+                let status = entry.status(&self.group);
+                if let Some(slot) = EventStatus::ALL.iter().position(|s| *s == status) {
+                    counts[slot] += 1;
+                }
+            }
+            for (status, count) in EventStatus::ALL.iter().zip(counts) {
+                *stats.by_status.entry(status.as_str().into()).or_default() += count;
             }
             stats
                 .backend
@@ -942,6 +954,22 @@ impl MemoryConsumer {
             })
     }
 
+    /// Acknowledges `delivery` and records its final state, under the caller's lock; returns
+    /// what [`Inner::notify_change`] needs.
+    fn complete_in(
+        &self,
+        state: &mut State,
+        delivery: &Delivery,
+        update: &StatusUpdate,
+    ) -> Result<(Option<Event>, bool), ProviderError> {
+        let lease = self.take_lease_in(state, delivery)?;
+        if let Some(group) = state.groups.get_mut(&self.group) {
+            group.counts.remove(&lease.id);
+        }
+        self.provider
+            .change(state, &lease.id, &self.group, |s| s.apply(update))
+    }
+
     fn requeue_lease(&self, lease: Lease, due: Instant) {
         let mut state = self.provider.lock();
         if let Some(group) = state.groups.get_mut(&self.group) {
@@ -995,19 +1023,35 @@ impl Consumer for MemoryConsumer {
         delivery: &Delivery,
         update: &StatusUpdate,
     ) -> Result<(), ProviderError> {
-        let (event, settled) = {
-            // One lock for the acknowledgement and the final state.
-            let mut state = self.provider.lock();
-            let lease = self.take_lease_in(&mut state, delivery)?;
-            if let Some(group) = state.groups.get_mut(&self.group) {
-                group.counts.remove(&lease.id);
-            }
-            self.provider
-                .change(&mut state, &lease.id, &self.group, |s| s.apply(update))?
-        };
+        // One lock for the acknowledgement and the final state.
+        let (event, settled) = self.complete_in(&mut self.provider.lock(), delivery, update)?;
         self.provider.counters.acknowledged();
         self.provider.notify_change(&self.group, event, settled);
         Ok(())
+    }
+
+    async fn complete_batch(
+        &self,
+        items: &[(&Delivery, &StatusUpdate)],
+    ) -> Vec<Result<(), ProviderError>> {
+        // One lock for the whole batch.
+        let (results, changes): (Vec<_>, Vec<_>) = {
+            let mut state = self.provider.lock();
+            items
+                .iter()
+                .map(
+                    |(delivery, update)| match self.complete_in(&mut state, delivery, update) {
+                        Ok(change) => (Ok(()), Some(change)),
+                        Err(error) => (Err(error), None),
+                    },
+                )
+                .unzip()
+        };
+        for (event, settled) in changes.into_iter().flatten() {
+            self.provider.counters.acknowledged();
+            self.provider.notify_change(&self.group, event, settled);
+        }
+        results
     }
 
     async fn retry(

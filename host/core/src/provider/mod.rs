@@ -242,6 +242,22 @@ pub trait Consumer: Send + Sync {
         update: &StatusUpdate,
     ) -> Result<(), ProviderError>;
 
+    /// Records the final states of several deliveries and acknowledges them, each exactly as
+    /// [`Consumer::complete`] would, in as few round trips (or lock acquisitions) as the
+    /// backend allows. Returns one result per item, in the order given: an item that fails
+    /// does not fail the others. The default runs `complete` for every item concurrently.
+    async fn complete_batch(
+        &self,
+        items: &[(&Delivery, &StatusUpdate)],
+    ) -> Vec<Result<(), ProviderError>> {
+        futures::future::join_all(
+            items
+                .iter()
+                .map(|(delivery, update)| self.complete(delivery, update)),
+        )
+        .await
+    }
+
     /// Records the update of the consumer's group (normally `pending` with the retry count and
     /// outcomes) and makes the event deliverable to the group again after `delay`.
     ///
