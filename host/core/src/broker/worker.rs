@@ -38,7 +38,7 @@ struct Finished {
     delivery: Arc<Delivery>,
     /// The event as the handlers saw it, when the broker wrote the `processing` mark itself
     /// (otherwise the delivery's event is that view).
-    marked: Option<Event>,
+    marked: Option<Box<Event>>,
     update: StatusUpdate,
     decision: Decision,
     elapsed: Duration,
@@ -46,7 +46,7 @@ struct Finished {
 
 impl Finished {
     fn event(&self) -> &Event {
-        self.marked.as_ref().unwrap_or(&self.delivery.event)
+        self.marked.as_deref().unwrap_or(&self.delivery.event)
     }
 }
 
@@ -406,7 +406,7 @@ async fn acknowledge_loop(
 enum Processed {
     /// A final decision, still to be recorded by the acknowledger.
     Final {
-        marked: Option<Event>,
+        marked: Option<Box<Event>>,
         update: StatusUpdate,
         decision: Decision,
         elapsed: Duration,
@@ -435,9 +435,9 @@ async fn process(
         if let Err(error) = inner.provider.update_status(&event.id, &processing).await {
             tracing::warn!(event_id = %event.id, %error, "could not mark event as processing");
         }
-        Some(event)
+        Some(Box::new(event))
     };
-    let event = marked.as_ref().unwrap_or(&delivery.event);
+    let event = marked.as_deref().unwrap_or(&delivery.event);
     let started = Instant::now();
     let span = tracing::info_span!(
         "event",
