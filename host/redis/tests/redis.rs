@@ -221,13 +221,14 @@ async fn failed_events_become_dead_letters_and_requeue_moves_them_back() {
     );
     let delivery = fetch_n(consumer.as_ref(), 1).await.remove(0);
     assert_eq!(delivery.event.id, e.id);
-    // Held by a live consumer: refused.
+    assert!(delivery.processing_recorded, "the claim records the mark");
+    // Held by a live consumer (and `processing` since its claim): refused.
     let again = provider.requeue(&e.id, &pending).await.unwrap_err();
     assert!(
         matches!(
             again,
             ProviderError::InvalidState {
-                status: EventStatus::Pending,
+                status: EventStatus::Processing,
                 ..
             }
         ),

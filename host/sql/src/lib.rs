@@ -445,9 +445,14 @@ impl SqlProvider {
                 if let Some(key) = &shared.sqlite_key {
                     watch::register_sqlite_hub(key, &shared.hub);
                 }
+                // Where watchers start, read before the provider is handed out: a poller that
+                // took its starting point only when it first ran could start after a watcher
+                // subscribed and events were written, and skip those events for good.
+                let start = watch::newest_change(&shared).await?;
                 tasks.push(tokio::spawn(watch::sqlite_poller(
                     Arc::downgrade(&shared),
                     shared.hub.clone(),
+                    start,
                     shared.shutdown.clone(),
                 )));
             }

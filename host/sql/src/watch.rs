@@ -290,8 +290,14 @@ async fn publish_by_id(shared: &Shared, mut ids: Vec<String>) -> Result<(), Prov
 
 /// SQLite: reads changed rows after the last seen change sequence, every poll interval or
 /// when a local write signals, and broadcasts them to watchers.
-pub async fn sqlite_poller(shared: Weak<Shared>, hub: Arc<Hub>, shutdown: CancellationToken) {
-    let mut cursor: Option<(i64, i64)> = None;
+/// Watchers see every change after `start` ([`newest_change`] when the provider connected).
+pub async fn sqlite_poller(
+    shared: Weak<Shared>,
+    hub: Arc<Hub>,
+    start: i64,
+    shutdown: CancellationToken,
+) {
+    let mut cursor = (start, i64::MAX);
     loop {
         let interval = match shared.upgrade() {
             Some(shared) => {
@@ -322,25 +328,27 @@ pub async fn sqlite_poller(shared: Weak<Shared>, hub: Arc<Hub>, shutdown: Cancel
     }
 }
 
-async fn poll_changes(
-    shared: &Shared,
-    cursor: &mut Option<(i64, i64)>,
-) -> Result<(), ProviderError> {
-    // Read the newest change before looking at the watcher count: a watcher that subscribes
-    // after this read sees every change committed after it subscribed.
-    let newest: i64 = sqlx::query_scalar(AssertSqlSafe(shared.q.max_changed.clone()))
+/// The newest change sequence of the database (SQLite).
+///
+/// # Errors
+/// The database cannot be read.
+pub async fn newest_change(shared: &Shared) -> Result<i64, ProviderError> {
+    sqlx::query_scalar(AssertSqlSafe(shared.q.max_changed.clone()))
         .fetch_one(&shared.pool)
         .await
-        .map_err(db_error)?;
-    let Some((mut changed, mut seq)) = cursor.take() else {
-        *cursor = Some((newest, i64::MAX));
-        return Ok(());
-    };
+        .map_err(db_error)
+}
+
+async fn poll_changes(shared: &Shared, cursor: &mut (i64, i64)) -> Result<(), ProviderError> {
+    // Read the newest change before looking at the watcher count: a watcher that subscribes
+    // after this read sees every change committed after it subscribed.
+    let newest = newest_change(shared).await?;
+    let (mut changed, mut seq) = *cursor;
     if shared.watchers.receiver_count() == 0 {
-        *cursor = Some((
+        *cursor = (
             newest.max(changed),
             if newest > changed { i64::MAX } else { seq },
-        ));
+        );
         return Ok(());
     }
     let result = async {
@@ -365,7 +373,7 @@ async fn poll_changes(
         }
     }
     .await;
-    *cursor = Some((changed, seq));
+    *cursor = (changed, seq);
     result
 }
 
