@@ -317,7 +317,10 @@ async fn work_loop(
                     decision,
                     elapsed,
                 };
+                // Biased: an outcome already reached is handed over whenever there is room,
+                // even once abort has fired (its handlers would otherwise run again).
                 let sent = tokio::select! {
+                    biased;
                     sent = finished.send(item) => sent.is_ok(),
                     _ = abort.cancelled() => false,
                 };
