@@ -190,12 +190,14 @@ impl StateStore {
         )))
     }
 
-    /// [`Store::modify`], starting from `known` (a record read or written earlier, with its
+    /// [`Self::modify`], starting from `known` (a record read or written earlier, with its
     /// revision) instead of reading it: one round trip when nothing changed the record since,
-    /// and [`Store::modify`]'s read-and-retry when something did. `change` may run twice.
+    /// and [`Self::modify`]'s read-and-retry when something did. `change` may run twice; what
+    /// it says about the known copy (an error included) counts only if the write from that
+    /// copy succeeds, otherwise the record is read and `change` decides on it.
     ///
     /// # Errors
-    /// As [`Store::modify`].
+    /// As [`Self::modify`].
     pub(crate) async fn modify_from<F>(
         &self,
         id: &str,
@@ -209,8 +211,8 @@ impl StateStore {
             mut record,
             revision,
         }) = known
+            && change(&mut record).is_ok()
         {
-            change(&mut record)?;
             match self
                 .kv
                 .update(encode_name(id), record.encode()?, revision)

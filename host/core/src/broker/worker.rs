@@ -304,24 +304,12 @@ async fn work_loop(
         inner.update_pool_gauges();
         match outcome {
             // Final: the acknowledger records it and lets go of the delivery.
-            Some(Ok(Processed::Final {
-                marked,
-                update,
-                decision,
-                elapsed,
-            })) => {
-                let item = Finished {
-                    delivery,
-                    marked,
-                    update,
-                    decision,
-                    elapsed,
-                };
+            Some(Ok(Processed::Final(item))) => {
                 // Biased: an outcome already reached is handed over whenever there is room,
                 // even once abort has fired (its handlers would otherwise run again).
                 let sent = tokio::select! {
                     biased;
-                    sent = finished.send(item) => sent.is_ok(),
+                    sent = finished.send(*item) => sent.is_ok(),
                     _ = abort.cancelled() => false,
                 };
                 if !sent {
@@ -408,12 +396,7 @@ async fn acknowledge_loop(
 /// How the dispatch path ended for one delivery.
 enum Processed {
     /// A final decision, still to be recorded by the acknowledger.
-    Final {
-        marked: Option<Box<Event>>,
-        update: StatusUpdate,
-        decision: Decision,
-        elapsed: Duration,
-    },
+    Final(Box<Finished>),
     /// A retry, already recorded.
     Retried,
 }
@@ -424,7 +407,7 @@ async fn process(
     inner: &Inner,
     weak: &WeakBroker,
     consumer: &dyn Consumer,
-    delivery: &Delivery,
+    delivery: &Arc<Delivery>,
 ) -> Result<Processed, ProviderError> {
     let subscriptions = inner.registry.matching(&delivery.event.event_type);
     // The event as handlers see it: `processing`. Providers that record the mark with the
@@ -458,12 +441,13 @@ async fn process(
         inner.record_decision(event, &update, &decision, started.elapsed());
         return Ok(Processed::Retried);
     }
-    Ok(Processed::Final {
+    Ok(Processed::Final(Box::new(Finished {
+        delivery: delivery.clone(),
         marked,
         update,
         decision,
         elapsed: started.elapsed(),
-    })
+    })))
 }
 
 /// Renews the leases of every delivery held locally, every `period`

@@ -1023,18 +1023,22 @@ impl Consumer for MemoryConsumer {
         delivery: &Delivery,
         update: &StatusUpdate,
     ) -> Result<(), ProviderError> {
-        // One lock for the acknowledgement and the final state.
-        let (event, settled) = self.complete_in(&mut self.provider.lock(), delivery, update)?;
-        self.provider.counters.acknowledged();
-        self.provider.notify_change(&self.group, event, settled);
-        Ok(())
+        self.complete_batch(&[(delivery, update)])
+            .await
+            .pop()
+            .unwrap_or_else(|| {
+                Err(ProviderError::backend(
+                    NAME,
+                    "a batch of one gave no result",
+                ))
+            })
     }
 
     async fn complete_batch(
         &self,
         items: &[(&Delivery, &StatusUpdate)],
     ) -> Vec<Result<(), ProviderError>> {
-        // One lock for the whole batch.
+        // One lock for the whole batch: each acknowledgement with its final state.
         let (results, changes): (Vec<_>, Vec<_>) = {
             let mut state = self.provider.lock();
             items
