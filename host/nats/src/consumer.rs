@@ -17,6 +17,11 @@
 //!   for another group (header [`GROUP_HEADER`]), a message that does not carry the group's
 //!   current run (an older run, a copy), a first delivery (by that number) of an event the group
 //!   already finished, and any delivery of a deleted event, are acknowledged and skipped.
+//! - A live owner is never replaced: a delivery of an event whose claim in the group belongs to
+//!   another delivery and has not expired (a copy the server handed out while the first
+//!   delivery still runs, see [`NatsConsumer::claim`]) is given back with a delayed `-NAK` for
+//!   when that claim would expire, without running. So after a crash the event runs again
+//!   once both the server's `ack_wait` and the claim's lease have passed.
 //! - A message whose event has no state yet (its publish stopped after storing the message)
 //!   gets its state written from the message; a re-run message made from the group's state as
 //!   it still is (the re-run stopped after storing the message) switches the group to it.
@@ -27,7 +32,8 @@
 //!   `keep_alive` extends the claim (so `requeue` sees the owner alive) and sends `+WPI` (in
 //!   progress), which restarts the server's `ack_wait` timer; a delivery that no longer owns
 //!   the event gets the lease-lost error and sends nothing.
-//! - `close` (and dropping the consumer) gives every delivery it still owns back with `-NAK`.
+//! - `close` (and dropping the consumer) gives every delivery it still owns back: its claim is
+//!   settled and the state released, then it gets a `-NAK`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,6 +62,8 @@ const CLAIM_ATTEMPTS: usize = 16;
 const MESSAGE_ID: &str = "Nats-Msg-Id";
 /// Header of a message meant for one consumer group only (a re-run of that group's).
 pub(crate) const GROUP_HEADER: &str = "Eventbroker-Group";
+/// The shortest wait before a copy of a running delivery is offered again.
+const LEAST_DEFERRAL: Duration = Duration::from_millis(100);
 
 fn backend(error: impl std::fmt::Display) -> ProviderError {
     ProviderError::backend(NAME, error)
@@ -84,6 +92,17 @@ struct Outstanding {
     /// compare-and-set from it without reading the record first (and reads it when the
     /// record changed meanwhile).
     known: Option<Versioned>,
+}
+
+/// What a delivered message means for this group ([`NatsConsumer::claim`]).
+enum Admission {
+    /// The delivery owns the event now: the record as written by the claim.
+    Claimed(Versioned),
+    /// Nothing to do: the message is acknowledged and skipped.
+    Skip,
+    /// Another delivery owns the event and is alive: the message is given back to be offered
+    /// again after this long (when that claim would expire), without running it.
+    Defer(Duration),
 }
 
 /// What a delivered message says about itself.
@@ -213,7 +232,7 @@ impl NatsConsumer {
             rerun,
         };
         match self.claim(&arrival).await {
-            Ok(Some(claimed)) => {
+            Ok(Admission::Claimed(claimed)) => {
                 let event = claimed.record.view(&self.group);
                 let delivery_count = claimed.record.deliveries(&self.group);
                 // Unfinished events are `processing` since the claim ([`Self::owned`]).
@@ -232,8 +251,13 @@ impl NatsConsumer {
                     processing_recorded,
                 })
             }
-            Ok(None) => {
+            Ok(Admission::Skip) => {
                 let _ = acker.ack().await;
+                None
+            }
+            Ok(Admission::Defer(wait)) => {
+                tracing::debug!(event_id = %arrival.published.id, token = %arrival.token, ?wait, "another delivery of this event is running; offering this one again later");
+                let _ = acker.ack_with(AckKind::Nak(Some(wait))).await;
                 None
             }
             Err(error) => {
@@ -248,10 +272,16 @@ impl NatsConsumer {
 
     /// Decides what a delivered message means for its event in this group and, when the event
     /// is to be processed, makes this delivery its owner in the group (a compare-and-set,
-    /// repeated when the state changes meanwhile). Returns the event as the group sees it with
-    /// the delivery's number ([`Record::next_delivery`]), or `None` when there is nothing to do
-    /// (the message is then acknowledged and skipped).
-    async fn claim(&self, arrival: &Arrival) -> Result<Option<Versioned>, ProviderError> {
+    /// repeated when the state changes meanwhile). Returns the record as claimed (the event as
+    /// the group sees it, with the delivery's number, [`Record::next_delivery`]); or that there
+    /// is nothing to do (the message is then acknowledged and skipped); or, when another
+    /// delivery owns the event and its claim is alive, how long until that claim would expire:
+    /// a live owner is never replaced. The server hands out such a delivery when it redelivers
+    /// ahead of the owner's lease, and nats-server before nats-io/nats-server#5305 hands out a
+    /// copy of a message still in flight as a first delivery (it rewinds the consumer when a
+    /// redelivery finds no pull request able to take it): replacing the owner would run the
+    /// event twice. An owner that died stops renewing, and its claim expires within a lease.
+    async fn claim(&self, arrival: &Arrival) -> Result<Admission, ProviderError> {
         let store = &self.shared.store;
         let id = &arrival.published.id;
         let group = &self.group;
@@ -259,7 +289,7 @@ impl NatsConsumer {
             let (record, written) = match store.lookup(id).await? {
                 Lookup::Missing | Lookup::TakenBack { .. } if arrival.rerun.is_some() => {
                     // A re-run of an event whose record is gone (expired): nothing to re-run.
-                    return Ok(None);
+                    return Ok(Admission::Skip);
                 }
                 Lookup::Missing => {
                     // Its publish stopped after storing the message: the event was accepted.
@@ -270,7 +300,7 @@ impl NatsConsumer {
                     let written = store.create(&record).await;
                     (record, written)
                 }
-                Lookup::Deleted => return Ok(None),
+                Lookup::Deleted => return Ok(Admission::Skip),
                 Lookup::TakenBack { revision } => {
                     // An earlier version took the state of a publish back that the server had
                     // stored after all: the event was accepted. Restore its state.
@@ -298,7 +328,11 @@ impl NatsConsumer {
                         || (record.next_delivery(group, arrival.delivered) <= 1
                             && record.state(group).is_finished())
                     {
-                        return Ok(None);
+                        return Ok(Admission::Skip);
+                    } else if let Some(expires) =
+                        record.claimed_by_another_until(group, &arrival.token, Utc::now())
+                    {
+                        return Ok(Admission::Defer(self.deferral(expires)));
                     } else {
                         record.changed = None;
                     }
@@ -308,7 +342,7 @@ impl NatsConsumer {
                 }
             };
             match written {
-                Ok(revision) => return Ok(Some(Versioned { record, revision })),
+                Ok(revision) => return Ok(Admission::Claimed(Versioned { record, revision })),
                 Err(error) => {
                     tracing::debug!(event_id = %id, %error, "event changed while being claimed; looking again")
                 }
@@ -317,6 +351,18 @@ impl NatsConsumer {
         Err(backend(format!(
             "event {id} changed {CLAIM_ATTEMPTS} times while being claimed"
         )))
+    }
+
+    /// How long a delivery waits for a live claim expiring at `expires`: until then (the
+    /// owner's clock may run ahead of this host's: never more than a lease), and at least
+    /// [`LEAST_DEFERRAL`].
+    fn deferral(&self, expires: chrono::DateTime<Utc>) -> Duration {
+        let lease = self.lease.to_std().unwrap_or(Duration::MAX);
+        (expires - Utc::now())
+            .to_std()
+            .unwrap_or_default()
+            .min(lease)
+            .max(LEAST_DEFERRAL)
     }
 
     /// Until when a claim taken or renewed now stays alive.
@@ -403,9 +449,11 @@ impl NatsConsumer {
         })
     }
 
-    /// Stops the consumer (once) and returns the work of giving back, with `-NAK`, every
-    /// delivery it handed out, has not settled and still owns: a `-NAK` for a delivery that
-    /// was handed to someone else would make the server redeliver the newer one while it runs.
+    /// Stops the consumer (once) and returns the work of giving back every delivery it handed
+    /// out, has not settled and still owns: its claim is settled (the state goes back as in
+    /// [`Consumer::release`]), so that the next delivery need not wait for the claim to expire,
+    /// then it gets a `-NAK`. A delivery that was handed to someone else gets nothing: a `-NAK`
+    /// would make the server redeliver the newer one while it runs.
     fn stop(&self) -> Option<impl Future<Output = ()> + Send + 'static> {
         if !self.counted.swap(false, Ordering::AcqRel) {
             return None;
@@ -427,11 +475,14 @@ impl NatsConsumer {
             let give_back = held.into_iter().map(|(token, id)| {
                 let (context, store, group) = (context.clone(), store.clone(), group.clone());
                 async move {
-                    let owned = matches!(
-                        store.get(&id).await,
-                        Ok(Some(current)) if current.record.owned_by(&group, &token)
-                    );
-                    if owned {
+                    let released = store
+                        .modify(&id, |record| {
+                            record.settle(&group, &token)?;
+                            record.change(&group, GroupState::release);
+                            Ok(())
+                        })
+                        .await;
+                    if released.is_ok() {
                         let acker = Acker::new(context, Some(async_nats::Subject::from(token)));
                         let _ = acker.ack_with(AckKind::Nak(None)).await;
                     }
@@ -493,8 +544,10 @@ impl Consumer for NatsConsumer {
             }
             let deliveries = self.admit(messages).await;
             if self.closed.is_cancelled() {
+                // Claimed but not handed out: settle the claims too, so that another member
+                // need not wait for them to expire.
                 for delivery in &deliveries {
-                    let _ = self.settle(delivery, AckKind::Nak(None), false).await;
+                    let _ = self.release(delivery).await;
                 }
                 return Ok(Vec::new());
             }

@@ -215,6 +215,22 @@ impl Record {
             .is_some_and(|claim| claim.expires > now)
     }
 
+    /// Until when another delivery than `delivery` owns the event in `group`, if that claim is
+    /// still alive at `now`: a delivery arriving meanwhile is a copy of a running one (or a
+    /// redelivery ahead of the owner's lease) and must not take the event over.
+    pub(crate) fn claimed_by_another_until(
+        &self,
+        group: &str,
+        delivery: &str,
+        now: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        self.groups
+            .get(group)
+            .and_then(|entry| entry.claim.as_ref())
+            .filter(|claim| claim.delivery != delivery && claim.expires > now)
+            .map(|claim| claim.expires)
+    }
+
     /// Extends the claim of `delivery` in `group` until `expires`; changes no state.
     ///
     /// # Errors
@@ -403,6 +419,23 @@ mod tests {
         assert_eq!(record.next_delivery("g", 1), 1);
         let decoded = Record::decode(&record.encode().unwrap()).unwrap();
         assert_eq!(decoded, record);
+    }
+
+    #[test]
+    fn only_a_live_claim_of_another_delivery_keeps_a_new_one_out() {
+        let mut record = Record::new(event(), Some(1));
+        let now = Utc::now();
+        assert_eq!(record.claimed_by_another_until("g", "d2", now), None);
+        record.claim("g", claim("d1"), 1);
+        let expires = record.groups["g"].claim.as_ref().map(|c| c.expires);
+        assert!(expires.is_some_and(|at| at > now));
+        assert_eq!(record.claimed_by_another_until("g", "d2", now), expires);
+        assert_eq!(record.claimed_by_another_until("g", "d1", now), None, "its own");
+        assert_eq!(record.claimed_by_another_until("h", "d2", now), None, "another group");
+        let later = expires.unwrap_or(now) + chrono::Duration::milliseconds(1);
+        assert_eq!(record.claimed_by_another_until("g", "d2", later), None, "expired");
+        record.settle("g", "d1").unwrap();
+        assert_eq!(record.claimed_by_another_until("g", "d2", now), None, "settled");
     }
 
     #[test]

@@ -1018,6 +1018,89 @@ async fn a_redelivery_is_numbered_even_when_the_server_counts_it_as_a_first_deli
     provider.destroy().await.unwrap();
 }
 
+/// A copy of a delivery that is still running is not run a second time. nats-server before
+/// nats-io/nats-server#5305 (see [`queue_a_request_nothing_fits_in`]) rewinds the consumer when
+/// a redelivery finds no request able to take it, and then hands the newest message out again
+/// as a first delivery while its first delivery is still out (checked: the second member got
+/// `…workers.1.2.3…`, delivered count 1, stream sequence 2, while the first one ran it). The
+/// copy finds the event claimed by a live delivery and is given back for when that claim would
+/// expire; the running delivery keeps the event, records its outcome and acknowledges, and the
+/// copy, offered again later, finds the event finished.
+#[tokio::test]
+async fn a_copy_of_a_running_delivery_waits_for_its_claim() {
+    if !services::available("NATS", NATS) {
+        return;
+    }
+    let config = config("nats://127.0.0.1:4222");
+    let provider = provider(&config).await;
+    let lease = Duration::from_secs(6);
+    let first_member = provider.consume(options("workers", lease)).await.unwrap();
+    let second_member = provider.consume(options("workers", lease)).await.unwrap();
+    let (given_back, running) = (event("public.users.update"), event("public.users.create"));
+    provider.publish(&given_back).await.unwrap();
+    let first = fetch_one(&first_member).await;
+    assert_eq!(first.event.id, given_back.id);
+    provider.publish(&running).await.unwrap();
+    let newest = fetch_one(&first_member).await;
+    assert_eq!(newest.event.id, running.id);
+
+    let js = jetstream().await;
+    let mut group = group_consumer(&js, &config, "workers").await;
+    let mut replies = queue_a_request_nothing_fits_in(&config, &mut group).await;
+    first_member.release(&first).await.unwrap();
+    refused(&mut replies).await;
+
+    // While the running delivery lives (renewed), the second member gets no copy of it.
+    let mut pending_ids: HashSet<String> = [given_back.id.clone()].into();
+    let until = tokio::time::Instant::now() + lease;
+    while tokio::time::Instant::now() < until {
+        first_member.keep_alive(&newest).await.unwrap();
+        if let Ok(batch) =
+            tokio::time::timeout(Duration::from_millis(500), second_member.fetch(1)).await
+        {
+            for delivery in batch.unwrap() {
+                assert_eq!(
+                    delivery.event.id, given_back.id,
+                    "a copy of the running delivery was handed out ({}) while {} ran",
+                    delivery.token, newest.token
+                );
+                second_member
+                    .complete(&delivery, &finished(EventStatus::Completed))
+                    .await
+                    .unwrap();
+                pending_ids.remove(&delivery.event.id);
+            }
+        }
+    }
+    first_member
+        .complete(&newest, &finished(EventStatus::Completed))
+        .await
+        .expect("the running delivery still owns its event");
+
+    // Whatever is still due (the given-back event, the copy) is settled without running the
+    // finished event as anything but finished.
+    while !pending_ids.is_empty() {
+        let delivery = fetch_one(&second_member).await;
+        if delivery.event.id == running.id {
+            assert_eq!(delivery.event.status, EventStatus::Completed);
+        }
+        second_member
+            .complete(&delivery, &finished(EventStatus::Completed))
+            .await
+            .unwrap();
+        pending_ids.remove(&delivery.event.id);
+    }
+    for id in [&given_back.id, &running.id] {
+        assert_eq!(
+            provider.get(id).await.unwrap().unwrap().status,
+            EventStatus::Completed
+        );
+    }
+    first_member.close().await;
+    second_member.close().await;
+    provider.destroy().await.unwrap();
+}
+
 /// A host that wrote an event's final outcome and stopped before acknowledging it leaves the
 /// event to be run again by the redelivery (at-least-once), also when the server counts that
 /// redelivery as a first delivery: only a first delivery of an event the group finished is
