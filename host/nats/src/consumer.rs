@@ -97,7 +97,7 @@ struct Outstanding {
 /// What a delivered message means for this group ([`NatsConsumer::claim`]).
 enum Admission {
     /// The delivery owns the event now: the record as written by the claim.
-    Claimed(Versioned),
+    Claimed(Box<Versioned>),
     /// Nothing to do: the message is acknowledged and skipped.
     Skip,
     /// Another delivery owns the event and is alive: the message is given back to be offered
@@ -241,7 +241,7 @@ impl NatsConsumer {
                     arrival.token.clone(),
                     Outstanding {
                         id: event.id.clone(),
-                        known: Some(claimed),
+                        known: Some(*claimed),
                     },
                 );
                 Some(Delivery {
@@ -342,7 +342,9 @@ impl NatsConsumer {
                 }
             };
             match written {
-                Ok(revision) => return Ok(Admission::Claimed(Versioned { record, revision })),
+                Ok(revision) => {
+                    return Ok(Admission::Claimed(Box::new(Versioned { record, revision })));
+                }
                 Err(error) => {
                     tracing::debug!(event_id = %id, %error, "event changed while being claimed; looking again")
                 }

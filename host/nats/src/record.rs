@@ -430,12 +430,28 @@ mod tests {
         let expires = record.groups["g"].claim.as_ref().map(|c| c.expires);
         assert!(expires.is_some_and(|at| at > now));
         assert_eq!(record.claimed_by_another_until("g", "d2", now), expires);
-        assert_eq!(record.claimed_by_another_until("g", "d1", now), None, "its own");
-        assert_eq!(record.claimed_by_another_until("h", "d2", now), None, "another group");
+        assert_eq!(
+            record.claimed_by_another_until("g", "d1", now),
+            None,
+            "its own"
+        );
+        assert_eq!(
+            record.claimed_by_another_until("h", "d2", now),
+            None,
+            "another group"
+        );
         let later = expires.unwrap_or(now) + chrono::Duration::milliseconds(1);
-        assert_eq!(record.claimed_by_another_until("g", "d2", later), None, "expired");
+        assert_eq!(
+            record.claimed_by_another_until("g", "d2", later),
+            None,
+            "expired"
+        );
         record.settle("g", "d1").unwrap();
-        assert_eq!(record.claimed_by_another_until("g", "d2", now), None, "settled");
+        assert_eq!(
+            record.claimed_by_another_until("g", "d2", now),
+            None,
+            "settled"
+        );
     }
 
     #[test]
