@@ -84,11 +84,23 @@ impl EventFilter {
 
     /// Whether `event` passes every set field (ignores limit, offset and order).
     pub fn matches(&self, event: &Event) -> bool {
+        self.matches_in(event, event.status, &event.handlers)
+    }
+
+    /// [`Self::matches`] for `event` as a consumer group sees it: in `status`, with
+    /// `handlers` as the group's outcomes (the fields a group's state replaces that a filter
+    /// reads), without building that view.
+    pub fn matches_in(
+        &self,
+        event: &Event,
+        status: EventStatus,
+        handlers: &[crate::event::HandlerOutcome],
+    ) -> bool {
         fn eq<T: PartialEq>(want: &Option<T>, have: &T) -> bool {
             want.as_ref().is_none_or(|want| want == have)
         }
         eq(&self.source, &event.source)
-            && eq(&self.status, &event.status)
+            && eq(&self.status, &status)
             && self.user_id.is_none_or(|id| event.user_id == Some(id))
             && eq(&self.session_id, &event.session_id)
             && eq(&self.schema, &event.schema)
@@ -102,7 +114,7 @@ impl EventFilter {
             && self
                 .handler
                 .as_ref()
-                .is_none_or(|name| event.handlers.iter().any(|o| &o.handler == name))
+                .is_none_or(|name| handlers.iter().any(|o| &o.handler == name))
             && self.caused_by.as_ref().is_none_or(|cause| {
                 event
                     .metadata

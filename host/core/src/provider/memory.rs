@@ -16,7 +16,7 @@
 //! Nothing survives the process: the provider is not durable.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Consumer, ConsumerOptions, Counters, Delivery, EventFilter, EventStream, GroupState, Provider,
-    ProviderError, ProviderFeatures, ProviderStats, StatusUpdate,
+    ProviderError, ProviderFeatures, ProviderStats, SortOrder, StatusUpdate,
 };
 use crate::config::BrokerConfig;
 use crate::event::{Event, EventStatus};
@@ -143,6 +143,14 @@ impl Entry {
             .expect("the group's state was just ensured")
     }
 
+    /// Whether the event as `group` sees it passes `filter`, without copying it.
+    fn matches(&self, group: &str, filter: &EventFilter) -> bool {
+        match self.states.get(group) {
+            Some(state) => filter.matches_in(&self.event, state.status, &state.handlers),
+            None => filter.matches(&self.event),
+        }
+    }
+
     fn view(&self, group: &str) -> Event {
         match self.states.get(group) {
             Some(state) => state.view(&self.event),
@@ -180,6 +188,9 @@ impl Entry {
 
 struct State {
     events: HashMap<String, Entry>,
+    /// Every stored event by (creation time, id): `list` walks it in the page's order and
+    /// stops once the page is full, instead of sorting every stored event.
+    by_time: BTreeSet<(DateTime<Utc>, String)>,
     /// Settled events, least recently used first.
     settled: LruCache<String, ()>,
     unsettled: usize,
@@ -267,6 +278,7 @@ impl MemoryProvider {
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 events: HashMap::new(),
+                by_time: BTreeSet::new(),
                 settled: LruCache::unbounded(),
                 unsettled: 0,
                 log: BTreeMap::new(),
@@ -431,6 +443,7 @@ impl Inner {
         } else {
             state.unsettled += 1;
         }
+        state.by_time.insert((event.created_at, id.clone()));
         state.events.insert(id, entry);
         if deliver {
             for group in state.groups.values() {
@@ -495,6 +508,8 @@ enum InsertError {
 impl State {
     fn remove(&mut self, id: &str) -> Option<Event> {
         let entry = self.events.remove(id)?;
+        self.by_time
+            .remove(&(entry.event.created_at, entry.event.id.clone()));
         if entry.settled {
             self.settled.pop(id);
         } else {
@@ -600,16 +615,20 @@ impl Provider for MemoryProvider {
     }
 
     async fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
-        let matching: Vec<Event> = {
-            let state = self.inner.lock();
-            state
-                .events
-                .values()
-                .map(|entry| entry.view(&self.group))
-                .filter(|event| filter.matches(event))
-                .collect()
+        let state = self.inner.lock();
+        let in_order: Box<dyn Iterator<Item = &(DateTime<Utc>, String)>> = match filter.order {
+            SortOrder::Desc => Box::new(state.by_time.iter().rev()),
+            SortOrder::Asc => Box::new(state.by_time.iter()),
         };
-        Ok(filter.paginate(matching))
+        // Walked in the page's order (creation time, then id): the first `offset + limit`
+        // matches are the page and what it skips; only those are copied.
+        Ok(in_order
+            .filter_map(|(_, id)| state.events.get(id))
+            .filter(|entry| entry.matches(&self.group, filter))
+            .skip(filter.offset)
+            .take(filter.effective_limit())
+            .map(|entry| entry.view(&self.group))
+            .collect())
     }
 
     async fn update_status(&self, id: &str, update: &StatusUpdate) -> Result<(), ProviderError> {
