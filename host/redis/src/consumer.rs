@@ -388,7 +388,6 @@ impl ConsumerInner {
         stored: Vec<Option<Stored>>,
     ) -> Result<Vec<Option<(Event, bool)>>, ProviderError> {
         let now = chrono::Utc::now();
-        let group_json = to_json(&self.group)?;
         let mut out = Vec::with_capacity(stored.len());
         let mut script = self.shared.scripts.claim.prepare_invoke();
         script
@@ -411,16 +410,11 @@ impl ConsumerInner {
             marked.processed_at = Some(now);
             marked.completed_at = None;
             let state = to_json(&StoredState::of_event(&marked))?;
-            let message = format!(
-                r#"{{"event":{},"status":"processing","state":{state},"group":{group_json}}}"#,
-                stored.event
-            );
             script
                 .arg(id)
                 .arg(stored.status.as_deref().unwrap_or(""))
                 .arg(stored.state.as_deref().unwrap_or(""))
-                .arg(state)
-                .arg(message);
+                .arg(state);
             claimed.push((index, marked));
             out.push(Some((event, false)));
         }

@@ -11,8 +11,11 @@ use eventbroker::provider::statuses_kept_by_release;
 use redis::Script;
 
 /// Lua helpers shared by the scripts that read group states: `finished(status)`,
-/// `status_in(h, g)` (the group's status, or the event's own one when the group has none) and
-/// `settled(p, h)` (every group of `p:groups` finished the event).
+/// `status_in(h, g)` (the group's status, or the event's own one when the group has none),
+/// `settled(p, h)` (every group of `p:groups` finished the event), `index_status(p, g, id,
+/// old, new, score)` (moves the id from the group's `old` status index to its `new` one; from
+/// every status index when `old` is nil) and `watched(channel)` (whether any client, on any
+/// host, subscribes to the watch channel: a watch message is only built and published then).
 const HELPERS: &str = r#"
 local function finished(s) return s == 'completed' or s == 'failed' end
 local function status_in(h, g)
@@ -25,9 +28,16 @@ local function settled(p, h)
   return true
 end
 local STATUSES = {'pending', 'processing', 'completed', 'failed'}
-local function index_status(p, g, id, status, score)
-  for _, s in ipairs(STATUSES) do redis.call('ZREM', p .. ':gs:' .. g .. ':' .. s, id) end
-  redis.call('ZADD', p .. ':gs:' .. g .. ':' .. status, score, id)
+local function index_status(p, g, id, old, new, score)
+  if old == nil then
+    for _, s in ipairs(STATUSES) do redis.call('ZREM', p .. ':gs:' .. g .. ':' .. s, id) end
+  elseif old ~= new then
+    redis.call('ZREM', p .. ':gs:' .. g .. ':' .. old, id)
+  end
+  redis.call('ZADD', p .. ':gs:' .. g .. ':' .. new, score, id)
+end
+local function watched(channel)
+  return redis.call('PUBSUB', 'NUMSUB', channel)[2] > 0
 end
 local function parse_id(id)
   local d = string.find(id, '-', 1, true)
@@ -74,8 +84,10 @@ if ARGV[6] == '1' then
   end
   redis.call('HSET', KEYS[1], 'entry', entry)
 end
-redis.call('PUBLISH', ARGV[8],
-  '{"event":' .. ARGV[2] .. ',"status":"' .. ARGV[3] .. '","state":' .. ARGV[4] .. '}')
+if watched(ARGV[8]) then
+  redis.call('PUBLISH', ARGV[8],
+    '{"event":' .. ARGV[2] .. ',"status":"' .. ARGV[3] .. '","state":' .. ARGV[4] .. '}')
+end
 return 1
 "#;
 
@@ -144,7 +156,7 @@ if mode == 'release' then
   if RELEASE_KEEPS[old] then new = old else new = 'pending' end
 end
 local score = redis.call('ZSCORE', p .. ':idx:all', id) or '0'
-index_status(p, group, id, new, score)
+index_status(p, group, id, old, new, score)
 redis.call('HSET', h, 'status:' .. group, new)
 if ARGV[8] ~= '' then
   redis.call('HSET', h, 'state:' .. group, ARGV[8])
@@ -186,9 +198,11 @@ if mode == 'requeue' then
     redis.call('HSET', h, 'entry:' .. group, again)
   end
 end
-local state = redis.call('HGET', h, 'state:' .. group) or redis.call('HGET', h, 'state') or 'null'
-redis.call('PUBLISH', ARGV[15], '{"event":' .. redis.call('HGET', h, 'event') ..
-  ',"status":"' .. new .. '","state":' .. state .. ',"group":' .. cjson.encode(group) .. '}')
+if watched(ARGV[15]) then
+  local state = redis.call('HGET', h, 'state:' .. group) or redis.call('HGET', h, 'state') or 'null'
+  redis.call('PUBLISH', ARGV[15], '{"event":' .. redis.call('HGET', h, 'event') ..
+    ',"status":"' .. new .. '","state":' .. state .. ',"group":' .. cjson.encode(group) .. '}')
+end
 return {'ok', new}
 "#;
 
@@ -198,12 +212,13 @@ return {'ok', new}
 /// made meanwhile, such as a re-run, is left alone and the worker marks it as before).
 ///
 /// ARGV: 1 stream (prefix of every key), 2 group, 3 watch channel, then per event four values:
-/// id, expected status, expected state json ("" for none), new state json, watch message.
-/// Returns one 1 (marked) or 0 per event.
+/// id, expected status, expected state json ("" for none), new state json. Returns one 1
+/// (marked) or 0 per event.
 const CLAIM: &str = r#"
 local p, group, channel = ARGV[1], ARGV[2], ARGV[3]
 local marked = {}
-for i = 4, #ARGV, 5 do
+local watching = watched(channel)
+for i = 4, #ARGV, 4 do
   local id = ARGV[i]
   local h = p .. ':ev:' .. id
   local done = 0
@@ -211,11 +226,15 @@ for i = 4, #ARGV, 5 do
     local state = redis.call('HGET', h, 'state:' .. group) or redis.call('HGET', h, 'state') or ''
     if state == ARGV[i + 2] then
       local score = redis.call('ZSCORE', p .. ':idx:all', id) or '0'
-      index_status(p, group, id, 'processing', score)
+      index_status(p, group, id, ARGV[i + 1], 'processing', score)
       redis.call('HSET', h, 'status:' .. group, 'processing', 'state:' .. group, ARGV[i + 3])
       redis.call('ZREM', p .. ':idx:finished', id)
       redis.call('PERSIST', h)
-      redis.call('PUBLISH', channel, ARGV[i + 4])
+      if watching then
+        redis.call('PUBLISH', channel, '{"event":' .. redis.call('HGET', h, 'event') ..
+          ',"status":"processing","state":' .. ARGV[i + 3] .. ',"group":' ..
+          cjson.encode(group) .. '}')
+      end
       done = 1
     end
   end
@@ -266,7 +285,7 @@ for i = 1, #page, 2 do
   local h = p .. ':ev:' .. id
   if redis.call('EXISTS', h) == 1 then
     local status = status_in(h, group)
-    index_status(p, group, id, status, score)
+    index_status(p, group, id, nil, status, score)
     if not finished(status) then
       redis.call('ZREM', p .. ':idx:finished', id)
       redis.call('PERSIST', h)
@@ -424,7 +443,7 @@ fn release_rule() -> String {
 impl Scripts {
     pub(crate) fn new() -> Self {
         Scripts {
-            store: Script::new(STORE),
+            store: Script::new(&format!("{HELPERS}{STORE}")),
             outcome: Script::new(&format!("{}{HELPERS}{OUTCOME}", release_rule())),
             claim: Script::new(&format!("{HELPERS}{CLAIM}")),
             move_due: Script::new(MOVE_DUE),
