@@ -1,11 +1,13 @@
 //! Every path in one run, one table:
 //!
-//!     cargo bench -p eventbroker-bench --bench all [-- [PATH...] [--scale F] [--stored N,N,...]]
+//!     cargo bench -p eventbroker-bench --bench all [-- [PATH...] [--scale F] [--stored N,N,...]
+//!         [--stored-on BACKEND,...]]
 //!
 //! PATH is any of `memory hooks wasm sqlite postgres redis nats fanout footprint stored`
 //! (default: all). `--scale` multiplies every path's event count (default 1.0); `--stored`
 //! lists the store sizes of the read-latency table (default `10000,100000`; add `1000000` for
-//! the full table, which takes minutes per backend). Paths whose service is not reachable are
+//! the full table, which takes minutes per backend) and `--stored-on` its backends (default
+//! every one). Paths whose service is not reachable are
 //! listed as skipped. Run it with nothing else running on the machine.
 
 use clap::Parser;
@@ -23,6 +25,9 @@ struct Args {
     /// Store sizes of the read-latency table.
     #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
     stored: Vec<u64>,
+    /// Backends of the read-latency table (default: every one).
+    #[arg(long, value_delimiter = ',')]
+    stored_on: Vec<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -43,6 +48,15 @@ const ALL: [&str; 10] = [
 
 fn main() {
     let args = Args::parse();
+    for backend in &args.stored_on {
+        if !paths::stored::BACKENDS.contains(&backend.as_str()) {
+            eprintln!(
+                "unknown backend {backend:?} for --stored-on; expected one of {}",
+                paths::stored::BACKENDS.join(",")
+            );
+            std::process::exit(2);
+        }
+    }
     for path in &args.paths {
         if !ALL.contains(&path.as_str()) {
             eprintln!("unknown path {path:?}; expected one of {}", ALL.join(" "));
@@ -121,7 +135,10 @@ fn main() {
             println!("\nReads as the store grows (get by id; list of the newest 100):\n");
             println!("| backend | stored | fill /s | get p50 | get p99 | list p50 | list p99 |");
             println!("|---|---:|---:|---:|---:|---:|---:|");
-            for backend in paths::stored::BACKENDS {
+            let chosen = |backend: &str| {
+                args.stored_on.is_empty() || args.stored_on.iter().any(|b| b == backend)
+            };
+            for backend in paths::stored::BACKENDS.into_iter().filter(|b| chosen(b)) {
                 match paths::stored::run(backend, &args.stored).await {
                     Ok(lines) => {
                         for r in lines {
