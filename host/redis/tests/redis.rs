@@ -1,7 +1,7 @@
 //! Redis-specific behaviour of the Redis Streams provider (the shared conformance suite covers
 //! the common contract): trimming never drops unfinished entries, dead letters, keep-alive
-//! against claims, hand-back on close, cross-instance watchers, and reconnecting after the
-//! connection to Redis was cut.
+//! against claims, hand-back on close, cross-instance watchers, status indexes through every
+//! transition, and reconnecting after the connection to Redis was cut.
 //!
 //! Needs Redis at 127.0.0.1:6379 (`REDIS_URL` overrides); skips loudly without it.
 
@@ -520,6 +520,111 @@ async fn idle_consumers_are_deleted_only_when_they_hold_nothing() {
     holder.close().await;
     empty.close().await;
     assert!(consumers(&stream, "idle").await.is_empty());
+    provider.close().await;
+    cleanup(&config).await;
+}
+
+/// The statuses whose index (`{stream}:gs:{group}:{status}`) holds `id`.
+async fn indexed_statuses(stream: &str, group: &str, id: &str) -> Vec<&'static str> {
+    let mut found = Vec::new();
+    for status in ["pending", "processing", "completed", "failed"] {
+        let key = format!("{stream}:gs:{group}:{status}");
+        if member(&key, id).await {
+            found.push(status);
+        }
+    }
+    found
+}
+
+async fn member(key: &str, id: &str) -> bool {
+    let client = redis::Client::open(format!("redis://{}/0", redis_addr())).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let score: Option<f64> = redis::cmd("ZSCORE")
+        .arg(key)
+        .arg(id)
+        .query_async(&mut conn)
+        .await
+        .expect("ZSCORE");
+    score.is_some()
+}
+
+/// A status change moves the event out of its old status index only (not out of every one):
+/// through publish, claim, completion, failure, retry, release and re-run, each event sits in
+/// exactly the index of its status in the group, and `stats` counts agree with `get`.
+#[tokio::test]
+async fn every_transition_leaves_each_event_in_exactly_its_status_index() {
+    let Some(mut config) = config() else { return };
+    config.redis.consumer_group = "g".into();
+    let provider = connect(&config).await;
+    let consumer = provider
+        .consume(options("g", Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let stream = config.redis.stream_name.clone();
+    let events: Vec<Event> = (0..4).map(|_| event("orders.create")).collect();
+    for e in &events {
+        provider.publish(e).await.unwrap();
+    }
+    let check = |stage: &'static str| {
+        let (provider, stream, events) = (&provider, &stream, &events);
+        async move {
+            let mut counted = std::collections::BTreeMap::<String, u64>::new();
+            for e in events {
+                let status = provider.get(&e.id).await.unwrap().expect("stored").status;
+                *counted.entry(status.to_string()).or_default() += 1;
+                assert_eq!(
+                    indexed_statuses(stream, "g", &e.id).await,
+                    [status.to_string().as_str()],
+                    "{stage}: event {} is {status}",
+                    e.id
+                );
+            }
+            let stats = provider.stats().await.unwrap();
+            for (status, count) in &counted {
+                assert_eq!(
+                    stats.by_status.get(status),
+                    Some(count),
+                    "{stage}: {stats:?}"
+                );
+            }
+        }
+    };
+    check("published").await;
+    let mut deliveries = fetch_n(consumer.as_ref(), 4).await;
+    deliveries.sort_by_key(|d| events.iter().position(|e| e.id == d.event.id));
+    check("claimed").await;
+    consumer
+        .complete(&deliveries[0], &finished(EventStatus::Completed, None))
+        .await
+        .unwrap();
+    consumer
+        .complete(&deliveries[1], &finished(EventStatus::Failed, Some("boom")))
+        .await
+        .unwrap();
+    let mut retried = finished(EventStatus::Pending, Some("again"));
+    retried.completed_at = None;
+    consumer
+        .retry(&deliveries[2], &retried, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    consumer.release(&deliveries[3]).await.unwrap();
+    check("completed, failed, retried, released").await;
+    let rerun = StatusUpdate {
+        status: EventStatus::Pending,
+        error: None,
+        retry_count: 0,
+        handlers: Vec::new(),
+        processed_at: None,
+        completed_at: None,
+    };
+    for e in &events[..2] {
+        provider.requeue(&e.id, &rerun).await.unwrap();
+    }
+    check("re-run").await;
+    consumer.close().await;
     provider.close().await;
     cleanup(&config).await;
 }
