@@ -21,7 +21,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use sqlx::{AnyConnection, AssertSqlSafe, Executor, Row};
+use sqlx::{AnyConnection, AssertSqlSafe, Row};
 use tokio::sync::{Mutex as AsyncMutex, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -285,16 +285,16 @@ async fn run_batch(
 ) -> Result<Vec<bool>, sqlx::Error> {
     let mut tx = match shared.dialect {
         Dialect::Sqlite => shared.writer.begin_with("BEGIN IMMEDIATE").await?,
+        // Publishes hold the group lock shared (a group being created waits for them): taken
+        // with `BEGIN`, in the same round trip.
+        Dialect::Postgres if ops.iter().any(|op| op.needs_group_lock()) => {
+            shared
+                .pool
+                .begin_with(AssertSqlSafe(shared.q.begin_locked.clone()))
+                .await?
+        }
         Dialect::Postgres => shared.pool.begin().await?,
     };
-    if shared.dialect == Dialect::Postgres && ops.iter().any(|op| op.needs_group_lock()) {
-        // Publishes hold the group lock shared: a group being created waits for them.
-        tx.execute(
-            sqlx::query(AssertSqlSafe(shared.q.lock_shared.clone()))
-                .bind(shared.q.lock_name.clone()),
-        )
-        .await?;
-    }
     let mut outcomes = Vec::with_capacity(ops.len());
     for op in ops {
         outcomes.push(execute(shared, &mut tx, op).await?);

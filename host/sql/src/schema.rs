@@ -281,8 +281,11 @@ pub struct Queries {
     pub channel: String,
     /// Advisory lock name serializing group creation against publishes (PostgreSQL).
     pub lock_name: String,
-    /// `SELECT 1 FROM pg_advisory_xact_lock_shared(…)` ($1 lock name).
-    pub lock_shared: String,
+    /// PostgreSQL: `BEGIN` and the shared advisory lock on `lock_name` in one simple query
+    /// (one round trip), for a batch of writes that publishes: publishes hold the lock shared
+    /// so that a group being created waits for them. The batch's statements that follow take
+    /// their snapshots after the lock. SQLite: unused.
+    pub begin_locked: String,
     /// `SELECT 1 FROM pg_advisory_xact_lock(…)` ($1 lock name).
     pub lock_exclusive: String,
     /// Inserts a published event and its deliveries. PostgreSQL: one statement, $1..$18
@@ -373,8 +376,11 @@ impl Queries {
         let next = EVENT_COLUMN_COUNT + 1;
         let view = view_columns();
         let bump = sqlite_bump(t);
-        let lock_shared =
-            "SELECT 1 FROM pg_advisory_xact_lock_shared(hashtextextended($1, 0))".to_owned();
+        // The lock name is built from the table name, an identifier (letters, digits, '_').
+        let begin_locked = format!(
+            "BEGIN; SELECT 1 FROM pg_advisory_xact_lock_shared(hashtextextended('{}', 0))",
+            format!("eventbroker:{t}").replace('\'', "''")
+        );
         let lock_exclusive =
             "SELECT 1 FROM pg_advisory_xact_lock(hashtextextended($1, 0))".to_owned();
         let get = format!("SELECT {view} FROM {} WHERE e.id = $1", view_from(t, "$2"));
@@ -432,7 +438,7 @@ impl Queries {
             Dialect::Postgres => Queries {
                 channel: format!("{t}_events"),
                 lock_name: format!("eventbroker:{t}"),
-                lock_shared,
+                begin_locked,
                 lock_exclusive,
                 publish: format!(
                     "WITH ins AS (INSERT INTO {t} ({EVENT_COLUMNS}, published) \
@@ -561,7 +567,7 @@ impl Queries {
             Dialect::Sqlite => Queries {
                 channel: String::new(),
                 lock_name: String::new(),
-                lock_shared,
+                begin_locked: String::new(),
                 lock_exclusive,
                 publish: format!(
                     "INSERT INTO {t} ({EVENT_COLUMNS}, published, changed) \
