@@ -89,7 +89,7 @@ pub async fn sqlite(events: u64) -> Row {
 /// Drops the broker's tables named after `table`.
 pub async fn drop_tables(url: &str, table: &str) {
     if let Ok(pool) = PgPool::connect(url).await {
-        for suffix in ["_deliveries", "_groups", "_migrations", ""] {
+        for suffix in ["_deliveries", "_states", "_groups", "_migrations", ""] {
             let _ = pool
                 .execute(sqlx::AssertSqlSafe(format!(
                     "DROP TABLE IF EXISTS {table}{suffix}"
