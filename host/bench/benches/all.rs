@@ -7,8 +7,8 @@
 //! (default: all). `--scale` multiplies every path's event count (default 1.0); `--stored`
 //! lists the store sizes of the read-latency table (default `10000,100000`; add `1000000` for
 //! the full table, which takes minutes per backend) and `--stored-on` its backends (default
-//! every one). Paths whose service is not reachable are
-//! listed as skipped. Run it with nothing else running on the machine.
+//! every one). Paths whose service is not reachable are listed as skipped. Run it with
+//! nothing else running on the machine.
 
 use clap::Parser;
 use eventbroker_bench::paths::{self, Outcome};
@@ -26,7 +26,11 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
     stored: Vec<u64>,
     /// Backends of the read-latency table (default: every one).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_parser = clap::builder::PossibleValuesParser::new(paths::stored::BACKENDS)
+    )]
     stored_on: Vec<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
@@ -48,15 +52,6 @@ const ALL: [&str; 10] = [
 
 fn main() {
     let args = Args::parse();
-    for backend in &args.stored_on {
-        if !paths::stored::BACKENDS.contains(&backend.as_str()) {
-            eprintln!(
-                "unknown backend {backend:?} for --stored-on; expected one of {}",
-                paths::stored::BACKENDS.join(",")
-            );
-            std::process::exit(2);
-        }
-    }
     for path in &args.paths {
         if !ALL.contains(&path.as_str()) {
             eprintln!("unknown path {path:?}; expected one of {}", ALL.join(" "));

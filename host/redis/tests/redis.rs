@@ -104,6 +104,18 @@ fn finished(status: EventStatus, error: Option<&str>) -> StatusUpdate {
     }
 }
 
+/// The update of a re-run (`requeue`): back to `pending`, nothing recorded.
+fn rerun() -> StatusUpdate {
+    StatusUpdate {
+        status: EventStatus::Pending,
+        error: None,
+        retry_count: 0,
+        handlers: Vec::new(),
+        processed_at: None,
+        completed_at: None,
+    }
+}
+
 /// Fetches until `want` deliveries arrived (or panics after [`PATIENCE`]).
 async fn fetch_n(consumer: &dyn eventbroker::provider::Consumer, want: usize) -> Vec<Delivery> {
     let mut got = Vec::new();
@@ -201,14 +213,7 @@ async fn failed_events_become_dead_letters_and_requeue_moves_them_back() {
     assert_eq!(stored.status, EventStatus::Failed);
     assert_eq!(stored.error.as_deref(), Some("boom"));
 
-    let pending = StatusUpdate {
-        status: EventStatus::Pending,
-        error: None,
-        retry_count: 0,
-        handlers: Vec::new(),
-        processed_at: None,
-        completed_at: None,
-    };
+    let pending = rerun();
     provider.requeue(&e.id, &pending).await.unwrap();
     assert_eq!(redis_int(&["XLEN", &dead]).await, 0, "dead letter removed");
     // Pending and not handed out yet: a second re-run is accepted and adds no second entry.
@@ -369,7 +374,38 @@ async fn watchers_see_events_of_other_instances() {
         .expect("stream ended")
         .expect("error item");
     assert_eq!(seen, e);
-    two.update_status(&e.id, &finished(EventStatus::Completed, None))
+    // The claim on the other instance records `processing`; its script builds the watch
+    // message (only while someone subscribes, as here).
+    let consumer = two
+        .consume(options(
+            &config.redis.consumer_group,
+            Duration::from_secs(60),
+        ))
+        .await
+        .unwrap();
+    // Both published events (the first one's type is not watched).
+    let mut deliveries = fetch_n(consumer.as_ref(), 2).await;
+    deliveries.sort_by_key(|d| d.event.id != e.id);
+    let delivery = deliveries.remove(0);
+    assert_eq!(delivery.event.id, e.id);
+    assert!(delivery.processing_recorded);
+    let seen = tokio::time::timeout(PATIENCE, watcher.next())
+        .await
+        .expect("watcher got nothing")
+        .expect("stream ended")
+        .expect("error item");
+    assert_eq!(seen.id, e.id);
+    assert_eq!(seen.status, EventStatus::Processing);
+    assert_eq!(seen.processed_at, delivery.event.processed_at);
+    assert_eq!(seen.payload, e.payload);
+    for other in &deliveries {
+        consumer
+            .complete(other, &finished(EventStatus::Completed, None))
+            .await
+            .unwrap();
+    }
+    consumer
+        .complete(&delivery, &finished(EventStatus::Completed, None))
         .await
         .unwrap();
     let seen = tokio::time::timeout(PATIENCE, watcher.next())
@@ -378,6 +414,7 @@ async fn watchers_see_events_of_other_instances() {
         .expect("stream ended")
         .expect("error item");
     assert_eq!(seen.status, EventStatus::Completed);
+    consumer.close().await;
     one.close().await;
     assert!(
         tokio::time::timeout(PATIENCE, watcher.next())
@@ -526,29 +563,24 @@ async fn idle_consumers_are_deleted_only_when_they_hold_nothing() {
 
 /// The statuses whose index (`{stream}:gs:{group}:{status}`) holds `id`.
 async fn indexed_statuses(stream: &str, group: &str, id: &str) -> Vec<&'static str> {
-    let mut found = Vec::new();
-    for status in ["pending", "processing", "completed", "failed"] {
-        let key = format!("{stream}:gs:{group}:{status}");
-        if member(&key, id).await {
-            found.push(status);
-        }
-    }
-    found
-}
-
-async fn member(key: &str, id: &str) -> bool {
     let client = redis::Client::open(format!("redis://{}/0", redis_addr())).expect("client");
     let mut conn = client
         .get_multiplexed_async_connection()
         .await
         .expect("connect");
-    let score: Option<f64> = redis::cmd("ZSCORE")
-        .arg(key)
-        .arg(id)
-        .query_async(&mut conn)
-        .await
-        .expect("ZSCORE");
-    score.is_some()
+    let mut found = Vec::new();
+    for status in ["pending", "processing", "completed", "failed"] {
+        let score: Option<f64> = redis::cmd("ZSCORE")
+            .arg(format!("{stream}:gs:{group}:{status}"))
+            .arg(id)
+            .query_async(&mut conn)
+            .await
+            .expect("ZSCORE");
+        if score.is_some() {
+            found.push(status);
+        }
+    }
+    found
 }
 
 /// A status change moves the event out of its old status index only (not out of every one):
@@ -612,16 +644,8 @@ async fn every_transition_leaves_each_event_in_exactly_its_status_index() {
         .unwrap();
     consumer.release(&deliveries[3]).await.unwrap();
     check("completed, failed, retried, released").await;
-    let rerun = StatusUpdate {
-        status: EventStatus::Pending,
-        error: None,
-        retry_count: 0,
-        handlers: Vec::new(),
-        processed_at: None,
-        completed_at: None,
-    };
     for e in &events[..2] {
-        provider.requeue(&e.id, &rerun).await.unwrap();
+        provider.requeue(&e.id, &rerun()).await.unwrap();
     }
     check("re-run").await;
     consumer.close().await;

@@ -1159,6 +1159,68 @@ mod tests {
         }
     }
 
+    /// `list` walks the creation-time index: events evicted, deleted or expired leave it with
+    /// the events themselves (no stale entries, no growth), and pages come out in order.
+    #[tokio::test]
+    async fn the_list_index_follows_evictions_and_deletions() {
+        let mut config = BrokerConfig {
+            consumer_group: "a".into(),
+            ..BrokerConfig::default()
+        };
+        config.memory.max_events = 5;
+        let provider = MemoryProvider::new(&config);
+        let consumer = provider.consume(options("a")).await.expect("consume");
+        let mut published = Vec::new();
+        for n in 0..12 {
+            let mut event = Event::new(EventSource::System, "index.test", "h");
+            // Out of creation order on purpose: the index, not publish order, decides.
+            event.created_at += chrono::Duration::milliseconds((n * 7) % 5);
+            provider.publish(&event).await.expect("publish");
+            published.push(event);
+            for delivery in consumer.fetch(8).await.expect("fetch") {
+                consumer
+                    .complete(&delivery, &done())
+                    .await
+                    .expect("complete");
+            }
+        }
+        assert!(provider.delete(&published[11].id).await.expect("delete"));
+        let mut expected: Vec<(DateTime<Utc>, String)> = {
+            let state = provider.inner.lock();
+            assert_eq!(state.by_time.len(), state.events.len());
+            assert!(state.by_time.iter().all(|(at, id)| {
+                state
+                    .events
+                    .get(id)
+                    .is_some_and(|e| e.event.created_at == *at)
+            }));
+            state.by_time.iter().cloned().collect()
+        };
+        expected.reverse();
+        let listed = provider.list(&EventFilter::default()).await.expect("list");
+        let listed: Vec<(DateTime<Utc>, String)> =
+            listed.into_iter().map(|e| (e.created_at, e.id)).collect();
+        assert_eq!(listed, expected, "newest first, every stored event once");
+        let page = provider
+            .list(&EventFilter {
+                offset: 1,
+                limit: Some(2),
+                order: SortOrder::Asc,
+                ..EventFilter::default()
+            })
+            .await
+            .expect("list");
+        let page: Vec<String> = page.into_iter().map(|e| e.id).collect();
+        let oldest: Vec<String> = expected
+            .iter()
+            .rev()
+            .skip(1)
+            .take(2)
+            .map(|(_, id)| id.clone())
+            .collect();
+        assert_eq!(page, oldest);
+    }
+
     #[tokio::test]
     async fn an_event_is_evicted_only_once_every_group_finished_it() {
         let mut config = BrokerConfig {
