@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::sync::{Mutex as AsyncMutex, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -50,6 +50,98 @@ impl Finished {
     }
 }
 
+/// The bounded local queue between the reader and the workers, `capacity` deliveries deep.
+/// The reader reserves room before it fetches ([`QueueSender::reserve`]), so nothing it
+/// fetched ever waits outside the queue; any number of workers take from it without a lock
+/// around the receiving end. It closes when the reader's end is dropped: workers then take
+/// what is left and see `None`.
+fn local_queue(capacity: usize) -> (QueueSender, QueueReceiver) {
+    let (sender, receiver) = flume::unbounded();
+    let room = Arc::new(Semaphore::new(capacity));
+    (
+        QueueSender {
+            sender,
+            room: room.clone(),
+        },
+        QueueReceiver { receiver, room },
+    )
+}
+
+/// The reader's end of the local queue.
+struct QueueSender {
+    sender: flume::Sender<Arc<Delivery>>,
+    /// Free slots; a slot is taken by a reservation and freed when a worker takes a delivery.
+    room: Arc<Semaphore>,
+}
+
+impl QueueSender {
+    /// Waits for at least one free slot, then reserves as many as are free (at most
+    /// [`MAX_FETCH`]). `None` once the queue is closed.
+    async fn reserve(&self) -> Option<Reserved<'_>> {
+        let wanted = self.room.available_permits().clamp(1, MAX_FETCH);
+        let permit = self.room.acquire_many(wanted as u32).await.ok()?;
+        permit.forget();
+        Some(Reserved {
+            room: &self.room,
+            left: wanted,
+        })
+    }
+
+    /// Queues a delivery into a slot taken from a reservation with [`Reserved::take_one`].
+    fn send(&self, delivery: Arc<Delivery>) {
+        // The receivers live as long as the pool's workers; a delivery sent after every
+        // worker has gone (abort) stays held and is given back by `drain`.
+        let _ = self.sender.send(delivery);
+    }
+}
+
+/// Slots reserved in the local queue; those not used are freed when it is dropped.
+struct Reserved<'a> {
+    room: &'a Semaphore,
+    left: usize,
+}
+
+impl Reserved<'_> {
+    /// How many slots are still reserved.
+    fn len(&self) -> usize {
+        self.left
+    }
+
+    /// Uses one reserved slot; `false` when none is left.
+    fn take_one(&mut self) -> bool {
+        if self.left == 0 {
+            return false;
+        }
+        self.left -= 1;
+        true
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if self.left > 0 {
+            self.room.add_permits(self.left);
+        }
+    }
+}
+
+/// A worker's end of the local queue; workers share it.
+#[derive(Clone)]
+struct QueueReceiver {
+    receiver: flume::Receiver<Arc<Delivery>>,
+    room: Arc<Semaphore>,
+}
+
+impl QueueReceiver {
+    /// The next queued delivery, freeing its slot; `None` once the reader has gone and the
+    /// queue is empty. Cancel-safe: a delivery is only taken when this returns it.
+    async fn recv(&self) -> Option<Arc<Delivery>> {
+        let delivery = self.receiver.recv_async().await.ok()?;
+        self.room.add_permits(1);
+        Some(delivery)
+    }
+}
+
 /// A running pool.
 pub(crate) struct Pool {
     consumer: Arc<dyn Consumer>,
@@ -62,19 +154,24 @@ pub(crate) struct Pool {
     workers_done: Arc<tokio::sync::Notify>,
 }
 
-/// Deliveries held locally (queued or running), for lease renewal and accounting.
+/// Deliveries held locally (queued or running), for lease renewal and accounting, by the
+/// address of their shared allocation (unique while held: the map keeps it alive).
 #[derive(Default)]
 struct Held {
-    deliveries: Mutex<HashMap<String, Arc<Delivery>>>,
+    deliveries: Mutex<HashMap<usize, Arc<Delivery>, foldhash::fast::RandomState>>,
 }
 
 impl Held {
-    fn insert(&self, delivery: &Arc<Delivery>) {
-        self.lock().insert(delivery.token.clone(), delivery.clone());
+    fn key(delivery: &Arc<Delivery>) -> usize {
+        Arc::as_ptr(delivery) as usize
     }
 
-    fn remove(&self, delivery: &Delivery) {
-        self.lock().remove(&delivery.token);
+    fn insert(&self, delivery: &Arc<Delivery>) {
+        self.lock().insert(Self::key(delivery), delivery.clone());
+    }
+
+    fn remove(&self, delivery: &Arc<Delivery>) {
+        self.lock().remove(&Self::key(delivery));
     }
 
     fn len(&self) -> usize {
@@ -85,7 +182,9 @@ impl Held {
         self.lock().values().cloned().collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Delivery>>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<usize, Arc<Delivery>, foldhash::fast::RandomState>> {
         self.deliveries.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -109,8 +208,7 @@ impl Pool {
             })
             .await?;
         let capacity = config.buffer_size.min(config.worker_count * 2).max(1);
-        let (sender, receiver) = mpsc::channel::<Arc<Delivery>>(capacity);
-        let receiver = Arc::new(AsyncMutex::new(receiver));
+        let (queue, taken) = local_queue(capacity);
         let stop_reading = CancellationToken::new();
         let abort = CancellationToken::new();
         let held = Arc::new(Held::default());
@@ -122,7 +220,7 @@ impl Pool {
         tasks.spawn(read_loop(
             inner.clone(),
             consumer.clone(),
-            sender,
+            queue,
             stop_reading.clone(),
             held.clone(),
         ));
@@ -131,7 +229,7 @@ impl Pool {
                 inner.clone(),
                 weak.clone(),
                 consumer.clone(),
-                receiver.clone(),
+                taken.clone(),
                 finished.clone(),
                 abort.clone(),
                 held.clone(),
@@ -147,6 +245,7 @@ impl Pool {
             held.clone(),
             workers_done.clone(),
         ));
+        drop(taken);
         tasks.spawn(keep_leases(
             consumer.clone(),
             held.clone(),
@@ -218,42 +317,42 @@ impl Pool {
 async fn read_loop(
     inner: Arc<Inner>,
     consumer: Arc<dyn Consumer>,
-    sender: mpsc::Sender<Arc<Delivery>>,
+    queue: QueueSender,
     stop: CancellationToken,
     held: Arc<Held>,
 ) {
     let mut failures = 0u32;
     loop {
-        let wanted = sender.capacity().clamp(1, MAX_FETCH);
-        let permits = tokio::select! {
-            permits = sender.reserve_many(wanted) => match permits {
-                Ok(permits) => permits,
-                Err(_) => return,
+        // Room is reserved before the fetch: nothing fetched waits in the reader.
+        let reserved = tokio::select! {
+            reserved = queue.reserve() => match reserved {
+                Some(reserved) => reserved,
+                None => return,
             },
             _ = stop.cancelled() => return,
         };
         let batch = tokio::select! {
-            batch = consumer.fetch(wanted) => batch,
+            batch = consumer.fetch(reserved.len()) => batch,
             _ = stop.cancelled() => return,
         };
         match batch {
             Ok(batch) if batch.is_empty() => return, // consumer closed
             Ok(batch) => {
                 failures = 0;
-                let mut permits = permits;
+                let mut reserved = reserved;
                 for delivery in batch {
-                    let Some(permit) = permits.next() else {
+                    if !reserved.take_one() {
                         // More than asked for: never drop one, hand it back.
                         if let Err(error) = consumer.release(&delivery).await {
                             tracing::warn!(event_id = %delivery.event.id, %error, "could not give back an extra delivery");
                         }
                         continue;
-                    };
+                    }
                     let delivery = Arc::new(delivery);
                     held.insert(&delivery);
                     inner.counters.queue_depth.fetch_add(1, Ordering::Relaxed);
                     inner.update_pool_gauges();
-                    permit.send(delivery);
+                    queue.send(delivery);
                 }
             }
             Err(error) => {
@@ -275,7 +374,7 @@ async fn work_loop(
     inner: Arc<Inner>,
     weak: WeakBroker,
     consumer: Arc<dyn Consumer>,
-    receiver: Arc<AsyncMutex<mpsc::Receiver<Arc<Delivery>>>>,
+    queue: QueueReceiver,
     finished: mpsc::Sender<Finished>,
     abort: CancellationToken,
     held: Arc<Held>,
@@ -283,7 +382,7 @@ async fn work_loop(
 ) {
     loop {
         let delivery = tokio::select! {
-            delivery = async { receiver.lock().await.recv().await } => delivery,
+            delivery = queue.recv() => delivery,
             _ = abort.cancelled() => return,
         };
         let Some(delivery) = delivery else { return };
@@ -477,5 +576,59 @@ async fn keep_leases(
                 }
             })
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventSource;
+
+    fn delivery(n: u32) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            event: Event::new(EventSource::System, "a.b", "test"),
+            token: n.to_string(),
+            delivery_count: 1,
+            processing_recorded: true,
+        })
+    }
+
+    #[tokio::test]
+    async fn the_local_queue_reserves_free_slots_and_closes_after_its_last_delivery() {
+        let (sender, receiver) = local_queue(3);
+        let mut reserved = sender.reserve().await.expect("open");
+        assert_eq!(reserved.len(), 3, "every free slot is reserved");
+        assert!(reserved.take_one());
+        sender.send(delivery(1));
+        drop(reserved);
+        assert_eq!(
+            sender.room.available_permits(),
+            2,
+            "slots not used are given back"
+        );
+        let mut reserved = sender.reserve().await.expect("open");
+        assert_eq!(reserved.len(), 2);
+        assert!(reserved.take_one() && reserved.take_one());
+        assert!(!reserved.take_one(), "no more than reserved");
+        sender.send(delivery(2));
+        sender.send(delivery(3));
+        drop(reserved);
+        let full = tokio::time::timeout(Duration::from_millis(50), sender.reserve()).await;
+        assert!(
+            full.is_err(),
+            "a full queue reserves nothing until a worker takes"
+        );
+        let first = receiver.recv().await.expect("queued");
+        assert_eq!(first.token, "1", "in order");
+        let reserved = sender.reserve().await.expect("a slot was freed");
+        assert_eq!(reserved.len(), 1);
+        drop(reserved);
+        drop(sender);
+        let rest: Vec<String> = [receiver.recv().await, receiver.recv().await]
+            .into_iter()
+            .map(|d| d.expect("still queued after the reader left").token.clone())
+            .collect();
+        assert_eq!(rest, ["2", "3"]);
+        assert!(receiver.recv().await.is_none(), "closed once empty");
     }
 }

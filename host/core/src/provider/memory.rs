@@ -16,7 +16,7 @@
 //! Nothing survives the process: the provider is not durable.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -41,6 +41,15 @@ use crate::event::{Event, EventStatus};
 use crate::pattern::Pattern;
 
 const NAME: &str = "memory";
+
+/// The provider's maps, keyed by event ids and group names: foldhash (hashbrown's default,
+/// seeded per process) hashes an id several times faster than the standard SipHash, and
+/// every event is looked up in several maps.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// An event id as the provider's maps, indexes and leases hold it: one allocation per stored
+/// event, shared by every structure that refers to it.
+type Id = Arc<str>;
 
 /// What the provider takes from its [`BrokerConfig`] (the `memory` section, `buffer_size`,
 /// `publish_timeout` and `consumer_group`).
@@ -187,15 +196,15 @@ impl Entry {
 }
 
 struct State {
-    events: HashMap<String, Entry>,
+    events: HashMap<Id, Entry>,
     /// Every stored event by (creation time, id): `list` walks it in the page's order and
     /// stops once the page is full, instead of sorting every stored event.
-    by_time: BTreeSet<(DateTime<Utc>, String)>,
+    by_time: BTreeSet<(DateTime<Utc>, Id)>,
     /// Settled events, least recently used first.
-    settled: LruCache<String, ()>,
+    settled: LruCache<Id, ()>,
     unsettled: usize,
     /// Delivery log: sequence number to event id, in publish order.
-    log: BTreeMap<u64, String>,
+    log: BTreeMap<u64, Id>,
     next_seq: u64,
     groups: HashMap<String, Group>,
     next_token: u64,
@@ -207,20 +216,20 @@ struct Group {
     /// Deliveries to repeat, earliest due first.
     redeliver: BinaryHeap<Reverse<Redelivery>>,
     /// The ticket of each event's one valid entry in `redeliver` (older ones are skipped).
-    queued: HashMap<String, u64>,
+    queued: HashMap<Id, u64>,
     next_ticket: u64,
     /// Deliveries out with consumers, by token.
     leased: HashMap<u64, Lease>,
     /// Delivery counts of events handed out at least once.
-    counts: HashMap<String, u32>,
+    counts: HashMap<Id, u32>,
     wake: Arc<Notify>,
 }
 
 /// A queued (re)delivery: (due, seq, id, deliveries so far, ticket).
-type Redelivery = (Instant, u64, String, u32, u64);
+type Redelivery = (Instant, u64, Id, u32, u64);
 
 struct Lease {
-    id: String,
+    id: Id,
     seq: u64,
     consumer: u64,
     deadline: Instant,
@@ -233,16 +242,16 @@ impl Group {
         Group {
             cursor: start,
             redeliver: BinaryHeap::new(),
-            queued: HashMap::new(),
+            queued: HashMap::default(),
             next_ticket: 1,
-            leased: HashMap::new(),
-            counts: HashMap::new(),
+            leased: HashMap::default(),
+            counts: HashMap::default(),
             wake: Arc::new(Notify::new()),
         }
     }
 
     /// Queues a (re)delivery of `id` due at `due`, replacing any queued before.
-    fn schedule(&mut self, due: Instant, seq: u64, id: String, count: u32) {
+    fn schedule(&mut self, due: Instant, seq: u64, id: Id, count: u32) {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         self.queued.insert(id.clone(), ticket);
@@ -253,7 +262,7 @@ impl Group {
     fn is_leased(&self, id: &str, now: Instant) -> bool {
         self.leased
             .values()
-            .any(|lease| lease.id == id && lease.deadline > now)
+            .any(|lease| &*lease.id == id && lease.deadline > now)
     }
 }
 
@@ -273,11 +282,11 @@ impl MemoryProvider {
         let options = Settings::of(config);
         let (watchers, _) = broadcast::channel(options.watcher_buffer.max(1));
         let group: Arc<str> = Arc::from(options.group.as_str());
-        let mut groups = HashMap::new();
+        let mut groups = HashMap::default();
         groups.insert(options.group.clone(), Group::new(1));
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
-                events: HashMap::new(),
+                events: HashMap::default(),
                 by_time: BTreeSet::new(),
                 settled: LruCache::unbounded(),
                 unsettled: 0,
@@ -361,7 +370,7 @@ impl Inner {
         };
         let cutoff = Utc::now() - max_age;
         let mut state = self.lock();
-        let expired: Vec<String> = state
+        let expired: Vec<Id> = state
             .events
             .iter()
             .filter(|(_, entry)| entry.settled && entry.finished_at() < cutoff)
@@ -379,6 +388,14 @@ impl Inner {
 
     /// Inserts an event, waiting for room up to the publish timeout.
     async fn insert(&self, event: &Event, deliver: bool, group: &str) -> Result<(), ProviderError> {
+        self.check_open()?;
+        // The common case, room at once, registers for no wake-up: that would take the
+        // `room` lock twice per publish, against every worker that frees room.
+        match self.try_insert(event, deliver, group) {
+            Ok(()) => return Ok(()),
+            Err(InsertError::Provider(error)) => return Err(error),
+            Err(InsertError::NoRoom(_)) => {}
+        }
         let deadline = Instant::now() + self.options.publish_timeout;
         loop {
             self.check_open()?;
@@ -407,14 +424,16 @@ impl Inner {
         let mut entry = Entry {
             event: event.clone(),
             seq: None,
-            states: HashMap::from([(group.to_owned(), GroupState::of(event))]),
+            states: HashMap::from_iter([(group.to_owned(), GroupState::of(event))]),
             settled: false,
         };
-        let id = event.id.clone();
+        let id: Id = Arc::from(event.id.as_str());
         let mut state = self.lock();
-        if state.events.contains_key(&event.id) {
+        if state.events.contains_key(event.id.as_str()) {
             drop(state);
-            return Err(InsertError::Provider(ProviderError::Duplicate(id)));
+            return Err(InsertError::Provider(ProviderError::Duplicate(
+                id.to_string(),
+            )));
         }
         entry.seq = deliver.then_some(state.next_seq);
         entry.settled = entry.is_settled(&state.groups);
@@ -507,9 +526,8 @@ enum InsertError {
 
 impl State {
     fn remove(&mut self, id: &str) -> Option<Event> {
-        let entry = self.events.remove(id)?;
-        self.by_time
-            .remove(&(entry.event.created_at, entry.event.id.clone()));
+        let (key, entry) = self.events.remove_entry(id)?;
+        self.by_time.remove(&(entry.event.created_at, key));
         if entry.settled {
             self.settled.pop(id);
         } else {
@@ -535,7 +553,9 @@ impl State {
             entry.settled = settled;
             if settled {
                 self.unsettled -= 1;
-                self.settled.put(id.to_owned(), ());
+                if let Some((key, _)) = self.events.get_key_value(id) {
+                    self.settled.put(key.clone(), ());
+                }
             } else {
                 self.unsettled += 1;
                 self.settled.pop(id);
@@ -554,7 +574,7 @@ impl State {
         let created = Group::new(start);
         let wake = created.wake.clone();
         self.groups.insert(group.to_owned(), created);
-        let ids: Vec<String> = self.events.keys().cloned().collect();
+        let ids: Vec<Id> = self.events.keys().cloned().collect();
         for id in ids {
             self.resettle(&id);
         }
@@ -616,7 +636,7 @@ impl Provider for MemoryProvider {
 
     async fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
         let state = self.inner.lock();
-        let in_order: Box<dyn Iterator<Item = &(DateTime<Utc>, String)>> = match filter.order {
+        let in_order: Box<dyn Iterator<Item = &(DateTime<Utc>, Id)>> = match filter.order {
             SortOrder::Desc => Box::new(state.by_time.iter().rev()),
             SortOrder::Asc => Box::new(state.by_time.iter()),
         };
@@ -655,10 +675,11 @@ impl Provider for MemoryProvider {
         let (event, settled) = {
             let mut state = self.inner.lock();
             state.ensure_group(group);
-            let entry = state
+            let (key, entry) = state
                 .events
-                .get(id)
+                .get_key_value(id)
                 .ok_or_else(|| ProviderError::NotFound(id.to_owned()))?;
+            let key = key.clone();
             let current = entry.state(group);
             let seq = entry.seq;
             let Some(queue) = state.groups.get_mut(group) else {
@@ -673,13 +694,13 @@ impl Provider for MemoryProvider {
                 });
             }
             // Revoke expired leases: their holders can no longer acknowledge.
-            queue.leased.retain(|_, lease| lease.id != id);
+            queue.leased.retain(|_, lease| &*lease.id != id);
             queue.counts.remove(id);
             if seq.is_some_and(|seq| seq >= queue.cursor) {
                 // Not handed out yet: it is deliverable as it is.
                 queue.queued.remove(id);
             } else {
-                queue.schedule(now, seq.unwrap_or(0), id.to_owned(), 0);
+                queue.schedule(now, seq.unwrap_or(0), key, 0);
             }
             queue.wake.notify_waiters();
             self.inner
@@ -842,7 +863,7 @@ impl MemoryConsumer {
         let mut out = Vec::new();
         // Leases the delivery and, unless the group already finished the event, records
         // `processing` in the same step (the claim is the mark).
-        let mut lease = |group: &mut Group, id: String, seq: u64, count: u32, entry: &mut Entry| {
+        let mut lease = |group: &mut Group, id: Id, seq: u64, count: u32, entry: &mut Entry| {
             let token = *next_token;
             *next_token += 1;
             let processing_recorded = !entry.finished_in(&self.group);
@@ -944,6 +965,18 @@ impl MemoryConsumer {
         self.provider.counters.consumer_closed();
     }
 
+    /// [`MemoryConsumer::take`], with its changes sent to watchers and its deliveries counted.
+    fn take_batch(&self, max: usize) -> (Vec<Delivery>, Option<Instant>) {
+        let (batch, next_due, changes) = self.take(max);
+        for event in changes {
+            self.provider.notify_change(&self.group, Some(event), false);
+        }
+        if !batch.is_empty() {
+            self.provider.counters.delivered(batch.len());
+        }
+        (batch, next_due)
+    }
+
     fn take_lease(&self, delivery: &Delivery) -> Result<Lease, ProviderError> {
         self.take_lease_in(&mut self.provider.lock(), delivery)
     }
@@ -1003,10 +1036,16 @@ impl MemoryConsumer {
 impl Consumer for MemoryConsumer {
     async fn fetch(&self, max: usize) -> Result<Vec<Delivery>, ProviderError> {
         let max = max.max(1);
+        if self.is_closed() {
+            return Ok(Vec::new());
+        }
+        // Under load deliveries are waiting: take them without registering for a wake-up
+        // (registering takes the group's wake-up lock, which every publish also takes).
+        let (batch, _) = self.take_batch(max);
+        if !batch.is_empty() {
+            return Ok(batch);
+        }
         loop {
-            if self.is_closed() {
-                return Ok(Vec::new());
-            }
             let woken = self.wake.notified();
             let closing = self.close_signal.notified();
             tokio::pin!(woken, closing);
@@ -1015,12 +1054,8 @@ impl Consumer for MemoryConsumer {
             if self.is_closed() {
                 return Ok(Vec::new());
             }
-            let (batch, next_due, changes) = self.take(max);
-            for event in changes {
-                self.provider.notify_change(&self.group, Some(event), false);
-            }
+            let (batch, next_due) = self.take_batch(max);
             if !batch.is_empty() {
-                self.provider.counters.delivered(batch.len());
                 return Ok(batch);
             }
             let timer = async {
@@ -1033,6 +1068,9 @@ impl Consumer for MemoryConsumer {
                 _ = woken => {}
                 _ = closing => {}
                 _ = timer => {}
+            }
+            if self.is_closed() {
+                return Ok(Vec::new());
             }
         }
     }
@@ -1194,7 +1232,11 @@ mod tests {
                     .get(id)
                     .is_some_and(|e| e.event.created_at == *at)
             }));
-            state.by_time.iter().cloned().collect()
+            state
+                .by_time
+                .iter()
+                .map(|(at, id)| (*at, id.to_string()))
+                .collect()
         };
         expected.reverse();
         let listed = provider.list(&EventFilter::default()).await.expect("list");
