@@ -11,11 +11,6 @@
 //! nothing else running on the machine.
 
 use clap::Parser;
-
-/// The allocator the `eventbroker` binary ships with (`host/cli/src/main.rs`), so that the
-/// broker's figures are the service's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use eventbroker_bench::paths::{self, Outcome};
 use eventbroker_bench::report::{self, Row, Skipped};
 
