@@ -16,6 +16,7 @@ use eventbroker::provider::{
 };
 use eventbroker::{Event, EventSource, EventStatus};
 use eventbroker_redis::{RedisConfig, RedisProvider};
+use eventbroker_testkit::conformance::cases::rerun;
 use eventbroker_testkit::proxy::Proxy;
 use eventbroker_testkit::services;
 use futures::StreamExt;
@@ -101,18 +102,6 @@ fn finished(status: EventStatus, error: Option<&str>) -> StatusUpdate {
         handlers: Vec::new(),
         processed_at: Some(chrono::Utc::now()),
         completed_at: Some(chrono::Utc::now()),
-    }
-}
-
-/// The update of a re-run (`requeue`): back to `pending`, nothing recorded.
-fn rerun() -> StatusUpdate {
-    StatusUpdate {
-        status: EventStatus::Pending,
-        error: None,
-        retry_count: 0,
-        handlers: Vec::new(),
-        processed_at: None,
-        completed_at: None,
     }
 }
 

@@ -83,6 +83,19 @@ fn finished(status: EventStatus, event: &Event) -> StatusUpdate {
     }
 }
 
+/// The update of a re-run (`requeue`) that keeps nothing: `pending`, no error, no retries,
+/// no outcomes, no processing or completion time.
+pub fn rerun() -> StatusUpdate {
+    StatusUpdate {
+        status: EventStatus::Pending,
+        error: None,
+        retry_count: 0,
+        handlers: Vec::new(),
+        processed_at: None,
+        completed_at: None,
+    }
+}
+
 fn completed(event: &Event) -> StatusUpdate {
     finished(EventStatus::Completed, event)
 }
@@ -1003,14 +1016,7 @@ pub async fn requeue_makes_a_finished_event_deliverable_again(backend: &Backend)
         "failed events are listable"
     );
 
-    let rerun = StatusUpdate {
-        status: EventStatus::Pending,
-        error: None,
-        retry_count: 0,
-        handlers: Vec::new(),
-        processed_at: None,
-        completed_at: None,
-    };
+    let rerun = rerun();
     provider.requeue(&event.id, &rerun).await.expect("requeue");
     assert_eq!(
         status_of(&provider, &event.id).await,
@@ -1645,14 +1651,7 @@ pub async fn a_retry_or_failure_in_one_group_leaves_the_other_completed(backend:
 /// longer acknowledge), and the event is delivered once, at once.
 pub async fn requeue_accepts_an_event_whose_processing_was_abandoned(backend: &Backend) {
     let provider = backend.connect().await;
-    let rerun = StatusUpdate {
-        status: EventStatus::Pending,
-        error: None,
-        retry_count: 0,
-        handlers: Vec::new(),
-        processed_at: None,
-        completed_at: None,
-    };
+    let rerun = rerun();
     let held = simple_event("abandoned.lease");
     let never = simple_event("abandoned.never");
     publish_all(&provider, &[held.clone(), never.clone()]).await;
