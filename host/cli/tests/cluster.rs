@@ -49,6 +49,13 @@ fn postgres_two_hosts_share_work_exactly_once() {
 }
 
 #[test]
+fn postgres_deploy_once_canary_and_rollback() {
+    if let Some(broker) = postgres_broker() {
+        support::cluster::deploys::deploy_once_canary_and_rollback(broker, "postgres");
+    }
+}
+
+#[test]
 fn postgres_killing_a_host_mid_load_loses_nothing() {
     if let Some(broker) = postgres_broker() {
         support::cluster::scenarios::killing_a_host_mid_load_loses_nothing(broker);
@@ -76,6 +83,14 @@ fn redis_cluster() -> Option<serde_json::Value> {
 fn redis_two_hosts_share_work_exactly_once() {
     if let Some(broker) = redis_cluster() {
         support::cluster::scenarios::two_hosts_share_work_exactly_once(broker.clone());
+        delete_redis_keys(&broker);
+    }
+}
+
+#[test]
+fn redis_deploy_once_canary_and_rollback() {
+    if let Some(broker) = redis_cluster() {
+        support::cluster::deploys::deploy_once_canary_and_rollback(broker.clone(), "redis");
         delete_redis_keys(&broker);
     }
 }
@@ -234,6 +249,14 @@ fn nats_cluster() -> Option<(serde_json::Value, impl FnOnce())> {
 fn nats_two_hosts_share_work_exactly_once() {
     if let Some((broker, tear_down)) = nats_cluster() {
         support::cluster::scenarios::two_hosts_share_work_exactly_once(broker);
+        tear_down();
+    }
+}
+
+#[test]
+fn nats_deploy_once_canary_and_rollback() {
+    if let Some((broker, tear_down)) = nats_cluster() {
+        support::cluster::deploys::deploy_once_canary_and_rollback(broker, "nats");
         tear_down();
     }
 }

@@ -223,6 +223,11 @@ pub struct Failure {
     /// The last lines the invocation logged, oldest first (capped).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub log_tail: Vec<String>,
+    /// Whether the event is to run again for this handler without counting an attempt (a
+    /// canary version's failure, retried on the stable version). Failures of kind
+    /// [`FailureKind::Busy`] are always deferred.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deferred: bool,
 }
 
 impl Failure {
@@ -234,7 +239,14 @@ impl Failure {
             retryable: kind.retryable_by_default(),
             fuel_used: None,
             log_tail: Vec::new(),
+            deferred: false,
         }
+    }
+
+    /// Whether the handler runs again for this event without counting an attempt: a busy
+    /// handler, or a failure marked [`Failure::deferred`].
+    pub fn is_deferral(&self) -> bool {
+        self.deferred || self.kind == FailureKind::Busy
     }
 }
 

@@ -17,6 +17,8 @@
 //!   place that decides status and retries.
 //! - [`config`]: [`BrokerConfig`], its defaults and validation.
 //! - [`hooks`]: CRUD hooks for embedding applications.
+//! - [`handler_store`]: the [`HandlerStore`] trait a shared backend implements so that a
+//!   cluster keeps its handlers in one place.
 //! - [`metrics`]: Prometheus metrics.
 //!
 //! ## How an event flows
@@ -52,6 +54,7 @@ pub mod broker;
 pub mod config;
 pub mod event;
 mod global;
+pub mod handler_store;
 pub mod hooks;
 pub mod metrics;
 pub mod pattern;
@@ -74,6 +77,7 @@ pub use global::{
     default_broker, initialize, publish, publish_async, publish_sync, set_default_broker,
     subscribe, take_default_broker,
 };
+pub use handler_store::{HandlerStore, StoreError, StoredRecord};
 pub use pattern::{Pattern, PatternError, PatternIndex};
 pub use provider::{
     Consumer, Delivery, EventFilter, MemoryProvider, Provider, ProviderError, ProviderStats,

@@ -51,6 +51,12 @@ struct HandlerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    handler: String,
+    decision: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InvocationLabels {
     handler: String,
     outcome: String,
@@ -89,6 +95,7 @@ pub struct Metrics {
     fuel_per_invocation: Family<HandlerLabels, Histogram>,
     reloads: Family<HandlerLabels, Counter>,
     rejections: Family<HandlerLabels, Counter>,
+    canary_decisions: Family<DecisionLabels, Counter>,
     source_failures: Family<SourceLabels, Counter>,
     websocket_closes: Family<ReasonLabels, Counter>,
 }
@@ -170,6 +177,7 @@ impl Metrics {
         );
         let reloads = Family::<HandlerLabels, Counter>::default();
         let rejections = Family::<HandlerLabels, Counter>::default();
+        let canary_decisions = Family::<DecisionLabels, Counter>::default();
         let source_failures = Family::<SourceLabels, Counter>::default();
         let websocket_closes = Family::<ReasonLabels, Counter>::default();
         registry.register(
@@ -223,6 +231,11 @@ impl Metrics {
             rejections.clone(),
         );
         registry.register(
+            "eventbroker_handler_canary_decisions",
+            "Canary trials ended, by decision (promoted, rolled_back, promoted_manually, aborted)",
+            canary_decisions.clone(),
+        );
+        registry.register(
             "eventbroker_source_publish_failures",
             "Events an event source (CRUD hooks, change capture, WebSocket) could not publish",
             source_failures.clone(),
@@ -249,6 +262,7 @@ impl Metrics {
             fuel_per_invocation,
             reloads,
             rejections,
+            canary_decisions,
             source_failures,
             websocket_closes,
         }
@@ -383,6 +397,16 @@ impl Metrics {
         self.rejections
             .get_or_create(&HandlerLabels {
                 handler: handler.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts the end of a canary trial of `handler` by `decision`.
+    pub fn canary_decision(&self, handler: &str, decision: &str) {
+        self.canary_decisions
+            .get_or_create(&DecisionLabels {
+                handler: handler.to_owned(),
+                decision: decision.to_owned(),
             })
             .inc();
     }

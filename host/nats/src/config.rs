@@ -106,6 +106,24 @@ impl NatsConfig {
             .unwrap_or_else(|| format!("{}_STATE", self.stream_name))
     }
 
+    /// The key-value bucket of the cluster's handler records (see
+    /// [`crate::handler_store`]): `{stream_name}_HANDLER_RECORDS`.
+    pub fn handler_records_bucket(&self) -> String {
+        format!("{}_HANDLER_RECORDS", self.stream_name)
+    }
+
+    /// The object store bucket of the cluster's handler components (see
+    /// [`crate::handler_store`]): `{stream_name}_HANDLER_COMPONENTS`.
+    pub fn handler_components_bucket(&self) -> String {
+        format!("{}_HANDLER_COMPONENTS", self.stream_name)
+    }
+
+    /// The key-value bucket of the hosts' handler reports (see [`crate::handler_store`]):
+    /// `{stream_name}_HANDLER_REPORTS`.
+    pub fn handler_reports_bucket(&self) -> String {
+        format!("{}_HANDLER_REPORTS", self.stream_name)
+    }
+
     /// Checks every acknowledgement deadline the server applies against the broker's lease
     /// renewal period (`renewal`, see [`eventbroker::BrokerConfig::lease_renewal_period`]): `ack_wait`, and
     /// each `backoff` entry (the first replaces `ack_wait`, the others are the deadlines of later
@@ -219,6 +237,18 @@ impl NatsConfig {
             return Err(InvalidValue::new(
                 "event_broker.nats.kv_bucket",
                 format!("{bucket:?} may only contain letters, digits, '_' and '-'"),
+            ));
+        }
+        if [
+            self.handler_records_bucket(),
+            self.handler_components_bucket(),
+            self.handler_reports_bucket(),
+        ]
+        .contains(&bucket)
+        {
+            return Err(InvalidValue::new(
+                "event_broker.nats.kv_bucket",
+                format!("{bucket:?} is the name of a handler store bucket"),
             ));
         }
         require_positive([(

@@ -13,7 +13,8 @@
 //! - one durable pull consumer per consumer group ([`consumer`]);
 //! - a stream keeping the server's `MAX_DELIVERIES` advisories until a host recorded them
 //!   ([`advisory`]);
-//! - ordered ephemeral consumers for live watchers ([`watch`]).
+//! - ordered ephemeral consumers for live watchers ([`watch`]);
+//! - the cluster handler store's buckets, created on first use ([`handler_store`]).
 //!
 //! Events whose delivery is provably abandoned are found by [`sweep`].
 //!
@@ -30,6 +31,7 @@
 mod advisory;
 pub mod config;
 mod consumer;
+pub mod handler_store;
 mod record;
 mod store;
 mod subjects;
@@ -62,7 +64,9 @@ use eventbroker::provider::{
 };
 
 pub use crate::config::{NatsConfig, NatsStorage, NatsTlsConfig};
+pub use crate::handler_store::NatsHandlerStore;
 use eventbroker::event::Event;
+use eventbroker::handler_store::HandlerStore;
 use eventbroker::pattern::Pattern;
 
 pub(crate) const NAME: &str = "nats";
@@ -97,6 +101,8 @@ pub(crate) struct Shared {
     shutdown: CancellationToken,
     counters: Counters,
     consumers: Mutex<Vec<Weak<NatsConsumer>>>,
+    /// The cluster handler store, on this connection.
+    handlers: Arc<NatsHandlerStore>,
 }
 
 /// What the server answered to a publish.
@@ -214,6 +220,7 @@ impl NatsProvider {
             .map_err(|e| backend(format!("cannot open stream {:?}: {e}", nats.stream_name)))?;
         let bucket = nats.kv_bucket();
         let store = StateStore::open(&context, &bucket, storage, nats.max_age).await?;
+        let handlers = Arc::new(NatsHandlerStore::new(context.clone(), nats, storage));
         let shared = Arc::new(Shared {
             client,
             context,
@@ -232,6 +239,7 @@ impl NatsProvider {
             shutdown: CancellationToken::new(),
             counters: Counters::default(),
             consumers: Mutex::new(Vec::new()),
+            handlers,
         });
         advisory::start(&shared, storage, nats.max_age).await?;
         sweep::start(&shared);
@@ -250,8 +258,8 @@ impl NatsProvider {
         sweep::sweep(&self.shared).await
     }
 
-    /// Deletes the streams and the state bucket with everything in them (tear-down of tests
-    /// and experiments). The provider is closed first.
+    /// Deletes the streams, the state bucket and the handler store's buckets with everything
+    /// in them (tear-down of tests and experiments). The provider is closed first.
     ///
     /// # Errors
     /// Backend failures.
@@ -269,6 +277,7 @@ impl NatsProvider {
                 ))
             })?;
         advisory::destroy(shared).await?;
+        shared.handlers.destroy().await.map_err(backend)?;
         StateStore::destroy(&shared.context, &shared.bucket).await
     }
 }
@@ -636,5 +645,9 @@ impl Provider for NatsProvider {
         {
             tracing::warn!("NATS connection did not flush within 5s while closing");
         }
+    }
+
+    fn handler_store(&self) -> Option<Arc<dyn HandlerStore>> {
+        Some(self.shared.handlers.clone())
     }
 }

@@ -698,6 +698,11 @@ async fn bad_nats_settings_are_refused_at_connect() {
             .contains("kv_bucket")
     );
     assert!(
+        refused(|c| c.nats.kv_bucket = Some(c.nats.handler_records_bucket()))
+            .await
+            .contains("handler store")
+    );
+    assert!(
         refused(|c| c.nats.user = Some("u".into()))
             .await
             .contains("password")

@@ -24,6 +24,17 @@ pub(crate) struct Keys {
     pub groups: String,
     /// Set of the groups whose state index covers every stored event (`{p}:groups:indexed`).
     pub groups_indexed: String,
+    /// Hash of the handler store's records, handler name → record JSON (`{p}:handlers`).
+    pub handler_records: String,
+    /// Hash of the handler store's record revisions, handler name → revision
+    /// (`{p}:handler-revisions`).
+    pub handler_revisions: String,
+    /// Counter every record write takes its revision from (`{p}:handler-revision`).
+    pub handler_revision: String,
+    /// Set of the host names that wrote a handler report (`{p}:handler-hosts`).
+    pub handler_hosts: String,
+    /// Pub/sub channel of handler record changes (`{p}:handlers-changed`).
+    pub handlers_changed: String,
 }
 
 impl Keys {
@@ -38,6 +49,11 @@ impl Keys {
             watch: format!("{stream}:watch"),
             groups: format!("{stream}:groups"),
             groups_indexed: format!("{stream}:groups:indexed"),
+            handler_records: format!("{stream}:handlers"),
+            handler_revisions: format!("{stream}:handler-revisions"),
+            handler_revision: format!("{stream}:handler-revision"),
+            handler_hosts: format!("{stream}:handler-hosts"),
+            handlers_changed: format!("{stream}:handlers-changed"),
         }
     }
 
@@ -62,6 +78,16 @@ impl Keys {
         format!("{}:idx:source:{}", self.stream, source.as_str())
     }
 
+    /// A handler component's bytes (`{p}:handler-component:{version}`).
+    pub(crate) fn handler_component(&self, version: &str) -> String {
+        format!("{}:handler-component:{version}", self.stream)
+    }
+
+    /// A host's handler report, expiring unless renewed (`{p}:handler-report:{host}`).
+    pub(crate) fn handler_report(&self, host: &str) -> String {
+        format!("{}:handler-report:{host}", self.stream)
+    }
+
     /// Index of events accepted by one host instance.
     pub(crate) fn by_instance(&self, instance: &str) -> String {
         format!("{}:idx:instance:{instance}", self.stream)
@@ -84,5 +110,8 @@ mod tests {
             keys.group_status("g", EventStatus::Pending),
             "s:gs:g:pending"
         );
+        assert_eq!(keys.handler_component("v1"), "s:handler-component:v1");
+        assert_eq!(keys.handler_report("h1"), "s:handler-report:h1");
+        assert_eq!(keys.handlers_changed, "s:handlers-changed");
     }
 }

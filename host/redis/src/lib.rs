@@ -10,11 +10,14 @@
 //!   group); queries show the configured `redis.consumer_group`.
 //! - Watchers get events from a pub/sub channel, independent of the consumer groups.
 //! - Every command has a timeout; reconnection is automatic.
+//! - The cluster handler store ([`RedisHandlerStore`], from [`Provider::handler_store`]) keeps
+//!   handler components, records and host reports under the same prefix.
 #![deny(missing_docs)]
 
 pub mod config;
 mod consumer;
 mod entries;
+mod handler_store;
 mod keys;
 mod maintenance;
 mod scripts;
@@ -40,6 +43,7 @@ use eventbroker::provider::{
 };
 
 pub use crate::config::RedisConfig;
+pub use crate::handler_store::RedisHandlerStore;
 use eventbroker::event::{Event, EventSource, EventStatus};
 use eventbroker::pattern::Pattern;
 
@@ -748,6 +752,12 @@ impl Provider for RedisProvider {
         for consumer in consumers {
             consumer.close().await;
         }
+    }
+
+    /// The cluster handler store on this provider's connections and `stream_name` prefix
+    /// ([`RedisHandlerStore`]).
+    fn handler_store(&self) -> Option<Arc<dyn eventbroker::HandlerStore>> {
+        Some(Arc::new(RedisHandlerStore::new(self.shared.clone())))
     }
 }
 

@@ -419,6 +419,53 @@ end
 return removed
 "#;
 
+/// Writes a handler record if its revision is the expected one (compare-and-set), taking the
+/// new revision from the store's counter so revisions of a name grow across a delete and
+/// re-create, and publishes the change.
+///
+/// KEYS: records hash, revisions hash, revision counter. ARGV: name, record json, expected
+/// revision ("" for "no record"), change channel. Returns the new revision, or 0 on a conflict.
+const WRITE_RECORD: &str = r#"
+local current = redis.call('HGET', KEYS[2], ARGV[1])
+if ARGV[3] == '' then
+  if current then return 0 end
+elseif current ~= ARGV[3] then
+  return 0
+end
+local revision = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], revision)
+redis.call('PUBLISH', ARGV[4], ARGV[1])
+return revision
+"#;
+
+/// Deletes a handler record if its revision is the expected one, and publishes the change.
+///
+/// KEYS: records hash, revisions hash. ARGV: name, expected revision, change channel. Returns
+/// 1 if deleted, 0 on a conflict or when there is no record.
+const DELETE_RECORD: &str = r#"
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[3], ARGV[1])
+return 1
+"#;
+
+/// Removes hosts from the set of reporting hosts whose report expired, unless the host
+/// reported again meanwhile.
+///
+/// KEYS: hosts set, then the report key of each host. ARGV: the host names, in the same
+/// order. Returns how many were removed.
+const DROP_EXPIRED_HOSTS: &str = r#"
+local removed = 0
+for i = 1, #ARGV do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    removed = removed + redis.call('SREM', KEYS[1], ARGV[i])
+  end
+end
+return removed
+"#;
+
 /// The loaded scripts (each is sent by SHA, and its body only when the server lacks it).
 pub(crate) struct Scripts {
     pub store: Script,
@@ -430,6 +477,9 @@ pub(crate) struct Scripts {
     pub prune: Script,
     pub trim: Script,
     pub delete_idle_consumers: Script,
+    pub write_record: Script,
+    pub delete_record: Script,
+    pub drop_expired_hosts: Script,
 }
 
 /// The core's release rule ([`statuses_kept_by_release`]) as a Lua set, for [`OUTCOME`].
@@ -452,6 +502,9 @@ impl Scripts {
             prune: Script::new(&format!("{HELPERS}{PRUNE}")),
             trim: Script::new(TRIM),
             delete_idle_consumers: Script::new(DELETE_IDLE_CONSUMERS),
+            write_record: Script::new(WRITE_RECORD),
+            delete_record: Script::new(DELETE_RECORD),
+            drop_expired_hosts: Script::new(DROP_EXPIRED_HOSTS),
         }
     }
 }

@@ -33,7 +33,8 @@ use crate::config::Config;
 use crate::http::wire::CheckedListener;
 use crate::http::{self, AppState, PolicyError, RouterLimits, Security};
 use eventbroker::broker::{Broker, BrokerError, StopReport};
-use eventbroker_wasm::{HandlerSet, WasmEngine, WasmError};
+use eventbroker_wasm::config::HandlerSource;
+use eventbroker_wasm::{ClusterSync, HandlerSet, WasmEngine, WasmError};
 use eventbroker_wasm::{Watcher, watch};
 
 /// A running host.
@@ -43,6 +44,7 @@ pub struct Service {
     handlers: HandlerSet,
     state: AppState,
     watcher: Option<Watcher>,
+    cluster_sync: Option<ClusterSync>,
     capture: Option<Capture>,
     http_shutdown: CancellationToken,
     http: JoinHandle<std::io::Result<()>>,
@@ -88,7 +90,27 @@ impl Service {
             .map_err(BrokerError::from)?;
         let broker = Broker::new(config.event_broker.clone(), provider);
         let engine = WasmEngine::new(&config.handlers.pool, config.handlers.cache_dir())?;
-        let handlers = HandlerSet::new(engine, broker.clone(), config.handlers.clone());
+        let store = broker.provider().handler_store();
+        let source = config.handlers.source.unwrap_or(if store.is_some() {
+            HandlerSource::Both
+        } else {
+            HandlerSource::Directory
+        });
+        let handlers = match (store, source) {
+            (_, HandlerSource::Directory) => {
+                HandlerSet::new(engine, broker.clone(), config.handlers.clone())
+            }
+            (Some(store), source) => HandlerSet::clustered(
+                engine,
+                broker.clone(),
+                config.handlers.clone(),
+                store,
+                source,
+            ),
+            (None, _) => {
+                return Err(ServiceError::NoHandlerStore(broker.provider().name()));
+            }
+        };
         let state = AppState::new(
             broker.clone(),
             Some(handlers.clone()),
@@ -114,17 +136,28 @@ impl Service {
         let started = async {
             // Handlers subscribe before the pool starts, so that a backlog waiting in a durable
             // provider is not processed before its handlers exist.
-            let report = handlers.load_dir().await;
-            if !report.failed.is_empty() {
-                tracing::warn!(
-                    loaded = report.loaded.len(),
-                    failed = report.failed.len(),
-                    "some handlers could not be loaded; see the errors above and GET /v1/handlers"
+            if handlers.is_clustered() {
+                let start = handlers.start_cluster().await;
+                tracing::info!(
+                    loaded = start.loaded.len(),
+                    failed = start.failed.len(),
+                    published = start.published.len(),
+                    "handlers loaded from the cluster handler store"
                 );
+            } else {
+                let report = handlers.load_dir().await;
+                if !report.failed.is_empty() {
+                    tracing::warn!(
+                        loaded = report.loaded.len(),
+                        failed = report.failed.len(),
+                        "some handlers could not be loaded; see the errors above and GET /v1/handlers"
+                    );
+                }
             }
             state.set_handlers_loaded();
             broker.start().await?;
-            let watcher = if config.handlers.watch {
+            let cluster_sync = handlers.follow_cluster();
+            let watcher = if config.handlers.watch && handlers.reads_directory() {
                 Some(watch(handlers.clone(), config.handlers.debounce)?)
             } else {
                 None
@@ -142,9 +175,9 @@ impl Service {
             } else {
                 None
             };
-            Ok::<_, ServiceError>((watcher, capture))
+            Ok::<_, ServiceError>((watcher, capture, cluster_sync))
         };
-        let (watcher, capture) = match started.await {
+        let (watcher, capture, cluster_sync) = match started.await {
             Ok(started) => started,
             Err(error) => {
                 http_shutdown.cancel();
@@ -159,6 +192,7 @@ impl Service {
             handlers,
             state,
             watcher,
+            cluster_sync,
             capture,
             http_shutdown,
             http,
@@ -189,6 +223,7 @@ impl Service {
     pub async fn stop(mut self) -> Result<StopReport, ServiceError> {
         self.state.stop_accepting();
         self.watcher.take();
+        self.cluster_sync.take();
         if let Some(capture) = self.capture.take() {
             capture.stop().await;
         }
@@ -265,6 +300,12 @@ pub enum ServiceError {
     /// PostgreSQL change capture could not start.
     #[error("change capture: {0}")]
     Capture(#[source] CaptureError),
+    /// `handlers.source` asks for a cluster handler store the backend does not have.
+    #[error(
+        "handlers.source asks for the cluster handler store, but the {0} provider has none (only \
+         PostgreSQL, Redis and NATS, which a cluster shares, do); set handlers.source: directory"
+    )]
+    NoHandlerStore(&'static str),
     /// The configuration breaks a rule.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),

@@ -13,6 +13,7 @@
 //! - Wake-ups: PostgreSQL `LISTEN/NOTIFY`, SQLite polling plus in-process signals, the poll
 //!   interval as fallback ([`watch`]).
 //! - Watchers see the events of every host sharing the database ([`watch`]).
+//! - PostgreSQL also offers the cluster handler store ([`handler_store`]); SQLite has none.
 //!
 //! `docs/providers/database.md` describes the design, its trade-offs and tuning.
 #![deny(missing_docs)]
@@ -22,6 +23,7 @@ mod circuit;
 pub mod config;
 mod consumer;
 pub mod dialect;
+pub mod handler_store;
 mod list;
 mod row;
 mod schema;
@@ -135,6 +137,9 @@ pub(crate) struct Shared {
     hub: Arc<Hub>,
     sqlite_key: Option<PathBuf>,
     watchers: broadcast::Sender<WatchMessage>,
+    /// PostgreSQL: a message after each notified change of a handler store record (and after
+    /// the listener lost its connection); feeds [`handler_store::PgHandlerStore`]'s changes.
+    handler_changes: broadcast::Sender<()>,
     counters: Counters,
     /// Open consumers: key → (group, name), for handing their leases back on close.
     consumers: Mutex<HashMap<u64, (String, String)>>,
@@ -390,6 +395,7 @@ impl SqlProvider {
         };
         schema::migrate(&writer, target.dialect, &options.table_name).await?;
         let (watchers, _) = broadcast::channel(options.watcher_buffer);
+        let (handler_changes, _) = broadcast::channel(handler_store::FEED_BUFFER);
         let (submitter, queue) = tokio::sync::mpsc::channel(batch::QUEUE);
         let queue: batch::Queue = Arc::new(tokio::sync::Mutex::new(queue));
         // SQLite has one writer; PostgreSQL commits in parallel on a few connections.
@@ -408,6 +414,7 @@ impl SqlProvider {
             hub: Arc::new(Hub::default()),
             sqlite_key,
             watchers,
+            handler_changes,
             counters: Counters::default(),
             consumers: Mutex::new(HashMap::new()),
             next_consumer: AtomicU64::new(1),
@@ -430,8 +437,10 @@ impl SqlProvider {
                 let mut listener = sqlx::postgres::PgListener::connect(&target.url)
                     .await
                     .map_err(&connect_error)?;
+                let mut channels = vec![shared.q.channel.as_str()];
+                channels.extend(shared.q.handlers.as_ref().map(|h| h.channel.as_str()));
                 listener
-                    .listen(&shared.q.channel)
+                    .listen_all(channels)
                     .await
                     .map_err(&connect_error)?;
                 tasks.push(tokio::spawn(watch::pg_listener(
@@ -762,6 +771,14 @@ impl Provider for SqlProvider {
         stats.consumers = Shared::lock(&shared.consumers).len() as u64;
         stats.subscribers = shared.watchers.receiver_count() as u64;
         Ok(stats)
+    }
+
+    /// PostgreSQL: the cluster handler store on this provider's pool and listener
+    /// ([`handler_store::PgHandlerStore`]). SQLite: `None`; it is one host's database, so a
+    /// host keeps its handlers in its own directory.
+    fn handler_store(&self) -> Option<Arc<dyn eventbroker::HandlerStore>> {
+        handler_store::PgHandlerStore::new(self.shared.clone())
+            .map(|store| Arc::new(store) as Arc<dyn eventbroker::HandlerStore>)
     }
 
     async fn close(&self) {

@@ -18,6 +18,11 @@
 //!   due time, or a lease's expiry (a visibility timeout). `lease_token` is set while leased.
 //!   A row is deleted when its group acknowledges the event.
 //!
+//! PostgreSQL also holds the cluster handler store ([`crate::handler_store`], migration 3):
+//! `T_handlers` (one record per handler name and its revision), `T_handler_components`
+//! (component bytes by version), `T_handler_reports` (each host's report and its expiry) and
+//! the sequence `T_handler_revisions` every record write takes its revision from.
+//!
 //! Deliveries are rows created in the same transaction as the event, so a consumer never has
 //! to reason about commit order: whatever is committed and visible is claimable, and nothing
 //! is skipped when publishers commit out of `seq` order.
@@ -137,10 +142,41 @@ UPDATE {t} SET status = 'pending', error = NULL, retry_count = 0, handlers = '[]
     WHERE published = 1;
 "
     );
-    vec![
+    let mut migrations = vec![
         (1, "events, consumer groups and deliveries", v1),
         (2, "per-group event states", v2),
-    ]
+    ];
+    // The cluster handler store exists on PostgreSQL only (SQLite is one host): version 3 is
+    // never applied to SQLite, and later versions keep counting from 4 on both dialects.
+    if dialect == Dialect::Postgres {
+        migrations.push((3, "cluster handler store", handler_store_tables(t)));
+    }
+    migrations
+}
+
+/// PostgreSQL: the tables of the cluster handler store ([`crate::handler_store`]) and the
+/// sequence every record write takes its revision from (so that a name deleted and created
+/// again never reuses a revision).
+fn handler_store_tables(t: &str) -> String {
+    format!(
+        "CREATE SEQUENCE IF NOT EXISTS {t}_handler_revisions;
+CREATE TABLE IF NOT EXISTS {t}_handlers (
+    name TEXT PRIMARY KEY,
+    revision BIGINT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {t}_handler_components (
+    version TEXT PRIMARY KEY,
+    bytes BYTEA NOT NULL,
+    stored_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS {t}_handler_reports (
+    host TEXT PRIMARY KEY,
+    doc TEXT NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+"
+    )
 }
 
 /// The columns whose values are per group ([`eventbroker::provider::GroupState`]).
@@ -279,6 +315,9 @@ pub async fn migrate(pool: &AnyPool, dialect: Dialect, table: &str) -> Result<()
 pub struct Queries {
     /// PostgreSQL: NOTIFY channel; SQLite: unused.
     pub channel: String,
+    /// PostgreSQL: the cluster handler store's statements (its channel is listened to with
+    /// `channel`); SQLite: `None`, it has no handler store.
+    pub handlers: Option<HandlerQueries>,
     /// Advisory lock name serializing group creation against publishes (PostgreSQL).
     pub lock_name: String,
     /// PostgreSQL: `BEGIN` and the shared advisory lock on `lock_name` in one simple query
@@ -437,6 +476,7 @@ impl Queries {
         match dialect {
             Dialect::Postgres => Queries {
                 channel: format!("{t}_events"),
+                handlers: Some(HandlerQueries::new(t)),
                 lock_name: format!("eventbroker:{t}"),
                 begin_locked,
                 lock_exclusive,
@@ -566,6 +606,7 @@ impl Queries {
             },
             Dialect::Sqlite => Queries {
                 channel: String::new(),
+                handlers: None,
                 lock_name: String::new(),
                 begin_locked: String::new(),
                 lock_exclusive,
@@ -680,6 +721,84 @@ impl Queries {
             view_from(t, "$1"),
             placeholders(2, count)
         )
+    }
+}
+
+/// The statements of the cluster handler store (PostgreSQL only), built once per table.
+#[derive(Debug, Clone)]
+pub struct HandlerQueries {
+    /// NOTIFY channel of record changes (`T_handlers`; the payload is the handler name).
+    pub channel: String,
+    /// Stores component $1 with bytes $2 unless that version is stored already.
+    pub put_component: String,
+    /// The bytes of component $1.
+    pub component: String,
+    /// Deletes component $1.
+    pub delete_component: String,
+    /// Every record: name, revision, doc.
+    pub records: String,
+    /// Record $1: name, revision, doc.
+    pub record: String,
+    /// Creates record $1 with doc $2 if there is none, and notifies channel $3; returns the
+    /// new revision (no row: it exists).
+    pub create_record: String,
+    /// Replaces record $1 with doc $2 if its revision is $3, and notifies channel $4; returns
+    /// the new revision (no row: a conflict).
+    pub update_record: String,
+    /// Deletes record $1 if its revision is $2, and notifies channel $3; a row when deleted.
+    pub delete_record: String,
+    /// Upserts host $1's report $2, expiring in $3 microseconds.
+    pub put_report: String,
+    /// Deletes the expired reports no one else is touching (it never waits on a lock, so
+    /// concurrent readers cannot deadlock) and returns the live ones: host, doc.
+    pub reports: String,
+}
+
+impl HandlerQueries {
+    /// The statements on the handler store tables of events table `t` (already validated).
+    pub fn new(t: &str) -> Self {
+        let h = format!("{t}_handlers");
+        let c = format!("{t}_handler_components");
+        let r = format!("{t}_handler_reports");
+        // The sequence name is an identifier built from `t`; as a `regclass` literal it is
+        // case-folded like the unquoted name it was created with.
+        let next = format!("nextval('{t}_handler_revisions')");
+        HandlerQueries {
+            channel: format!("{t}_handlers"),
+            put_component: format!(
+                "INSERT INTO {c} (version, bytes, stored_at) VALUES ($1, $2, now()) \
+                 ON CONFLICT (version) DO NOTHING"
+            ),
+            component: format!("SELECT bytes FROM {c} WHERE version = $1"),
+            delete_component: format!("DELETE FROM {c} WHERE version = $1"),
+            records: format!("SELECT name, revision, doc FROM {h} ORDER BY name"),
+            record: format!("SELECT name, revision, doc FROM {h} WHERE name = $1"),
+            create_record: format!(
+                "WITH w AS (INSERT INTO {h} (name, revision, doc) VALUES ($1, {next}, $2) \
+                 ON CONFLICT (name) DO NOTHING RETURNING name, revision) \
+                 SELECT w.revision FROM w, LATERAL pg_notify($3, w.name) n"
+            ),
+            update_record: format!(
+                "WITH w AS (UPDATE {h} SET revision = {next}, doc = $2 \
+                 WHERE name = $1 AND revision = $3 RETURNING name, revision) \
+                 SELECT w.revision FROM w, LATERAL pg_notify($4, w.name) n"
+            ),
+            delete_record: format!(
+                "WITH d AS (DELETE FROM {h} WHERE name = $1 AND revision = $2 RETURNING name) \
+                 SELECT 1 FROM d, LATERAL pg_notify($3, d.name) n"
+            ),
+            put_report: format!(
+                "INSERT INTO {r} (host, doc, expires_at) \
+                 VALUES ($1, $2, now() + CAST($3 AS DOUBLE PRECISION) * INTERVAL '1 microsecond') \
+                 ON CONFLICT (host) DO UPDATE SET doc = excluded.doc, \
+                 expires_at = excluded.expires_at"
+            ),
+            reports: format!(
+                "WITH gone AS (DELETE FROM {r} WHERE host IN (SELECT host FROM {r} \
+                 WHERE expires_at <= now() FOR UPDATE SKIP LOCKED)) \
+                 SELECT host, doc FROM {r} WHERE expires_at > now() ORDER BY host"
+            ),
+        }
     }
 }
 

@@ -9,6 +9,8 @@
 //!   local writes. Either way a watcher sees the events written by every host sharing the
 //!   database, each publish and each change of the provider's own group's state, in that
 //!   group's state; other groups' changes are not shown.
+//! - On PostgreSQL the same listener also listens on the handler store's channel and signals
+//!   its change feeds ([`crate::handler_store`]), so they share its connection and reconnects.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -187,7 +189,8 @@ pub fn state_notification(deliverable: bool, id: &str, group: &str) -> String {
 }
 
 /// PostgreSQL: receives notifications until `shutdown`, waking consumers and feeding
-/// watchers.
+/// watchers and the handler store's change feeds (notifications on its channel, and a signal
+/// whenever notifications may have been missed).
 pub async fn pg_listener(
     shared: Weak<Shared>,
     hub: Arc<Hub>,
@@ -209,15 +212,23 @@ pub async fn pg_listener(
                 let Some(shared) = shared.upgrade() else {
                     return;
                 };
+                let mut handlers = false;
                 while let Some(notification) = next.take() {
-                    let parsed = parse_notification(notification.payload());
-                    wake |= parsed.work;
-                    // Watchers show the own group: other groups' state changes are not theirs.
-                    let own = parsed
-                        .group
-                        .is_none_or(|group| group == shared.options.group);
-                    if let (Some(id), true) = (parsed.id, own) {
-                        ids.push(id.to_owned());
+                    if notification.channel() == shared.q.channel {
+                        let parsed = parse_notification(notification.payload());
+                        wake |= parsed.work;
+                        // Watchers show the own group: other groups' state changes are not
+                        // theirs.
+                        let own = parsed
+                            .group
+                            .is_none_or(|group| group == shared.options.group);
+                        if let (Some(id), true) = (parsed.id, own) {
+                            ids.push(id.to_owned());
+                        }
+                    } else {
+                        // The handler store's channel: its feed only needs to know that
+                        // something changed.
+                        handlers = true;
                     }
                     if ids.len() < 10 * FETCH_CHUNK {
                         next = listener.next_buffered();
@@ -225,6 +236,9 @@ pub async fn pg_listener(
                 }
                 if wake {
                     hub.wake.notify_waiters();
+                }
+                if handlers {
+                    let _ = shared.handler_changes.send(());
                 }
                 if shared.watchers.receiver_count() > 0
                     && !ids.is_empty()
@@ -241,6 +255,8 @@ pub async fn pg_listener(
                     return;
                 };
                 let _ = shared.watchers.send(WatchMessage::Lost);
+                // Record changes may have been missed: handler store feeds look again.
+                let _ = shared.handler_changes.send(());
             }
             Err(error) => {
                 failures += 1;
@@ -249,6 +265,7 @@ pub async fn pg_listener(
                 tracing::warn!(%error, retry_in = ?pause, "PostgreSQL notification listener failed");
                 if let Some(shared) = shared.upgrade() {
                     let _ = shared.watchers.send(WatchMessage::Lost);
+                    let _ = shared.handler_changes.send(());
                 }
                 hub.wake.notify_waiters();
                 tokio::select! {

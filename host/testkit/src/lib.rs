@@ -14,6 +14,7 @@ pub mod backends;
 pub mod conformance;
 pub mod gates;
 pub mod guests;
+pub mod memory_store;
 pub mod proxy;
 pub mod services;
 pub mod toolchains;

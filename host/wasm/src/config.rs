@@ -27,6 +27,81 @@ pub struct HandlersConfig {
     /// How long a changed file must stay unchanged before it is loaded.
     #[serde(with = "humantime_serde")]
     pub debounce: Duration,
+    /// Where the host's handlers come from: `directory` (its own `dir` only), `store` (the
+    /// cluster handler store only) or `both` (the store, and files of `dir` published to it).
+    /// Unset: `both` on a backend a cluster shares (PostgreSQL, Redis, NATS), `directory`
+    /// otherwise (memory, SQLite: they have no store).
+    pub source: Option<HandlerSource>,
+    /// The cluster handler store: how hosts follow it.
+    pub store: StoreConfig,
+    /// Canary trials (`deploy --canary`).
+    pub canary: CanaryConfig,
+}
+
+/// Where a host's handlers come from (`handlers.source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandlerSource {
+    /// The handlers directory of this host only: deploys write files, nothing is shared.
+    Directory,
+    /// The cluster handler store only; the directory is neither read nor watched.
+    Store,
+    /// The cluster handler store, and the directory as a way in: at start a file is published
+    /// for handlers the store does not have, and a file changed while running is deployed to
+    /// the whole cluster.
+    Both,
+}
+
+/// How a host follows the cluster handler store (`handlers.store`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// How often the host reads the store even without a change notification (notifications
+    /// can be lost when a connection drops).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How often the host reports what it runs (and judges running canaries); a report not
+    /// renewed for three intervals drops the host from the listing.
+    #[serde(with = "humantime_serde")]
+    pub report_interval: Duration,
+    /// Releases of each handler the store keeps (for rollback); the stable release and a
+    /// running canary are always kept.
+    pub keep_versions: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            poll_interval: Duration::from_secs(5),
+            report_interval: Duration::from_secs(2),
+            keep_versions: 5,
+        }
+    }
+}
+
+/// Canary trials (`handlers.canary`): how a canary is judged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CanaryConfig {
+    /// How long a trial runs before the canary is promoted (when no failure rate is worse).
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Canary invocations across the cluster before any automatic decision.
+    pub min_sample: u64,
+    /// How many points (0–1) the canary's rate of any failure kind (trap, out of fuel,
+    /// timeout, memory limit, guest fail) may exceed the stable version's before it is rolled
+    /// back.
+    pub tolerance: f64,
+}
+
+impl Default for CanaryConfig {
+    fn default() -> Self {
+        CanaryConfig {
+            window: Duration::from_secs(300),
+            min_sample: 100,
+            tolerance: 0.05,
+        }
+    }
 }
 
 impl Default for HandlersConfig {
@@ -38,6 +113,9 @@ impl Default for HandlersConfig {
             pool: PoolConfig::default(),
             watch: true,
             debounce: Duration::from_millis(500),
+            source: None,
+            store: StoreConfig::default(),
+            canary: CanaryConfig::default(),
         }
     }
 }
@@ -153,6 +231,28 @@ impl HandlersConfig {
             ),
             ("handlers.defaults.memory", self.defaults.memory.as_u64()),
         ])?;
+        require_positive([
+            (
+                "handlers.store.keep_versions",
+                self.store.keep_versions as u64,
+            ),
+            ("handlers.canary.min_sample", self.canary.min_sample),
+        ])?;
+        for (key, value) in [
+            ("handlers.store.poll_interval", self.store.poll_interval),
+            ("handlers.store.report_interval", self.store.report_interval),
+            ("handlers.canary.window", self.canary.window),
+        ] {
+            if value.is_zero() {
+                return Err(InvalidValue::new(key, "must be more than 0"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.canary.tolerance) {
+            return Err(InvalidValue::new(
+                "handlers.canary.tolerance",
+                format!("({}) must be at least 0 and below 1", self.canary.tolerance),
+            ));
+        }
         if self.defaults.timeout.is_zero() {
             return Err(InvalidValue::new(
                 "handlers.defaults.timeout",

@@ -23,22 +23,31 @@ impl WasmHandler {
     }
 }
 
+/// Runs `version` on `event` for the broker: records the version on the event's outcome and
+/// warns when the invocation dropped log lines.
+pub(crate) async fn run_version(
+    version: &CompiledHandler,
+    ctx: &HandlerContext,
+    event: &Event,
+) -> HandlerResult {
+    ctx.record_version(version.version());
+    let invocation = version
+        .invoke(event, ctx.attempt(), Publisher::Broker(ctx.clone()))
+        .await;
+    if invocation.logs_dropped > 0 {
+        tracing::warn!(
+            handler = %version.spec().name,
+            event_id = %event.id,
+            dropped = invocation.logs_dropped,
+            "handler exceeded its log budget; lines were dropped"
+        );
+    }
+    invocation.result
+}
+
 #[async_trait]
 impl EventHandler for WasmHandler {
     async fn handle(&self, ctx: &HandlerContext, event: &Event) -> HandlerResult {
-        ctx.record_version(self.version.version());
-        let invocation = self
-            .version
-            .invoke(event, ctx.attempt(), Publisher::Broker(ctx.clone()))
-            .await;
-        if invocation.logs_dropped > 0 {
-            tracing::warn!(
-                handler = %self.version.spec().name,
-                event_id = %event.id,
-                dropped = invocation.logs_dropped,
-                "handler exceeded its log budget; lines were dropped"
-            );
-        }
-        invocation.result
+        run_version(&self.version, ctx, event).await
     }
 }

@@ -37,6 +37,7 @@ pub mod bare;
 mod bindings;
 mod cache;
 pub mod check;
+pub mod cluster;
 mod component;
 pub mod config;
 mod draft;
@@ -54,6 +55,7 @@ mod slots;
 mod state;
 mod watch;
 
+pub use cluster::{ClusterInfo, ClusterStart, ClusterSync, DeployOptions, SyncState};
 pub use component::{
     CompiledHandler, HandlerCounters, Invocation, OUTCOMES, PATTERNS_TIMEOUT, QUEUE_WAIT,
     VersionInfo,
@@ -110,4 +112,14 @@ pub enum WasmError {
     /// No handler with this name.
     #[error("no handler named {0:?}")]
     NotFound(String),
+    /// The handler has no such release (rollback target), or none to go back to.
+    #[error("{0}")]
+    NoRelease(String),
+    /// The change does not apply to the handler's current deployment (a canary already runs,
+    /// none runs, another host changed it meanwhile).
+    #[error("{0}")]
+    Conflict(String),
+    /// The cluster handler store failed or holds something unreadable.
+    #[error("{0}")]
+    Store(String),
 }

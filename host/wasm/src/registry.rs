@@ -25,13 +25,14 @@ use super::engine::{Compiled, ComponentBytes, WasmEngine};
 use super::handler::WasmHandler;
 use super::manifest::{Manifest, validate_name};
 use super::percentiles::Percentiles;
+use crate::cluster::{ClusterEntry, ClusterInfo, ClusterLink, DeployOptions};
 use crate::config::HandlersConfig;
 use eventbroker::broker::{Broker, SubscribeOptions};
 use eventbroker::config::RetryPolicy;
 
 /// Extra time the broker allows beyond a handler's own timeout, so the guest's deadline
 /// (enforced inside the sandbox) fires first and is reported as such.
-const TIMEOUT_GRACE: Duration = Duration::from_millis(500);
+pub(crate) const TIMEOUT_GRACE: Duration = Duration::from_millis(500);
 
 /// Why a version was not loaded.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -75,24 +76,30 @@ pub struct HandlerInfo {
     /// Times the same component and manifest as the serving version were applied again and
     /// changed nothing (a `touch`, a redeploy of identical files); not counted as loads.
     pub unchanged: u64,
+    /// In a cluster: the desired release, the kept releases, the canary and its decisions,
+    /// and which hosts run what (absent on a host without a handler store).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterInfo>,
 }
 
 /// All WebAssembly handlers of a host.
 #[derive(Clone)]
 pub struct HandlerSet {
-    inner: Arc<SetInner>,
+    pub(crate) inner: Arc<SetInner>,
 }
 
-struct SetInner {
-    engine: WasmEngine,
-    broker: Broker,
-    config: HandlersConfig,
+pub(crate) struct SetInner {
+    pub(crate) engine: WasmEngine,
+    pub(crate) broker: Broker,
+    pub(crate) config: HandlersConfig,
     retry: RetryPolicy,
     entries: Mutex<BTreeMap<String, Entry>>,
     /// Serialises changes so two deploys of one name cannot interleave.
-    changes: tokio::sync::Mutex<()>,
+    pub(crate) changes: tokio::sync::Mutex<()>,
     /// The files of each handler as a deploy of this host last wrote them.
     written: Mutex<HashMap<String, Written>>,
+    /// The cluster handler store this host follows, when it has one.
+    pub(crate) cluster: Option<ClusterLink>,
 }
 
 /// A handler's files as written by [`HandlerSet::deploy`]: what the watcher must not reload.
@@ -121,7 +128,7 @@ impl Stamp {
 }
 
 /// A version to apply: its checked bytes, or its compiled component.
-enum Source {
+pub(crate) enum Source {
     Bytes(ComponentBytes),
     Compiled(Compiled),
 }
@@ -136,13 +143,16 @@ impl Source {
 }
 
 #[derive(Default)]
-struct Entry {
-    current: Option<Arc<CompiledHandler>>,
-    counters: Arc<HandlerCounters>,
-    last_rejection: Option<Rejection>,
-    loads: u64,
-    rejections: u64,
-    unchanged: u64,
+pub(crate) struct Entry {
+    /// The version serving events (in a cluster: the stable release, as loaded).
+    pub(crate) current: Option<Arc<CompiledHandler>>,
+    pub(crate) counters: Arc<HandlerCounters>,
+    pub(crate) last_rejection: Option<Rejection>,
+    pub(crate) loads: u64,
+    pub(crate) rejections: u64,
+    pub(crate) unchanged: u64,
+    /// What the cluster's record says and what this host made of it (cluster mode).
+    pub(crate) cluster: Option<ClusterEntry>,
 }
 
 /// What applying a version did.
@@ -164,6 +174,15 @@ pub struct LoadReport {
 impl HandlerSet {
     /// An empty set for `broker`.
     pub fn new(engine: WasmEngine, broker: Broker, config: HandlersConfig) -> Self {
+        Self::with_cluster(engine, broker, config, None)
+    }
+
+    pub(crate) fn with_cluster(
+        engine: WasmEngine,
+        broker: Broker,
+        config: HandlersConfig,
+        cluster: Option<ClusterLink>,
+    ) -> Self {
         let retry = broker.config().retry_policy.clone();
         HandlerSet {
             inner: Arc::new(SetInner {
@@ -174,6 +193,7 @@ impl HandlerSet {
                 entries: Mutex::new(BTreeMap::new()),
                 changes: tokio::sync::Mutex::new(()),
                 written: Mutex::new(HashMap::new()),
+                cluster,
             }),
         }
     }
@@ -188,7 +208,7 @@ impl HandlerSet {
         &self.inner.config.dir
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+    pub(crate) fn entries(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
         self.inner.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -272,6 +292,16 @@ impl HandlerSet {
         if self.written_by_this_host(wasm_path) {
             return Ok(None);
         }
+        if self.is_clustered() {
+            // A file changed on this host is a deploy to the whole cluster.
+            let before = self
+                .get(&file_stem(wasm_path)?)
+                .and_then(|i| i.cluster)
+                .map(|c| c.revision);
+            let info = self.deploy_file(wasm_path).await?;
+            let after = info.cluster.as_ref().map(|c| c.revision);
+            return Ok((after != before).then_some(info));
+        }
         let applied = self.read_and_apply(wasm_path, None).await?;
         Ok(applied.changed.then_some(applied.info))
     }
@@ -336,7 +366,12 @@ impl HandlerSet {
     }
 
     /// Records `error` as the rejection of a version of `name` and returns it.
-    fn rejected(&self, name: &str, error: WasmError, version: Option<String>) -> WasmError {
+    pub(crate) fn rejected(
+        &self,
+        name: &str,
+        error: WasmError,
+        version: Option<String>,
+    ) -> WasmError {
         let mut entries = self.entries();
         reject(
             entries.entry(name.to_owned()).or_default(),
@@ -429,6 +464,20 @@ impl HandlerSet {
         source: Source,
         manifest: Option<&str>,
     ) -> Result<Option<CompiledHandler>, (WasmError, Option<String>)> {
+        self.build_version(name, source, manifest, true).await
+    }
+
+    /// Builds a version of `name` from `source` and `manifest`: the manifest is resolved
+    /// against the host's defaults, the component compiled (unless it is already), linked and
+    /// checked, and its patterns read. With `skip_current`, `None` when it is identical to the
+    /// version serving now.
+    pub(crate) async fn build_version(
+        &self,
+        name: &str,
+        source: Source,
+        manifest: Option<&str>,
+        skip_current: bool,
+    ) -> Result<Option<CompiledHandler>, (WasmError, Option<String>)> {
         let version = source.version();
         let fail = |e: WasmError| (e, Some(version.clone()));
         let manifest = match manifest {
@@ -462,7 +511,8 @@ impl HandlerSet {
                 }),
             )
         };
-        if let Some(current) = &current
+        if skip_current
+            && let Some(current) = &current
             && current.version() == version
             && *current.spec() == spec
         {
@@ -525,6 +575,31 @@ impl HandlerSet {
         bytes: Vec<u8>,
         manifest: Option<&str>,
     ) -> Result<HandlerInfo, WasmError> {
+        self.deploy_with(name, bytes, manifest, DeployOptions::default())
+            .await
+    }
+
+    /// [`HandlerSet::deploy`] with options. On a host that follows a cluster handler store,
+    /// the version goes to the store (see [`HandlerSet::deploy_to_cluster`]) instead of the
+    /// directory, and may be a canary; elsewhere a canary is refused.
+    ///
+    /// # Errors
+    /// As [`HandlerSet::deploy`]; [`WasmError::Conflict`] for a canary without a store.
+    pub async fn deploy_with(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        manifest: Option<&str>,
+        options: DeployOptions,
+    ) -> Result<HandlerInfo, WasmError> {
+        if self.is_clustered() {
+            return self.deploy_to_cluster(name, bytes, manifest, options).await;
+        }
+        if options.canary.is_some() {
+            return Err(WasmError::Conflict(
+                "canary deploys need a cluster handler store (a PostgreSQL, Redis or NATS backend); this host keeps handlers in its directory".into(),
+            ));
+        }
         validate_name(name)?;
         // Check, hash and compile once, before taking the change lock, so a large component
         // does not hold up other deploys; the compiled component is handed over in memory.
@@ -583,6 +658,9 @@ impl HandlerSet {
     /// [`WasmError::NotFound`] if there is no such handler; I/O errors deleting files.
     pub async fn undeploy(&self, name: &str) -> Result<(), WasmError> {
         validate_name(name)?;
+        if self.is_clustered() {
+            return self.undeploy_from_cluster(name).await;
+        }
         let _change = self.inner.changes.lock().await;
         let existed = self.remove_locked(name).await;
         // Its files go: what a deploy wrote no longer describes them.
@@ -616,17 +694,19 @@ impl HandlerSet {
     pub fn list(&self) -> Vec<HandlerInfo> {
         self.entries()
             .iter()
-            .map(|(name, entry)| info(name, entry))
+            .map(|(name, entry)| self.full_info(name, entry))
             .collect()
     }
 
     /// One handler.
     pub fn get(&self, name: &str) -> Option<HandlerInfo> {
-        self.entries().get(name).map(|entry| info(name, entry))
+        self.entries()
+            .get(name)
+            .map(|entry| self.full_info(name, entry))
     }
 }
 
-fn reject(entry: &mut Entry, name: &str, error: &WasmError, version: Option<String>) {
+pub(crate) fn reject(entry: &mut Entry, name: &str, error: &WasmError, version: Option<String>) {
     tracing::warn!(handler = name, %error, "handler version rejected; the previous version keeps serving");
     entry.rejections += 1;
     entry.last_rejection = Some(Rejection {
@@ -636,7 +716,7 @@ fn reject(entry: &mut Entry, name: &str, error: &WasmError, version: Option<Stri
     });
 }
 
-fn info(name: &str, entry: &Entry) -> HandlerInfo {
+pub(crate) fn info(name: &str, entry: &Entry) -> HandlerInfo {
     let invocations = OUTCOMES
         .iter()
         .zip(entry.counters.outcomes.iter())
@@ -659,6 +739,7 @@ fn info(name: &str, entry: &Entry) -> HandlerInfo {
         loads: entry.loads,
         rejections: entry.rejections,
         unchanged: entry.unchanged,
+        cluster: None,
     }
 }
 

@@ -138,6 +138,8 @@ async fn apply_changes(
                         tracing::warn!(handler = %name, %error, "changed handler rejected; the previous version keeps serving")
                     }
                 }
+            } else if handlers.is_clustered() {
+                tracing::info!(handler = %name, "handler file removed; the handler stays deployed in the cluster (remove it with `eventbroker handlers remove` or DELETE /v1/handlers/{name})");
             } else if handlers.get(&name).is_some() && handlers.remove(&name).await {
                 tracing::info!(handler = %name, "handler removed (its component was deleted)");
             }

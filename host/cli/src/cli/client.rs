@@ -32,6 +32,10 @@ pub struct DeployArgs {
     /// Manifest file (TOML).
     #[arg(long, short)]
     manifest: Option<PathBuf>,
+    /// Deploy as a canary on this share of the handler's events (e.g. `10%`), judged against
+    /// the stable release and promoted or rolled back automatically (cluster hosts only).
+    #[arg(long, value_name = "PERCENT")]
+    canary: Option<String>,
 }
 
 /// `eventbroker handlers …`.
@@ -44,8 +48,28 @@ pub enum HandlersCommand {
         /// Handler name.
         name: String,
     },
-    /// Remove a handler (after its running invocations finish) and delete its files.
+    /// Remove a handler (after its running invocations finish) and delete its files; in a
+    /// cluster, from every host.
     Remove {
+        /// Handler name.
+        name: String,
+    },
+    /// Make an earlier release stable again on every host of the cluster (ends a canary).
+    Rollback {
+        /// Handler name.
+        name: String,
+        /// The release: `#N`, `N` or a component hash prefix (default: the one before the
+        /// stable release).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Promote the running canary to stable now.
+    Promote {
+        /// Handler name.
+        name: String,
+    },
+    /// Abort the running canary: the stable release serves every event again.
+    Abort {
         /// Handler name.
         name: String,
     },
@@ -495,9 +519,12 @@ pub async fn deploy(remote: &Remote, json: bool, args: DeployArgs) -> anyhow::Re
     if let Some(text) = manifest_text {
         form = form.text("manifest", text);
     }
-    let request = remote
+    let mut request = remote
         .request(Method::PUT, &format!("v1/handlers/{}", encode(&name)))
         .multipart(form);
+    if let Some(canary) = &args.canary {
+        request = request.query(&[("canary", canary.as_str())]);
+    }
     let spinner = Spinner::start(format!(
         "deploying {name}: the host compiles and checks it (Python and JavaScript components take a minute or more)"
     ));
@@ -508,12 +535,27 @@ pub async fn deploy(remote: &Remote, json: bool, args: DeployArgs) -> anyhow::Re
         print_json(&info)?;
     } else {
         let current = &info["current"];
-        println!(
-            "deployed {} version {} in {}",
-            render::text(&info["name"]),
-            render::clip(&render::text(&current["version"]), 12),
-            humantime::format_duration(Duration::from_millis(elapsed.as_millis() as u64)),
-        );
+        let cluster = &info["cluster"];
+        let took = humantime::format_duration(Duration::from_millis(elapsed.as_millis() as u64));
+        match (&cluster["canary"], cluster["desired"]["number"].as_u64()) {
+            (canary, _) if canary.is_object() && args.canary.is_some() => println!(
+                "deployed {} release #{} as a canary on {}% of its events in {took}; the stable release #{} serves the rest",
+                render::text(&info["name"]),
+                render::text(&canary["release"]),
+                render::text(&canary["percent"]),
+                render::text(&cluster["desired"]["number"]),
+            ),
+            (_, Some(release)) => println!(
+                "deployed {} release #{release} (version {}) to the cluster in {took}; every host follows",
+                render::text(&info["name"]),
+                render::clip(&render::text(&cluster["desired"]["component"]), 12),
+            ),
+            _ => println!(
+                "deployed {} version {} in {took}",
+                render::text(&info["name"]),
+                render::clip(&render::text(&current["version"]), 12),
+            ),
+        }
         let patterns: Vec<&str> = current["patterns"]
             .as_array()
             .map(|p| p.iter().filter_map(Value::as_str).collect())
@@ -541,6 +583,10 @@ pub async fn handlers(
             match answer["handlers"].as_array() {
                 Some(list) if !list.is_empty() => {
                     render::print_table(render::handlers_table(list));
+                    if let Some(cluster) = render::cluster_table(list) {
+                        println!();
+                        render::print_table(cluster);
+                    }
                 }
                 _ => println!("no handlers deployed"),
             }
@@ -580,6 +626,33 @@ pub async fn handlers(
             }
             Ok(ExitCode::SUCCESS)
         }
+        HandlersCommand::Rollback { name, to } => {
+            let body = serde_json::json!({ "to": to });
+            let request = remote
+                .request(
+                    Method::POST,
+                    &format!("v1/handlers/{}/rollback", encode(&name)),
+                )
+                .json(&body);
+            let info: Value = remote.call(request).await?;
+            print_change(json, &info, "rolled back")
+        }
+        HandlersCommand::Promote { name } => {
+            let request = remote.request(
+                Method::POST,
+                &format!("v1/handlers/{}/promote", encode(&name)),
+            );
+            let info: Value = remote.call(request).await?;
+            print_change(json, &info, "promoted its canary")
+        }
+        HandlersCommand::Abort { name } => {
+            let request = remote.request(
+                Method::POST,
+                &format!("v1/handlers/{}/abort", encode(&name)),
+            );
+            let info: Value = remote.call(request).await?;
+            print_change(json, &info, "aborted its canary")
+        }
         HandlersCommand::Remove { name } => {
             let response = remote
                 .send(remote.request(Method::DELETE, &format!("v1/handlers/{}", encode(&name))))
@@ -595,4 +668,20 @@ pub async fn handlers(
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Prints a handler after a cluster change: `NAME rolled back: release #N (version) is stable`.
+fn print_change(json: bool, info: &Value, what: &str) -> anyhow::Result<ExitCode> {
+    if json {
+        print_json(info)?;
+    } else {
+        let desired = &info["cluster"]["desired"];
+        println!(
+            "{} {what}: release #{} (version {}) is stable on every host",
+            render::text(&info["name"]),
+            render::text(&desired["number"]),
+            render::clip(&render::text(&desired["component"]), 12),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

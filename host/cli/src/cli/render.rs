@@ -247,6 +247,89 @@ pub fn handlers_table(handlers: &[Value]) -> Table {
     table
 }
 
+/// The cluster view of handlers (`None` when no handler has one: a host without a cluster
+/// handler store): desired release, canary, what each host runs, the last canary decision.
+pub fn cluster_table(handlers: &[Value]) -> Option<Table> {
+    let clustered: Vec<&Value> = handlers
+        .iter()
+        .filter(|h| h["cluster"].is_object())
+        .collect();
+    if clustered.is_empty() {
+        return None;
+    }
+    let mut table = table([
+        "NAME",
+        "DESIRED",
+        "CANARY",
+        "HOSTS",
+        "CONVERGED",
+        "LAST DECISION",
+    ]);
+    for handler in clustered {
+        let cluster = &handler["cluster"];
+        let desired = &cluster["desired"];
+        let canary = &cluster["canary"];
+        let hosts: Vec<String> = cluster["hosts"]
+            .as_array()
+            .map(|hosts| {
+                hosts
+                    .iter()
+                    .map(|h| {
+                        let mut line = format!("{} #{}", text(&h["host"]), text(&h["stable"]));
+                        if !h["canary"].is_null() {
+                            line.push_str(&format!("+#{}", text(&h["canary"])));
+                        }
+                        if h["state"] != "converged" {
+                            line.push_str(&format!(" ({})", text(&h["state"])));
+                        }
+                        line
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let decision = cluster["decisions"]
+            .as_array()
+            .and_then(|d| d.last())
+            .map(|d| {
+                clip(
+                    &format!(
+                        "#{} {}: {}",
+                        text(&d["release"]),
+                        text(&d["outcome"]),
+                        text(&d["reason"])
+                    ),
+                    70,
+                )
+            })
+            .unwrap_or_else(|| "-".into());
+        table.add_row([
+            text(&handler["name"]),
+            format!(
+                "#{} {}",
+                text(&desired["number"]),
+                clip(&text(&desired["component"]), 12)
+            ),
+            if canary.is_object() {
+                format!(
+                    "#{} on {}%",
+                    text(&canary["release"]),
+                    text(&canary["percent"])
+                )
+            } else {
+                "-".into()
+            },
+            hosts.join(", "),
+            if cluster["converged"] == true {
+                "yes".into()
+            } else {
+                "no".into()
+            },
+            decision,
+        ]);
+    }
+    Some(table)
+}
+
 /// A JSON string value as text, other values as JSON, null as empty.
 pub fn text(value: &Value) -> String {
     match value {

@@ -42,6 +42,8 @@ pub struct Cluster {
     pub hosts: Vec<Option<Host>>,
     dir: tempfile::TempDir,
     config: Value,
+    /// Merged over each host's `handlers` section.
+    handlers: Value,
 }
 
 /// A blocking HTTP client with generous timeouts.
@@ -57,6 +59,11 @@ impl Cluster {
     /// (async mode, four workers, a two-second lease so that a dead host's work is taken over
     /// quickly, a distinct `instance_id` per host).
     pub fn start(broker: Value, count: usize) -> Cluster {
+        Cluster::start_with(broker, json!({}), count)
+    }
+
+    /// [`Cluster::start`] with `handlers` merged over each host's `handlers` section.
+    pub fn start_with(broker: Value, handlers: Value, count: usize) -> Cluster {
         let built = super::guests::build();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut defaults = json!({
@@ -70,6 +77,7 @@ impl Cluster {
             hosts: Vec::new(),
             dir,
             config: defaults,
+            handlers,
         };
         for n in 0..count {
             let handlers = cluster.dir.path().join(format!("handlers-{n}"));
@@ -89,13 +97,16 @@ impl Cluster {
     fn config_path(&self, n: usize) -> PathBuf {
         let mut broker = self.config.clone();
         broker["instance_id"] = json!(format!("cluster-host-{n}"));
+        // Each host compiles for itself, as hosts of a real cluster do.
+        let mut handlers = json!({
+            "dir": self.dir.path().join(format!("handlers-{n}")),
+            "cache_dir": self.dir.path().join(format!("cache-{n}")),
+            "watch": false,
+        });
+        merge(&mut handlers, self.handlers.clone());
         let config = json!({
             "event_broker": broker,
-            "handlers": {
-                "dir": self.dir.path().join(format!("handlers-{n}")),
-                "cache_dir": self.dir.path().join("cache"),
-                "watch": false,
-            },
+            "handlers": handlers,
         });
         let path = self.dir.path().join(format!("host-{n}.yaml"));
         // JSON is YAML: the config loader reads it by the .yaml extension.
@@ -106,6 +117,17 @@ impl Cluster {
     fn spawn(&self, n: usize) -> Host {
         let config = self.config_path(n);
         start_serve(&config, self.dir.path())
+    }
+
+    /// Starts one more host, with an empty handlers directory: what it runs comes from the
+    /// cluster handler store. Returns its index.
+    pub fn add_host(&mut self) -> usize {
+        let n = self.hosts.len();
+        std::fs::create_dir_all(self.dir.path().join(format!("handlers-{n}")))
+            .expect("handlers dir");
+        let host = self.spawn(n);
+        self.hosts.push(Some(host));
+        n
     }
 
     /// The URL of a live host.
@@ -277,5 +299,359 @@ pub mod scenarios {
         }
         let survivor = cluster.invocations(1);
         assert!(survivor > 0, "the survivor did work");
+    }
+}
+
+/// Deploying once for the whole cluster: the cluster handler store, canaries and rollback,
+/// on a shared backend.
+pub mod deploys {
+    use super::*;
+    use eventbroker_testkit::toolchains;
+
+    /// The manifest every `counter` release of these tests runs with (the cluster's patterns
+    /// and generous limits), plus `extra`.
+    fn counter_manifest(extra: &str) -> String {
+        format!(
+            "patterns = [\"cluster.>\"]\nfuel = 100_000_000_000\ntimeout = \"60s\"\nconcurrency = 16\n{extra}"
+        )
+    }
+
+    /// Deploys over HTTP, as `eventbroker deploy` does; `canary` is the `?canary=` share.
+    fn deploy(url: &str, name: &str, wasm: &Path, manifest: &str, canary: Option<&str>) -> Value {
+        let bytes = std::fs::read(wasm).expect("component");
+        let form = reqwest::blocking::multipart::Form::new()
+            .part(
+                "component",
+                reqwest::blocking::multipart::Part::bytes(bytes).file_name(format!("{name}.wasm")),
+            )
+            .text("manifest", manifest.to_owned());
+        let mut request = http()
+            .put(format!("{url}/v1/handlers/{name}"))
+            .multipart(form);
+        if let Some(canary) = canary {
+            request = request.query(&[("canary", canary)]);
+        }
+        let response = request.send().expect("deploy");
+        let status = response.status();
+        let body: Value = response.json().expect("json");
+        assert!(
+            status.is_success(),
+            "deploy of {name} answered {status}: {body}"
+        );
+        body
+    }
+
+    /// Handler `name` as host `url` lists it (`null` when it has none).
+    pub fn handler(url: &str, name: &str) -> Value {
+        let response = http()
+            .get(format!("{url}/v1/handlers/{name}"))
+            .send()
+            .expect("get handler");
+        if response.status() == 404 {
+            return Value::Null;
+        }
+        response.json().expect("json")
+    }
+
+    /// Whether host `url` runs release `release` of `name` (and canary `canary`), converged.
+    fn runs(url: &str, name: &str, release: u64, canary: Option<u64>) -> bool {
+        let info = handler(url, name);
+        let cluster = &info["cluster"];
+        cluster["state"] == "converged"
+            && cluster["desired"]["number"] == release
+            && info["current"]["version"] == cluster["desired"]["component"]
+            && cluster["canary"]["release"].as_u64() == canary
+    }
+
+    /// Waits until every live host runs `release` of `name` (with `canary`); returns how long
+    /// it took.
+    fn wait_everywhere(
+        cluster: &Cluster,
+        name: &str,
+        release: u64,
+        canary: Option<u64>,
+    ) -> Duration {
+        let started = Instant::now();
+        for host in cluster.hosts.iter().flatten() {
+            while !runs(&host.url, name, release, canary) {
+                assert!(
+                    started.elapsed() < PATIENCE,
+                    "{} does not run release #{release} of {name} (canary {canary:?}): {}",
+                    host.url,
+                    handler(&host.url, name)
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        started.elapsed()
+    }
+
+    /// Deploys `wasm` as handler `name` on host 0 with the `eventbroker deploy` command and
+    /// returns the time until host 1 runs it.
+    fn deploy_with_cli_and_time(
+        cluster: &Cluster,
+        name: &str,
+        wasm: &Path,
+        patterns: &str,
+    ) -> Duration {
+        let manifest = cluster.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&manifest, format!("patterns = [\"{patterns}\"]\n")).expect("manifest");
+        let started = Instant::now();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_eventbroker"))
+            .args([
+                "deploy",
+                "--server",
+                cluster.url(0),
+                "--name",
+                name,
+                "--manifest",
+            ])
+            .arg(&manifest)
+            .arg(wasm)
+            .output()
+            .expect("eventbroker deploy");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("to the cluster"),
+            "deploy failed: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        while !runs(cluster.url(1), name, 1, None) {
+            assert!(
+                started.elapsed() < PATIENCE * 2,
+                "host 1 never ran {name}: {}",
+                handler(cluster.url(1), name)
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        started.elapsed()
+    }
+
+    /// The version that handled `event` for `counter`.
+    fn version(event: &Value) -> &str {
+        event["handlers"]
+            .as_array()
+            .and_then(|o| o.iter().find(|o| o["handler"] == "counter"))
+            .and_then(|o| o["version"].as_str())
+            .unwrap_or("")
+    }
+
+    /// Sum of a counter over the live hosts' metrics, for lines starting with `prefix`.
+    fn metric_sum(cluster: &Cluster, prefix: &str) -> u64 {
+        cluster
+            .hosts
+            .iter()
+            .flatten()
+            .map(|host| {
+                let text = http()
+                    .get(format!("{}/metrics", host.url))
+                    .send()
+                    .and_then(|r| r.text())
+                    .expect("metrics");
+                text.lines()
+                    .filter(|line| line.starts_with(prefix))
+                    .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum::<f64>() as u64
+            })
+            .sum()
+    }
+
+    /// The whole story on one backend (`backend` names it in the timing lines):
+    /// 1. hosts started with the same file converge on one release in the store;
+    /// 2. a Rust and a Python component deployed once on host 0 run on host 1 (timed);
+    /// 3. a host started later loads the store's releases at start;
+    /// 4. a deploy under load loses nothing and runs every event once, on one version or the
+    ///    other, and the new one only once every host converged;
+    /// 5. a canary that traps is rolled back by the hosts themselves, its events handled by
+    ///    the stable release;
+    /// 6. `eventbroker handlers rollback` returns every host to the previous release.
+    pub fn deploy_once_canary_and_rollback(broker: Value, backend: &str) {
+        let built = super::super::guests::build();
+        let mut cluster = Cluster::start_with(
+            broker,
+            json!({
+                "store": {"poll_interval": "2s", "report_interval": "250ms"},
+                "canary": {"window": "1h", "min_sample": 20, "tolerance": 0.05},
+            }),
+            2,
+        );
+        // 1. Host 0 published its `counter` file; host 1 found the same release in the store.
+        wait_everywhere(&cluster, "counter", 1, None);
+        let first = handler(cluster.url(0), "counter")["cluster"]["desired"]["component"]
+            .as_str()
+            .expect("release #1")
+            .to_owned();
+
+        // 2. Deploy once: host 1 runs what was deployed on host 0.
+        let rust = deploy_with_cli_and_time(
+            &cluster,
+            "audit",
+            &built.guest("rust_audit_logger"),
+            "audit.>",
+        );
+        eprintln!(
+            "TIMING {backend}: deploy of a Rust component on host 0 -> host 1 runs it: {rust:?}"
+        );
+        if let Some(python) = toolchains::build(toolchains::PAYLOAD_VALIDATORS[0]) {
+            let size = std::fs::metadata(&python).map(|m| m.len()).unwrap_or(0);
+            let took = deploy_with_cli_and_time(&cluster, "validator", &python, "validate.>");
+            eprintln!(
+                "TIMING {backend}: deploy of a Python component ({} MiB) on host 0 -> host 1 runs it: {took:?}",
+                size / (1 << 20)
+            );
+        }
+
+        // 3. A host started now runs the cluster's releases from its first event.
+        let late = cluster.add_host();
+        assert!(
+            runs(cluster.url(late), "audit", 1, None),
+            "{}",
+            handler(cluster.url(late), "audit")
+        );
+        assert!(
+            runs(cluster.url(late), "counter", 1, None),
+            "{}",
+            handler(cluster.url(late), "counter")
+        );
+
+        // 4. A new release of `counter` deployed (on host 1) while events flow.
+        let invocations_before: u64 = (0..cluster.hosts.len())
+            .map(|n| cluster.invocations(n))
+            .sum();
+        let before_0 = cluster.invocations(0);
+        let during = cluster.publish(150, 1_000_000);
+        cluster.wait_invocations(0, before_0 + 5);
+        let second = deploy(
+            cluster.url(1),
+            "counter",
+            &built.fixtures.join("counter.wasm"),
+            &counter_manifest(""),
+            None,
+        );
+        let second_version = second["cluster"]["desired"]["component"]
+            .as_str()
+            .expect("release #2")
+            .to_owned();
+        assert_ne!(second_version, first);
+        wait_everywhere(&cluster, "counter", 2, None);
+        let after = cluster.publish(20, 1_000);
+        let all: Vec<String> = during.iter().chain(&after).cloned().collect();
+        let events = cluster.wait_all_finished(0, &all);
+        for event in &events {
+            assert_eq!(event["status"], "completed", "{event}");
+            assert_eq!(attempts(event), 1, "handled once: {event}");
+            assert!(
+                [first.as_str(), second_version.as_str()].contains(&version(event)),
+                "{event}"
+            );
+        }
+        for event in &events[during.len()..] {
+            assert_eq!(
+                version(event),
+                second_version,
+                "published after every host converged: {event}"
+            );
+        }
+        let invocations: u64 = (0..cluster.hosts.len())
+            .map(|n| cluster.invocations(n))
+            .sum();
+        assert_eq!(
+            invocations - invocations_before,
+            all.len() as u64,
+            "every event ran once, cluster-wide"
+        );
+        let on_new = events
+            .iter()
+            .filter(|e| version(e) == second_version)
+            .count();
+        eprintln!(
+            "deploy under load: {} events on release #1, {on_new} on release #2",
+            events.len() - on_new
+        );
+
+        // 5. A canary that traps on every event, on half of them.
+        deploy(
+            cluster.url(0),
+            "counter",
+            &built.fixtures.join("counter.wasm"),
+            &counter_manifest("[config]\ntrap_every = \"1\"\n"),
+            Some("50%"),
+        );
+        wait_everywhere(&cluster, "counter", 2, Some(3));
+        let canary_events = cluster.publish(80, 1_000);
+        let events = cluster.wait_all_finished(1, &canary_events);
+        for event in &events {
+            assert_eq!(
+                event["status"], "completed",
+                "nothing lost to the canary: {event}"
+            );
+            assert_eq!(
+                version(event),
+                second_version,
+                "the stable release handled it: {event}"
+            );
+        }
+        let started = Instant::now();
+        let decision = loop {
+            let info = handler(cluster.url(0), "counter");
+            if let Some(decision) = info["cluster"]["decisions"]
+                .as_array()
+                .and_then(|d| d.last())
+            {
+                assert!(info["cluster"]["canary"].is_null(), "{info}");
+                break decision.clone();
+            }
+            assert!(started.elapsed() < PATIENCE, "no canary decision: {info}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        eprintln!("canary decision: {decision}");
+        assert_eq!(decision["outcome"], "rolled_back", "{decision}");
+        assert_eq!(
+            (decision["release"].as_u64(), decision["stable"].as_u64()),
+            (Some(3), Some(2))
+        );
+        assert!(
+            decision["canary"]["failures"]["trap"].as_u64().unwrap_or(0) >= 20,
+            "{decision}"
+        );
+        wait_everywhere(&cluster, "counter", 2, None);
+        assert_eq!(
+            metric_sum(&cluster, "eventbroker_handler_canary_decisions_total"),
+            1,
+            "one host decided"
+        );
+
+        // 6. Roll back by hand to release #1, with the command.
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_eventbroker"))
+            .args([
+                "handlers",
+                "rollback",
+                "counter",
+                "--server",
+                cluster.url(late),
+            ])
+            .output()
+            .expect("eventbroker handlers rollback");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("release #1"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        wait_everywhere(&cluster, "counter", 1, None);
+        let ids = cluster.publish(10, 1_000);
+        for event in cluster.wait_all_finished(1, &ids) {
+            assert_eq!(version(&event), first, "after the rollback: {event}");
+        }
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_eventbroker"))
+            .args(["handlers", "list", "--server", cluster.url(0)])
+            .output()
+            .expect("eventbroker handlers list");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            stdout.contains("DESIRED") && stdout.contains("rolled_back"),
+            "{stdout}"
+        );
+        eprintln!("{stdout}");
     }
 }

@@ -126,7 +126,7 @@ async fn invoke(
                 .fetch_add(1, Ordering::Relaxed);
             (OutcomeState::Succeeded, None)
         }
-        Err(failure) if failure.kind == FailureKind::Busy => {
+        Err(failure) if failure.is_deferral() => {
             // Deferred, not attempted: retried later without spending the retry budget.
             tracing::debug!(handler = %subscription.name, event_id = %event.id, "handler busy; event deferred");
             return HandlerOutcome {
@@ -239,8 +239,7 @@ pub(crate) fn status_update(
                 .filter(|o| o.state == OutcomeState::Retrying)
                 .peekable();
             let deferred_only = retrying.peek().is_some()
-                && retrying
-                    .all(|o| o.last_error.as_ref().map(|f| f.kind) == Some(FailureKind::Busy));
+                && retrying.all(|o| o.last_error.as_ref().is_some_and(Failure::is_deferral));
             let retry_count = event.retry_count + u32::from(!deferred_only);
             (EventStatus::Pending, Some(error.clone()), retry_count, None)
         }
@@ -411,5 +410,11 @@ mod tests {
         );
         let mixed = vec![outcome(FailureKind::Busy), outcome(FailureKind::Timeout)];
         assert_eq!(status_update(&event, mixed, &retry).retry_count, 1);
+        // A canary's trap handed to the stable version is a deferral too.
+        let mut canary = outcome(FailureKind::Trap);
+        if let Some(failure) = canary.last_error.as_mut() {
+            failure.deferred = true;
+        }
+        assert_eq!(status_update(&event, vec![canary], &retry).retry_count, 0);
     }
 }

@@ -391,6 +391,13 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Closes the provider: open consumers and streams end. Idempotent.
     async fn close(&self);
+
+    /// The store where a cluster sharing this backend keeps its handlers, on the backend's
+    /// existing connections; `None` (the default) for backends a cluster cannot share
+    /// (memory, SQLite), whose hosts keep handlers in their own directory.
+    fn handler_store(&self) -> Option<std::sync::Arc<dyn crate::handler_store::HandlerStore>> {
+        None
+    }
 }
 
 /// Errors of the provider boundary.

@@ -82,11 +82,17 @@ pub async fn backend() -> Option<Backend> {
     )
 }
 
-/// Deletes the streams and bucket of a NATS namespace (blocking: on a runtime of its own).
+/// Deletes the streams and buckets of a NATS namespace, the handler store's included
+/// (blocking: on a runtime of its own).
 pub fn delete_nats_namespace(nats: &NatsConfig) {
     let stream = nats.stream_name.clone();
     let dead_letters = format!("{stream}_DEAD_LETTERS");
     let bucket_stream = format!("KV_{}", nats.kv_bucket());
+    let handler_streams = [
+        format!("KV_{}", nats.handler_records_bucket()),
+        format!("OBJ_{}", nats.handler_components_bucket()),
+        format!("KV_{}", nats.handler_reports_bucket()),
+    ];
     let url = nats.url.clone();
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -100,7 +106,10 @@ pub fn delete_nats_namespace(nats: &NatsConfig) {
             return;
         };
         let js = async_nats::jetstream::new(client);
-        for name in [stream, dead_letters, bucket_stream] {
+        for name in [stream, dead_letters, bucket_stream]
+            .into_iter()
+            .chain(handler_streams)
+        {
             let _ = tokio::time::timeout(Duration::from_secs(5), js.delete_stream(&name)).await;
         }
     });
@@ -123,7 +132,8 @@ async fn sweep_nats_leftovers() {
             while let Some(Ok(info)) = streams.next().await {
                 let name = &info.config.name;
                 let ours = name.starts_with(NATS_TEST_PREFIX)
-                    || name.starts_with(&format!("KV_{NATS_TEST_PREFIX}"));
+                    || name.starts_with(&format!("KV_{NATS_TEST_PREFIX}"))
+                    || name.starts_with(&format!("OBJ_{NATS_TEST_PREFIX}"));
                 if ours && info.created.unix_timestamp() < cutoff {
                     stale.push(name.clone());
                 }

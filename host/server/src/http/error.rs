@@ -123,7 +123,13 @@ impl From<WasmError> for ApiError {
     fn from(error: WasmError) -> Self {
         let message = error.to_string();
         match error {
-            WasmError::NotFound(_) => ApiError::not_found(message),
+            WasmError::NotFound(_) | WasmError::NoRelease(_) => ApiError::not_found(message),
+            WasmError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+            WasmError::Store(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                message,
+            ),
             WasmError::Io(_) | WasmError::Engine(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
             }

@@ -1,4 +1,5 @@
-//! `/v1/handlers`: list, deploy (component plus manifest in one request), remove.
+//! `/v1/handlers`: list, deploy (component plus manifest in one request; a canary with
+//! `?canary=PERCENT`), remove; in a cluster also rollback, and promote or abort a canary.
 
 use axum::Json;
 use axum::extract::{FromRequest, Multipart, Request, State};
@@ -6,8 +7,46 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::{ApiError, ApiPath, AppState};
-use eventbroker_wasm::HandlerInfo;
+use serde::Deserialize;
+
+use super::{ApiError, ApiPath, ApiQuery, AppState};
+use eventbroker_wasm::{DeployOptions, HandlerInfo};
+
+/// Query parameters of `PUT /v1/handlers/{name}`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeployQuery {
+    /// Deploy as a canary receiving this percentage (1-99, an optional `%` suffix) of the
+    /// handler's events, chosen by a stable hash of the event id; needs a cluster handler
+    /// store.
+    pub canary: Option<String>,
+}
+
+/// The canary share of `?canary=`, `10` or `10%`.
+fn canary_share(text: &str) -> Result<u8, ApiError> {
+    text.trim()
+        .trim_end_matches('%')
+        .parse::<u8>()
+        .ok()
+        .filter(|n| (1..=99).contains(n))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!("canary={text:?} is not a share from 1% to 99% (e.g. canary=10%)"),
+            )
+        })
+}
+
+/// The body of `POST /v1/handlers/{name}/rollback` (optional).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackBody {
+    /// The release to return to: `#N`, `N`, or a prefix (4+ characters) of its component
+    /// hash. Default: the release before the stable one.
+    pub to: Option<String>,
+}
 
 /// `GET /v1/handlers`.
 #[utoipa::path(
@@ -58,7 +97,7 @@ pub async fn get(
     put,
     path = "/v1/handlers/{name}",
     tag = "handlers",
-    params(("name" = String, Path, description = "Handler name: 1-64 letters, digits, `-` or `_`", pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    params(("name" = String, Path, description = "Handler name: 1-64 letters, digits, `-` or `_`", pattern = "^[A-Za-z0-9_-]{1,64}$"), DeployQuery),
     request_body(
         description = "The component (and optionally its TOML manifest as a `manifest` part)",
         content(
@@ -75,9 +114,13 @@ pub async fn get(
 pub async fn deploy(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<DeployQuery>,
     request: Request,
 ) -> Result<Json<HandlerInfo>, ApiError> {
     let handlers = state.handlers()?.clone();
+    let options = DeployOptions {
+        canary: query.canary.as_deref().map(canary_share).transpose()?,
+    };
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -127,9 +170,85 @@ pub async fn deploy(
         (component, manifest)
     };
     let info = handlers
-        .deploy(&name, component, manifest.as_deref())
+        .deploy_with(&name, component, manifest.as_deref(), options)
         .await?;
     Ok(Json(info))
+}
+
+/// `POST /v1/handlers/{name}/rollback`: makes an earlier release stable again on every host
+/// of the cluster (ending any canary).
+#[utoipa::path(
+    post,
+    path = "/v1/handlers/{name}/rollback",
+    tag = "handlers",
+    params(("name" = String, Path, description = "Handler name", pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    request_body(content = Option<RollbackBody>, description = "The release to return to (default: the one before the stable release)"),
+    responses(
+        (status = 200, description = "The handler after the rollback", body = Object),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn rollback(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    super::ApiBody(body): super::ApiBody,
+) -> Result<Json<HandlerInfo>, ApiError> {
+    let body: RollbackBody = if body.iter().all(u8::is_ascii_whitespace) {
+        RollbackBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                format!("invalid rollback body: {e}; expected {{\"to\": \"#N\"}} or nothing"),
+            )
+        })?
+    };
+    let info = state
+        .handlers()?
+        .rollback(&name, body.to.as_deref())
+        .await?;
+    Ok(Json(info))
+}
+
+/// `POST /v1/handlers/{name}/promote`: makes the running canary the stable release now.
+#[utoipa::path(
+    post,
+    path = "/v1/handlers/{name}/promote",
+    tag = "handlers",
+    params(("name" = String, Path, description = "Handler name", pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    responses(
+        (status = 200, description = "The handler, its canary promoted", body = Object),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn promote(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<HandlerInfo>, ApiError> {
+    Ok(Json(state.handlers()?.end_canary(&name, true).await?))
+}
+
+/// `POST /v1/handlers/{name}/abort`: ends the running canary; the stable release serves
+/// every event again.
+#[utoipa::path(
+    post,
+    path = "/v1/handlers/{name}/abort",
+    tag = "handlers",
+    params(("name" = String, Path, description = "Handler name", pattern = "^[A-Za-z0-9_-]{1,64}$")),
+    responses(
+        (status = 200, description = "The handler, its canary aborted", body = Object),
+        (status = "default", description = "An error, in the JSON envelope", body = crate::http::openapi::ErrorBody)
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn abort(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<HandlerInfo>, ApiError> {
+    Ok(Json(state.handlers()?.end_canary(&name, false).await?))
 }
 
 /// `DELETE /v1/handlers/{name}`: unsubscribes the handler, waits for its running invocations,

@@ -280,7 +280,10 @@ pub fn router(state: AppState) -> Router {
             axum::routing::put(handlers::deploy)
                 .delete(handlers::remove)
                 .layer(axum::extract::DefaultBodyLimit::max(limits.upload_limit)),
-        );
+        )
+        .route("/handlers/{name}/rollback", post(handlers::rollback))
+        .route("/handlers/{name}/promote", post(handlers::promote))
+        .route("/handlers/{name}/abort", post(handlers::abort));
     let v1 = guarded(read, Access::Read)
         .merge(guarded(publish, Access::Publish))
         .merge(guarded(admin, Access::Admin))

@@ -155,7 +155,13 @@ async fn sweep_old_postgres_tables(url: &str) {
                 if old == Some(true) {
                     let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
                         "DROP TABLE IF EXISTS {prefix}_deliveries, {prefix}_groups, \
-                         {prefix}_states, {prefix}, {prefix}_migrations"
+                         {prefix}_states, {prefix}_handlers, {prefix}_handler_components, \
+                         {prefix}_handler_reports, {prefix}, {prefix}_migrations"
+                    )))
+                    .execute(&pool)
+                    .await;
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP SEQUENCE IF EXISTS {prefix}_handler_revisions"
                     )))
                     .execute(&pool)
                     .await;

@@ -10,6 +10,7 @@
 // helpers and cases with more to say carry doc comments.
 #[allow(missing_docs)]
 pub mod cases;
+pub mod handler_store;
 
 /// Generates one `#[tokio::test]` per conformance case, in a module named `$backend`, each
 /// running its case on the backend `$open` (an expression of type
