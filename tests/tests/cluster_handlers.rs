@@ -128,16 +128,7 @@ async fn hosts_follow_deploys_defer_what_they_cannot_run_and_roll_back_a_bad_can
         .expect("deploy");
     let first = info.current.expect("serving").version;
     wait_runs(&b, "h", 1, None).await;
-    let done = finished(
-        &b,
-        &b.broker
-            .publish(event(1))
-            .await
-            .expect("publish")
-            .id()
-            .to_owned(),
-    )
-    .await;
+    let done = finished(&b, b.broker.publish(event(1)).await.expect("publish").id()).await;
     assert_eq!(done.status, EventStatus::Completed, "{done:?}");
     assert_eq!(version_of(&done).as_deref(), Some(first.as_str()));
     // The same content again changes nothing.

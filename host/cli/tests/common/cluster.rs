@@ -307,6 +307,8 @@ pub mod scenarios {
 pub mod deploys {
     use super::*;
     use eventbroker_testkit::toolchains;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     /// The manifest every `counter` release of these tests runs with (the cluster's patterns
     /// and generous limits), plus `extra`.
@@ -393,7 +395,7 @@ pub mod deploys {
         name: &str,
         wasm: &Path,
         patterns: &str,
-    ) -> Duration {
+    ) -> (Duration, Duration) {
         let manifest = cluster.dir.path().join(format!("{name}.toml"));
         std::fs::write(&manifest, format!("patterns = [\"{patterns}\"]\n")).expect("manifest");
         let started = Instant::now();
@@ -416,6 +418,7 @@ pub mod deploys {
             "deploy failed: {stdout}{}",
             String::from_utf8_lossy(&output.stderr)
         );
+        let deployed = started.elapsed();
         while !runs(cluster.url(1), name, 1, None) {
             assert!(
                 started.elapsed() < PATIENCE * 2,
@@ -424,7 +427,7 @@ pub mod deploys {
             );
             std::thread::sleep(Duration::from_millis(2));
         }
-        started.elapsed()
+        (started.elapsed(), deployed)
     }
 
     /// The version that handled `event` for `counter`.
@@ -454,6 +457,46 @@ pub mod deploys {
                     .sum::<f64>() as u64
             })
             .sum()
+    }
+
+    /// A thread publishing `cluster.work` events round-robin over `urls` until stopped.
+    struct Publisher {
+        stop: Arc<AtomicBool>,
+        thread: JoinHandle<Vec<String>>,
+    }
+
+    impl Publisher {
+        /// Stops publishing; the ids of every event published.
+        fn stop(self) -> Vec<String> {
+            self.stop.store(true, Ordering::Release);
+            self.thread.join().expect("publisher thread")
+        }
+    }
+
+    fn publish_until_stopped(urls: Vec<String>) -> Publisher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let client = http();
+            let mut ids = Vec::new();
+            while !stopped.load(Ordering::Acquire) {
+                let url = &urls[ids.len() % urls.len()];
+                let response = client
+                    .post(format!("{url}/v1/events"))
+                    .json(&json!({
+                        "type": "cluster.work",
+                        "payload": {"action": "work", "iterations": 200_000, "n": ids.len()},
+                    }))
+                    .send()
+                    .expect("publish");
+                assert_eq!(response.status(), 202, "publish accepted");
+                let body: Value = response.json().expect("json");
+                ids.push(body["id"].as_str().expect("id").to_owned());
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            ids
+        });
+        Publisher { stop, thread }
     }
 
     /// The whole story on one backend (`backend` names it in the timing lines):
@@ -490,14 +533,17 @@ pub mod deploys {
             "audit.>",
         );
         eprintln!(
-            "TIMING {backend}: deploy of a Rust component on host 0 -> host 1 runs it: {rust:?}"
+            "TIMING {backend}: deploy of a Rust component on host 0 -> host 1 runs it: {:?} (the deploy answered after {:?})",
+            rust.0, rust.1
         );
         if let Some(python) = toolchains::build(toolchains::PAYLOAD_VALIDATORS[0]) {
             let size = std::fs::metadata(&python).map(|m| m.len()).unwrap_or(0);
             let took = deploy_with_cli_and_time(&cluster, "validator", &python, "validate.>");
             eprintln!(
-                "TIMING {backend}: deploy of a Python component ({} MiB) on host 0 -> host 1 runs it: {took:?}",
-                size / (1 << 20)
+                "TIMING {backend}: deploy of a Python component ({} MiB) on host 0 -> host 1 runs it: {:?} (the deploy answered after {:?})",
+                size / (1 << 20),
+                took.0,
+                took.1
             );
         }
 
@@ -519,8 +565,15 @@ pub mod deploys {
             .map(|n| cluster.invocations(n))
             .sum();
         let before_0 = cluster.invocations(0);
-        let during = cluster.publish(150, 1_000_000);
-        cluster.wait_invocations(0, before_0 + 5);
+        let publisher = publish_until_stopped(
+            cluster
+                .hosts
+                .iter()
+                .flatten()
+                .map(|h| h.url.clone())
+                .collect(),
+        );
+        cluster.wait_invocations(0, before_0 + 20);
         let second = deploy(
             cluster.url(1),
             "counter",
@@ -534,6 +587,9 @@ pub mod deploys {
             .to_owned();
         assert_ne!(second_version, first);
         wait_everywhere(&cluster, "counter", 2, None);
+        // Events go on flowing a moment after every host converged.
+        std::thread::sleep(Duration::from_millis(300));
+        let during = publisher.stop();
         let after = cluster.publish(20, 1_000);
         let all: Vec<String> = during.iter().chain(&after).cloned().collect();
         let events = cluster.wait_all_finished(0, &all);
@@ -560,13 +616,19 @@ pub mod deploys {
             all.len() as u64,
             "every event ran once, cluster-wide"
         );
-        let on_new = events
+        let on_new = events[..during.len()]
             .iter()
             .filter(|e| version(e) == second_version)
             .count();
         eprintln!(
-            "deploy under load: {} events on release #1, {on_new} on release #2",
-            events.len() - on_new
+            "deploy under load: of {} events published while it rolled out, {} ran on release #1 and {on_new} on release #2",
+            during.len(),
+            during.len() - on_new
+        );
+        assert!(
+            on_new > 0 && on_new < during.len(),
+            "the deploy happened while events flowed: {on_new} of {} on the new release",
+            during.len()
         );
 
         // 5. A canary that traps on every event, on half of them.
