@@ -227,7 +227,12 @@ async fn hosts_follow_deploys_defer_what_they_cannot_run_and_roll_back_a_bad_can
 
     // A record whose component the store does not hold: neither host can load it, so both
     // defer the handler's events instead of completing them on the previous release.
-    let record = store.record("h").await.expect("read").expect("record");
+    // Records are kept per consumer group (the default group here).
+    let record = store
+        .record("eventbroker.h")
+        .await
+        .expect("read")
+        .expect("record");
     let mut doc: serde_json::Value = serde_json::from_str(&record.doc).expect("json");
     let releases = doc["releases"].as_array_mut().expect("releases");
     let mut missing = releases[0].clone();
@@ -237,7 +242,7 @@ async fn hosts_follow_deploys_defer_what_they_cannot_run_and_roll_back_a_bad_can
     doc["stable"] = json!(99);
     assert!(matches!(
         store
-            .write_record("h", &doc.to_string(), Some(record.revision))
+            .write_record("eventbroker.h", &doc.to_string(), Some(record.revision))
             .await
             .expect("write"),
         Written::Done(_)

@@ -203,6 +203,9 @@ mod tests {
             "GET /v1/handlers/{name}",
             "PUT /v1/handlers/{name}",
             "DELETE /v1/handlers/{name}",
+            "POST /v1/handlers/{name}/rollback",
+            "POST /v1/handlers/{name}/promote",
+            "POST /v1/handlers/{name}/abort",
             "GET /v1/ws",
         ]
         .map(str::to_owned)

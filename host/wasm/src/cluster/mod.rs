@@ -57,6 +57,26 @@ pub(crate) struct ClusterLink {
     canary: CanaryConfig,
     /// The live hosts' reports, as last read.
     hosts: Mutex<Vec<HostReport>>,
+    /// `GROUP.`: the store keys of this consumer group's records and reports start with it.
+    /// Each consumer group is an application of its own, with its own handlers.
+    prefix: String,
+}
+
+impl ClusterLink {
+    /// The store key of handler `name`'s record.
+    fn record_key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// The store key of this host's report.
+    fn report_key(&self) -> String {
+        format!("{}{}", self.prefix, key_part(&self.host))
+    }
+
+    /// The handler name or host part of `key` when it belongs to this consumer group.
+    fn own_group<'a>(&self, key: &'a str) -> Option<&'a str> {
+        key.strip_prefix(self.prefix.as_str())
+    }
 }
 
 /// Options of a cluster deploy.
@@ -199,17 +219,33 @@ fn store_error(error: impl std::fmt::Display) -> WasmError {
     WasmError::Store(error.to_string())
 }
 
+/// `text` as a store key part: itself when it is letters, digits, `-` and `_` only (every
+/// backend accepts those), else `h` and a hash of it.
+fn key_part(text: &str) -> String {
+    if !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        text.to_owned()
+    } else {
+        format!("h{}", crate::engine::version_id(text.as_bytes()))
+    }
+}
+
 impl ClusterLink {
-    /// A link to `store` for host `host`.
+    /// A link to `store` for host `host` of consumer group `group`.
     pub(crate) fn new(
         store: Arc<dyn HandlerStore>,
         host: String,
+        group: &str,
         source: HandlerSource,
         settings: StoreConfig,
         canary: CanaryConfig,
     ) -> Self {
         ClusterLink {
             store,
+            prefix: format!("{}.", key_part(group)),
             host,
             source,
             settings,
@@ -232,6 +268,7 @@ impl HandlerSet {
         let link = ClusterLink::new(
             store,
             broker.config().instance_id.clone(),
+            broker.provider().group(),
             source,
             config.store.clone(),
             config.canary.clone(),
@@ -299,7 +336,7 @@ impl HandlerSet {
             if validate_name(&name).is_err() {
                 continue;
             }
-            match link.store.record(&name).await {
+            match link.store.record(&link.record_key(&name)).await {
                 Ok(Some(record)) => {
                     let same = read_files(&path).ok().and_then(|(bytes, manifest)| {
                         let version = crate::engine::version_id(&bytes);
@@ -444,12 +481,17 @@ impl HandlerSet {
             .link()
             .ok_or_else(|| WasmError::Conflict("this host has no cluster handler store".into()))?;
         for _ in 0..WRITE_ATTEMPTS {
-            let Some(record) = link.store.record(name).await.map_err(store_error)? else {
+            let Some(record) = link
+                .store
+                .record(&link.record_key(name))
+                .await
+                .map_err(store_error)?
+            else {
                 return Err(WasmError::NotFound(name.to_owned()));
             };
             if link
                 .store
-                .delete_record(name, record.revision)
+                .delete_record(&link.record_key(name), record.revision)
                 .await
                 .map_err(store_error)?
             {
@@ -556,7 +598,11 @@ impl HandlerSet {
             .link()
             .ok_or_else(|| WasmError::Conflict("this host has no cluster handler store".into()))?;
         for _ in 0..WRITE_ATTEMPTS {
-            let record = link.store.record(name).await.map_err(store_error)?;
+            let record = link
+                .store
+                .record(&link.record_key(name))
+                .await
+                .map_err(store_error)?;
             let (mut deployment, expected) = match &record {
                 Some(record) => (Some(Deployment::parse(&record.doc)?), Some(record.revision)),
                 None if create => (None, None),
@@ -574,7 +620,7 @@ impl HandlerSet {
             };
             match link
                 .store
-                .write_record(name, &deployment.to_doc(), expected)
+                .write_record(&link.record_key(name), &deployment.to_doc(), expected)
                 .await
                 .map_err(store_error)?
             {
@@ -628,6 +674,11 @@ impl HandlerSet {
         };
         let records = link.store.records().await.map_err(store_error)?;
         let mut present = BTreeSet::new();
+        // Only this consumer group's handlers: each group is an application of its own.
+        let records = records.into_iter().filter_map(|mut record| {
+            record.name = link.own_group(&record.name)?.to_owned();
+            Some(record)
+        });
         for record in records {
             present.insert(record.name.clone());
             let applied = self
@@ -1010,7 +1061,7 @@ impl HandlerSet {
         let ttl = link.settings.report_interval * 3 + Duration::from_secs(1);
         let doc = serde_json::to_string(&report).unwrap_or_default();
         link.store
-            .put_report(&link.host, &doc, ttl)
+            .put_report(&link.report_key(), &doc, ttl)
             .await
             .map_err(store_error)?;
         let reports: Vec<HostReport> = link
@@ -1019,6 +1070,7 @@ impl HandlerSet {
             .await
             .map_err(store_error)?
             .into_iter()
+            .filter(|(key, _)| link.own_group(key).is_some())
             .filter_map(|(_, doc)| serde_json::from_str(&doc).ok())
             .collect();
         *link.hosts.lock().unwrap_or_else(|p| p.into_inner()) = reports;
