@@ -51,6 +51,18 @@ struct HandlerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    handler: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpBytesLabels {
+    handler: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
     handler: String,
     decision: String,
@@ -96,6 +108,9 @@ pub struct Metrics {
     reloads: Family<HandlerLabels, Counter>,
     rejections: Family<HandlerLabels, Counter>,
     canary_decisions: Family<DecisionLabels, Counter>,
+    http_requests: Family<HttpLabels, Counter>,
+    http_bytes: Family<HttpBytesLabels, Counter>,
+    http_duration: Family<HandlerLabels, Histogram>,
     source_failures: Family<SourceLabels, Counter>,
     websocket_closes: Family<ReasonLabels, Counter>,
 }
@@ -178,6 +193,11 @@ impl Metrics {
         let reloads = Family::<HandlerLabels, Counter>::default();
         let rejections = Family::<HandlerLabels, Counter>::default();
         let canary_decisions = Family::<DecisionLabels, Counter>::default();
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        let http_bytes = Family::<HttpBytesLabels, Counter>::default();
+        let http_duration = Family::<HandlerLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 4.0, 9))
+        });
         let source_failures = Family::<SourceLabels, Counter>::default();
         let websocket_closes = Family::<ReasonLabels, Counter>::default();
         registry.register(
@@ -236,6 +256,21 @@ impl Metrics {
             canary_decisions.clone(),
         );
         registry.register(
+            "eventbroker_handler_http_requests",
+            "Outbound HTTP requests of handlers, by response status (or refused, error)",
+            http_requests.clone(),
+        );
+        registry.register(
+            "eventbroker_handler_http_bytes",
+            "Outbound HTTP body bytes of handlers, by direction (sent, received)",
+            http_bytes.clone(),
+        );
+        registry.register(
+            "eventbroker_handler_http_request_duration_seconds",
+            "Time from an outbound HTTP request of a handler to its response headers",
+            http_duration.clone(),
+        );
+        registry.register(
             "eventbroker_source_publish_failures",
             "Events an event source (CRUD hooks, change capture, WebSocket) could not publish",
             source_failures.clone(),
@@ -263,6 +298,9 @@ impl Metrics {
             reloads,
             rejections,
             canary_decisions,
+            http_requests,
+            http_bytes,
+            http_duration,
             source_failures,
             websocket_closes,
         }
@@ -399,6 +437,45 @@ impl Metrics {
                 handler: handler.to_owned(),
             })
             .inc();
+    }
+
+    /// Records one outbound HTTP request of `handler`: its `status` (a code, `refused` or
+    /// `error`), how long it took and the body bytes sent and received.
+    pub fn handler_http_request(
+        &self,
+        handler: &str,
+        status: &str,
+        duration: std::time::Duration,
+        sent: u64,
+        received: u64,
+    ) {
+        self.http_requests
+            .get_or_create(&HttpLabels {
+                handler: handler.to_owned(),
+                status: status.to_owned(),
+            })
+            .inc();
+        self.handler_http_bytes(handler, "sent", sent);
+        self.handler_http_bytes(handler, "received", received);
+        if status != "refused" {
+            self.http_duration
+                .get_or_create(&HandlerLabels {
+                    handler: handler.to_owned(),
+                })
+                .observe(duration.as_secs_f64());
+        }
+    }
+
+    /// Counts outbound HTTP body bytes of `handler` in `direction` (`sent`, `received`).
+    pub fn handler_http_bytes(&self, handler: &str, direction: &'static str, bytes: u64) {
+        if bytes > 0 {
+            self.http_bytes
+                .get_or_create(&HttpBytesLabels {
+                    handler: handler.to_owned(),
+                    direction,
+                })
+                .inc_by(bytes);
+        }
     }
 
     /// Counts the end of a canary trial of `handler` by `decision`.

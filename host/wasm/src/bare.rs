@@ -81,6 +81,9 @@ impl BareGuest {
                 max_log_bytes: 64 << 10,
                 max_publishes: 100,
                 config: BTreeMap::new(),
+                timeout: std::time::Duration::from_secs(3600),
+                http: None,
+                metrics: None,
             }),
         })
     }

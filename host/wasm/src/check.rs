@@ -91,6 +91,27 @@ pub async fn check(
             None
         }
     };
+    // Say, in words, whether the manifest grants what the imports ask for.
+    let mut imports = imports;
+    for import in imports
+        .iter_mut()
+        .filter(|i| i.satisfied && i.name.starts_with(crate::http::OUTGOING_HANDLER))
+    {
+        import.note = match spec.as_ref().and_then(|s| s.http.as_ref()) {
+            Some(grant) => format!(
+                "outbound HTTP, granted by the manifest to: {}",
+                grant
+                    .allow
+                    .iter()
+                    .map(|r| r.text.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => "outbound HTTP, NOT granted: the manifest has no [http] section, so the \
+                     host refuses this component at deploy"
+                .into(),
+        };
+    }
     let mut default_patterns = None;
     if let Some(spec) = spec
         && problems.is_empty()
@@ -143,19 +164,21 @@ mod tests {
         assert!(provided("wasi:io/streams@0.2.6"));
         assert!(provided("resolvespec:eventbroker/host@0.1.0"));
         assert!(!provided("wasi:io/streams@0.3.0"));
-        assert!(!provided("wasi:http/outgoing-handler@0.2.0"));
+        assert!(provided("wasi:http/outgoing-handler@0.2.4"));
+        assert!(!provided("wasi:http/incoming-handler@0.2.0"));
         assert!(!provided("wasi:io/streams"));
     }
 
     #[test]
     fn notes_explain_missing_imports() {
-        assert!(note_for("wasi:http/types@0.2.0", false).contains("disableFeatures"));
+        assert!(note_for("wasi:http/incoming-handler@0.2.0", false).contains("no incoming"));
+        assert!(note_for("wasi:http/outgoing-handler@0.2.0", true).contains("[http]"));
         assert!(note_for("wasi:io/streams@0.3.0", false).contains("WASI 0.2"));
         assert!(note_for("acme:db/query@1.0.0", false).contains("may only import"));
         assert!(note_for("wasi:sockets/tcp@0.2.0", true).contains("denied"));
         let explained = explain_link_error(
-            "component imports instance `wasi:http/types@0.2.0`, but a matching implementation was not found in the linker",
+            "component imports instance `wasi:keyvalue/store@0.2.0`, but a matching implementation was not found in the linker",
         );
-        assert!(explained.contains("does not link"), "{explained}");
+        assert!(explained.contains("not provided"), "{explained}");
     }
 }

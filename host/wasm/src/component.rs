@@ -198,6 +198,14 @@ impl CompiledHandler {
             time: compile_time,
             size,
         } = compiled;
+        {
+            let ty = component.component_type();
+            let imports: Vec<String> = ty
+                .imports(engine.engine())
+                .map(|(name, _)| name.to_owned())
+                .collect();
+            crate::http::check_imports(imports.iter().map(String::as_str), spec.http.is_some())?;
+        }
         let pre = engine
             .linker()
             .instantiate_pre(&component)
@@ -216,6 +224,9 @@ impl CompiledHandler {
             max_log_bytes: spec.max_log_bytes,
             max_publishes: spec.max_publishes,
             config: spec.config.clone(),
+            timeout: spec.timeout,
+            http: spec.http.clone().map(Arc::new),
+            metrics: counters.metrics.clone(),
         });
         let default_patterns = match SubscriptionIndices::new(&pre) {
             Ok(subscriptions) => {

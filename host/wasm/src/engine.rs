@@ -64,6 +64,10 @@ impl WasmEngine {
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| WasmError::Engine(format!("linking WASI: {e:#}")))?;
+        // Linked for every component; a request is refused unless the handler's manifest
+        // grants it, and a component importing it without a grant is refused at load.
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(|e| WasmError::Engine(format!("linking wasi:http: {e:#}")))?;
         HandlerWorld::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
             .map_err(|e| WasmError::Engine(format!("linking host imports: {e:#}")))?;
         let ticker_stop = Arc::new(AtomicBool::new(false));

@@ -16,6 +16,8 @@ const PROVIDED: &[(&str, &str)] = &[
     ("wasi:cli/terminal-stderr", "0.2"),
     ("wasi:clocks/monotonic-clock", "0.2"),
     ("wasi:clocks/wall-clock", "0.2"),
+    ("wasi:http/types", "0.2"),
+    ("wasi:http/outgoing-handler", "0.2"),
     ("wasi:filesystem/types", "0.2"),
     ("wasi:filesystem/preopens", "0.2"),
     ("wasi:io/error", "0.2"),
@@ -68,16 +70,19 @@ pub(crate) fn note_for(name: &str, satisfied: bool) -> String {
             }
             "wasi:cli/stdin" => "linked; stdin is empty".into(),
             "resolvespec:eventbroker/host" => "log, publish and config".into(),
+            b if b.starts_with("wasi:http/") => {
+                "outbound HTTP: only to what the manifest's [http] allow lists; a component \
+                 importing it without that grant is refused at deploy"
+                    .into()
+            }
             _ => "provided".into(),
         };
     }
     if base.starts_with("wasi:http/") {
-        return "needs wasi:http (outgoing HTTP requests), which the host does not link. \
-                Handlers cannot make network calls: publish a derived event instead and let a \
-                service act on it. For JavaScript, build with componentize-js's \
-                `disableFeatures: ['http']` (and without `fetch`); for Python, do not import \
-                the `wit_world.imports` http bindings or `urllib`/`http` wrappers from \
-                componentize-py's poll_loop."
+        return "the host links wasi:http/types and wasi:http/outgoing-handler (0.2) for \
+                outbound requests granted by the manifest's [http] section; it serves no \
+                incoming HTTP. Rebuild without the server side (for JavaScript, \
+                componentize-js's `disableFeatures: ['http']` unless the handler calls fetch)"
             .into();
     }
     if base.starts_with("wasi:") {

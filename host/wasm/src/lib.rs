@@ -43,6 +43,7 @@ pub mod config;
 mod draft;
 mod engine;
 mod handler;
+pub mod http;
 mod imports;
 pub mod limits;
 mod log;

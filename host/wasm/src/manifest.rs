@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::WasmError;
 use crate::config::{HandlerDefaults, InstancePolicy, PoolConfig};
+use crate::http::grant::{HttpGrant, HttpManifest};
 use eventbroker::config::RetryPolicy;
 
 /// What a manifest file may say. Every field is optional.
@@ -58,6 +59,8 @@ pub struct Manifest {
     /// Values the handler reads with `config(key)`.
     #[serde(default)]
     pub config: BTreeMap<String, ConfigValue>,
+    /// Outbound HTTP the handler may make (`wasi:http`); none without this section.
+    pub http: Option<HttpManifest>,
 }
 
 /// A `[config]` value: strings, numbers and booleans are given to the guest as text.
@@ -132,6 +135,8 @@ pub struct HandlerSpec {
     pub retry: RetryPolicy,
     /// `config(key)` values.
     pub config: BTreeMap<String, String>,
+    /// Outbound HTTP granted (`None`: none).
+    pub http: Option<HttpGrant>,
 }
 
 /// Checks a handler name: 1–64 letters, digits, `-` or `_`.
@@ -240,6 +245,7 @@ impl Manifest {
                 .into_iter()
                 .map(|(k, v)| (k, v.into_text()))
                 .collect(),
+            http: self.http.map(HttpManifest::resolve).transpose()?,
         })
     }
 }

@@ -504,11 +504,16 @@ impl HandlerSet {
             let entry = entries.get(name);
             (
                 entry.and_then(|e| e.current.clone()),
-                entry.map(|e| e.counters.clone()).unwrap_or_else(|| {
-                    Arc::new(HandlerCounters::with_metrics(
-                        self.inner.broker.metrics().clone(),
-                    ))
-                }),
+                // An entry made by a rejection has counters without metrics: a version that
+                // loads gets ones that feed the host's metrics.
+                entry
+                    .map(|e| e.counters.clone())
+                    .filter(|c| c.metrics.is_some())
+                    .unwrap_or_else(|| {
+                        Arc::new(HandlerCounters::with_metrics(
+                            self.inner.broker.metrics().clone(),
+                        ))
+                    }),
             )
         };
         if skip_current

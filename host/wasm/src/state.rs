@@ -12,6 +12,10 @@ use std::sync::{Arc, Mutex};
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use crate::http::grant::HttpGrant;
+use crate::http::outbound::OutboundHttp;
 
 use super::bindings::resolvespec::eventbroker::host::Host;
 use super::bindings::types::{EventDraft, LogLevel};
@@ -64,12 +68,20 @@ pub struct StoreSettings {
     pub max_publishes: u32,
     /// `config(key)` values.
     pub config: BTreeMap<String, String>,
+    /// Deadline of one invocation (outbound HTTP is bounded by what is left of it).
+    pub timeout: std::time::Duration,
+    /// Outbound HTTP granted by the manifest.
+    pub http: Option<Arc<HttpGrant>>,
+    /// The host's metrics (outbound HTTP requests), when running in a host.
+    pub metrics: Option<Arc<eventbroker::metrics::Metrics>>,
 }
 
 /// The data of one guest store.
 pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
+    http_ctx: WasiHttpCtx,
+    http: OutboundHttp,
     settings: Arc<StoreSettings>,
     log: Arc<Mutex<LogSink>>,
     /// Set when the guest tried to grow memory past its limit.
@@ -114,6 +126,13 @@ impl HostState {
         HostState {
             wasi,
             table: ResourceTable::new(),
+            http_ctx: WasiHttpCtx::new(),
+            http: OutboundHttp::new(
+                settings.http.clone(),
+                settings.handler.clone(),
+                log.clone(),
+                settings.metrics.clone(),
+            ),
             settings,
             log,
             memory_exceeded: false,
@@ -135,6 +154,8 @@ impl HostState {
             ..CallState::default()
         };
         self.memory_exceeded = false;
+        self.http
+            .begin(std::time::Instant::now() + self.settings.timeout);
     }
 
     /// Ends an invocation: its log lines, how many were dropped, and the events it published.
@@ -184,6 +205,16 @@ impl HostState {
             _ => tracing::trace!(target: "guest", handler, version, event_id, "{message}"),
         }
         self.sink().push(level, message);
+    }
+}
+
+impl WasiHttpView for HostState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http_ctx,
+            table: &mut self.table,
+            hooks: &mut self.http,
+        }
     }
 }
 

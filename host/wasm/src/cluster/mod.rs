@@ -895,6 +895,7 @@ impl HandlerSet {
         self.entries()
             .get(name)
             .map(|e| e.counters.clone())
+            .filter(|c| c.metrics.is_some())
             .unwrap_or_else(|| {
                 Arc::new(crate::component::HandlerCounters::with_metrics(
                     self.inner.broker.metrics().clone(),
