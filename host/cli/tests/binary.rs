@@ -203,6 +203,59 @@ fn run_cli(args: &[&str]) -> Output {
     eventbroker().args(args).output().expect("run eventbroker")
 }
 
+/// `run` applies the manifest's `[http]` grant: a URL outside it is refused with the reason in
+/// the log, and `--deny-net` refuses even a granted one; both are errors the guest handles.
+#[test]
+fn run_applies_the_http_grant_and_deny_net_refuses_everything() {
+    let built = guests::build();
+    let caller = built.fixtures.join("http_caller.wasm");
+    let dir = tempfile::tempdir().expect("dir");
+    let manifest = dir.path().join("caller.toml");
+    // Nothing listens on port 9: a granted request would fail to connect, not be refused.
+    std::fs::write(
+        &manifest,
+        "patterns = [\"http.>\"]\n[http]\nallow = [\"http://127.0.0.1:9/\"]\n",
+    )
+    .expect("manifest");
+    let event = |url: &str| {
+        let path = dir.path().join("event.json");
+        std::fs::write(
+            &path,
+            json!({"type": "http.call", "payload": {"url": url, "method": "GET"}}).to_string(),
+        )
+        .expect("event");
+        path
+    };
+    let run = |url: &str, extra: &[&str]| {
+        let event = event(url);
+        let mut args = vec![
+            "run",
+            caller.to_str().expect("path"),
+            "--manifest",
+            manifest.to_str().expect("path"),
+            "--event",
+            event.to_str().expect("path"),
+        ];
+        args.extend_from_slice(extra);
+        let out = run_cli(&args);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let outside = run("http://10.1.2.3/", &[]);
+    assert!(
+        outside.contains("outbound HTTP refused") && outside.contains("is not in http.allow"),
+        "{outside}"
+    );
+    let denied = run("http://127.0.0.1:9/", &["--deny-net"]);
+    assert!(
+        denied.contains("outbound HTTP refused") && denied.contains("--deny-net"),
+        "{denied}"
+    );
+    assert!(
+        denied.contains("outcome   fail"),
+        "the guest saw an error: {denied}"
+    );
+}
+
 #[test]
 fn run_prints_outcomes_logs_and_publishes_and_exits_non_zero_on_failure() {
     let built = guests::build();

@@ -26,6 +26,8 @@ pub struct Overrides {
     pub memory: Option<bytesize::ByteSize>,
     /// Deadline per invocation.
     pub timeout: Option<Duration>,
+    /// Refuse every outbound HTTP request, even those the manifest grants.
+    pub deny_net: bool,
 }
 
 /// One event and what the handler did with it.
@@ -116,12 +118,18 @@ pub async fn run(
         manifest.timeout = overrides.timeout;
     }
     let pool = PoolConfig::default();
-    let spec = manifest.resolve(
+    let mut spec = manifest.resolve(
         "local",
         &HandlerDefaults::default(),
         &RetryPolicy::default(),
         &pool,
     )?;
+    if overrides.deny_net
+        && let Some(grant) = spec.http.as_mut()
+    {
+        grant.refuse_all =
+            Some("outbound HTTP is off for this run (eventbroker run --deny-net)".into());
+    }
     let compiled = engine.compile_checked(&ComponentBytes::new(bytes.to_vec())?)?;
     let handler = CompiledHandler::load(engine, compiled, spec, Default::default()).await?;
     let patterns: Vec<eventbroker::pattern::Pattern> = handler

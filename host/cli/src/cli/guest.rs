@@ -54,6 +54,10 @@ pub struct RunArgs {
     /// Compiled-component cache (default: the user cache directory).
     #[arg(long, env = "EVENTBROKER_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Refuse every outbound HTTP request, even those the manifest's `[http]` grants (the
+    /// guest sees the refusal as an error, as on a host).
+    #[arg(long)]
+    deny_net: bool,
 }
 
 /// `eventbroker check`.
@@ -162,6 +166,7 @@ pub(super) async fn run_events(
         fuel: args.fuel,
         memory: args.memory,
         timeout: args.timeout,
+        deny_net: args.deny_net,
     };
     let spinner = Spinner::start(loading_message(&args.wasm, bytes.len()));
     let report = run(&engine, bytes, manifest, &overrides, events).await;

@@ -86,6 +86,10 @@ pub struct HttpGrant {
     pub max_request_body: u64,
     /// Largest response body in bytes.
     pub max_response_body: u64,
+    /// When set, every request is refused with this reason (`eventbroker run --deny-net`):
+    /// the grant still lets the component load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refuse_all: Option<String>,
 }
 
 fn default_port(scheme: &str) -> u16 {
@@ -201,6 +205,7 @@ impl HttpManifest {
             max_response_body: self
                 .max_response_body
                 .map_or(DEFAULT_MAX_RESPONSE_BODY, |b| b.as_u64()),
+            refuse_all: None,
         };
         for (key, value) in [
             ("http.max_requests", u64::from(grant.max_requests)),
@@ -221,6 +226,9 @@ impl HttpGrant {
     /// # Errors
     /// The reason, in words, for the log.
     pub fn check(&self, method: &http::Method, uri: &http::Uri) -> Result<&AllowRule, String> {
+        if let Some(reason) = &self.refuse_all {
+            return Err(reason.clone());
+        }
         if let Some(methods) = &self.methods
             && !methods.iter().any(|m| m == method.as_str())
         {
