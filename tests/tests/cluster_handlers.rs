@@ -2,7 +2,7 @@
 //! set) sharing one cluster handler store in memory. The same story runs against real
 //! PostgreSQL, Redis and NATS with `serve` processes in `host/cli/tests/cluster.rs`; here it is
 //! quick, and it reaches what a real backend makes hard to stage (a record whose component is
-//! missing).
+//! missing, then arrives: the hosts heal by themselves).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -225,8 +225,8 @@ async fn hosts_follow_deploys_defer_what_they_cannot_run_and_roll_back_a_bad_can
     wait_runs(&a, "h", 1, None).await;
     assert!(b.handlers.rollback("h", Some("#9")).await.is_err());
 
-    // A record whose component the store does not hold: neither host can load it, so both
-    // defer the handler's events instead of completing them on the previous release.
+    // A record whose component the store does not hold (yet): neither host can load it, so
+    // both defer the handler's events instead of completing them on the previous release.
     // Records are kept per consumer group (the default group here).
     let record = store
         .record("eventbroker.h")
@@ -237,7 +237,9 @@ async fn hosts_follow_deploys_defer_what_they_cannot_run_and_roll_back_a_bad_can
     let releases = doc["releases"].as_array_mut().expect("releases");
     let mut missing = releases[0].clone();
     missing["number"] = json!(99);
-    missing["component"] = json!("0000000000000000");
+    let audit = std::fs::read(built.guest("rust_audit_logger")).expect("audit logger");
+    let audit_version = eventbroker_wasm::version_id(&audit);
+    missing["component"] = json!(audit_version);
     releases.push(missing);
     doc["stable"] = json!(99);
     assert!(matches!(
@@ -278,26 +280,41 @@ async fn hosts_follow_deploys_defer_what_they_cannot_run_and_roll_back_a_bad_can
             })
     })
     .await;
-    let event = b
+    let deferred = b
         .broker
         .provider()
         .get(&id)
         .await
         .expect("get")
         .expect("event");
-    assert_ne!(event.status, EventStatus::Completed, "{event:?}");
+    assert_ne!(deferred.status, EventStatus::Completed, "{deferred:?}");
     assert_eq!(
-        event.retry_count, 0,
-        "deferrals are not attempts: {event:?}"
+        deferred.retry_count, 0,
+        "deferrals are not attempts: {deferred:?}"
     );
 
-    // Rolling back makes it run.
+    // The component arrives (say the store was out of reach): the hosts try again by
+    // themselves, without a change of the record, and the deferred event runs on #99.
+    store
+        .put_component(&audit_version, &audit)
+        .await
+        .expect("put");
+    wait_runs(&b, "h", 99, None).await;
+    let done = finished(&b, &id).await;
+    assert_eq!(done.status, EventStatus::Completed, "{done:?}");
+    assert_eq!(version_of(&done).as_deref(), Some(audit_version.as_str()));
+
+    // Rolling back makes the first release run again.
     a.handlers
         .rollback("h", Some("#1"))
         .await
         .expect("rollback");
-    let done = finished(&b, &id).await;
-    assert_eq!(done.status, EventStatus::Completed, "{done:?}");
+    wait_runs(&b, "h", 1, None).await;
+    let done = finished(
+        &b,
+        b.broker.publish(event(101)).await.expect("publish").id(),
+    )
+    .await;
     assert_eq!(version_of(&done).as_deref(), Some(first.as_str()));
 
     // Removal reaches every host; the components go with it.

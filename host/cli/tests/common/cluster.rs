@@ -420,8 +420,9 @@ pub mod deploys {
         );
         let deployed = started.elapsed();
         while !runs(cluster.url(1), name, 1, None) {
+            // A Python component compiles for tens of seconds on a loaded 2-core machine.
             assert!(
-                started.elapsed() < PATIENCE * 2,
+                started.elapsed() < PATIENCE * 5,
                 "host 1 never ran {name}: {}",
                 handler(cluster.url(1), name)
             );

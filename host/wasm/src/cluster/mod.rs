@@ -132,6 +132,27 @@ pub(crate) struct ClusterEntry {
     error: Option<String>,
     stable: Option<Loaded>,
     canary: Option<(Loaded, Arc<Trial>)>,
+    /// Failed loads of this revision in a row, and when to try again: a failure can be this
+    /// host's passing trouble (the store unreachable, the instance pool full), so it is
+    /// retried, with a backoff so that a version that never loads is not recompiled at every
+    /// poll.
+    failures: u32,
+    retry_at: Option<std::time::Instant>,
+}
+
+/// The longest wait before a failed load is tried again.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(300);
+
+impl ClusterEntry {
+    /// Whether this host should (re)apply the record at `revision` now.
+    fn wants(&self, revision: u64) -> bool {
+        self.revision < revision
+            || (self.revision == revision
+                && self.state == SyncState::Failed
+                && self
+                    .retry_at
+                    .is_none_or(|at| std::time::Instant::now() >= at))
+    }
 }
 
 /// A host's view of a handler in the cluster, as listed.
@@ -681,11 +702,12 @@ impl HandlerSet {
         });
         for record in records {
             present.insert(record.name.clone());
-            let applied = self
+            let wanted = self
                 .entries()
                 .get(&record.name)
-                .and_then(|e| e.cluster.as_ref().map(|c| c.revision));
-            if applied == Some(record.revision) {
+                .and_then(|e| e.cluster.as_ref().map(|c| c.wants(record.revision)))
+                .unwrap_or(true);
+            if !wanted {
                 continue;
             }
             match Deployment::parse(&record.doc) {
@@ -738,12 +760,22 @@ impl HandlerSet {
         prebuilt: Option<Loaded>,
     ) {
         let _change = self.inner.changes.lock().await;
-        // Another change may have applied a newer record meanwhile.
-        let applied = self
+        // Another change may have applied this or a newer record meanwhile.
+        let (wanted, failures) = self
             .entries()
             .get(name)
-            .and_then(|e| e.cluster.as_ref().map(|c| c.revision));
-        if applied.is_some_and(|applied| applied >= revision) {
+            .and_then(|e| e.cluster.as_ref())
+            .map_or((true, 0), |c| {
+                (
+                    c.wants(revision),
+                    if c.revision == revision {
+                        c.failures
+                    } else {
+                        0
+                    },
+                )
+            });
+        if !wanted {
             return;
         }
         let Some(stable) = deployment.stable_release().cloned() else {
@@ -831,11 +863,14 @@ impl HandlerSet {
                 if let Some(cluster) = entry.cluster.as_mut() {
                     cluster.state = SyncState::Failed;
                     cluster.error = Some(error.to_string());
-                    // A store failure is retried at the next poll; a version that does not
-                    // load waits for the next change of the record.
-                    if matches!(error, WasmError::Store(_)) {
-                        cluster.revision = applied.unwrap_or(0);
-                    }
+                    cluster.failures = failures + 1;
+                    let poll = self
+                        .link()
+                        .map_or(Duration::from_secs(5), |l| l.settings.poll_interval);
+                    let backoff = poll
+                        .saturating_mul(1 << failures.min(16))
+                        .min(MAX_RETRY_BACKOFF);
+                    cluster.retry_at = Some(std::time::Instant::now() + backoff);
                 }
                 self.inner.broker.metrics().handler_rejected(name);
                 return;
@@ -888,6 +923,8 @@ impl HandlerSet {
             error: None,
             stable: Some(stable_loaded),
             canary: canary_loaded.zip(trial),
+            failures: 0,
+            retry_at: None,
         });
     }
 
@@ -930,6 +967,8 @@ impl HandlerSet {
                     error,
                     stable: None,
                     canary: None,
+                    failures: 0,
+                    retry_at: None,
                 });
             }
         }
