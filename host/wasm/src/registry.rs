@@ -340,19 +340,7 @@ impl HandlerSet {
             .map_err(|e| WasmError::Manifest(format!("{e} (file {})", wasm_path.display())))?;
         // Read the files under the change lock, so that a deploy writing them cannot interleave.
         let _change = self.inner.changes.lock().await;
-        let bytes = std::fs::read(wasm_path)
-            .map_err(|e| WasmError::Io(format!("cannot read {}: {e}", wasm_path.display())))?;
-        let manifest_path = wasm_path.with_extension("toml");
-        let manifest = match std::fs::read_to_string(&manifest_path) {
-            Ok(text) => Some(text),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
-            Err(error) => {
-                return Err(WasmError::Io(format!(
-                    "cannot read {}: {error}",
-                    manifest_path.display()
-                )));
-            }
-        };
+        let (bytes, manifest) = read_files(wasm_path)?;
         let source = match ComponentBytes::new(bytes) {
             Ok(bytes) => match compiled {
                 Some(compiled) if compiled.version() == bytes.version() => {
@@ -748,11 +736,29 @@ pub(crate) fn info(name: &str, entry: &Entry) -> HandlerInfo {
     }
 }
 
-fn file_stem(path: &Path) -> Result<String, WasmError> {
+pub(crate) fn file_stem(path: &Path) -> Result<String, WasmError> {
     path.file_stem()
         .and_then(|s| s.to_str())
         .map(str::to_owned)
         .ok_or_else(|| WasmError::Io(format!("{} has no usable file name", path.display())))
+}
+
+/// Reads `NAME.wasm` and the `NAME.toml` beside it, if any.
+pub(crate) fn read_files(wasm_path: &Path) -> Result<(Vec<u8>, Option<String>), WasmError> {
+    let bytes = std::fs::read(wasm_path)
+        .map_err(|e| WasmError::Io(format!("cannot read {}: {e}", wasm_path.display())))?;
+    let manifest_path = wasm_path.with_extension("toml");
+    let manifest = match std::fs::read_to_string(&manifest_path) {
+        Ok(text) => Some(text),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+        Err(error) => {
+            return Err(WasmError::Io(format!(
+                "cannot read {}: {error}",
+                manifest_path.display()
+            )));
+        }
+    };
+    Ok((bytes, manifest))
 }
 
 /// Writes a file so that readers see either the old or the new content, never a part.

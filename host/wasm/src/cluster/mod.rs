@@ -43,7 +43,9 @@ use crate::component::CompiledHandler;
 use crate::config::{CanaryConfig, HandlerSource, StoreConfig};
 use crate::engine::ComponentBytes;
 use crate::manifest::validate_name;
-use crate::registry::{Entry, HandlerInfo, HandlerSet, Source, TIMEOUT_GRACE, info, reject};
+use crate::registry::{
+    Entry, HandlerInfo, HandlerSet, Source, TIMEOUT_GRACE, file_stem, info, read_files, reject,
+};
 
 /// How many times a deploy re-reads and rewrites a record another host changed meanwhile.
 const WRITE_ATTEMPTS: u32 = 8;
@@ -236,6 +238,13 @@ pub struct ClusterStart {
     pub published: Vec<String>,
 }
 
+/// The error of a cluster operation on a host without a handler store.
+fn no_store() -> WasmError {
+    WasmError::Conflict(
+        "this host has no cluster handler store: deploying to a cluster, versions, rollback and canaries need a shared backend (PostgreSQL, Redis or NATS)".into(),
+    )
+}
+
 fn store_error(error: impl std::fmt::Display) -> WasmError {
     WasmError::Store(error.to_string())
 }
@@ -351,7 +360,7 @@ impl HandlerSet {
             .collect();
         files.sort();
         for path in files {
-            let Some(name) = path.file_stem().and_then(|s| s.to_str()).map(str::to_owned) else {
+            let Ok(name) = file_stem(&path) else {
                 continue;
             };
             if validate_name(&name).is_err() {
@@ -384,13 +393,7 @@ impl HandlerSet {
 
     /// Deploys the files of the handler at `wasm_path` to the cluster.
     pub(crate) async fn deploy_file(&self, wasm_path: &Path) -> Result<HandlerInfo, WasmError> {
-        let name = wasm_path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .map(str::to_owned)
-            .ok_or_else(|| {
-                WasmError::Io(format!("{} has no usable file name", wasm_path.display()))
-            })?;
+        let name = file_stem(wasm_path)?;
         let (bytes, manifest) = read_files(wasm_path)?;
         self.deploy_to_cluster(&name, bytes, manifest.as_deref(), DeployOptions::default())
             .await
@@ -410,9 +413,7 @@ impl HandlerSet {
         manifest: Option<&str>,
         options: DeployOptions,
     ) -> Result<HandlerInfo, WasmError> {
-        let link = self
-            .link()
-            .ok_or_else(|| WasmError::Conflict("this host has no cluster handler store".into()))?;
+        let link = self.link().ok_or_else(no_store)?;
         validate_name(name)?;
         if let Some(percent) = options.canary
             && !(1..=99).contains(&percent)
@@ -498,9 +499,7 @@ impl HandlerSet {
     /// # Errors
     /// [`WasmError::NotFound`] without such a handler; store failures.
     pub(crate) async fn undeploy_from_cluster(&self, name: &str) -> Result<(), WasmError> {
-        let link = self
-            .link()
-            .ok_or_else(|| WasmError::Conflict("this host has no cluster handler store".into()))?;
+        let link = self.link().ok_or_else(no_store)?;
         for _ in 0..WRITE_ATTEMPTS {
             let Some(record) = link
                 .store
@@ -592,11 +591,7 @@ impl HandlerSet {
         name: &str,
         change: impl Fn(&mut Option<Deployment>) -> Result<bool, WasmError>,
     ) -> Result<HandlerInfo, WasmError> {
-        if self.link().is_none() {
-            return Err(WasmError::Conflict(
-                "this host has no cluster handler store: versions, rollback and canaries need a shared backend (PostgreSQL, Redis or NATS)".into(),
-            ));
-        }
+        self.link().ok_or_else(no_store)?;
         validate_name(name)?;
         if let Some((revision, deployment)) = self.change_record(name, false, change).await? {
             self.apply_record(name, revision, deployment, None).await;
@@ -615,9 +610,7 @@ impl HandlerSet {
         create: bool,
         change: impl Fn(&mut Option<Deployment>) -> Result<bool, WasmError>,
     ) -> Result<Option<(u64, Deployment)>, WasmError> {
-        let link = self
-            .link()
-            .ok_or_else(|| WasmError::Conflict("this host has no cluster handler store".into()))?;
+        let link = self.link().ok_or_else(no_store)?;
         for _ in 0..WRITE_ATTEMPTS {
             let record = link
                 .store
@@ -1290,22 +1283,4 @@ impl HandlerSet {
         info.cluster = self.cluster_info(name, entry);
         info
     }
-}
-
-/// Reads `NAME.wasm` and the `NAME.toml` beside it, if any.
-fn read_files(wasm_path: &Path) -> Result<(Vec<u8>, Option<String>), WasmError> {
-    let bytes = std::fs::read(wasm_path)
-        .map_err(|e| WasmError::Io(format!("cannot read {}: {e}", wasm_path.display())))?;
-    let manifest_path = wasm_path.with_extension("toml");
-    let manifest = match std::fs::read_to_string(&manifest_path) {
-        Ok(text) => Some(text),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
-        Err(error) => {
-            return Err(WasmError::Io(format!(
-                "cannot read {}: {error}",
-                manifest_path.display()
-            )));
-        }
-    };
-    Ok((bytes, manifest))
 }

@@ -211,12 +211,13 @@ impl Deployment {
                 release.patterns.join(" ")
             )));
         }
-        release.number = self.next_number();
-        canary.release = release.number;
+        let number = self.next_number();
+        release.number = number;
+        canary.release = number;
         self.releases.push(release);
         self.canary = Some(canary);
         self.trim(keep);
-        Ok(canary_number(self))
+        Ok(number)
     }
 
     /// Ends the canary: `promote` makes it the stable release, otherwise the stable release
@@ -313,10 +314,6 @@ impl Deployment {
             }
         }
     }
-}
-
-fn canary_number(deployment: &Deployment) -> u64 {
-    deployment.canary.as_ref().map_or(0, |c| c.release)
 }
 
 /// What a host runs of one handler, as it reports it.
