@@ -1,7 +1,8 @@
 //! Clusters of `eventbroker serve` processes sharing one backend: work is shared, each event
 //! handled once in the normal case, and a host killed with SIGKILL mid-load loses nothing.
 //!
-//! Each shared backend adds its two scenario tests here (see `support::cluster::scenarios`).
+//! Each shared backend adds its scenario tests here (see `support::cluster::scenarios`,
+//! `deploys` and `keyvalue`).
 
 mod common;
 
@@ -56,6 +57,13 @@ fn postgres_deploy_once_canary_and_rollback() {
 }
 
 #[test]
+fn postgres_two_hosts_share_key_value_state() {
+    if let Some(broker) = postgres_broker() {
+        support::cluster::keyvalue::two_hosts_count_each_order_once(broker);
+    }
+}
+
+#[test]
 fn postgres_killing_a_host_mid_load_loses_nothing() {
     if let Some(broker) = postgres_broker() {
         support::cluster::scenarios::killing_a_host_mid_load_loses_nothing(broker);
@@ -91,6 +99,14 @@ fn redis_two_hosts_share_work_exactly_once() {
 fn redis_deploy_once_canary_and_rollback() {
     if let Some(broker) = redis_cluster() {
         support::cluster::deploys::deploy_once_canary_and_rollback(broker.clone(), "redis");
+        delete_redis_keys(&broker);
+    }
+}
+
+#[test]
+fn redis_two_hosts_share_key_value_state() {
+    if let Some(broker) = redis_cluster() {
+        support::cluster::keyvalue::two_hosts_count_each_order_once(broker.clone());
         delete_redis_keys(&broker);
     }
 }
@@ -257,6 +273,14 @@ fn nats_two_hosts_share_work_exactly_once() {
 fn nats_deploy_once_canary_and_rollback() {
     if let Some((broker, tear_down)) = nats_cluster() {
         support::cluster::deploys::deploy_once_canary_and_rollback(broker, "nats");
+        tear_down();
+    }
+}
+
+#[test]
+fn nats_two_hosts_share_key_value_state() {
+    if let Some((broker, tear_down)) = nats_cluster() {
+        support::cluster::keyvalue::two_hosts_count_each_order_once(broker);
         tear_down();
     }
 }

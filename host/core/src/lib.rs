@@ -19,6 +19,8 @@
 //! - [`hooks`]: CRUD hooks for embedding applications.
 //! - [`handler_store`]: the [`HandlerStore`] trait a shared backend implements so that a
 //!   cluster keeps its handlers in one place.
+//! - [`keyvalue`]: the [`KeyValueStore`] trait a backend implements so that handlers keep
+//!   state shared by every host, and the in-process [`MemoryKeyValue`].
 //! - [`metrics`]: Prometheus metrics.
 //!
 //! ## How an event flows
@@ -56,6 +58,7 @@ pub mod event;
 mod global;
 pub mod handler_store;
 pub mod hooks;
+pub mod keyvalue;
 pub mod metrics;
 pub mod pattern;
 #[cfg(target_os = "linux")]
@@ -78,6 +81,7 @@ pub use global::{
     subscribe, take_default_broker,
 };
 pub use handler_store::{HandlerStore, StoreError, StoredRecord};
+pub use keyvalue::{KeyValueStore, KvError, MemoryKeyValue};
 pub use pattern::{Pattern, PatternError, PatternIndex};
 pub use provider::{
     Consumer, Delivery, EventFilter, MemoryProvider, Provider, ProviderError, ProviderStats,

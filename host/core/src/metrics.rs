@@ -57,6 +57,13 @@ struct HttpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KvLabels {
+    handler: String,
+    op: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpBytesLabels {
     handler: String,
     direction: &'static str,
@@ -111,6 +118,8 @@ pub struct Metrics {
     http_requests: Family<HttpLabels, Counter>,
     http_bytes: Family<HttpBytesLabels, Counter>,
     http_duration: Family<HandlerLabels, Histogram>,
+    kv_operations: Family<KvLabels, Counter>,
+    kv_duration: Family<HandlerLabels, Histogram>,
     source_failures: Family<SourceLabels, Counter>,
     websocket_closes: Family<ReasonLabels, Counter>,
 }
@@ -198,6 +207,10 @@ impl Metrics {
         let http_duration = Family::<HandlerLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.001, 4.0, 9))
         });
+        let kv_operations = Family::<KvLabels, Counter>::default();
+        let kv_duration = Family::<HandlerLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 4.0, 9))
+        });
         let source_failures = Family::<SourceLabels, Counter>::default();
         let websocket_closes = Family::<ReasonLabels, Counter>::default();
         registry.register(
@@ -271,6 +284,16 @@ impl Metrics {
             http_duration.clone(),
         );
         registry.register(
+            "eventbroker_handler_kv_operations",
+            "Key-value operations of handlers, by operation and result (ok, refused, quota, error)",
+            kv_operations.clone(),
+        );
+        registry.register(
+            "eventbroker_handler_kv_operation_duration_seconds",
+            "Time of one key-value operation of a handler (refused ones excluded)",
+            kv_duration.clone(),
+        );
+        registry.register(
             "eventbroker_source_publish_failures",
             "Events an event source (CRUD hooks, change capture, WebSocket) could not publish",
             source_failures.clone(),
@@ -301,6 +324,8 @@ impl Metrics {
             http_requests,
             http_bytes,
             http_duration,
+            kv_operations,
+            kv_duration,
             source_failures,
             websocket_closes,
         }
@@ -475,6 +500,32 @@ impl Metrics {
                     direction,
                 })
                 .inc_by(bytes);
+        }
+    }
+
+    /// Records one key-value operation `op` (`get`, `set`, `delete`, `exists`, `list_keys`,
+    /// `increment`, `open`) of `handler` with its `result` (`ok`, `refused`, `quota`, `error`)
+    /// and, unless refused, its duration.
+    pub fn handler_kv_operation(
+        &self,
+        handler: &str,
+        op: &'static str,
+        result: &'static str,
+        duration: std::time::Duration,
+    ) {
+        self.kv_operations
+            .get_or_create(&KvLabels {
+                handler: handler.to_owned(),
+                op,
+                result,
+            })
+            .inc();
+        if result != "refused" {
+            self.kv_duration
+                .get_or_create(&HandlerLabels {
+                    handler: handler.to_owned(),
+                })
+                .observe(duration.as_secs_f64());
         }
     }
 

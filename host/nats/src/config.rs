@@ -124,6 +124,12 @@ impl NatsConfig {
         format!("{}_HANDLER_REPORTS", self.stream_name)
     }
 
+    /// The key-value bucket of handlers' key-value state (see [`crate::keyvalue`]):
+    /// `{stream_name}_KV`.
+    pub fn keyvalue_bucket(&self) -> String {
+        format!("{}_KV", self.stream_name)
+    }
+
     /// Checks every acknowledgement deadline the server applies against the broker's lease
     /// renewal period (`renewal`, see [`eventbroker::BrokerConfig::lease_renewal_period`]): `ack_wait`, and
     /// each `backoff` entry (the first replaces `ack_wait`, the others are the deadlines of later
@@ -243,12 +249,13 @@ impl NatsConfig {
             self.handler_records_bucket(),
             self.handler_components_bucket(),
             self.handler_reports_bucket(),
+            self.keyvalue_bucket(),
         ]
         .contains(&bucket)
         {
             return Err(InvalidValue::new(
                 "event_broker.nats.kv_bucket",
-                format!("{bucket:?} is the name of a handler store bucket"),
+                format!("{bucket:?} is the name of a handler store or key-value state bucket"),
             ));
         }
         require_positive([(

@@ -14,7 +14,8 @@
 //! - a stream keeping the server's `MAX_DELIVERIES` advisories until a host recorded them
 //!   ([`advisory`]);
 //! - ordered ephemeral consumers for live watchers ([`watch`]);
-//! - the cluster handler store's buckets, created on first use ([`handler_store`]).
+//! - the cluster handler store's buckets, created on first use ([`handler_store`]);
+//! - the bucket of handlers' key-value state, created on first use ([`keyvalue`]).
 //!
 //! Events whose delivery is provably abandoned are found by [`sweep`].
 //!
@@ -32,6 +33,7 @@ mod advisory;
 pub mod config;
 mod consumer;
 pub mod handler_store;
+pub mod keyvalue;
 mod record;
 mod store;
 mod subjects;
@@ -65,8 +67,10 @@ use eventbroker::provider::{
 
 pub use crate::config::{NatsConfig, NatsStorage, NatsTlsConfig};
 pub use crate::handler_store::NatsHandlerStore;
+pub use crate::keyvalue::NatsKeyValue;
 use eventbroker::event::Event;
 use eventbroker::handler_store::HandlerStore;
+use eventbroker::keyvalue::KeyValueStore;
 use eventbroker::pattern::Pattern;
 
 pub(crate) const NAME: &str = "nats";
@@ -103,6 +107,8 @@ pub(crate) struct Shared {
     consumers: Mutex<Vec<Weak<NatsConsumer>>>,
     /// The cluster handler store, on this connection.
     handlers: Arc<NatsHandlerStore>,
+    /// Handlers' key-value state, on this connection.
+    keyvalue: Arc<NatsKeyValue>,
 }
 
 /// What the server answered to a publish.
@@ -221,6 +227,7 @@ impl NatsProvider {
         let bucket = nats.kv_bucket();
         let store = StateStore::open(&context, &bucket, storage, nats.max_age).await?;
         let handlers = Arc::new(NatsHandlerStore::new(context.clone(), nats, storage));
+        let keyvalue = Arc::new(NatsKeyValue::new(context.clone(), nats, storage));
         let shared = Arc::new(Shared {
             client,
             context,
@@ -240,6 +247,7 @@ impl NatsProvider {
             counters: Counters::default(),
             consumers: Mutex::new(Vec::new()),
             handlers,
+            keyvalue,
         });
         advisory::start(&shared, storage, nats.max_age).await?;
         sweep::start(&shared);
@@ -258,8 +266,9 @@ impl NatsProvider {
         sweep::sweep(&self.shared).await
     }
 
-    /// Deletes the streams, the state bucket and the handler store's buckets with everything
-    /// in them (tear-down of tests and experiments). The provider is closed first.
+    /// Deletes the streams, the state bucket, the handler store's buckets and the key-value
+    /// state bucket with everything in them (tear-down of tests and experiments). The provider
+    /// is closed first.
     ///
     /// # Errors
     /// Backend failures.
@@ -278,6 +287,7 @@ impl NatsProvider {
             })?;
         advisory::destroy(shared).await?;
         shared.handlers.destroy().await.map_err(backend)?;
+        shared.keyvalue.destroy().await.map_err(backend)?;
         StateStore::destroy(&shared.context, &shared.bucket).await
     }
 }
@@ -649,5 +659,10 @@ impl Provider for NatsProvider {
 
     fn handler_store(&self) -> Option<Arc<dyn HandlerStore>> {
         Some(self.shared.handlers.clone())
+    }
+
+    /// Handlers' key-value state in the bucket `{stream_name}_KV` ([`NatsKeyValue`]).
+    fn keyvalue(&self) -> Option<Arc<dyn KeyValueStore>> {
+        Some(self.shared.keyvalue.clone())
     }
 }

@@ -35,6 +35,8 @@ pub(crate) struct Keys {
     pub handler_hosts: String,
     /// Pub/sub channel of handler record changes (`{p}:handlers-changed`).
     pub handlers_changed: String,
+    /// Hash of the key-value namespaces' byte usage, namespace id → bytes (`{p}:kv-usage`).
+    pub kv_usage: String,
 }
 
 impl Keys {
@@ -54,6 +56,7 @@ impl Keys {
             handler_revision: format!("{stream}:handler-revision"),
             handler_hosts: format!("{stream}:handler-hosts"),
             handlers_changed: format!("{stream}:handlers-changed"),
+            kv_usage: format!("{stream}:kv-usage"),
         }
     }
 
@@ -88,6 +91,11 @@ impl Keys {
         format!("{}:handler-report:{host}", self.stream)
     }
 
+    /// The hash of one key-value namespace, key → value (`{p}:kv:{namespace id}`).
+    pub(crate) fn kv(&self, namespace: &str) -> String {
+        format!("{}:kv:{namespace}", self.stream)
+    }
+
     /// Index of events accepted by one host instance.
     pub(crate) fn by_instance(&self, instance: &str) -> String {
         format!("{}:idx:instance:{instance}", self.stream)
@@ -113,5 +121,7 @@ mod tests {
         assert_eq!(keys.handler_component("v1"), "s:handler-component:v1");
         assert_eq!(keys.handler_report("h1"), "s:handler-report:h1");
         assert_eq!(keys.handlers_changed, "s:handlers-changed");
+        assert_eq!(keys.kv("g/h/b"), "s:kv:g/h/b");
+        assert_eq!(keys.kv_usage, "s:kv-usage");
     }
 }

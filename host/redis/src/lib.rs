@@ -12,6 +12,9 @@
 //! - Every command has a timeout; reconnection is automatic.
 //! - The cluster handler store ([`RedisHandlerStore`], from [`Provider::handler_store`]) keeps
 //!   handler components, records and host reports under the same prefix.
+//! - Handlers' key-value state ([`RedisKeyValue`], from [`Provider::keyvalue`]) is one hash per
+//!   namespace under the same prefix; every write is one Lua script, so quotas and increments
+//!   are exact across hosts (counters are signed 64-bit).
 #![deny(missing_docs)]
 
 pub mod config;
@@ -19,6 +22,7 @@ mod consumer;
 mod entries;
 mod handler_store;
 mod keys;
+mod keyvalue;
 mod maintenance;
 mod scripts;
 mod store;
@@ -44,6 +48,7 @@ use eventbroker::provider::{
 
 pub use crate::config::RedisConfig;
 pub use crate::handler_store::RedisHandlerStore;
+pub use crate::keyvalue::RedisKeyValue;
 use eventbroker::event::{Event, EventSource, EventStatus};
 use eventbroker::pattern::Pattern;
 
@@ -758,6 +763,12 @@ impl Provider for RedisProvider {
     /// ([`RedisHandlerStore`]).
     fn handler_store(&self) -> Option<Arc<dyn eventbroker::HandlerStore>> {
         Some(Arc::new(RedisHandlerStore::new(self.shared.clone())))
+    }
+
+    /// Handlers' key-value state on this provider's connections and `stream_name` prefix
+    /// ([`RedisKeyValue`]).
+    fn keyvalue(&self) -> Option<Arc<dyn eventbroker::keyvalue::KeyValueStore>> {
+        Some(Arc::new(RedisKeyValue::new(self.shared.clone())))
     }
 }
 

@@ -466,6 +466,122 @@ end
 return removed
 "#;
 
+/// Lua helpers of the key-value scripts. `usage_of(usage, ns)` is the namespace's byte usage
+/// (the key count is `HLEN` of its hash); `refusal(keys, bytes, key, old, new, max_keys,
+/// max_bytes)` is nil when a namespace holding `keys` keys and `bytes` bytes may replace the
+/// value of `key` (`old` bytes long, nil when absent) by one of `new` bytes, and otherwise the
+/// error reply `QUOTA keys bytes old new` (old -1 when absent), from which the host builds
+/// the message ([`eventbroker::keyvalue::Usage::admit`] decides the same way). Byte counts
+/// stay far below 2^53, so Lua's doubles hold them exactly; `%d` formats them without an
+/// exponent.
+const KV_HELPERS: &str = r#"
+local function usage_of(usage, ns)
+  return tonumber(redis.call('HGET', usage, ns) or '0')
+end
+local function refusal(keys, bytes, key, old, new, max_keys, max_bytes)
+  local after_keys, after_bytes = keys, bytes + new
+  if old then
+    after_bytes = math.max(after_bytes - old, 0)
+  else
+    after_keys = keys + 1
+    after_bytes = after_bytes + #key
+  end
+  if (after_keys > keys and after_keys > tonumber(max_keys))
+    or (after_bytes > bytes and after_bytes > tonumber(max_bytes)) then
+    return redis.error_reply(string.format('QUOTA %d %d %d %d', keys, bytes, old or -1, new))
+  end
+  return nil
+end
+"#;
+
+/// Sets a key of a key-value namespace, unless that passes the namespace's quota, and
+/// adjusts its byte usage.
+///
+/// KEYS: namespace hash, usage hash. ARGV: namespace id, key, value, max keys, max bytes.
+/// Returns 1, or a `QUOTA` error reply (nothing written).
+const KV_SET: &str = r#"
+local h, usage, ns, key, value = KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]
+local old = nil
+if redis.call('HEXISTS', h, key) == 1 then old = redis.call('HSTRLEN', h, key) end
+local refused = refusal(redis.call('HLEN', h), usage_of(usage, ns), key, old, #value,
+  ARGV[4], ARGV[5])
+if refused then return refused end
+redis.call('HSET', h, key, value)
+redis.call('HINCRBY', usage, ns, #value - (old or -#key))
+return 1
+"#;
+
+/// Deletes a key of a key-value namespace and adjusts its byte usage (dropping it with the
+/// namespace's last key).
+///
+/// KEYS: namespace hash, usage hash. ARGV: namespace id, key. Returns 1 if the key existed.
+const KV_DELETE: &str = r#"
+local h, usage, ns, key = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+local old = redis.call('HSTRLEN', h, key)
+if redis.call('HDEL', h, key) == 0 then return 0 end
+if redis.call('EXISTS', h) == 0 then
+  redis.call('HDEL', usage, ns)
+else
+  redis.call('HINCRBY', usage, ns, -(#key + old))
+end
+return 1
+"#;
+
+/// Adds a delta to the decimal number at a key of a key-value namespace with `HINCRBY` (Lua
+/// never does the arithmetic: its numbers are doubles), unless creating or growing the value
+/// passes the quota, and adjusts the byte usage by the value's length before and after. A
+/// value grown past the byte quota is put back, so a refusal changes nothing.
+///
+/// KEYS: namespace hash, usage hash. ARGV: namespace id, key, delta (decimal, at most
+/// 2^63 - 1), max keys, max bytes. Returns the new value as text, or an error reply: `QUOTA`,
+/// `NOTANUMBER text` (the value is not a decimal number Redis can increment) or `NOTANUMBER
+/// overflow` (the sum passes 2^63 - 1); nothing is written on an error.
+const KV_INCREMENT: &str = r#"
+local h, usage, ns, key, delta = KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]
+local keys, bytes = redis.call('HLEN', h), usage_of(usage, ns)
+local old = redis.call('HGET', h, key)
+if old and not string.match(old, '^%d+$') then
+  return redis.error_reply('NOTANUMBER text')
+end
+if not old then
+  local refused = refusal(keys, bytes, key, nil, #delta, ARGV[4], ARGV[5])
+  if refused then return refused end
+end
+local done = redis.pcall('HINCRBY', h, key, delta)
+if type(done) == 'table' and done.err then
+  if string.find(done.err, 'overflow', 1, true) then
+    return redis.error_reply('NOTANUMBER overflow')
+  end
+  if string.find(done.err, 'not an integer', 1, true) then
+    return redis.error_reply('NOTANUMBER text')
+  end
+  return done
+end
+local value = redis.call('HGET', h, key)
+if old then
+  local refused = refusal(keys, bytes, key, #old, #value, ARGV[4], ARGV[5])
+  if refused then
+    redis.call('HSET', h, key, old)
+    return refused
+  end
+  redis.call('HINCRBY', usage, ns, #value - #old)
+else
+  redis.call('HINCRBY', usage, ns, #key + #value)
+end
+return value
+"#;
+
+/// One `HSCAN` step over a key-value namespace, returning only the keys (Redis 7.0 has no
+/// `HSCAN … NOVALUES`; the values stay on the server).
+///
+/// KEYS: namespace hash. ARGV: cursor, count. Returns `{next cursor, keys}`.
+const KV_LIST: &str = r#"
+local reply = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
+local keys = {}
+for i = 1, #reply[2], 2 do keys[#keys + 1] = reply[2][i] end
+return {reply[1], keys}
+"#;
+
 /// The loaded scripts (each is sent by SHA, and its body only when the server lacks it).
 pub(crate) struct Scripts {
     pub store: Script,
@@ -480,6 +596,10 @@ pub(crate) struct Scripts {
     pub write_record: Script,
     pub delete_record: Script,
     pub drop_expired_hosts: Script,
+    pub kv_set: Script,
+    pub kv_delete: Script,
+    pub kv_increment: Script,
+    pub kv_list: Script,
 }
 
 /// The core's release rule ([`statuses_kept_by_release`]) as a Lua set, for [`OUTCOME`].
@@ -505,6 +625,10 @@ impl Scripts {
             write_record: Script::new(WRITE_RECORD),
             delete_record: Script::new(DELETE_RECORD),
             drop_expired_hosts: Script::new(DROP_EXPIRED_HOSTS),
+            kv_set: Script::new(&format!("{KV_HELPERS}{KV_SET}")),
+            kv_delete: Script::new(KV_DELETE),
+            kv_increment: Script::new(&format!("{KV_HELPERS}{KV_INCREMENT}")),
+            kv_list: Script::new(KV_LIST),
         }
     }
 }

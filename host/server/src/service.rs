@@ -90,6 +90,12 @@ impl Service {
             .map_err(BrokerError::from)?;
         let broker = Broker::new(config.event_broker.clone(), provider);
         let engine = WasmEngine::new(&config.handlers.pool, config.handlers.cache_dir())?;
+        if let Some(store) = broker.provider().keyvalue() {
+            engine.set_keyvalue(eventbroker_wasm::keyvalue::KeyValueBinding {
+                store,
+                scope: config.event_broker.consumer_group.clone(),
+            })?;
+        }
         let store = broker.provider().handler_store();
         let source = config.handlers.source.unwrap_or(if store.is_some() {
             HandlerSource::Both

@@ -14,6 +14,8 @@
 //!   interval as fallback ([`watch`]).
 //! - Watchers see the events of every host sharing the database ([`watch`]).
 //! - PostgreSQL also offers the cluster handler store ([`handler_store`]); SQLite has none.
+//! - Both keep handlers' key-value state ([`keyvalue`]): one transaction per operation, so
+//!   increments and quota checks are exact across hosts.
 //!
 //! `docs/providers/database.md` describes the design, its trade-offs and tuning.
 #![deny(missing_docs)]
@@ -24,6 +26,7 @@ pub mod config;
 mod consumer;
 pub mod dialect;
 pub mod handler_store;
+pub mod keyvalue;
 mod list;
 mod row;
 mod schema;
@@ -779,6 +782,12 @@ impl Provider for SqlProvider {
     fn handler_store(&self) -> Option<Arc<dyn eventbroker::HandlerStore>> {
         handler_store::PgHandlerStore::new(self.shared.clone())
             .map(|store| Arc::new(store) as Arc<dyn eventbroker::HandlerStore>)
+    }
+
+    /// Handlers' key-value state in this provider's database, on its pools
+    /// ([`keyvalue::SqlKeyValue`]): shared by every host using the database.
+    fn keyvalue(&self) -> Option<Arc<dyn eventbroker::KeyValueStore>> {
+        Some(Arc::new(keyvalue::SqlKeyValue::new(self.shared.clone())))
     }
 
     async fn close(&self) {

@@ -23,6 +23,10 @@
 //! (component bytes by version), `T_handler_reports` (each host's report and its expiry) and
 //! the sequence `T_handler_revisions` every record write takes its revision from.
 //!
+//! Both hold handlers' key-value state ([`crate::keyvalue`], migration 4): `T_kv` (one row
+//! per namespace and key: the value's bytes and an id unique in the namespace, the order keys
+//! are listed in) and `T_kv_usage` (each namespace's keys and bytes, as its quota counts them).
+//!
 //! Deliveries are rows created in the same transaction as the event, so a consumer never has
 //! to reason about commit order: whatever is committed and visible is claimable, and nothing
 //! is skipped when publishers commit out of `seq` order.
@@ -151,7 +155,33 @@ UPDATE {t} SET status = 'pending', error = NULL, retry_count = 0, handlers = '[]
     if dialect == Dialect::Postgres {
         migrations.push((3, "cluster handler store", handler_store_tables(t)));
     }
+    migrations.push((4, "handlers' key-value state", keyvalue_tables(dialect, t)));
     migrations
+}
+
+/// The tables of handlers' key-value state ([`crate::keyvalue`]): the entries, each with an id
+/// unique in its namespace (the order keys are listed in), and each namespace's usage.
+fn keyvalue_tables(dialect: Dialect, t: &str) -> String {
+    let blob = match dialect {
+        Dialect::Postgres => "BYTEA",
+        Dialect::Sqlite => "BLOB",
+    };
+    format!(
+        "CREATE TABLE IF NOT EXISTS {t}_kv (
+    ns TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value {blob} NOT NULL,
+    id BIGINT NOT NULL,
+    PRIMARY KEY (ns, key)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS {t}_kv_id_idx ON {t}_kv (ns, id);
+CREATE TABLE IF NOT EXISTS {t}_kv_usage (
+    ns TEXT PRIMARY KEY,
+    keys BIGINT NOT NULL,
+    bytes BIGINT NOT NULL
+);
+"
+    )
 }
 
 /// PostgreSQL: the tables of the cluster handler store ([`crate::handler_store`]) and the
@@ -797,6 +827,72 @@ impl HandlerQueries {
                 "WITH gone AS (DELETE FROM {r} WHERE host IN (SELECT host FROM {r} \
                  WHERE expires_at <= now() FOR UPDATE SKIP LOCKED)) \
                  SELECT host, doc FROM {r} WHERE expires_at > now() ORDER BY host"
+            ),
+        }
+    }
+}
+
+/// The statements of handlers' key-value state ([`crate::keyvalue`]), built once per store.
+/// Every one takes the namespace as `$1`.
+#[derive(Debug, Clone)]
+pub struct KvQueries {
+    /// The value of key $2.
+    pub value: String,
+    /// A row when key $2 is present.
+    pub exists: String,
+    /// The length in bytes of the value of key $2.
+    pub length: String,
+    /// PostgreSQL: creates the namespace's usage row (zero) unless it exists, so that it can
+    /// be locked. SQLite: unused (its write transactions lock the database).
+    pub create_usage: String,
+    /// The namespace's usage: keys, bytes.
+    pub usage: String,
+    /// The namespace's usage (keys, bytes), locking its row until the transaction ends
+    /// (PostgreSQL `FOR UPDATE`; SQLite: the same as `usage`).
+    pub lock_usage: String,
+    /// Sets the namespace's usage to $2 keys, $3 bytes.
+    pub save_usage: String,
+    /// Inserts key $2 with value $3 and the namespace's next id.
+    pub insert: String,
+    /// Replaces the value of key $2 by $3.
+    pub update: String,
+    /// Deletes key $2; returns the length in bytes of its value.
+    pub delete: String,
+    /// Up to $3 keys with an id above $2, in id order: id, key.
+    pub keys: String,
+}
+
+impl KvQueries {
+    /// The statements on the key-value tables of events table `t` (already validated).
+    pub fn new(dialect: Dialect, t: &str) -> Self {
+        let kv = format!("{t}_kv");
+        let u = format!("{t}_kv_usage");
+        let (length, lock) = match dialect {
+            Dialect::Postgres => ("CAST(octet_length(value) AS BIGINT)", " FOR UPDATE"),
+            Dialect::Sqlite => ("CAST(length(value) AS BIGINT)", ""),
+        };
+        let usage = format!("SELECT keys, bytes FROM {u} WHERE ns = $1");
+        KvQueries {
+            value: format!("SELECT value FROM {kv} WHERE ns = $1 AND key = $2"),
+            exists: format!("SELECT 1 FROM {kv} WHERE ns = $1 AND key = $2"),
+            length: format!("SELECT {length} FROM {kv} WHERE ns = $1 AND key = $2"),
+            create_usage: format!(
+                "INSERT INTO {u} (ns, keys, bytes) VALUES ($1, 0, 0) ON CONFLICT (ns) DO NOTHING"
+            ),
+            lock_usage: format!("{usage}{lock}"),
+            usage,
+            save_usage: format!(
+                "INSERT INTO {u} (ns, keys, bytes) VALUES ($1, $2, $3) \
+                 ON CONFLICT (ns) DO UPDATE SET keys = excluded.keys, bytes = excluded.bytes"
+            ),
+            insert: format!(
+                "INSERT INTO {kv} (ns, key, value, id) VALUES ($1, $2, $3, \
+                 (SELECT COALESCE(MAX(id), 0) + 1 FROM {kv} WHERE ns = $1))"
+            ),
+            update: format!("UPDATE {kv} SET value = $3 WHERE ns = $1 AND key = $2"),
+            delete: format!("DELETE FROM {kv} WHERE ns = $1 AND key = $2 RETURNING {length}"),
+            keys: format!(
+                "SELECT id, key FROM {kv} WHERE ns = $1 AND id > $2 ORDER BY id LIMIT $3"
             ),
         }
     }

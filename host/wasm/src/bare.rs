@@ -83,6 +83,8 @@ impl BareGuest {
                 config: BTreeMap::new(),
                 timeout: std::time::Duration::from_secs(3600),
                 http: None,
+                keyvalue: None,
+                keyvalue_store: None,
                 metrics: None,
             }),
         })

@@ -112,6 +112,23 @@ pub async fn check(
                 .into(),
         };
     }
+    for import in imports
+        .iter_mut()
+        .filter(|i| i.satisfied && i.name.starts_with(crate::keyvalue::IMPORT_PREFIX))
+    {
+        import.note = match spec.as_ref().and_then(|s| s.keyvalue.as_ref()) {
+            Some(grant) => format!(
+                "key-value state, granted by the manifest: buckets {} (each at most {} keys and {}; {} operations per invocation)",
+                grant.buckets.join(", "),
+                grant.max_keys,
+                bytesize::ByteSize::b(grant.max_bytes),
+                grant.max_operations
+            ),
+            None => "key-value state, NOT granted: the manifest has no [keyvalue] section, so \
+                     the host refuses this component at deploy"
+                .into(),
+        };
+    }
     let mut default_patterns = None;
     if let Some(spec) = spec
         && problems.is_empty()
@@ -165,6 +182,8 @@ mod tests {
         assert!(provided("resolvespec:eventbroker/host@0.1.0"));
         assert!(!provided("wasi:io/streams@0.3.0"));
         assert!(provided("wasi:http/outgoing-handler@0.2.4"));
+        assert!(provided("wasi:keyvalue/atomics@0.2.0-draft"));
+        assert!(!provided("wasi:keyvalue/atomics@0.2.0-draft2"));
         assert!(!provided("wasi:http/incoming-handler@0.2.0"));
         assert!(!provided("wasi:io/streams"));
     }
@@ -176,8 +195,9 @@ mod tests {
         assert!(note_for("wasi:io/streams@0.3.0", false).contains("WASI 0.2"));
         assert!(note_for("acme:db/query@1.0.0", false).contains("may only import"));
         assert!(note_for("wasi:sockets/tcp@0.2.0", true).contains("denied"));
+        assert!(note_for("wasi:keyvalue/store@0.2.0-draft2", false).contains("0.2.0-draft"));
         let explained = explain_link_error(
-            "component imports instance `wasi:keyvalue/store@0.2.0`, but a matching implementation was not found in the linker",
+            "component imports instance `wasi:blobstore/container@0.2.0`, but a matching implementation was not found in the linker",
         );
         assert!(explained.contains("not provided"), "{explained}");
     }

@@ -205,6 +205,11 @@ impl CompiledHandler {
                 .map(|(name, _)| name.to_owned())
                 .collect();
             crate::http::check_imports(imports.iter().map(String::as_str), spec.http.is_some())?;
+            crate::keyvalue::check_imports(
+                imports.iter().map(String::as_str),
+                spec.keyvalue.is_some(),
+                engine.keyvalue(),
+            )?;
         }
         let pre = engine
             .linker()
@@ -226,6 +231,8 @@ impl CompiledHandler {
             config: spec.config.clone(),
             timeout: spec.timeout,
             http: spec.http.clone().map(Arc::new),
+            keyvalue: spec.keyvalue.clone().map(Arc::new),
+            keyvalue_store: engine.keyvalue().cloned(),
             metrics: counters.metrics.clone(),
         });
         let default_patterns = match SubscriptionIndices::new(&pre) {

@@ -17,6 +17,7 @@ use super::cache;
 use super::slots::InstanceSlots;
 use super::state::HostState;
 use crate::config::PoolConfig;
+use crate::keyvalue::KeyValueBinding;
 
 /// How often the epoch advances: the granularity of deadlines and of yielding to other tasks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -33,6 +34,7 @@ struct EngineInner {
     cache_dir: Option<PathBuf>,
     slots: InstanceSlots,
     ticker_stop: Arc<AtomicBool>,
+    keyvalue: std::sync::OnceLock<KeyValueBinding>,
 }
 
 impl Drop for EngineInner {
@@ -68,6 +70,10 @@ impl WasmEngine {
         // grants it, and a component importing it without a grant is refused at load.
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(|e| WasmError::Engine(format!("linking wasi:http: {e:#}")))?;
+        // Linked for every component, like wasi:http: a bucket opens only when the handler's
+        // manifest grants it.
+        crate::keyvalue::add_to_linker(&mut linker)
+            .map_err(|e| WasmError::Engine(format!("linking wasi:keyvalue: {e:#}")))?;
         HandlerWorld::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
             .map_err(|e| WasmError::Engine(format!("linking host imports: {e:#}")))?;
         let ticker_stop = Arc::new(AtomicBool::new(false));
@@ -86,8 +92,27 @@ impl WasmEngine {
                 cache_dir,
                 slots: InstanceSlots::new(pool.instances as usize),
                 ticker_stop,
+                keyvalue: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Gives handlers granted `[keyvalue]` their state in `binding` (normally the provider's
+    /// store, scoped by the consumer group). Set once, before handlers load: a handler loaded
+    /// without a store that imports `wasi:keyvalue` is refused.
+    ///
+    /// # Errors
+    /// [`WasmError::Engine`] when the engine already has a store.
+    pub fn set_keyvalue(&self, binding: KeyValueBinding) -> Result<(), WasmError> {
+        self.inner
+            .keyvalue
+            .set(binding)
+            .map_err(|_| WasmError::Engine("the engine's key-value store is already set".into()))
+    }
+
+    /// The key-value store handlers keep their state in, when the host has one.
+    pub fn keyvalue(&self) -> Option<&KeyValueBinding> {
+        self.inner.keyvalue.get()
     }
 
     /// The slots of the instance pool, shared by every handler.

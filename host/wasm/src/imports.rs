@@ -33,6 +33,9 @@ const PROVIDED: &[(&str, &str)] = &[
     ("wasi:sockets/tcp-create-socket", "0.2"),
     ("wasi:sockets/udp", "0.2"),
     ("wasi:sockets/udp-create-socket", "0.2"),
+    ("wasi:keyvalue/store", "0.2.0-draft"),
+    ("wasi:keyvalue/atomics", "0.2.0-draft"),
+    ("wasi:keyvalue/batch", "0.2.0-draft"),
     ("resolvespec:eventbroker/types", "0.1"),
     ("resolvespec:eventbroker/host", "0.1"),
 ];
@@ -75,6 +78,11 @@ pub(crate) fn note_for(name: &str, satisfied: bool) -> String {
                  importing it without that grant is refused at deploy"
                     .into()
             }
+            b if b.starts_with("wasi:keyvalue/") => {
+                "key-value state: only the buckets the manifest's [keyvalue] section names; a \
+                 component importing it without that grant is refused at deploy"
+                    .into()
+            }
             _ => "provided".into(),
         };
     }
@@ -83,6 +91,12 @@ pub(crate) fn note_for(name: &str, satisfied: bool) -> String {
                 outbound requests granted by the manifest's [http] section; it serves no \
                 incoming HTTP. Rebuild without the server side (for JavaScript, \
                 componentize-js's `disableFeatures: ['http']` unless the handler calls fetch)"
+            .into();
+    }
+    if base.starts_with("wasi:keyvalue/") {
+        return "the host provides wasi:keyvalue store, atomics and batch at version \
+                0.2.0-draft (the WIT in the host's wit/deps/keyvalue); regenerate the \
+                bindings against that version"
             .into();
     }
     if base.starts_with("wasi:") {

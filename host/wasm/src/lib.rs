@@ -45,6 +45,7 @@ mod engine;
 mod handler;
 pub mod http;
 mod imports;
+pub mod keyvalue;
 pub mod limits;
 mod log;
 mod manifest;

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::WasmError;
 use crate::config::{HandlerDefaults, InstancePolicy, PoolConfig};
 use crate::http::grant::{HttpGrant, HttpManifest};
+use crate::keyvalue::grant::{KeyValueGrant, KeyValueManifest};
 use eventbroker::config::RetryPolicy;
 
 /// What a manifest file may say. Every field is optional.
@@ -27,6 +28,12 @@ use eventbroker::config::RetryPolicy;
 ///
 /// [config]
 /// prefix = "audit"
+///
+/// [http]                # outbound HTTP (wasi:http), see `http::grant`
+/// allow = ["https://hooks.example.com/*"]
+///
+/// [keyvalue]            # key-value state (wasi:keyvalue), see `keyvalue::grant`
+/// buckets = ["dedupe"]
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,6 +68,8 @@ pub struct Manifest {
     pub config: BTreeMap<String, ConfigValue>,
     /// Outbound HTTP the handler may make (`wasi:http`); none without this section.
     pub http: Option<HttpManifest>,
+    /// Key-value buckets the handler may open (`wasi:keyvalue`); none without this section.
+    pub keyvalue: Option<KeyValueManifest>,
 }
 
 /// A `[config]` value: strings, numbers and booleans are given to the guest as text.
@@ -137,6 +146,8 @@ pub struct HandlerSpec {
     pub config: BTreeMap<String, String>,
     /// Outbound HTTP granted (`None`: none).
     pub http: Option<HttpGrant>,
+    /// Key-value buckets granted (`None`: none).
+    pub keyvalue: Option<KeyValueGrant>,
 }
 
 /// Checks a handler name: 1–64 letters, digits, `-` or `_`.
@@ -246,6 +257,7 @@ impl Manifest {
                 .map(|(k, v)| (k, v.into_text()))
                 .collect(),
             http: self.http.map(HttpManifest::resolve).transpose()?,
+            keyvalue: self.keyvalue.map(KeyValueManifest::resolve).transpose()?,
         })
     }
 }

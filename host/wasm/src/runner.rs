@@ -28,6 +28,9 @@ pub struct Overrides {
     pub timeout: Option<Duration>,
     /// Refuse every outbound HTTP request, even those the manifest grants.
     pub deny_net: bool,
+    /// The key-value file of the run (`--kv`): its buckets are loaded for the handler before
+    /// the first event. The engine must have its [`crate::keyvalue::file::KvFile::binding`].
+    pub keyvalue: Option<crate::keyvalue::file::KvFile>,
 }
 
 /// One event and what the handler did with it.
@@ -129,6 +132,9 @@ pub async fn run(
     {
         grant.refuse_all =
             Some("outbound HTTP is off for this run (eventbroker run --deny-net)".into());
+    }
+    if let Some(file) = &overrides.keyvalue {
+        file.load(&spec.name);
     }
     let compiled = engine.compile_checked(&ComponentBytes::new(bytes.to_vec())?)?;
     let handler = CompiledHandler::load(engine, compiled, spec, Default::default()).await?;

@@ -16,6 +16,8 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::http::grant::HttpGrant;
 use crate::http::outbound::OutboundHttp;
+use crate::keyvalue::grant::KeyValueGrant;
+use crate::keyvalue::{KeyValueBinding, KvAccess};
 
 use super::bindings::resolvespec::eventbroker::host::Host;
 use super::bindings::types::{EventDraft, LogLevel};
@@ -72,7 +74,12 @@ pub struct StoreSettings {
     pub timeout: std::time::Duration,
     /// Outbound HTTP granted by the manifest.
     pub http: Option<Arc<HttpGrant>>,
-    /// The host's metrics (outbound HTTP requests), when running in a host.
+    /// Key-value buckets granted by the manifest.
+    pub keyvalue: Option<Arc<KeyValueGrant>>,
+    /// The host's key-value store, when it has one.
+    pub keyvalue_store: Option<KeyValueBinding>,
+    /// The host's metrics (outbound HTTP requests, key-value operations), when running in a
+    /// host.
     pub metrics: Option<Arc<eventbroker::metrics::Metrics>>,
 }
 
@@ -82,6 +89,7 @@ pub struct HostState {
     table: ResourceTable,
     http_ctx: WasiHttpCtx,
     http: OutboundHttp,
+    kv: KvAccess,
     settings: Arc<StoreSettings>,
     log: Arc<Mutex<LogSink>>,
     /// Set when the guest tried to grow memory past its limit.
@@ -133,6 +141,13 @@ impl HostState {
                 log.clone(),
                 settings.metrics.clone(),
             ),
+            kv: KvAccess::new(
+                settings.keyvalue.clone(),
+                settings.keyvalue_store.clone(),
+                settings.handler.clone(),
+                log.clone(),
+                settings.metrics.clone(),
+            ),
             settings,
             log,
             memory_exceeded: false,
@@ -154,8 +169,9 @@ impl HostState {
             ..CallState::default()
         };
         self.memory_exceeded = false;
-        self.http
-            .begin(std::time::Instant::now() + self.settings.timeout);
+        let deadline = std::time::Instant::now() + self.settings.timeout;
+        self.http.begin(deadline);
+        self.kv.begin(deadline);
     }
 
     /// Ends an invocation: its log lines, how many were dropped, and the events it published.
@@ -176,7 +192,7 @@ impl HostState {
 
     /// Charges `bytes` handed to the host to the guest's fuel. Traps with out-of-fuel at once
     /// when the bytes alone exceed the invocation's fuel.
-    fn charge(&mut self, bytes: usize) -> wasmtime::Result<()> {
+    pub(crate) fn charge(&mut self, bytes: usize) -> wasmtime::Result<()> {
         let bytes = bytes as u64;
         self.call.charged = self.call.charged.saturating_add(bytes);
         self.call.fuel_debt = self.call.fuel_debt.saturating_add(bytes);
@@ -184,6 +200,11 @@ impl HostState {
             return Err(Trap::OutOfFuel.into());
         }
         Ok(())
+    }
+
+    /// The resource table and the key-value access of this store (`wasi:keyvalue` calls).
+    pub(crate) fn kv_parts(&mut self) -> (&mut ResourceTable, &mut KvAccess) {
+        (&mut self.table, &mut self.kv)
     }
 
     fn log_line(&mut self, level: &'static str, message: String) {

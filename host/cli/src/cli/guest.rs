@@ -10,6 +10,7 @@ use clap::Args;
 
 use eventbroker_wasm::check::{CheckReport, check};
 use eventbroker_wasm::config::default_cache_dir;
+use eventbroker_wasm::keyvalue::file::KvFile;
 use eventbroker_wasm::runner::{Overrides, RunReport, parse_events, run};
 use eventbroker_wasm::{WasmEngine, WasmError};
 
@@ -58,6 +59,11 @@ pub struct RunArgs {
     /// guest sees the refusal as an error, as on a host).
     #[arg(long)]
     deny_net: bool,
+    /// A JSON file as the key-value store of the handler's `[keyvalue]` buckets
+    /// (`{"bucket": {"key": "value"}}`; created if missing), written back when the run ends.
+    /// Without it, the buckets start empty and are discarded.
+    #[arg(long, value_name = "FILE")]
+    kv: Option<PathBuf>,
 }
 
 /// `eventbroker check`.
@@ -162,16 +168,26 @@ pub(super) async fn run_events(
     events: Vec<eventbroker::event::Event>,
 ) -> anyhow::Result<RunReport> {
     let engine = engine(args.cache_dir.clone())?;
+    let keyvalue = match &args.kv {
+        Some(path) => KvFile::open(path).map_err(|e| usage(e.into()))?,
+        None => KvFile::discarded(),
+    };
+    engine.set_keyvalue(keyvalue.binding())?;
     let overrides = Overrides {
         fuel: args.fuel,
         memory: args.memory,
         timeout: args.timeout,
         deny_net: args.deny_net,
+        keyvalue: Some(keyvalue.clone()),
     };
     let spinner = Spinner::start(loading_message(&args.wasm, bytes.len()));
     let report = run(&engine, bytes, manifest, &overrides, events).await;
     spinner.finish();
-    report.map_err(|error| fail(Exit::Usage, error.to_string()))
+    let report = report.map_err(|error| fail(Exit::Usage, error.to_string()))?;
+    keyvalue
+        .save()
+        .map_err(|error| fail(Exit::Usage, error.to_string()))?;
+    Ok(report)
 }
 
 fn print_run(report: &RunReport) {
@@ -267,6 +283,9 @@ pub async fn check_command(json: bool, args: CheckArgs) -> anyhow::Result<ExitCo
     let bytes = read_component(&args.wasm)?;
     let manifest = read_manifest(args.manifest.as_ref())?;
     let engine = engine(args.cache_dir)?;
+    // Loaded as on a host with a key-value store, so a component granted buckets is checked
+    // whole; nothing is kept.
+    engine.set_keyvalue(KvFile::discarded().binding())?;
     let spinner = Spinner::start(loading_message(&args.wasm, bytes.len()));
     let report = check(&engine, &bytes, manifest.as_deref()).await;
     spinner.finish();

@@ -94,6 +94,11 @@ impl Cluster {
         cluster
     }
 
+    /// The config file of host `n` (written when it was started).
+    pub fn config_file(&self, n: usize) -> PathBuf {
+        self.dir.path().join(format!("host-{n}.yaml"))
+    }
+
     fn config_path(&self, n: usize) -> PathBuf {
         let mut broker = self.config.clone();
         broker["instance_id"] = json!(format!("cluster-host-{n}"));
@@ -319,7 +324,13 @@ pub mod deploys {
     }
 
     /// Deploys over HTTP, as `eventbroker deploy` does; `canary` is the `?canary=` share.
-    fn deploy(url: &str, name: &str, wasm: &Path, manifest: &str, canary: Option<&str>) -> Value {
+    pub fn deploy(
+        url: &str,
+        name: &str,
+        wasm: &Path,
+        manifest: &str,
+        canary: Option<&str>,
+    ) -> Value {
         let bytes = std::fs::read(wasm).expect("component");
         let form = reqwest::blocking::multipart::Form::new()
             .part(
@@ -367,7 +378,7 @@ pub mod deploys {
 
     /// Waits until every live host runs `release` of `name` (with `canary`); returns how long
     /// it took.
-    fn wait_everywhere(
+    pub fn wait_everywhere(
         cluster: &Cluster,
         name: &str,
         release: u64,
@@ -716,5 +727,92 @@ pub mod deploys {
             "{stdout}"
         );
         eprintln!("{stdout}");
+    }
+}
+
+/// Handlers' key-value state shared by the hosts of a cluster.
+pub mod keyvalue {
+    use super::*;
+    use eventbroker::keyvalue::Namespace;
+
+    const MANIFEST: &str = "patterns = [\"public.orders.>\"]\nconcurrency = 8\n[config]\ndedupe_key = \"order_id\"\n[keyvalue]\nbuckets = [\"dedupe\", \"counts\"]\n";
+    const ORDERS: usize = 60;
+
+    /// The dedupe counter (`guests/rust-dedupe-counter`), deployed once, runs on two hosts:
+    /// every order is published twice, once through each host, from two threads at once, so
+    /// both hosts increment the same keys concurrently. Each order is counted exactly once and
+    /// marked seen exactly twice, read back from the backend itself.
+    pub fn two_hosts_count_each_order_once(broker: Value) {
+        let built = super::super::guests::build();
+        let cluster = Cluster::start(broker, 2);
+        let wasm = built.guest("rust_dedupe_counter");
+        deploys::deploy(cluster.url(0), "dedupe-counter", &wasm, MANIFEST, None);
+        deploys::wait_everywhere(&cluster, "dedupe-counter", 1, None);
+
+        let urls = [cluster.url(0).to_owned(), cluster.url(1).to_owned()];
+        let ids: Vec<String> = std::thread::scope(|scope| {
+            let threads: Vec<_> = urls
+                .iter()
+                .map(|url| {
+                    scope.spawn(move || {
+                        let client = http();
+                        (0..ORDERS)
+                            .map(|n| {
+                                let response = client
+                                    .post(format!("{url}/v1/events"))
+                                    .json(&json!({
+                                        "type": "public.orders.create",
+                                        "payload": {"order_id": format!("A-{n}")},
+                                    }))
+                                    .send()
+                                    .expect("publish");
+                                assert_eq!(response.status(), 202, "publish accepted");
+                                let body: Value = response.json().expect("json");
+                                body["id"].as_str().expect("id").to_owned()
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|t| t.join().expect("publisher"))
+                .collect()
+        });
+        for event in cluster.wait_all_finished(0, &ids) {
+            assert_eq!(event["status"], "completed", "{event}");
+        }
+
+        let config = eventbroker_server::Config::load(Some(&cluster.config_file(0)))
+            .expect("host 0's config");
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async {
+            let provider = eventbroker_server::connect(&config.backend, &config.event_broker)
+                .await
+                .expect("connect to the backend");
+            let store = provider.keyvalue().expect("the backend's key-value store");
+            let group = &config.event_broker.consumer_group;
+            let counts = Namespace::new(group, "dedupe-counter", "counts");
+            assert_eq!(
+                store
+                    .get(&counts, "public.orders.create")
+                    .await
+                    .expect("read the count"),
+                Some(ORDERS.to_string().into_bytes()),
+                "each order counted once"
+            );
+            let seen = Namespace::new(group, "dedupe-counter", "dedupe");
+            for n in 0..ORDERS {
+                assert_eq!(
+                    store
+                        .get(&seen, &format!("public.orders.create:A-{n}"))
+                        .await
+                        .expect("read a mark"),
+                    Some(b"2".to_vec()),
+                    "order A-{n} delivered twice"
+                );
+            }
+            provider.close().await;
+        });
     }
 }

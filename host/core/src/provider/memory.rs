@@ -105,6 +105,8 @@ struct Inner {
     /// Cancelled by `close`: ends watcher streams.
     shutdown: CancellationToken,
     counters: Counters,
+    /// Handlers' key-value state, shared by every group's handle.
+    keyvalue: crate::keyvalue::MemoryKeyValue,
 }
 
 /// What watchers receive: an event as stored (`group: None`) or after a change of one
@@ -300,6 +302,7 @@ impl MemoryProvider {
             closed: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
             counters: Counters::default(),
+            keyvalue: crate::keyvalue::MemoryKeyValue::new(),
             options,
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -821,6 +824,12 @@ impl Provider for MemoryProvider {
         drop(state);
         self.inner.room.notify_waiters();
         self.inner.shutdown.cancel();
+    }
+
+    /// The in-process store ([`crate::keyvalue::MemoryKeyValue`]), shared by every handle on
+    /// this storage; its contents end with the process.
+    fn keyvalue(&self) -> Option<Arc<dyn crate::keyvalue::KeyValueStore>> {
+        Some(Arc::new(self.inner.keyvalue.clone()))
     }
 }
 

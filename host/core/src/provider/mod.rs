@@ -398,6 +398,13 @@ pub trait Provider: Send + Sync + 'static {
     fn handler_store(&self) -> Option<std::sync::Arc<dyn crate::handler_store::HandlerStore>> {
         None
     }
+
+    /// The key-value store that handlers granted `[keyvalue]` keep their state in, on the
+    /// backend's existing connections, shared by every host using the backend; `None` (the
+    /// default) when the backend offers none, in which case such handlers are refused at load.
+    fn keyvalue(&self) -> Option<std::sync::Arc<dyn crate::keyvalue::KeyValueStore>> {
+        None
+    }
 }
 
 /// Errors of the provider boundary.

@@ -82,8 +82,8 @@ pub async fn backend() -> Option<Backend> {
     )
 }
 
-/// Deletes the streams and buckets of a NATS namespace, the handler store's included
-/// (blocking: on a runtime of its own).
+/// Deletes the streams and buckets of a NATS namespace, the handler store's and the key-value
+/// state's included (blocking: on a runtime of its own).
 pub fn delete_nats_namespace(nats: &NatsConfig) {
     let stream = nats.stream_name.clone();
     let dead_letters = format!("{stream}_DEAD_LETTERS");
@@ -92,6 +92,7 @@ pub fn delete_nats_namespace(nats: &NatsConfig) {
         format!("KV_{}", nats.handler_records_bucket()),
         format!("OBJ_{}", nats.handler_components_bucket()),
         format!("KV_{}", nats.handler_reports_bucket()),
+        format!("KV_{}", nats.keyvalue_bucket()),
     ];
     let url = nats.url.clone();
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread()

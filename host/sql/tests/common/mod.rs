@@ -156,7 +156,8 @@ async fn sweep_old_postgres_tables(url: &str) {
                     let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
                         "DROP TABLE IF EXISTS {prefix}_deliveries, {prefix}_groups, \
                          {prefix}_states, {prefix}_handlers, {prefix}_handler_components, \
-                         {prefix}_handler_reports, {prefix}, {prefix}_migrations"
+                         {prefix}_handler_reports, {prefix}_kv, {prefix}_kv_usage, {prefix}, \
+                         {prefix}_migrations"
                     )))
                     .execute(&pool)
                     .await;

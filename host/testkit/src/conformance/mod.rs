@@ -11,6 +11,7 @@
 #[allow(missing_docs)]
 pub mod cases;
 pub mod handler_store;
+pub mod keyvalue;
 
 /// Generates one `#[tokio::test]` per conformance case, in a module named `$backend`, each
 /// running its case on the backend `$open` (an expression of type
