@@ -5,8 +5,9 @@
 //!
 //! The duplicate check is one atomic `increment` of the value's key in `dedupe`: the first
 //! delivery anywhere gets 1, every later one more, with no read-then-write race between hosts.
-//! An event without the field is counted every time. Each handled event publishes nothing;
-//! the log says what it counted.
+//! An event without the field is counted every time. Each counted event publishes
+//! `stats.counted` with `{"type": <event type>, "count": <the new count>}`; a duplicate
+//! publishes nothing (the log says why).
 //!
 //! Build: `cargo build --release` in `guests/`; try it (the state kept in `kv.json`):
 //! `eventbroker run target/wasm32-wasip2/release/rust_dedupe_counter.wasm --manifest rust-dedupe-counter/manifest.toml --event rust-dedupe-counter/sample-event.json --kv kv.json`
@@ -20,9 +21,9 @@ wit_bindgen::generate!({
 
 use exports::resolvespec::eventbroker::handler::Guest;
 use exports::resolvespec::eventbroker::subscriptions::Guest as Subscriptions;
-use resolvespec::eventbroker::host::{config, log};
-use resolvespec::eventbroker::types::{Context, Event, HandlerError, LogLevel};
-use serde_json::Value;
+use resolvespec::eventbroker::host::{config, log, publish};
+use resolvespec::eventbroker::types::{Context, Event, EventDraft, HandlerError, LogLevel};
+use serde_json::{Value, json};
 use wasi::keyvalue::{atomics, store};
 
 struct DedupeCounter;
@@ -73,6 +74,25 @@ impl Guest for DedupeCounter {
                     LogLevel::Info,
                     &format!("{} counted: {count}", event.event_type),
                 );
+                let draft = EventDraft {
+                    event_type: "stats.counted".to_owned(),
+                    source: None,
+                    payload: Some(json!({"type": event.event_type, "count": count}).to_string()),
+                    user_id: None,
+                    session_id: None,
+                    schema: None,
+                    entity: None,
+                    operation: None,
+                    metadata: None,
+                };
+                // The count is kept already: a refused publish is logged, not retried (a retry
+                // would see the event as a duplicate).
+                if let Err(reason) = publish(&draft) {
+                    log(
+                        LogLevel::Warn,
+                        &format!("stats.counted not published: {reason}"),
+                    );
+                }
                 Ok(())
             }
             Err(error) => {

@@ -25,6 +25,23 @@ fn a_single_memory_host_handles_every_event_once() {
     assert_eq!(cluster.invocations(0), ids.len() as u64);
 }
 
+/// The examples that use grants (webhooks in three languages, the dedupe counter) under one
+/// `serve` with the embedded memory provider.
+#[test]
+fn memory_grant_examples_under_serve() {
+    support::cluster::examples::grant_examples_under_serve(json!({"provider": "memory"}));
+}
+
+/// The same on SQLite.
+#[test]
+fn sqlite_grant_examples_under_serve() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    support::cluster::examples::grant_examples_under_serve(json!({
+        "provider": "database",
+        "database": {"url": format!("sqlite://{}/examples.db", dir.path().display())},
+    }));
+}
+
 /// The `event_broker` section of a PostgreSQL cluster on a table of its own, or `None` after
 /// a loud skip when the server is unreachable.
 fn postgres_broker() -> Option<serde_json::Value> {
@@ -60,6 +77,13 @@ fn postgres_deploy_once_canary_and_rollback() {
 fn postgres_two_hosts_share_key_value_state() {
     if let Some(broker) = postgres_broker() {
         support::cluster::keyvalue::two_hosts_count_each_order_once(broker);
+    }
+}
+
+#[test]
+fn postgres_grant_examples_under_serve() {
+    if let Some(broker) = postgres_broker() {
+        support::cluster::examples::grant_examples_under_serve(broker);
     }
 }
 
@@ -107,6 +131,14 @@ fn redis_deploy_once_canary_and_rollback() {
 fn redis_two_hosts_share_key_value_state() {
     if let Some(broker) = redis_cluster() {
         support::cluster::keyvalue::two_hosts_count_each_order_once(broker.clone());
+        delete_redis_keys(&broker);
+    }
+}
+
+#[test]
+fn redis_grant_examples_under_serve() {
+    if let Some(broker) = redis_cluster() {
+        support::cluster::examples::grant_examples_under_serve(broker.clone());
         delete_redis_keys(&broker);
     }
 }
@@ -281,6 +313,14 @@ fn nats_deploy_once_canary_and_rollback() {
 fn nats_two_hosts_share_key_value_state() {
     if let Some((broker, tear_down)) = nats_cluster() {
         support::cluster::keyvalue::two_hosts_count_each_order_once(broker);
+        tear_down();
+    }
+}
+
+#[test]
+fn nats_grant_examples_under_serve() {
+    if let Some((broker, tear_down)) = nats_cluster() {
+        support::cluster::examples::grant_examples_under_serve(broker);
         tear_down();
     }
 }

@@ -816,3 +816,173 @@ pub mod keyvalue {
         });
     }
 }
+
+/// The example guests that use grants, under `serve`: the webhook notifiers in Rust,
+/// JavaScript (`fetch`) and Python post to a loopback server, and the dedupe counter keeps its
+/// state in the backend's key-value store.
+pub mod examples {
+    use super::*;
+    use eventbroker_testkit::toolchains::{self, Language};
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    const ORDERS: usize = 5;
+    /// Webhook notifiers among the examples.
+    const WEBHOOKS: usize = 3;
+
+    /// A loopback webhook receiver on a thread of its own: its port and the bodies posted to
+    /// `/hooks/orders`.
+    fn receiver() -> (u16, Arc<Mutex<Vec<Value>>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let received = bodies.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().expect("runtime");
+            runtime.block_on(async move {
+                let app = axum::Router::new().route(
+                    "/hooks/orders",
+                    axum::routing::post(move |body: axum::body::Bytes| async move {
+                        let value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                        received.lock().expect("bodies").push(value);
+                        "ok"
+                    }),
+                );
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                let _ = axum::serve(listener, app).await;
+            });
+        });
+        (port, bodies)
+    }
+
+    /// Waits until handler `name` has a loaded version on the host at `url`.
+    fn wait_loaded(url: &str, name: &str) {
+        let started = Instant::now();
+        while deploys::handler(url, name)["current"]["version"].is_null() {
+            assert!(
+                started.elapsed() < PATIENCE * 5,
+                "{name} never loaded: {}",
+                deploys::handler(url, name)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Each example by the name its manifest gives, with its folder in `guests/` and its
+    /// component: Rust from the guests build, JavaScript and Python from their `build.sh`
+    /// (`None` after a loud skip when a toolchain is missing).
+    fn components() -> Option<BTreeMap<&'static str, (&'static str, PathBuf)>> {
+        let built = super::super::guests::build();
+        let javascript = toolchains::build(Language {
+            name: "javascript",
+            dir: "javascript-webhook-notifier",
+        })?;
+        let python = toolchains::build(Language {
+            name: "python",
+            dir: "python-webhook-notifier",
+        })?;
+        Some(BTreeMap::from([
+            (
+                "webhook-notifier",
+                (
+                    "rust-webhook-notifier",
+                    built.guest("rust_webhook_notifier"),
+                ),
+            ),
+            (
+                "javascript-webhook-notifier",
+                ("javascript-webhook-notifier", javascript),
+            ),
+            (
+                "python-webhook-notifier",
+                ("python-webhook-notifier", python),
+            ),
+            (
+                "dedupe-counter",
+                ("rust-dedupe-counter", built.guest("rust_dedupe_counter")),
+            ),
+        ]))
+    }
+
+    /// The manifest in the example's folder, with the receiver's port in its webhook URL and
+    /// grant.
+    fn manifest(dir: &str, port: u16) -> String {
+        let path = super::super::guests::repo_root()
+            .join("guests")
+            .join(dir)
+            .join("manifest.toml");
+        std::fs::read_to_string(&path)
+            .expect("the example's manifest")
+            .replace("127.0.0.1:9000", &format!("127.0.0.1:{port}"))
+    }
+
+    /// One host on `broker` runs the four examples: every order reaches the receiver once
+    /// through each webhook notifier, and the dedupe counter counts each order id once
+    /// (its `stats.counted` events carry counts 1 to 5) although each is published twice.
+    pub fn grant_examples_under_serve(broker: Value) {
+        let Some(components) = components() else {
+            return;
+        };
+        let (port, received) = receiver();
+        // One compile cache for every backend's host: JavaScript and Python compile once.
+        let cache = super::super::guests::repo_root().join("target/test-component-cache");
+        let cluster = Cluster::start_with(broker, json!({"cache_dir": cache}), 1);
+        for (name, (dir, wasm)) in &components {
+            deploys::deploy(cluster.url(0), name, wasm, &manifest(dir, port), None);
+        }
+        for name in components.keys() {
+            wait_loaded(cluster.url(0), name);
+        }
+
+        let client = http();
+        let ids: Vec<String> = (0..2 * ORDERS)
+            .map(|n| {
+                let response = client
+                    .post(format!("{}/v1/events", cluster.url(0)))
+                    .json(&json!({
+                        "type": "public.orders.create",
+                        "payload": {"order_id": format!("A-{}", n % ORDERS), "n": n},
+                    }))
+                    .send()
+                    .expect("publish");
+                assert_eq!(response.status(), 202, "publish accepted");
+                let body: Value = response.json().expect("json");
+                body["id"].as_str().expect("id").to_owned()
+            })
+            .collect();
+        for event in cluster.wait_all_finished(0, &ids) {
+            assert_eq!(event["status"], "completed", "{event:#}");
+        }
+
+        let bodies = received.lock().expect("bodies").clone();
+        for id in &ids {
+            let posts = bodies.iter().filter(|b| b["id"] == id.as_str()).count();
+            assert_eq!(
+                posts, WEBHOOKS,
+                "event {id} posted once by each webhook notifier: {bodies:#?}"
+            );
+        }
+        let counted: Value = client
+            .get(format!(
+                "{}/v1/events?type=stats.counted&limit=100",
+                cluster.url(0)
+            ))
+            .send()
+            .and_then(|r| r.json())
+            .expect("stats.counted events");
+        let mut counts: Vec<u64> = counted["events"]
+            .as_array()
+            .or_else(|| counted.as_array())
+            .expect("a list of events")
+            .iter()
+            .filter_map(|e| e["payload"]["count"].as_u64())
+            .collect();
+        counts.sort_unstable();
+        assert_eq!(
+            counts,
+            (1..=ORDERS as u64).collect::<Vec<_>>(),
+            "each order id counted once: {counted:#}"
+        );
+    }
+}

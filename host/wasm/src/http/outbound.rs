@@ -25,7 +25,7 @@ use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
-use super::grant::{HttpGrant, restricted_class};
+use super::grant::{DEFAULT_MAX_REQUEST_BODY, HttpGrant, restricted_class};
 use crate::log::LogSink;
 use eventbroker::metrics::Metrics;
 
@@ -77,7 +77,10 @@ impl OutboundHttp {
         self.deadline = Some(deadline);
     }
 
-    fn refuse(&self, error: Error, reason: String) -> Sent {
+    /// Refuses `request` with `error`: the reason goes to the invocation's log and the
+    /// metrics at once; the guest sees `error` once it has finished writing the request's
+    /// body (see [`drain`]).
+    fn refuse(&self, request: http::Request<WasiBody>, error: Error, reason: String) -> Sent {
         let message = format!("outbound HTTP refused: {reason}");
         tracing::warn!(handler = %self.handler, "{message}");
         self.log
@@ -87,8 +90,41 @@ impl OutboundHttp {
         if let Some(metrics) = &self.metrics {
             metrics.handler_http_request(&self.handler, "refused", Duration::ZERO, 0, 0);
         }
-        Box::new(async move { Err(error) })
+        let limit = self
+            .grant
+            .as_ref()
+            .map_or(DEFAULT_MAX_REQUEST_BODY, |g| g.max_request_body);
+        let within = self.remaining();
+        Box::new(async move {
+            drain(request.into_body(), limit, within).await;
+            Err(error)
+        })
     }
+
+    /// What is left of the invocation's deadline (30 s outside an invocation).
+    fn remaining(&self) -> Duration {
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_secs(30))
+    }
+}
+
+/// Reads and discards what the guest writes to the body of a request that will not be sent
+/// (at most `limit` bytes, for at most `within`). A guest may hand a request to the host
+/// before writing its body (JavaScript's `fetch` does): draining lets it finish writing, so
+/// that it sees the refusal as the request's error code instead of a closed body stream,
+/// which some guest runtimes cannot handle and abort on.
+async fn drain(mut body: WasiBody, limit: u64, within: Duration) {
+    let read = async {
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen = seen.saturating_add(frame.data_ref().map_or(0, |d| d.len() as u64));
+            if seen > limit {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(within, read).await;
 }
 
 /// A body that fails with `exceeded` once more than `limit` bytes went through, and counts
@@ -239,6 +275,7 @@ impl WasiHttpHooks for OutboundHttp {
         drop(fut);
         let Some(grant) = self.grant.clone() else {
             return self.refuse(
+                request,
                 Error::HttpRequestDenied,
                 "the handler's manifest grants no outbound HTTP ([http] allow = [...])".into(),
             );
@@ -246,6 +283,7 @@ impl WasiHttpHooks for OutboundHttp {
         self.requests += 1;
         if self.requests > grant.max_requests {
             return self.refuse(
+                request,
                 Error::HttpRequestDenied,
                 format!(
                     "request {} of this invocation is over http.max_requests ({})",
@@ -256,18 +294,14 @@ impl WasiHttpHooks for OutboundHttp {
         let rule = match grant.check(request.method(), request.uri()) {
             Ok(rule) => rule.clone(),
             Err(reason) => {
-                return self.refuse(
-                    Error::HttpRequestDenied,
-                    format!("{} {}: {reason}", request.method(), request.uri()),
-                );
+                let reason = format!("{} {}: {reason}", request.method(), request.uri());
+                return self.refuse(request, Error::HttpRequestDenied, reason);
             }
         };
-        let remaining = self
-            .deadline
-            .map(|d| d.saturating_duration_since(Instant::now()))
-            .unwrap_or(Duration::from_secs(30));
+        let remaining = self.remaining();
         if remaining.is_zero() {
             return self.refuse(
+                request,
                 Error::ConnectionTimeout,
                 "the invocation's deadline has passed".into(),
             );
@@ -311,6 +345,7 @@ impl WasiHttpHooks for OutboundHttp {
                     Ok(addresses) => addresses[0].ip(),
                     Err((error, reason)) => {
                         note("refused", Some(reason));
+                        drain(request.into_body(), grant.max_request_body, remaining).await;
                         return Err(error);
                     }
                 },
