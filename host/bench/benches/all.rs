@@ -3,7 +3,7 @@
 //!     cargo bench -p eventbroker-bench --bench all [-- [PATH...] [--scale F] [--stored N,N,...]
 //!         [--stored-on BACKEND,...]]
 //!
-//! PATH is any of `memory hooks wasm sqlite postgres redis nats fanout footprint stored`
+//! PATH is any of `memory hooks wasm sqlite postgres redis nats fanout footprint stored grants`
 //! (default: all). `--scale` multiplies every path's event count (default 1.0); `--stored`
 //! lists the store sizes of the read-latency table (default `10000,100000`; add `1000000` for
 //! the full table, which takes minutes per backend) and `--stored-on` its backends (default
@@ -37,7 +37,7 @@ struct Args {
     bench: bool,
 }
 
-const ALL: [&str; 10] = [
+const ALL: [&str; 11] = [
     "memory",
     "hooks",
     "wasm",
@@ -48,6 +48,7 @@ const ALL: [&str; 10] = [
     "fanout",
     "footprint",
     "stored",
+    "grants",
 ];
 
 fn main() {
@@ -150,6 +151,30 @@ fn main() {
                         }
                     }
                     Err(reason) => println!("| {backend} | SKIPPED: {reason} | | | | | |"),
+                }
+            }
+        }
+        if wanted("grants") {
+            println!(
+                "\nGrants: one operation made by a guest against the same operation made natively (medians; a guest's cost is its invocation with {} operations minus one with none, divided by {}):\n",
+                paths::grants::OPS,
+                paths::grants::OPS
+            );
+            println!("| operation | native baseline | native | store, called by the host | from a guest | guest / native |");
+            println!("|---|---|---:|---:|---:|---:|");
+            let us = |d: std::time::Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
+            for row in paths::grants::run().await {
+                match row {
+                    Ok(r) => println!(
+                        "| {} | {} | {} | {} | {} | {:.2} |",
+                        r.operation,
+                        r.baseline,
+                        us(r.native),
+                        r.host_api.map_or("-".into(), us),
+                        us(r.guest),
+                        r.guest.as_secs_f64() / r.native.as_secs_f64()
+                    ),
+                    Err((operation, reason)) => println!("| {operation} | SKIPPED: {reason} | | | | |"),
                 }
             }
         }

@@ -1,5 +1,6 @@
 //! One module per path: its bare baseline and its broker-side setup.
 
+pub mod grants;
 pub mod hooks;
 pub mod memory;
 pub mod nats;
