@@ -189,3 +189,112 @@ async fn a_granted_handler_keeps_state_in_its_buckets_within_its_quota() {
     }
     host.stop().await;
 }
+
+/// The backend of a handler's key-value state cut mid-run (Redis behind a proxy that drops
+/// every connection): the guest's operation fails with an error it sees, within the
+/// invocation's deadline (no hang, no trap), and works again once the backend is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_key_value_backend_is_an_error_the_guest_sees_within_its_deadline() {
+    use eventbroker::{Event, EventSource};
+    use eventbroker_testkit::{proxy::Proxy, services, wait_for};
+    use eventbroker_wasm::WasmEngine;
+    use eventbroker_wasm::config::PoolConfig;
+    use eventbroker_wasm::keyvalue::KeyValueBinding;
+    use eventbroker_wasm::runner::{Overrides, run};
+
+    let addr = std::env::var("REDIS_ADDR").unwrap_or_else(|_| "127.0.0.1:6379".into());
+    if !services::available("Redis", &addr) {
+        return;
+    }
+    let built = guests::build();
+    let client = std::fs::read(built.fixtures.join("kv_client.wasm")).expect("kv_client");
+    let proxy = Proxy::start(addr.clone()).await;
+    let mut config = eventbroker_server::Config::default();
+    config.backend.provider = eventbroker_server::ProviderKind::Redis;
+    config.backend.redis.url = Some(format!("redis://127.0.0.1:{}/0", proxy.port));
+    let prefix = format!("eb-test:{}", eventbroker_testkit::unique_suffix());
+    config.backend.redis.stream_name = prefix.clone();
+    let provider = eventbroker_server::connect(&config.backend, &config.event_broker)
+        .await
+        .expect("connect through the proxy");
+    let engine = WasmEngine::new(&PoolConfig::default(), None).expect("engine");
+    engine
+        .set_keyvalue(KeyValueBinding {
+            store: provider.keyvalue().expect("redis store"),
+            scope: "cut".into(),
+        })
+        .expect("binding");
+    let manifest = "timeout = \"2s\"\n[keyvalue]\nbuckets = [\"b\"]\n";
+    let increment = || {
+        vec![
+            Event::new(EventSource::System, "kv.cut", "test")
+                .with_payload(json!({"ops": [["increment", "n", 1]]})),
+        ]
+    };
+    let report = run(
+        &engine,
+        &client,
+        Some(manifest),
+        &Overrides::default(),
+        increment(),
+    )
+    .await
+    .expect("loads");
+    assert!(
+        report.all_ok(),
+        "before the cut: {:?}",
+        report.results[0].invocation.result
+    );
+
+    proxy.cut().await;
+    let report = run(
+        &engine,
+        &client,
+        Some(manifest),
+        &Overrides::default(),
+        increment(),
+    )
+    .await
+    .expect("loads");
+    let invocation = &report.results[0].invocation;
+    let failure = invocation.result.as_ref().expect_err("the backend is cut");
+    assert_eq!(
+        failure.kind.as_str(),
+        "fail",
+        "the guest saw an error and failed on its own: {failure:?}"
+    );
+    assert!(
+        failure.message.contains("kv increment: other:"),
+        "{failure:?}"
+    );
+    assert!(
+        invocation.duration < std::time::Duration::from_secs(10),
+        "bounded by the 2 s deadline: {:?}",
+        invocation.duration
+    );
+
+    proxy.restore().await;
+    wait_for("increments after the backend is back", || async {
+        let report = run(
+            &engine,
+            &client,
+            Some(manifest),
+            &Overrides::default(),
+            increment(),
+        )
+        .await
+        .expect("loads");
+        report.all_ok().then_some(())
+    })
+    .await;
+    provider.close().await;
+    if let Ok(mut conn) =
+        redis::Client::open(format!("redis://{addr}/0")).and_then(|c| c.get_connection())
+    {
+        let keys: Vec<String> =
+            redis::Commands::keys(&mut conn, format!("{prefix}*")).unwrap_or_default();
+        for key in keys {
+            let _: Result<i64, _> = redis::Commands::del(&mut conn, key);
+        }
+    }
+}

@@ -80,6 +80,26 @@ const COMMON: &[File] = &[
         "wit/eventbroker.wit",
         include_str!("../../../../wit/eventbroker.wit"),
     ),
+    file(
+        "wit/deps/keyvalue/atomic.wit",
+        include_str!("../../../../wit/deps/keyvalue/atomic.wit"),
+    ),
+    file(
+        "wit/deps/keyvalue/batch.wit",
+        include_str!("../../../../wit/deps/keyvalue/batch.wit"),
+    ),
+    file(
+        "wit/deps/keyvalue/store.wit",
+        include_str!("../../../../wit/deps/keyvalue/store.wit"),
+    ),
+    file(
+        "wit/deps/keyvalue/watch.wit",
+        include_str!("../../../../wit/deps/keyvalue/watch.wit"),
+    ),
+    file(
+        "wit/deps/keyvalue/world.wit",
+        include_str!("../../../../wit/deps/keyvalue/world.wit"),
+    ),
     file(".gitignore", "/dist/\n/target/\n/node_modules/\n/gen/\n"),
 ];
 
