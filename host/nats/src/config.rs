@@ -125,9 +125,9 @@ impl NatsConfig {
     }
 
     /// The key-value bucket of handlers' key-value state (see [`crate::keyvalue`]):
-    /// `{stream_name}_KV`.
+    /// `{stream_name}_HANDLER_KV`.
     pub fn keyvalue_bucket(&self) -> String {
-        format!("{}_KV", self.stream_name)
+        format!("{}_HANDLER_KV", self.stream_name)
     }
 
     /// Checks every acknowledgement deadline the server applies against the broker's lease

@@ -1,5 +1,5 @@
 //! Handlers' key-value state on NATS JetStream ([`NatsKeyValue`]), shared by every host
-//! connected to the same server: one key-value bucket, `{stream_name}_KV` (history 1, no
+//! connected to the same server: one key-value bucket, `{stream_name}_HANDLER_KV` (history 1, no
 //! `max_age`, the provider's `storage`, one replica), created (or its settings updated) on
 //! first use and deleted by [`crate::NatsProvider::destroy`].
 //!

@@ -661,7 +661,7 @@ impl Provider for NatsProvider {
         Some(self.shared.handlers.clone())
     }
 
-    /// Handlers' key-value state in the bucket `{stream_name}_KV` ([`NatsKeyValue`]).
+    /// Handlers' key-value state in the bucket `{stream_name}_HANDLER_KV` ([`NatsKeyValue`]).
     fn keyvalue(&self) -> Option<Arc<dyn KeyValueStore>> {
         Some(self.shared.keyvalue.clone())
     }

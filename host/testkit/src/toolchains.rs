@@ -56,20 +56,21 @@ impl Language {
     }
 }
 
-/// Installs the language's toolchain and builds its guest (once per process). Returns the
+/// Installs the language's toolchain and builds the guest (once per process and folder). Returns the
 /// component, or `None` after printing why the test is skipped.
 ///
 /// # Panics
 /// If the build fails, or if the toolchain cannot be installed and toolchains are required.
 pub fn build(language: Language) -> Option<PathBuf> {
     static BUILT: OnceLock<Mutex<HashMap<&'static str, Result<PathBuf, String>>>> = OnceLock::new();
-    // One build at a time; a second test of the same language waits and reuses the result.
+    // One build at a time; a second test of the same guest waits and reuses the result.
+    // Keyed by folder: one language has several guests.
     let mut built = BUILT
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let result = built
-        .entry(language.name)
+        .entry(language.dir)
         .or_insert_with(|| install_and_build(language))
         .clone();
     match result {
