@@ -256,6 +256,78 @@ fn run_applies_the_http_grant_and_deny_net_refuses_everything() {
     );
 }
 
+/// `run --kv FILE`: the dedupe counter's buckets are read from the file and written back, so
+/// a second run of the same event is a duplicate; `check` says whether the manifest grants
+/// `wasi:keyvalue`; a file that is not a key-value file is a usage error naming it.
+#[test]
+fn run_keeps_key_value_state_in_a_file_and_check_names_the_grant() {
+    let built = guests::build();
+    let counter = built.guest("rust_dedupe_counter");
+    let folder = built.guest_dir("rust-dedupe-counter");
+    let dir = tempfile::tempdir().expect("dir");
+    let kv = dir.path().join("kv.json");
+    let run = |kv: &std::path::Path| {
+        run_cli(&[
+            "run",
+            counter.to_str().expect("path"),
+            "--manifest",
+            folder.join("manifest.toml").to_str().expect("path"),
+            "--event",
+            folder.join("sample-event.json").to_str().expect("path"),
+            "--kv",
+            kv.to_str().expect("path"),
+        ])
+    };
+    let first = run(&kv);
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(first.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("public.orders.create counted: 1"),
+        "{stdout}"
+    );
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&kv).expect("kv written")).expect("json");
+    assert_eq!(
+        saved,
+        json!({"counts": {"public.orders.create": "1"}, "dedupe": {"public.orders.create:A-1001": "1"}})
+    );
+    let second = run(&kv);
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    assert!(
+        stdout.contains("duplicate public.orders.create:A-1001"),
+        "{stdout}"
+    );
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&kv).expect("kv")).expect("json");
+    assert_eq!(saved["dedupe"]["public.orders.create:A-1001"], "2");
+    assert_eq!(saved["counts"]["public.orders.create"], "1");
+
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "[1, 2]").expect("write");
+    let refused = run(&bad);
+    assert_eq!(refused.status.code(), Some(2), "a usage error");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("is not a key-value file"), "{stderr}");
+
+    let check = |manifest: Option<&std::path::Path>| {
+        let mut args = vec!["check", counter.to_str().expect("path")];
+        if let Some(manifest) = manifest {
+            args.extend(["--manifest", manifest.to_str().expect("path")]);
+        }
+        String::from_utf8_lossy(&run_cli(&args).stdout).into_owned()
+    };
+    let ungranted = check(None);
+    assert!(
+        ungranted.contains("wasi:keyvalue/store@0.2.0-draft") && ungranted.contains("NOT granted"),
+        "{ungranted}"
+    );
+    let granted = check(Some(&folder.join("manifest.toml")));
+    assert!(
+        granted.contains("granted by the manifest: buckets counts, dedupe"),
+        "{granted}"
+    );
+}
+
 #[test]
 fn run_prints_outcomes_logs_and_publishes_and_exits_non_zero_on_failure() {
     let built = guests::build();
