@@ -91,6 +91,17 @@ impl TestHost {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// The host's `/metrics` text (Prometheus exposition), fetched with the host's token.
+    pub async fn metrics(&self) -> String {
+        self.authed(self.http.get(format!("{}/metrics", self.url)))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// Deploys a component (and manifest) over `PUT /v1/handlers/{name}` as multipart, with
     /// `token` (default: the host's `server.token`).
     pub async fn deploy(

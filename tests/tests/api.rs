@@ -536,15 +536,7 @@ async fn publish_query_batch_cloudevents_retry_and_stats() {
     assert!(stats["published"].as_u64().unwrap() >= 5);
     assert_eq!(stats["subscriptions"][0]["name"], "probe");
     assert_eq!(host.get("/readyz").await.0, 200);
-    let metrics = host
-        .http
-        .get(format!("{}/metrics", host.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = host.metrics().await;
     for name in [
         "eventbroker_events_published_total{source=\"system\",type=\"probe.ok\"}",
         "eventbroker_events_processed_total{source=\"system\",type=\"probe.fail\",status=\"failed\"}",
@@ -1371,15 +1363,7 @@ async fn rejected_handler_names_leave_no_entry_and_no_metric_label() {
     }
     let (_, listed) = host.get("/v1/handlers").await;
     assert_eq!(listed["handlers"], json!([]), "{listed:#}");
-    let metrics = host
-        .http
-        .get(format!("{}/metrics", host.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = host.metrics().await;
     for label in ["evil", "bad name", "has space"] {
         assert!(!metrics.contains(label), "{label} in\n{metrics}");
     }

@@ -189,15 +189,7 @@ max_response_body = "1MiB"
     );
 
     // Metrics by status, refusals included.
-    let metrics = host
-        .http
-        .get(format!("{}/metrics", host.url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = host.metrics().await;
     for needle in [
         "eventbroker_handler_http_requests_total{handler=\"caller\",status=\"200\"}",
         "eventbroker_handler_http_requests_total{handler=\"caller\",status=\"refused\"}",

@@ -171,15 +171,7 @@ async fn a_granted_handler_keeps_state_in_its_buckets_within_its_quota() {
     assert_eq!(store.usage(&small).await.expect("usage").keys, 20);
 
     // Every operation is counted, refusals included.
-    let metrics = host
-        .http
-        .get(format!("{}/metrics", host.url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = host.metrics().await;
     for line in [
         "eventbroker_handler_kv_operations_total{handler=\"kv\",op=\"increment\",result=\"ok\"} 40",
         "eventbroker_handler_kv_operations_total{handler=\"kv\",op=\"open\",result=\"refused\"} 1",
@@ -225,38 +217,26 @@ async fn a_cut_key_value_backend_is_an_error_the_guest_sees_within_its_deadline(
         })
         .expect("binding");
     let manifest = "timeout = \"2s\"\n[keyvalue]\nbuckets = [\"b\"]\n";
-    let increment = || {
-        vec![
-            Event::new(EventSource::System, "kv.cut", "test")
-                .with_payload(json!({"ops": [["increment", "n", 1]]})),
-        ]
+    // One invocation incrementing `n` once.
+    let increment = || async {
+        let event = Event::new(EventSource::System, "kv.cut", "test")
+            .with_payload(json!({"ops": [["increment", "n", 1]]}));
+        let report = run(
+            &engine,
+            &client,
+            Some(manifest),
+            &Overrides::default(),
+            vec![event],
+        )
+        .await
+        .expect("loads");
+        report.results[0].invocation.clone()
     };
-    let report = run(
-        &engine,
-        &client,
-        Some(manifest),
-        &Overrides::default(),
-        increment(),
-    )
-    .await
-    .expect("loads");
-    assert!(
-        report.all_ok(),
-        "before the cut: {:?}",
-        report.results[0].invocation.result
-    );
+    let before = increment().await;
+    assert!(before.result.is_ok(), "before the cut: {:?}", before.result);
 
     proxy.cut().await;
-    let report = run(
-        &engine,
-        &client,
-        Some(manifest),
-        &Overrides::default(),
-        increment(),
-    )
-    .await
-    .expect("loads");
-    let invocation = &report.results[0].invocation;
+    let invocation = increment().await;
     let failure = invocation.result.as_ref().expect_err("the backend is cut");
     assert_eq!(
         failure.kind.as_str(),
@@ -274,19 +254,21 @@ async fn a_cut_key_value_backend_is_an_error_the_guest_sees_within_its_deadline(
     );
 
     proxy.restore().await;
-    wait_for("increments after the backend is back", || async {
-        let report = run(
-            &engine,
-            &client,
-            Some(manifest),
-            &Overrides::default(),
-            increment(),
-        )
-        .await
-        .expect("loads");
-        report.all_ok().then_some(())
+    wait_for("an increment after the backend is back", || async {
+        increment().await.result.is_ok().then_some(())
     })
     .await;
+    // Exactly the two increments that succeeded: none of the refused ones was applied.
+    let ns = Namespace::new("cut", "local", "b");
+    assert_eq!(
+        provider
+            .keyvalue()
+            .expect("store")
+            .get(&ns, "n")
+            .await
+            .expect("read"),
+        Some(b"2".to_vec())
+    );
     provider.close().await;
     if let Ok(mut conn) =
         redis::Client::open(format!("redis://{addr}/0")).and_then(|c| c.get_connection())

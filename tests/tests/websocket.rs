@@ -390,17 +390,7 @@ async fn rate_and_size_limits() {
         "{}",
         frame.reason
     );
-    let (_, metrics) = (
-        0,
-        host.http
-            .get(format!("{}/metrics", host.url))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text"),
-    );
+    let metrics = host.metrics().await;
     assert!(
         metrics.contains("eventbroker_websocket_disconnects_total{reason=\"message_too_big\"} 1"),
         "{metrics}"

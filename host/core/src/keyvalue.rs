@@ -132,6 +132,25 @@ pub struct KeyPage {
     pub cursor: Option<u64>,
 }
 
+impl KeyPage {
+    /// Offset paging: the `size` keys of `keys` (in an order that does not change between
+    /// calls) starting at offset `cursor`, and the cursor of the next page.
+    pub fn at_offset<'a>(
+        keys: impl ExactSizeIterator<Item = &'a String>,
+        cursor: Option<u64>,
+        size: usize,
+    ) -> KeyPage {
+        let total = keys.len();
+        let start = usize::try_from(cursor.unwrap_or(0)).unwrap_or(usize::MAX);
+        let keys: Vec<String> = keys.skip(start).take(size).cloned().collect();
+        let next = start.saturating_add(keys.len());
+        KeyPage {
+            keys,
+            cursor: (next < total).then_some(next as u64),
+        }
+    }
+}
+
 /// Why a key-value operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KvError {
@@ -393,17 +412,11 @@ impl KeyValueStore for MemoryKeyValue {
         let Some(bucket) = buckets.get(ns.id()) else {
             return Ok(KeyPage::default());
         };
-        let start = usize::try_from(cursor.unwrap_or(0)).unwrap_or(usize::MAX);
-        let keys: Vec<String> = bucket
-            .entries
-            .keys()
-            .skip(start)
-            .take(MEMORY_PAGE)
-            .cloned()
-            .collect();
-        let next = start.saturating_add(keys.len());
-        let cursor = (next < bucket.entries.len()).then_some(next as u64);
-        Ok(KeyPage { keys, cursor })
+        Ok(KeyPage::at_offset(
+            bucket.entries.keys(),
+            cursor,
+            MEMORY_PAGE,
+        ))
     }
 
     async fn increment(
@@ -481,6 +494,23 @@ mod tests {
             incremented("k", Some(u64::MAX.to_string().as_bytes()), 1),
             Err(KvError::NotANumber(_))
         ));
+    }
+
+    #[test]
+    fn offset_pages_follow_the_cursor_to_the_end() {
+        let keys: Vec<String> = (0..1005).map(|i| format!("k{i:05}")).collect();
+        let first = KeyPage::at_offset(keys.iter(), None, 1000);
+        assert_eq!((first.keys.len(), first.cursor), (1000, Some(1000)));
+        let last = KeyPage::at_offset(keys.iter(), first.cursor, 1000);
+        assert_eq!((last.keys.len(), last.cursor), (5, None));
+        assert_eq!(
+            KeyPage::at_offset(keys.iter(), Some(u64::MAX), 1000),
+            KeyPage::default()
+        );
+        assert_eq!(
+            KeyPage::at_offset([].iter(), None, 1000),
+            KeyPage::default()
+        );
     }
 
     #[test]

@@ -21,12 +21,10 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy};
-use async_nats::jetstream::context::DeleteStreamErrorKind;
+use async_nats::jetstream;
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
 use async_nats::jetstream::object_store::{self, GetErrorKind, InfoErrorKind, ObjectStore};
 use async_nats::jetstream::stream::{self, StorageType};
-use async_nats::jetstream::{self, ErrorCode};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -36,6 +34,7 @@ use tokio::sync::OnceCell;
 
 use crate::NAME;
 use crate::config::NatsConfig;
+use crate::scan::Scan;
 use crate::subjects::{decode_name, encode_name};
 use eventbroker::handler_store::{HandlerStore, StoreError, StoredRecord, Written};
 
@@ -43,9 +42,6 @@ use eventbroker::handler_store::{HandlerStore, StoreError, StoredRecord, Written
 /// server even if no host read (and deleted) it after it expired. A report written with a
 /// longer `ttl` lives this long only.
 pub const REPORTS_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
-
-/// Values fetched per request while listing a bucket.
-const SCAN_BATCH: usize = 1000;
 
 fn failure(error: impl std::fmt::Display) -> StoreError {
     StoreError::backend(NAME, error)
@@ -109,18 +105,9 @@ impl NatsHandlerStore {
             format!("KV_{}", self.reports_bucket),
         ];
         for name in streams {
-            match self.context.delete_stream(&name).await {
-                Ok(_) => {}
-                Err(error)
-                    if matches!(
-                        error.kind(),
-                        DeleteStreamErrorKind::JetStream(e)
-                            if e.error_code() == ErrorCode::STREAM_NOT_FOUND
-                    ) => {}
-                Err(error) => {
-                    return Err(failure(format!("cannot delete stream {name:?}: {error}")));
-                }
-            }
+            crate::buckets::delete_stream(&self.context, &name)
+                .await
+                .map_err(failure)?;
         }
         Ok(())
     }
@@ -178,112 +165,37 @@ impl NatsHandlerStore {
         })
     }
 
-    /// Creates or updates a key-value bucket with history 1, writing its stream directly as
-    /// `StateStore::open` does (servers before 2.10 answer the library's account query in a
-    /// form it cannot read).
+    /// Creates or updates a key-value bucket ([`crate::buckets::open_kv`]).
     async fn open_kv(
         &self,
         bucket: &str,
         description: &str,
         max_age: Duration,
     ) -> Result<kv::Store, StoreError> {
-        self.context
-            .create_or_update_stream(stream::Config {
-                name: format!("KV_{bucket}"),
-                description: Some(description.into()),
-                subjects: vec![format!("$KV.{bucket}.>")],
-                max_messages_per_subject: 1,
-                max_age,
-                storage: self.storage,
-                allow_rollup: true,
-                deny_delete: true,
-                deny_purge: false,
-                allow_direct: true,
-                num_replicas: 1,
-                discard: stream::DiscardPolicy::New,
-                ..stream::Config::default()
-            })
+        crate::buckets::open_kv(&self.context, bucket, description, self.storage, max_age)
             .await
-            .map_err(|e| {
-                failure(format!(
-                    "cannot create or update key-value bucket {bucket:?}: {e}"
-                ))
-            })?;
-        self.context
-            .get_key_value(bucket)
-            .await
-            .map_err(|e| failure(format!("cannot open key-value bucket {bucket:?}: {e}")))
+            .map_err(failure)
     }
 }
 
-/// The live entries of a bucket, as `(key, revision, value)`: the latest value of every key
-/// read through one ephemeral pull consumer (`last_per_subject`, no acknowledgements), in
-/// batches; keys whose latest entry is a delete or purge marker are left out.
+/// The live entries of a bucket, as `(key, revision, value)` ([`crate::scan`]).
 async fn scan(kv: &kv::Store, what: &str) -> Result<Vec<(String, u64, Bytes)>, StoreError> {
-    let stream = &kv.stream;
-    let consumer: consumer::PullConsumer = stream
-        .create_consumer(consumer::pull::Config {
-            description: Some(format!("eventbroker {what} scan")),
-            deliver_policy: DeliverPolicy::LastPerSubject,
-            ack_policy: AckPolicy::None,
-            filter_subject: format!("{}>", kv.prefix),
-            inactive_threshold: Duration::from_secs(60),
-            memory_storage: true,
-            ..consumer::pull::Config::default()
-        })
-        .await
-        .map_err(|e| failure(format!("cannot list {what}: {e}")))?;
-    let result = drain(kv, &consumer, what).await;
-    let name = consumer.cached_info().name.clone();
-    if let Err(error) = stream.delete_consumer(&name).await {
-        tracing::debug!(%error, "could not delete a scan consumer; the server removes it when idle");
-    }
-    result
-}
-
-async fn drain(
-    kv: &kv::Store,
-    consumer: &consumer::PullConsumer,
-    what: &str,
-) -> Result<Vec<(String, u64, Bytes)>, StoreError> {
     let mut entries = Vec::new();
-    // Asking for exactly what is left lets the server answer the last request at once.
-    let mut left = usize::try_from(consumer.cached_info().num_pending).unwrap_or(usize::MAX);
-    while left > 0 {
-        let wanted = left.min(SCAN_BATCH);
-        let mut batch = consumer
-            .fetch()
-            .max_messages(wanted)
-            .expires(Duration::from_secs(5))
-            .messages()
-            .await
-            .map_err(|e| failure(format!("cannot list {what}: {e}")))?;
-        let mut received = 0;
-        while let Some(message) = batch.next().await {
-            let message = message.map_err(|e| failure(format!("listing {what} failed: {e}")))?;
-            received += 1;
-            let deleted = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("KV-Operation"))
-                .is_some_and(|op| op.as_str() != "PUT");
-            if deleted {
-                continue;
-            }
-            let Some(key) = message.subject.as_str().strip_prefix(kv.prefix.as_str()) else {
-                continue;
-            };
-            let revision = message
-                .info()
-                .map_err(|e| failure(format!("listing {what} failed: {e}")))?
-                .stream_sequence;
-            entries.push((key.to_owned(), revision, message.payload.clone()));
-        }
-        if received < wanted {
-            break;
-        }
-        left -= received;
-    }
+    let every_key = Scan {
+        what,
+        filter: format!("{}>", kv.prefix),
+        headers_only: false,
+    };
+    crate::scan::scan(kv, every_key, |key, message| {
+        let revision = message
+            .info()
+            .map_err(|e| format!("listing {what} failed: {e}"))?
+            .stream_sequence;
+        entries.push((key.to_owned(), revision, message.payload.clone()));
+        Ok(())
+    })
+    .await
+    .map_err(failure)?;
     Ok(entries)
 }
 

@@ -40,18 +40,16 @@
 use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy};
-use async_nats::jetstream::context::DeleteStreamErrorKind;
+use async_nats::jetstream;
 use async_nats::jetstream::kv::{self, Operation, UpdateErrorKind};
-use async_nats::jetstream::stream::{self, StorageType};
-use async_nats::jetstream::{self, ErrorCode};
+use async_nats::jetstream::stream::StorageType;
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::StreamExt;
 use tokio::sync::OnceCell;
 
 use crate::NAME;
 use crate::config::NatsConfig;
+use crate::scan::Scan;
 use eventbroker::keyvalue::{
     KeyPage, KeyValueStore, KvError, Namespace, Quota, Usage, incremented,
 };
@@ -62,8 +60,6 @@ pub const MAX_ATTEMPTS: u32 = 200;
 pub const PAGE: usize = 1000;
 /// What follows the hex-encoded namespace id in the key of its usage record.
 const USAGE_SUFFIX: &str = "_usage";
-/// Messages fetched per request while listing keys.
-const SCAN_BATCH: usize = 1000;
 /// The longest pause between two attempts of a contended compare-and-set, in milliseconds.
 const MAX_BACKOFF_MS: u64 = 8;
 
@@ -216,56 +212,27 @@ impl NatsKeyValue {
     /// # Errors
     /// Backend failures.
     pub(crate) async fn destroy(&self) -> Result<(), KvError> {
-        let name = format!("KV_{}", self.bucket);
-        match self.context.delete_stream(&name).await {
-            Ok(_) => Ok(()),
-            Err(error)
-                if matches!(
-                    error.kind(),
-                    DeleteStreamErrorKind::JetStream(e)
-                        if e.error_code() == ErrorCode::STREAM_NOT_FOUND
-                ) =>
-            {
-                Ok(())
-            }
-            Err(error) => Err(failure(format!("cannot delete stream {name:?}: {error}"))),
-        }
+        crate::buckets::delete_stream(&self.context, &format!("KV_{}", self.bucket))
+            .await
+            .map_err(failure)
     }
 
     async fn kv(&self) -> Result<&kv::Store, KvError> {
         self.kv.get_or_try_init(|| self.open()).await
     }
 
-    /// Creates the bucket, or updates its settings when it exists, writing its stream directly
-    /// as `StateStore::open` does (servers before 2.10 answer the library's account query in a
-    /// form it cannot read).
+    /// Creates the bucket (entries never expire), or updates its settings when it exists
+    /// ([`crate::buckets::open_kv`]).
     async fn open(&self) -> Result<kv::Store, KvError> {
-        let bucket = &self.bucket;
-        self.context
-            .create_or_update_stream(stream::Config {
-                name: format!("KV_{bucket}"),
-                description: Some("eventbroker: handlers' key-value state".into()),
-                subjects: vec![format!("$KV.{bucket}.>")],
-                max_messages_per_subject: 1,
-                storage: self.storage,
-                allow_rollup: true,
-                deny_delete: true,
-                deny_purge: false,
-                allow_direct: true,
-                num_replicas: 1,
-                discard: stream::DiscardPolicy::New,
-                ..stream::Config::default()
-            })
-            .await
-            .map_err(|e| {
-                failure(format!(
-                    "cannot create or update key-value bucket {bucket:?}: {e}"
-                ))
-            })?;
-        self.context
-            .get_key_value(bucket)
-            .await
-            .map_err(|e| failure(format!("cannot open key-value bucket {bucket:?}: {e}")))
+        crate::buckets::open_kv(
+            &self.context,
+            &self.bucket,
+            "eventbroker: handlers' key-value state",
+            self.storage,
+            Duration::ZERO,
+        )
+        .await
+        .map_err(failure)
     }
 
     /// Writes `key` with the value `compute` makes of its current one (checked against
@@ -391,79 +358,21 @@ async fn give_back(kv: &kv::Store, key: &str, freed: Change) {
 }
 
 /// The bucket keys (without the bucket's subject prefix) under `filter` whose latest entry
-/// is a value, read through one ephemeral pull consumer (`last_per_subject`, headers only, no
-/// acknowledgements), in batches.
+/// is a value, read headers only ([`crate::scan`]).
 async fn scan_keys(kv: &kv::Store, filter: String) -> Result<Vec<String>, KvError> {
-    let stream = &kv.stream;
-    let consumer: consumer::PullConsumer = stream
-        .create_consumer(consumer::pull::Config {
-            description: Some("eventbroker key-value listing".into()),
-            deliver_policy: DeliverPolicy::LastPerSubject,
-            ack_policy: AckPolicy::None,
-            filter_subject: filter,
-            headers_only: true,
-            inactive_threshold: Duration::from_secs(60),
-            memory_storage: true,
-            ..consumer::pull::Config::default()
-        })
-        .await
-        .map_err(|e| failure(format!("cannot list keys: {e}")))?;
-    let result = drain_keys(kv, &consumer).await;
-    let name = consumer.cached_info().name.clone();
-    if let Err(error) = stream.delete_consumer(&name).await {
-        tracing::debug!(%error, "could not delete a listing consumer; the server removes it when idle");
-    }
-    result
-}
-
-async fn drain_keys(
-    kv: &kv::Store,
-    consumer: &consumer::PullConsumer,
-) -> Result<Vec<String>, KvError> {
     let mut keys = Vec::new();
-    // Asking for exactly what is left lets the server answer the last request at once.
-    let mut left = usize::try_from(consumer.cached_info().num_pending).unwrap_or(usize::MAX);
-    while left > 0 {
-        let wanted = left.min(SCAN_BATCH);
-        let mut batch = consumer
-            .fetch()
-            .max_messages(wanted)
-            .expires(Duration::from_secs(5))
-            .messages()
-            .await
-            .map_err(|e| failure(format!("cannot list keys: {e}")))?;
-        let mut received = 0;
-        while let Some(message) = batch.next().await {
-            let message = message.map_err(|e| failure(format!("listing keys failed: {e}")))?;
-            received += 1;
-            let deleted = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("KV-Operation"))
-                .is_some_and(|op| op.as_str() != "PUT");
-            if let (false, Some(key)) = (deleted, message.subject.strip_prefix(kv.prefix.as_str()))
-            {
-                keys.push(key.to_owned());
-            }
-        }
-        if received < wanted {
-            break;
-        }
-        left -= received;
-    }
+    let listing = Scan {
+        what: "key-value keys",
+        filter,
+        headers_only: true,
+    };
+    crate::scan::scan(kv, listing, |key, _| {
+        keys.push(key.to_owned());
+        Ok(())
+    })
+    .await
+    .map_err(failure)?;
     Ok(keys)
-}
-
-/// The page of `keys` (sorted) starting at offset `cursor`.
-fn page(keys: Vec<String>, cursor: Option<u64>) -> KeyPage {
-    let start = usize::try_from(cursor.unwrap_or(0)).unwrap_or(usize::MAX);
-    let total = keys.len();
-    let keys: Vec<String> = keys.into_iter().skip(start).take(PAGE).collect();
-    let next = start.saturating_add(keys.len());
-    KeyPage {
-        keys,
-        cursor: (next < total).then_some(next as u64),
-    }
 }
 
 #[async_trait]
@@ -526,7 +435,7 @@ impl KeyValueStore for NatsKeyValue {
             .map(|bucket_key| decode_key(&ns_prefix, bucket_key))
             .collect::<Result<Vec<_>, _>>()?;
         keys.sort_unstable();
-        Ok(page(keys, cursor))
+        Ok(KeyPage::at_offset(keys.iter(), cursor, PAGE))
     }
 
     async fn increment(
@@ -611,18 +520,5 @@ mod tests {
             Change::of_delete(2, 8).taken_from(usage),
             usage.after_delete("ab", 8)
         );
-    }
-
-    #[test]
-    fn pages_follow_the_cursor_to_the_end() {
-        let keys: Vec<String> = (0..(PAGE + 5)).map(|i| format!("k{i:05}")).collect();
-        let first = page(keys.clone(), None);
-        assert_eq!(first.keys.len(), PAGE);
-        assert_eq!(first.cursor, Some(PAGE as u64));
-        let last = page(keys.clone(), first.cursor);
-        assert_eq!(last.keys.len(), 5);
-        assert_eq!(last.cursor, None);
-        assert_eq!(page(keys, Some(u64::MAX)), KeyPage::default());
-        assert_eq!(page(Vec::new(), None), KeyPage::default());
     }
 }

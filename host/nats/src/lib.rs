@@ -30,11 +30,13 @@
 #![deny(missing_docs)]
 
 mod advisory;
+mod buckets;
 pub mod config;
 mod consumer;
 pub mod handler_store;
 pub mod keyvalue;
 mod record;
+mod scan;
 mod store;
 mod subjects;
 mod sweep;

@@ -13,23 +13,19 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
-use async_nats::jetstream::stream::{self, StorageType};
+use async_nats::jetstream::stream::StorageType;
 use bytes::Bytes;
-use futures::StreamExt;
 
 use super::NAME;
 use super::record::Record;
+use super::scan::Scan;
 use super::subjects::encode_name;
 use eventbroker::event::Event;
 use eventbroker::provider::ProviderError;
 
 /// How often a compare-and-set is retried under contention before giving up.
 const MAX_CAS_ATTEMPTS: usize = 32;
-/// Values fetched per request while scanning.
-const SCAN_BATCH: usize = 1000;
-
 /// The key-value bucket of event states.
 #[derive(Clone)]
 pub(crate) struct StateStore {
@@ -68,46 +64,22 @@ pub(crate) fn encode(event: &Event) -> Result<Bytes, ProviderError> {
 }
 
 impl StateStore {
-    /// Creates the bucket, or updates its settings if it exists.
-    ///
-    /// The bucket's stream (`KV_{bucket}`) is written with the settings the client library
-    /// uses for buckets (one value per key, roll-ups allowed, direct gets), directly rather
-    /// than through the library's bucket creation, which needs an account query that servers
-    /// before 2.10 answer in a form the library cannot read.
+    /// Creates the bucket, or updates its settings if it exists ([`crate::buckets::open_kv`]).
     pub(crate) async fn open(
         context: &jetstream::Context,
         bucket: &str,
         storage: StorageType,
         max_age: Duration,
     ) -> Result<Self, ProviderError> {
-        context
-            .create_or_update_stream(stream::Config {
-                name: format!("KV_{bucket}"),
-                description: Some(
-                    "eventbroker: current state of each event, keyed by event id".into(),
-                ),
-                subjects: vec![format!("$KV.{bucket}.>")],
-                max_messages_per_subject: 1,
-                max_age,
-                storage,
-                allow_rollup: true,
-                deny_delete: true,
-                deny_purge: false,
-                allow_direct: true,
-                num_replicas: 1,
-                discard: stream::DiscardPolicy::New,
-                ..stream::Config::default()
-            })
-            .await
-            .map_err(|e| {
-                backend(format!(
-                    "cannot create or update key-value bucket {bucket:?}: {e}"
-                ))
-            })?;
-        let kv = context
-            .get_key_value(bucket)
-            .await
-            .map_err(|e| backend(format!("cannot open key-value bucket {bucket:?}: {e}")))?;
+        let kv = crate::buckets::open_kv(
+            context,
+            bucket,
+            "eventbroker: current state of each event, keyed by event id",
+            storage,
+            max_age,
+        )
+        .await
+        .map_err(backend)?;
         Ok(StateStore { kv })
     }
 
@@ -266,73 +238,26 @@ impl StateStore {
 
     /// Every stored record, in the order of their last change, handed to `visit` one at a time
     /// (the scan itself holds one batch of messages, never every record).
-    pub(crate) async fn scan(&self, visit: impl FnMut(Record)) -> Result<(), ProviderError> {
-        let stream = &self.kv.stream;
-        let consumer: consumer::PullConsumer = stream
-            .create_consumer(consumer::pull::Config {
-                description: Some("eventbroker list scan".into()),
-                deliver_policy: DeliverPolicy::LastPerSubject,
-                ack_policy: AckPolicy::None,
-                filter_subject: format!("{}>", self.kv.prefix),
-                inactive_threshold: Duration::from_secs(60),
-                memory_storage: true,
-                ..consumer::pull::Config::default()
-            })
-            .await
-            .map_err(|e| backend(format!("cannot scan event states: {e}")))?;
-        let result = self.drain(&consumer, visit).await;
-        let name = consumer.cached_info().name.clone();
-        if let Err(error) = stream.delete_consumer(&name).await {
-            tracing::debug!(%error, "could not delete a scan consumer; the server removes it when idle");
-        }
-        result
-    }
-
-    async fn drain(
-        &self,
-        consumer: &consumer::PullConsumer,
-        mut visit: impl FnMut(Record),
-    ) -> Result<(), ProviderError> {
-        // What the scan consumer had to deliver when it was created: asking for exactly what
-        // is left lets the server answer the last request at once, instead of holding it open
-        // until it expires (a scan cost five seconds at any size).
-        let mut left = usize::try_from(consumer.cached_info().num_pending).unwrap_or(usize::MAX);
-        loop {
-            if left == 0 {
+    pub(crate) async fn scan(&self, mut visit: impl FnMut(Record)) -> Result<(), ProviderError> {
+        let every_state = Scan {
+            what: "event states",
+            filter: format!("{}>", self.kv.prefix),
+            headers_only: false,
+        };
+        crate::scan::scan(&self.kv, every_state, |_, message| {
+            if message.payload.is_empty() {
                 return Ok(());
             }
-            let wanted = left.min(SCAN_BATCH);
-            let mut batch = consumer
-                .fetch()
-                .max_messages(wanted)
-                .expires(Duration::from_secs(5))
-                .messages()
-                .await
-                .map_err(|e| backend(format!("cannot scan event states: {e}")))?;
-            let mut received = 0;
-            while let Some(message) = batch.next().await {
-                let message = message.map_err(|e| backend(format!("scan failed: {e}")))?;
-                received += 1;
-                let deleted = message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get("KV-Operation"))
-                    .is_some_and(|op| op.as_str() != "PUT");
-                if deleted || message.payload.is_empty() {
-                    continue;
-                }
-                match Record::decode(&message.payload) {
-                    Ok(record) => visit(record),
-                    Err(error) => {
-                        tracing::warn!(subject = %message.subject, %error, "skipping an unreadable event state")
-                    }
+            match Record::decode(&message.payload) {
+                Ok(record) => visit(record),
+                Err(error) => {
+                    tracing::warn!(subject = %message.subject, %error, "skipping an unreadable event state")
                 }
             }
-            if received < wanted {
-                return Ok(());
-            }
-            left -= received;
-        }
+            Ok(())
+        })
+        .await
+        .map_err(backend)
     }
 
     /// A live stream of changes (new ones only), for watchers.

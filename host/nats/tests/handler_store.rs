@@ -5,10 +5,10 @@ mod common;
 
 eventbroker_testkit::handler_store_conformance!(nats, common::backend());
 
-/// `NatsProvider::destroy` deletes the handler store's buckets with the rest of the namespace;
-/// a store never used (no buckets) is destroyed without error.
+/// `NatsProvider::destroy` deletes the handler store's buckets and the key-value state bucket
+/// with the rest of the namespace; a store never used (no buckets) is destroyed without error.
 #[tokio::test]
-async fn destroy_deletes_the_handler_store_buckets() {
+async fn destroy_deletes_the_handler_store_and_key_value_buckets() {
     use eventbroker::Provider;
     use eventbroker_testkit::{backends::base_config, services, unique_suffix};
     use futures::StreamExt;
@@ -36,6 +36,20 @@ async fn destroy_deletes_the_handler_store_buckets() {
         .put_report("host", "{}", std::time::Duration::from_secs(60))
         .await
         .expect("report");
+    provider
+        .keyvalue()
+        .expect("a key-value store")
+        .set(
+            &eventbroker::keyvalue::Namespace::new("g", "h", "b"),
+            "k",
+            b"v",
+            &eventbroker::keyvalue::Quota {
+                max_keys: 10,
+                max_bytes: 1000,
+            },
+        )
+        .await
+        .expect("key-value state");
     provider.destroy().await.expect("destroy");
 
     let client = async_nats::connect(common::NATS_ADDR)

@@ -265,11 +265,9 @@ async fn sqlite(dir: &std::path::Path) -> GrantRow {
         .await
         .expect("table");
     let statement = upsert("counters", "?");
-    let provider = sql_provider(format!("sqlite://{}", dir.join("kv.db").display())).await;
-    let row = increment_row(
+    sql_row(
         "sqlite",
-        "one upsert … RETURNING",
-        provider.keyvalue().expect("store"),
+        format!("sqlite://{}", dir.join("kv.db").display()),
         || {
             let (bare, statement) = (bare.clone(), statement.clone());
             async move {
@@ -281,25 +279,40 @@ async fn sqlite(dir: &std::path::Path) -> GrantRow {
             }
         },
     )
-    .await;
-    provider.close().await;
-    row
+    .await
 }
 
-async fn sql_provider(url: String) -> Arc<dyn Provider> {
+/// The row of an SQL backend: its provider's store on `url` (on tables of their own, dropped
+/// afterwards on PostgreSQL) against `native`.
+async fn sql_row<F, Fut>(backend: &str, url: String, native: F) -> GrantRow
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let table = format!(
+        "bench_kv_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
     let database = eventbroker_sql::SqlConfig {
-        url,
-        table_name: format!(
-            "bench_kv_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        ),
+        url: url.clone(),
+        table_name: table.clone(),
         ..eventbroker_sql::SqlConfig::default()
     };
-    Arc::new(
-        eventbroker_sql::SqlProvider::connect(&database, &BrokerConfig::default())
-            .await
-            .expect("provider"),
+    let provider = eventbroker_sql::SqlProvider::connect(&database, &BrokerConfig::default())
+        .await
+        .expect("provider");
+    let row = increment_row(
+        backend,
+        "one upsert … RETURNING",
+        provider.keyvalue().expect("store"),
+        native,
     )
+    .await;
+    provider.close().await;
+    if url.starts_with("postgres") {
+        super::sql::drop_tables(&url, &table).await;
+    }
+    row
 }
 
 async fn postgres() -> Result<GrantRow, String> {
@@ -317,24 +330,17 @@ async fn postgres() -> Result<GrantRow, String> {
     .await
     .expect("table");
     let statement = upsert(&table, "$1");
-    let provider = sql_provider(url.clone()).await;
-    let row = increment_row(
-        "postgres",
-        "one upsert … RETURNING",
-        provider.keyvalue().expect("store"),
-        || {
-            let (bare, statement) = (bare.clone(), statement.clone());
-            async move {
-                sqlx::query(sqlx::AssertSqlSafe(statement))
-                    .bind("n")
-                    .fetch_one(&bare)
-                    .await
-                    .expect("upsert");
-            }
-        },
-    )
+    let row = sql_row("postgres", url, || {
+        let (bare, statement) = (bare.clone(), statement.clone());
+        async move {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .bind("n")
+                .fetch_one(&bare)
+                .await
+                .expect("upsert");
+        }
+    })
     .await;
-    provider.close().await;
     let _ = bare
         .execute(sqlx::AssertSqlSafe(format!("DROP TABLE {table}")))
         .await;

@@ -86,16 +86,32 @@ pub async fn sqlite(events: u64) -> Row {
     }
 }
 
-/// Drops the broker's tables named after `table`.
+/// Drops the broker's tables (and the handler store's sequence) named after `table`.
 pub async fn drop_tables(url: &str, table: &str) {
     if let Ok(pool) = PgPool::connect(url).await {
-        for suffix in ["_deliveries", "_states", "_groups", "_migrations", ""] {
+        for suffix in [
+            "_deliveries",
+            "_states",
+            "_groups",
+            "_kv",
+            "_kv_usage",
+            "_handlers",
+            "_handler_components",
+            "_handler_reports",
+            "_migrations",
+            "",
+        ] {
             let _ = pool
                 .execute(sqlx::AssertSqlSafe(format!(
                     "DROP TABLE IF EXISTS {table}{suffix}"
                 )))
                 .await;
         }
+        let _ = pool
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP SEQUENCE IF EXISTS {table}_handler_revisions"
+            )))
+            .await;
     }
 }
 

@@ -157,6 +157,14 @@ pub async fn quotas_refuse_growth_past_the_limit(backend: &Backend) {
         store.usage(&ns).await.expect("usage"),
         Usage { keys: 2, bytes: 4 }
     );
+    // Emptied, the bucket holds nothing and lists nothing.
+    store.delete(&ns, "a").await.expect("delete");
+    store.delete(&ns, "c").await.expect("delete");
+    assert_eq!(store.usage(&ns).await.expect("usage"), Usage::default());
+    assert_eq!(
+        store.list_keys(&ns, None).await.expect("list").keys,
+        Vec::<String>::new()
+    );
 }
 
 /// `increment` creates a key, adds to it, keeps decimal text, refuses a value that is not a
@@ -204,6 +212,32 @@ pub async fn increment_counts_in_decimal_text(backend: &Backend) {
     assert_eq!(
         store.get(&ns, "big").await.expect("get"),
         Some(near.into_bytes())
+    );
+}
+
+/// An increment whose longer result would pass the byte quota (`99` → `100`) is refused and
+/// changes nothing: neither the value nor the usage.
+pub async fn an_increment_growing_past_the_byte_quota_changes_nothing(backend: &Backend) {
+    let store = store(backend).await;
+    let ns = namespace("grow");
+    let quota = Quota {
+        max_keys: 10,
+        max_bytes: 3,
+    };
+    store.set(&ns, "n", b"98", &quota).await.expect("3 bytes");
+    assert_eq!(store.increment(&ns, "n", 1, &quota).await.expect("99"), 99);
+    let refused = store.increment(&ns, "n", 1, &quota).await;
+    assert!(
+        matches!(&refused, Err(KvError::QuotaExceeded(m)) if m.contains("max_bytes")),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store.get(&ns, "n").await.expect("get"),
+        Some(b"99".to_vec())
+    );
+    assert_eq!(
+        store.usage(&ns).await.expect("usage"),
+        Usage { keys: 1, bytes: 3 }
     );
 }
 
@@ -303,6 +337,7 @@ macro_rules! keyvalue_conformance {
                 list_keys_pages_through_every_key,
                 quotas_refuse_growth_past_the_limit,
                 increment_counts_in_decimal_text,
+                an_increment_growing_past_the_byte_quota_changes_nothing,
                 concurrent_increments_from_two_hosts_are_exact,
                 concurrent_writers_never_pass_the_key_quota,
             );
