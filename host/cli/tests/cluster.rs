@@ -32,6 +32,13 @@ fn memory_grant_examples_under_serve() {
     support::cluster::examples::grant_examples_under_serve(json!({"provider": "memory"}));
 }
 
+/// The webhook examples with every request refused (`run --deny-net`): an error each guest
+/// handles, not a trap.
+#[test]
+fn webhook_examples_see_a_refused_request_as_an_error() {
+    support::cluster::examples::webhook_examples_see_a_refused_request_as_an_error();
+}
+
 /// The same on SQLite.
 #[test]
 fn sqlite_grant_examples_under_serve() {

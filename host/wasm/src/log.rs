@@ -27,6 +27,16 @@ struct Partial {
     skipping: bool,
 }
 
+/// Writes a warning the host raises about `handler`'s invocation (a refused capability, a cap
+/// reached) to the host's log and to the invocation's `log`, where the guest's operator sees
+/// it in the failure's log tail.
+pub(crate) fn host_warning(log: &std::sync::Mutex<LogSink>, handler: &str, message: String) {
+    tracing::warn!(%handler, "{message}");
+    log.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push("warn", message);
+}
+
 /// The log of one invocation, capped in lines and bytes; the rest is counted, not kept.
 #[derive(Debug, Default)]
 pub struct LogSink {

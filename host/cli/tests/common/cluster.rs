@@ -917,6 +917,42 @@ pub mod examples {
             .replace("127.0.0.1:9000", &format!("127.0.0.1:{port}"))
     }
 
+    /// Each webhook example run with `eventbroker run --deny-net`: the host refuses its request
+    /// (after taking whatever body the guest writes after handing the request over, as `fetch`
+    /// does), and the guest sees the refusal as an error and asks for a retry; no runtime
+    /// aborts on a closed stream (a trap).
+    pub fn webhook_examples_see_a_refused_request_as_an_error() {
+        let Some(components) = components() else {
+            return;
+        };
+        let cache = super::super::guests::repo_root().join("target/test-component-cache");
+        for (name, (dir, wasm)) in components.iter().filter(|(n, _)| n.contains("webhook")) {
+            let folder = super::super::guests::repo_root().join("guests").join(dir);
+            let output = std::process::Command::new(env!("CARGO_BIN_EXE_eventbroker"))
+                .arg("run")
+                .arg(wasm)
+                .arg("--manifest")
+                .arg(folder.join("manifest.toml"))
+                .arg("--event")
+                .arg(folder.join("sample-event.json"))
+                .arg("--cache-dir")
+                .arg(&cache)
+                .arg("--deny-net")
+                .output()
+                .expect("eventbroker run");
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            assert_eq!(output.status.code(), Some(1), "{name}: {stdout}");
+            assert!(
+                stdout.contains("outcome   retry") && stdout.contains("webhook unreachable"),
+                "{name} saw the refusal as an error: {stdout}"
+            );
+            assert!(
+                stdout.contains("outbound HTTP refused") && !stdout.contains("trap"),
+                "{name}: {stdout}"
+            );
+        }
+    }
+
     /// One host on `broker` runs the four examples: every order reaches the receiver once
     /// through each webhook notifier, and the dedupe counter counts each order id once
     /// (its `stats.counted` events carry counts 1 to 5) although each is published twice.

@@ -81,12 +81,11 @@ impl OutboundHttp {
     /// metrics at once; the guest sees `error` once it has finished writing the request's
     /// body (see [`drain`]).
     fn refuse(&self, request: http::Request<WasiBody>, error: Error, reason: String) -> Sent {
-        let message = format!("outbound HTTP refused: {reason}");
-        tracing::warn!(handler = %self.handler, "{message}");
-        self.log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push("warn", message);
+        crate::log::host_warning(
+            &self.log,
+            &self.handler,
+            format!("outbound HTTP refused: {reason}"),
+        );
         if let Some(metrics) = &self.metrics {
             metrics.handler_http_request(&self.handler, "refused", Duration::ZERO, 0, 0);
         }
@@ -323,11 +322,11 @@ impl WasiHttpHooks for OutboundHttp {
         Box::new(async move {
             let note = |outcome: &str, reason: Option<String>| {
                 if let Some(reason) = reason {
-                    let message = format!("outbound HTTP refused: {reason}");
-                    tracing::warn!(%handler, "{message}");
-                    log.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push("warn", message);
+                    crate::log::host_warning(
+                        &log,
+                        &handler,
+                        format!("outbound HTTP refused: {reason}"),
+                    );
                 }
                 if let Some(metrics) = &metrics {
                     metrics.handler_http_request(

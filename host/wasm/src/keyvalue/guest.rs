@@ -11,6 +11,7 @@ use super::bindings::{atomics, batch, store};
 use super::grant::KeyValueGrant;
 use crate::log::LogSink;
 use crate::state::HostState;
+use eventbroker::KeyValueStore;
 use eventbroker::keyvalue::{self, KeyPage, KvError, Namespace, Quota};
 use eventbroker::metrics::Metrics;
 
@@ -61,11 +62,7 @@ impl KvAccess {
     }
 
     fn say(&self, message: String) {
-        tracing::warn!(handler = %self.handler, "{message}");
-        self.log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push("warn", message);
+        crate::log::host_warning(&self.log, &self.handler, message);
     }
 
     fn count(&self, op: &'static str, result: &'static str, started: Instant) {
@@ -121,7 +118,7 @@ impl KvAccess {
         cost: u32,
         keys: &[&str],
         value: Option<&[u8]>,
-    ) -> GuestResult<(KeyValueBinding, Quota, std::time::Duration)> {
+    ) -> GuestResult<(Arc<dyn KeyValueStore>, Quota, std::time::Duration)> {
         let (Some(grant), Some(binding)) = (&self.grant, &self.binding) else {
             return self.refuse(
                 op,
@@ -129,12 +126,12 @@ impl KvAccess {
                 "no key-value grant or store".into(),
             );
         };
-        let (grant, binding) = (grant.clone(), binding.clone());
+        let (max_operations, quota, backend) =
+            (grant.max_operations, grant.quota(), binding.store.clone());
         self.operations = self.operations.saturating_add(cost);
-        if self.operations > grant.max_operations {
+        if self.operations > max_operations {
             let reason = format!(
-                "the key-value operation budget of this invocation is used up ({} operations, keyvalue.max_operations)",
-                grant.max_operations
+                "the key-value operation budget of this invocation is used up ({max_operations} operations, keyvalue.max_operations)"
             );
             return self.refuse(op, store::Error::Other(reason.clone()), reason);
         }
@@ -153,7 +150,7 @@ impl KvAccess {
             .deadline
             .map(|deadline| deadline.saturating_duration_since(Instant::now()))
             .unwrap_or(std::time::Duration::MAX);
-        Ok((binding, grant.quota(), left))
+        Ok((backend, quota, left))
     }
 
     /// Ends `op`: counts it and turns a store error into the guest's error (refusals by the
@@ -202,11 +199,10 @@ impl HostState {
 /// Runs one store call under the checks of [`KvAccess::admit`] and [`KvAccess::finish`].
 macro_rules! kv_call {
     ($state:ident, $op:literal, $cost:expr, $keys:expr, $value:expr, |$store:ident, $quota:ident| $call:expr) => {{
-        let (binding, $quota, left) = match $state.kv_parts().1.admit($op, $cost, $keys, $value) {
+        let ($store, $quota, left) = match $state.kv_parts().1.admit($op, $cost, $keys, $value) {
             Ok(admitted) => admitted,
             Err(error) => return Ok(Err(error)),
         };
-        let $store = binding.store;
         let started = Instant::now();
         let result = tokio::time::timeout(left, $call).await;
         Ok($state.kv_parts().1.finish($op, started, result))
